@@ -1,0 +1,33 @@
+"""`rta bench ...`: each benchmark lives in its own module and prints one JSON object."""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+BENCHES = {
+    "inference": ("bench.inference:inference", "Teacher (M SWAG samples, torch) vs student (ONNX)."),
+    "worker": ("bench.worker:worker", "Worker events/s vs a plain consume->produce passthrough."),
+    "controller": ("bench.controller:controller", "Ratio controller settling after steps of r."),
+}
+
+
+class _LazyBench(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(BENCHES)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in BENCHES:
+            return None
+        module_name, attr = BENCHES[name][0].split(":")
+        return getattr(importlib.import_module(module_name), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(n, h) for n, (_, h) in BENCHES.items()])
+
+
+@click.group(cls=_LazyBench)
+def bench() -> None:
+    """Benchmarks; each prints one JSON object with ratios measured in one run."""
