@@ -1,0 +1,168 @@
+"""Session-wide real broker and Redis, chosen as DESIGN.md says.
+
+1. `RTA_KAFKA_BOOTSTRAP` / `RTA_REDIS_URL` set -> use those (not owned: fault tests skip);
+2. else a Docker engine answers -> testcontainers (not owned either: a restarted container
+   may come back on another host port);
+3. else embedded processes (Tansu, redis/valkey-server) on free loopback ports, owned by the
+   session, which fault tests may `stop()`, `start()` (same port) and `restart()`.
+
+Per test: `settings` has its own topic prefix (topics created, 3 partitions) and Redis key
+prefix, so tests never see each other's data. The embedded broker keeps data in memory: after
+`kafka.restart()` topics are gone and a test must create them again (`ensure_topics`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from infra.stack import Embedded, wait_kafka, wait_redis
+from stream.config import Settings, load_settings
+from stream.kafka import ensure_topics, make_admin
+
+TEST_PARTITIONS = 3
+
+
+class Server:
+    """A broker or Redis for the session. `owned` says whether tests may stop/start it."""
+
+    def __init__(self, address: str, embedded: Embedded | None = None, on_close=None) -> None:
+        self._address = address
+        self._embedded = embedded
+        self._on_close = on_close
+        self.owned = embedded is not None
+
+    @property
+    def bootstrap(self) -> str:
+        return self._address
+
+    @property
+    def url(self) -> str:
+        return self._address
+
+    def _need_owned(self) -> Embedded:
+        if self._embedded is None:
+            pytest.skip("server is external (env or container); fault tests need an embedded one")
+        return self._embedded
+
+    def stop(self) -> None:
+        self._need_owned().stop()
+
+    def start(self) -> None:
+        self._need_owned().start()
+
+    def restart(self) -> None:
+        self._need_owned().restart()
+
+    @property
+    def running(self) -> bool:
+        return self._embedded.running if self._embedded is not None else True
+
+    def close(self) -> None:
+        if self._embedded is not None:
+            self._embedded.stop()
+        if self._on_close is not None:
+            with contextlib.suppress(Exception):
+                self._on_close()
+
+
+def _docker_answers() -> bool:
+    """Cheap probe for a Docker engine (no socket here -> False in milliseconds)."""
+    if os.environ.get("RTA_TEST_NO_DOCKER"):
+        return False
+    try:
+        import docker
+
+        client = docker.from_env(timeout=2)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def _stack_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("stack")
+
+
+@pytest.fixture(scope="session")
+def kafka(_stack_logs: Path) -> Iterator[Server]:
+    """The session's broker: `.bootstrap`, `.owned`, `.stop()/.start()/.restart()`."""
+    env = os.environ.get("RTA_KAFKA_BOOTSTRAP")
+    if env:
+        wait_kafka(env, 30.0, kafka_conf=load_settings().kafka)
+        server = Server(env)
+    elif _docker_answers():
+        from testcontainers.kafka import KafkaContainer
+
+        container = KafkaContainer().with_kraft().start()
+        server = Server(container.get_bootstrap_server(), on_close=container.stop)
+    else:
+        embedded = Embedded("kafka", log_dir=_stack_logs)
+        embedded.start()
+        server = Server(embedded.address, embedded)
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server(_stack_logs: Path) -> Iterator[Server]:
+    """The session's Redis: `.url`, `.owned`, `.stop()/.start()/.restart()`."""
+    env = os.environ.get("RTA_REDIS_URL")
+    if env:
+        wait_redis(env, 30.0)
+        server = Server(env)
+    elif _docker_answers():
+        from testcontainers.redis import RedisContainer
+
+        container = RedisContainer().start()
+        host = container.get_container_host_ip()
+        port = container.get_exposed_port(6379)
+        server = Server(f"redis://{host}:{port}/0", on_close=container.stop)
+    else:
+        embedded = Embedded("redis", log_dir=_stack_logs)
+        embedded.start()
+        server = Server(embedded.address, embedded)
+    yield server
+    server.close()
+
+
+def _test_id(request: pytest.FixtureRequest) -> str:
+    name = re.sub(r"[^a-zA-Z0-9]+", "-", request.node.name).strip("-")[:40]
+    return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def settings(kafka: Server, redis_server: Server, request: pytest.FixtureRequest,
+             tmp_path: Path) -> Settings:
+    """Settings for this test: the session's servers, own topics (created) and Redis prefix."""
+    tid = _test_id(request)
+    base = load_settings(
+        env={k: v for k, v in os.environ.items() if k.startswith("RTA_KAFKA_")},
+        kafka_bootstrap=kafka.bootstrap,
+        redis_url=redis_server.url,
+        state_dir=tmp_path / ".rta",
+        model_dir=tmp_path / "models",
+        redis_prefix=f"test:{tid}",
+        partitions=TEST_PARTITIONS,
+    )
+    s = base.with_topic_prefix(f"t.{tid}")
+    ensure_topics(make_admin(s), s.topics.values(), TEST_PARTITIONS)
+    return s
+
+
+@pytest.fixture
+def redis_client(redis_server: Server) -> Iterator[redis.Redis]:
+    """A client on the session's Redis (keys: use `settings.redis_prefix`)."""
+    client = redis.Redis.from_url(redis_server.url)
+    yield client
+    client.close()
