@@ -1,0 +1,285 @@
+"""The checkpoint: what the worker has processed, and committing it only once it is safe.
+
+One object owns the delivery guarantee. The worker tells it which input offsets a batch
+covered (`store_offsets`) after producing that batch's decisions; `commit()` makes those
+offsets durable only after the producer has acknowledged every decision produced since the
+last commit. A crash anywhere in between replays from the last commit (at-least-once).
+With `exactly_once=True` the same steps run inside a Kafka transaction: decisions and input
+offsets become visible together (`send_offsets_to_transaction`), or not at all.
+
+Failures have names, so the worker can react to each (`CheckpointProducerTimeout`,
+`CheckpointDeliveryError`, `CheckpointCommitError`); after any of them `rewind()` seeks the
+consumer back to the first offset of the failed checkpoint, so nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import numpy as np
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+
+from stream.errors import RtaError
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RtaError):
+    """The checkpoint could not be committed; offsets were not moved (replay is safe)."""
+
+
+class CheckpointProducerTimeout(CheckpointError):
+    """Some decisions were still unacknowledged when the flush timeout ran out."""
+
+
+class CheckpointDeliveryError(CheckpointError):
+    """The broker refused (or the producer gave up on) at least one decision."""
+
+
+class CheckpointCommitError(CheckpointError):
+    """Every decision was delivered but committing the input offsets failed."""
+
+
+class InvalidStoredOffset(CheckpointError):
+    """An offset at or below one already processed in this checkpoint: a bug, never data."""
+
+
+class DeliveryReports:
+    """Producer `on_delivery` callback that remembers failures only.
+
+    The producer is configured with `delivery.report.only.error=true`, so librdkafka calls
+    this only for messages it could not deliver: successful deliveries cost no Python.
+    """
+
+    def __init__(self) -> None:
+        self.failed = 0
+        self.first_errors: list[str] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, err: KafkaError | None, msg: Any) -> None:
+        if err is None:
+            return
+        with self._lock:
+            self.failed += 1
+            if len(self.first_errors) < 5:
+                self.first_errors.append(f"{msg.topic()}[{msg.partition()}]: {err.str()}")
+
+    def take(self) -> tuple[int, list[str]]:
+        """Failures since the last call, and reset."""
+        with self._lock:
+            out = self.failed, self.first_errors
+            self.failed, self.first_errors = 0, []
+        return out
+
+    def producer_config(self) -> dict[str, Any]:
+        """Producer settings that route delivery failures here and skip successful reports."""
+        return {"on_delivery": self, "delivery.report.only.error": True}
+
+
+class Checkpoint:
+    """Processed input offsets per (topic, partition) since the last commit, and the commit.
+
+    `commit_interval_s` / `commit_every` bound how much is replayed after a crash: the worker
+    asks `expired()` between batches. Both 0 commits after every batch.
+    """
+
+    def __init__(
+        self,
+        consumer: Consumer,
+        producer: Producer,
+        reports: DeliveryReports,
+        *,
+        exactly_once: bool = False,
+        commit_interval_s: float = 1.0,
+        commit_every: int = 0,
+        flush_timeout_s: float = 30.0,
+    ) -> None:
+        self._consumer = consumer
+        self._producer = producer
+        self._reports = reports
+        self.exactly_once = exactly_once
+        self.commit_interval_s = max(float(commit_interval_s), 0.0)
+        self.commit_every = int(commit_every)
+        self.flush_timeout_s = float(flush_timeout_s)
+        # (topic, partition) -> last processed offset / first processed offset in this checkpoint
+        self._offsets: dict[tuple[str, int], int] = {}
+        self._first: dict[tuple[str, int], int] = {}
+        self._count = 0
+        self._started = time.monotonic()
+        self._in_txn = False
+        self.commits = 0  # successful commits (metrics, tests)
+        if exactly_once:
+            self._begin()
+
+    # --- what has been processed ----------------------------------------------------------
+
+    def store_offset(self, topic: str, partition: int, offset: int) -> None:
+        """Record one processed message. Offsets must increase per (topic, partition)."""
+        tp = (topic, int(partition))
+        last = self._offsets.get(tp, -1)
+        if offset <= last:
+            raise InvalidStoredOffset(f"{topic}[{partition}]: offset {offset} <= already processed {last}")
+        self._offsets[tp] = int(offset)
+        self._first.setdefault(tp, int(offset))
+        self._count += 1
+
+    def store_offsets(self, topic: str, partitions: np.ndarray, offsets: np.ndarray) -> None:
+        """Record a batch from one topic: int arrays of partition and offset, one per message.
+
+        Vectorised: per partition only the lowest offset is checked against the stored one and
+        the highest is kept. Within a partition a consumer delivers offsets in order.
+        """
+        partitions = np.asarray(partitions)
+        offsets = np.asarray(offsets, dtype=np.int64)
+        if partitions.size == 0:
+            return
+        order = np.argsort(partitions, kind="stable")
+        part_sorted = partitions[order]
+        off_sorted = offsets[order]
+        starts = np.flatnonzero(np.r_[True, part_sorted[1:] != part_sorted[:-1]])
+        lows = np.minimum.reduceat(off_sorted, starts)
+        highs = np.maximum.reduceat(off_sorted, starts)
+        for p, lo, hi in zip(part_sorted[starts].tolist(), lows.tolist(), highs.tolist(), strict=True):
+            tp = (topic, p)
+            last = self._offsets.get(tp, -1)
+            if lo <= last:
+                raise InvalidStoredOffset(f"{topic}[{p}]: offset {lo} <= already processed {last}")
+            self._offsets[tp] = hi
+            self._first.setdefault(tp, lo)
+        self._count += int(partitions.size)
+
+    def empty(self) -> bool:
+        return not self._offsets
+
+    def expired(self) -> bool:
+        """Time (or message count) says it is time to commit."""
+        if self.empty():
+            return False
+        if 0 < self.commit_every <= self._count:
+            return True
+        return time.monotonic() - self._started >= self.commit_interval_s
+
+    def pending(self) -> dict[tuple[str, int], int]:
+        """Last processed offset per (topic, partition), not yet committed."""
+        return dict(self._offsets)
+
+    # --- the commit -----------------------------------------------------------------------
+
+    def commit(self) -> None:
+        """Make the processed offsets durable, only after every decision is acknowledged.
+
+        1. Flush the producer: wait until every message produced since the last commit is
+           acknowledged by the broker (or `flush_timeout_s` passes ->
+           CheckpointProducerTimeout; offsets untouched).
+        2. Check the delivery reports: any message the broker refused or the producer gave up
+           on -> CheckpointDeliveryError (offsets untouched).
+        3. Commit offsets (last processed + 1 per (topic, partition)):
+           at-least-once: a synchronous consumer commit;
+           exactly-once: `send_offsets_to_transaction` + `commit_transaction`, so decisions
+           and offsets become visible together; then a new transaction begins.
+           A failure -> CheckpointCommitError.
+        4. Start the next checkpoint: forget the committed offsets, restart the clock.
+
+        With nothing processed this is a no-op (an open transaction stays open).
+        """
+        if self.empty():
+            self._started = time.monotonic()
+            return
+        # Step 1. Flush the producer.
+        remaining = self._producer.flush(self.flush_timeout_s)
+        if remaining > 0:
+            raise CheckpointProducerTimeout(
+                f"{remaining} decisions not acknowledged within {self.flush_timeout_s:g}s; "
+                "offsets not committed (is the broker reachable?)")
+        # Step 2. Delivery reports.
+        failed, errors = self._reports.take()
+        if failed:
+            raise CheckpointDeliveryError(
+                f"{failed} decisions were not delivered ({'; '.join(errors)}); offsets not committed")
+        # Step 3. Commit offsets.
+        offsets = [TopicPartition(t, p, o + 1) for (t, p), o in self._offsets.items()]
+        if self.exactly_once:
+            try:
+                self._producer.send_offsets_to_transaction(
+                    offsets, self._consumer.consumer_group_metadata(), self.flush_timeout_s)
+                self._producer.commit_transaction(self.flush_timeout_s)
+            except KafkaException as exc:
+                raise CheckpointCommitError(f"transaction commit failed: {exc.args[0].str()}") from None
+            self._in_txn = False
+        else:
+            try:
+                result = self._consumer.commit(offsets=offsets, asynchronous=False)
+            except KafkaException as exc:
+                raise CheckpointCommitError(f"offset commit failed: {exc.args[0].str()}") from None
+            bad = [f"{tp.topic}[{tp.partition}]: {tp.error.str()}" for tp in result or [] if tp.error]
+            if bad:
+                raise CheckpointCommitError(f"offset commit failed: {'; '.join(bad)}")
+        # Step 4. Next checkpoint.
+        self._reset()
+        self.commits += 1
+        if self.exactly_once:
+            self._begin()
+
+    def rewind(self) -> None:
+        """After a failed commit: drop the checkpoint and seek back to its first offsets.
+
+        Those messages are consumed and decided again (at-least-once: the decisions that did
+        get through appear twice). In exactly-once mode the open transaction is aborted, so
+        the decisions of the dropped checkpoint never become visible to read_committed readers.
+        """
+        if self.exactly_once and self._in_txn:
+            self._abort()
+        else:
+            # Let in-flight messages settle so their reports do not leak into the next checkpoint.
+            self._producer.flush(self.flush_timeout_s)
+        self._reports.take()
+        assigned = {(tp.topic, tp.partition) for tp in self._safe_assignment()}
+        for (t, p), first in self._first.items():
+            if (t, p) not in assigned:
+                continue  # revoked: the group's committed offset decides where the next owner starts
+            try:
+                self._consumer.seek(TopicPartition(t, p, first))
+            except KafkaException as exc:
+                log.warning("seek %s[%d] to %d failed: %s", t, p, first, exc.args[0].str())
+        self._reset()
+        if self.exactly_once:
+            self._begin()
+
+    def forget(self, partitions: list[TopicPartition]) -> None:
+        """Drop tracked offsets of partitions this member no longer owns (lost, not revoked)."""
+        for tp in partitions:
+            self._offsets.pop((tp.topic, tp.partition), None)
+            self._first.pop((tp.topic, tp.partition), None)
+
+    def close(self) -> None:
+        """Leave nothing open: an exactly-once transaction with nothing committed is aborted."""
+        if self.exactly_once and self._in_txn:
+            self._abort()
+
+    # --- internals ------------------------------------------------------------------------
+
+    def _abort(self) -> None:
+        try:
+            self._producer.abort_transaction(self.flush_timeout_s)
+        except KafkaException as exc:
+            log.warning("abort_transaction failed: %s", exc.args[0].str())
+        self._in_txn = False
+
+    def _begin(self) -> None:
+        self._producer.begin_transaction()
+        self._in_txn = True
+
+    def _reset(self) -> None:
+        self._offsets.clear()
+        self._first.clear()
+        self._count = 0
+        self._started = time.monotonic()
+
+    def _safe_assignment(self) -> list[TopicPartition]:
+        try:
+            return self._consumer.assignment()
+        except KafkaException:
+            return []
