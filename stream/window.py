@@ -1,0 +1,395 @@
+"""The sliding window's storage: per-second buckets of counts and fixed-bin histograms.
+
+A bucket is one flat vector of unsigned counters (``BucketLayout``)::
+
+    [ total, blocked, uncertain, explore, invalid, degraded, scored, spare |
+      e-histogram (e_bins) | u-histogram (u_bins) ]
+
+- counts are of decisions (``degraded`` counts decisions published with reason degraded;
+  ``scored`` = rows that reached the score stage = sum of the e-histogram);
+- the e-histogram holds ``e`` of the rows that REACHED THE SCORE STAGE only (valid, not
+  explored, ``u < tau_u``): that is the population ``theta`` cuts, so the controller never
+  mixes in the e of rows the uncertainty stage already passed (the joint e/u issue);
+- the u-histogram holds ``u`` of every valid row (explored ones too: the draw is independent
+  of u, so it is the population ``tau_u`` cuts).
+
+Bins are fixed and equal-width in a transformed space that resolves small values:
+``logit(e)`` clipped to [-12, 12] (e from 6e-6 to 1 - 6e-6), ``log10(u)`` clipped to [-9, 3].
+Values beyond the range land in the edge bins. Quantiles interpolate linearly inside a bin.
+
+Two stores share this layout (``WindowStore``):
+
+- ``RedisStore``: the global window. Bucket of second ``s`` is ONE Redis string
+  ``<prefix>:win:<s>``, the packed big-endian u32 vector, incremented with
+  ``BITFIELD key OVERFLOW SAT INCRBY u32 #i n ...`` (one command per second touched, atomic,
+  only non-zero slots) + ``EXPIRE`` in one pipelined round trip per batch; read with MGET and
+  ``np.frombuffer('>u4')``. Live targets are the hash ``<prefix>:ratio:targets``
+  (r, p_u, epsilon, version, updated_ms, who), the audit trail the capped list
+  ``<prefix>:ratio:audit`` (newest first, JSON), controllers' last state
+  ``<prefix>:ctl:<id>`` (JSON, expires after 15 s), and ``<prefix>:win:epoch`` is bumped when
+  a controller writes into past seconds (rejoin after an outage) so caches of closed seconds
+  are dropped.
+- ``MemoryStore``: the same in a dict (replay, unit tests, the controller's local fallback).
+
+Every Redis failure surfaces as ``StoreUnavailable`` so callers need not import redis.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from stream.errors import RtaError
+from stream.policy import DEGRADED, EXPLORE, INVALID, SCORE, UNCERTAIN, Decisions, Targets
+
+COUNTS = ("total", "blocked", "uncertain", "explore", "invalid", "degraded", "scored", "spare")
+N_COUNTS = len(COUNTS)
+AUDIT_CAP = 1000
+
+
+class StoreUnavailable(RtaError):
+    """The window store (Redis) cannot be reached or timed out."""
+
+
+@dataclass(frozen=True)
+class HistSpec:
+    """Fixed bins: ``e`` in logit space, ``u`` in log10 space (see module docstring)."""
+
+    e_bins: int = 1024
+    u_bins: int = 1024
+    e_lo: float = -12.0
+    e_hi: float = 12.0
+    u_lo: float = -9.0
+    u_hi: float = 3.0
+
+    @property
+    def size(self) -> int:
+        return N_COUNTS + self.e_bins + self.u_bins
+
+    @property
+    def e_slice(self) -> slice:
+        return slice(N_COUNTS, N_COUNTS + self.e_bins)
+
+    @property
+    def u_slice(self) -> slice:
+        return slice(N_COUNTS + self.e_bins, self.size)
+
+    def e_index(self, e: np.ndarray) -> np.ndarray:
+        p = np.clip(np.asarray(e, dtype=np.float64), 1e-12, 1.0 - 1e-12)
+        return _bin(np.log(p) - np.log1p(-p), self.e_lo, self.e_hi, self.e_bins)
+
+    def u_index(self, u: np.ndarray) -> np.ndarray:
+        x = np.log10(np.maximum(np.asarray(u, dtype=np.float64), 1e-300))
+        return _bin(x, self.u_lo, self.u_hi, self.u_bins)
+
+    def e_value(self, x: float) -> float:
+        """Inverse transform of a logit-space position."""
+        return float(1.0 / (1.0 + np.exp(-x)))
+
+    def u_value(self, x: float) -> float:
+        return float(10.0**x)
+
+
+def _bin(x: np.ndarray, lo: float, hi: float, bins: int) -> np.ndarray:
+    idx = np.floor((x - lo) * (bins / (hi - lo)))
+    return np.clip(idx, 0, bins - 1).astype(np.int64)
+
+
+def bucket_vector(e: np.ndarray, u: np.ndarray, d: Decisions, spec: HistSpec) -> np.ndarray:
+    """The int64 bucket increment of one batch: counts + both histograms, all numpy."""
+    stage = d.stage
+    vec = np.zeros(spec.size, dtype=np.int64)
+    stage_counts = np.bincount(stage, minlength=DEGRADED + 1)
+    scored = stage == SCORE
+    valid = stage != INVALID
+    vec[0] = len(stage)
+    vec[1] = int(np.count_nonzero(d.block))
+    vec[2] = stage_counts[UNCERTAIN]
+    vec[3] = stage_counts[EXPLORE]
+    vec[4] = stage_counts[INVALID]
+    vec[5] = int(np.count_nonzero(d.reason == DEGRADED))
+    vec[6] = stage_counts[SCORE]
+    if scored.any():
+        vec[spec.e_slice] = np.bincount(spec.e_index(np.asarray(e)[scored]), minlength=spec.e_bins)
+    if valid.any():
+        vec[spec.u_slice] = np.bincount(spec.u_index(np.asarray(u)[valid]), minlength=spec.u_bins)
+    return vec
+
+
+def counts_dict(vec: np.ndarray) -> dict[str, int]:
+    return {name: int(vec[i]) for i, name in enumerate(COUNTS) if name != "spare"}
+
+
+def hist_quantile(hist: np.ndarray, below: float, lo: float, hi: float) -> float:
+    """Position x (transformed space) with ``below`` of the histogram's mass under it,
+    interpolating linearly inside the bin. ``below`` is a count, 0 <= below <= hist.sum()."""
+    cum = np.cumsum(hist, dtype=np.float64)
+    total = cum[-1] if len(cum) else 0.0
+    width = (hi - lo) / len(hist)
+    if total <= 0:
+        return lo
+    below = min(max(below, 0.0), total)
+    k = int(np.searchsorted(cum, below, side="left"))
+    k = min(k, len(hist) - 1)
+    before = cum[k - 1] if k > 0 else 0.0
+    inside = hist[k]
+    frac = (below - before) / inside if inside > 0 else 0.0
+    return lo + (k + min(max(frac, 0.0), 1.0)) * width
+
+
+@dataclass
+class Snapshot:
+    """What one refresh reads: buckets by second (only those present), targets, epoch."""
+
+    buckets: dict[int, np.ndarray]
+    targets: Targets | None
+    targets_version: int = 0
+    epoch: int = 0
+    meta: dict[str, str] = field(default_factory=dict)
+
+
+class WindowStore(Protocol):
+    """Where the window lives. Each method is at most one round trip."""
+
+    spec: HistSpec
+
+    def add(self, buckets: Mapping[int, np.ndarray], bump_epoch: bool = False) -> None:
+        """Add bucket increments by second (TTL'd)."""
+
+    def read(self, seconds: Sequence[int], status: Mapping[str, Any] | None = None) -> Snapshot:
+        """Read buckets + targets (+ publish this controller's status)."""
+
+    def set_targets(self, targets: Targets, who: str, reason: str) -> dict[str, Any]:
+        """Write targets atomically with an audit entry; returns the entry."""
+
+    def history(self, n: int = 20) -> list[dict[str, Any]]:
+        """Newest-first audit entries."""
+
+    def controllers(self) -> list[dict[str, Any]]:
+        """Last published status of each live controller."""
+
+
+def _targets_from_hash(h: Mapping[str, str]) -> tuple[Targets | None, int]:
+    if not h or "r" not in h:
+        return None, 0
+    try:
+        t = Targets(float(h["r"]), float(h.get("p_u", 0.0)), float(h.get("epsilon", 0.0)))
+    except (ValueError, RtaError):
+        return None, int(h.get("version", 0) or 0)  # unreadable or infeasible: caller keeps its last
+    return t, int(h.get("version", 0) or 0)
+
+
+def _audit_entry(old: Targets | None, new: Targets, who: str, reason: str, version: int) -> dict[str, Any]:
+    now = time.time()
+    return {
+        "who": who,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+        "ts_ms": int(now * 1000),
+        "old": old.to_dict() if old else None,
+        "new": new.to_dict(),
+        "reason": reason,
+        "version": version,
+    }
+
+
+class MemoryStore:
+    """The window in a dict: replay, unit tests and the controller's local fallback."""
+
+    def __init__(self, spec: HistSpec | None = None, keep_seconds: int = 120,
+                 targets: Targets | None = None) -> None:
+        self.spec = spec or HistSpec()
+        self.keep_seconds = keep_seconds
+        self.buckets: dict[int, np.ndarray] = {}
+        self.targets: Targets | None = targets
+        self.version = 1 if targets else 0
+        self.epoch = 0
+        self.audit: list[dict[str, Any]] = []
+        self.status: dict[str, dict[str, Any]] = {}
+
+    def add(self, buckets: Mapping[int, np.ndarray], bump_epoch: bool = False) -> None:
+        for sec, vec in buckets.items():
+            cur = self.buckets.get(sec)
+            self.buckets[sec] = vec.astype(np.int64) if cur is None else cur + vec
+        if bump_epoch:
+            self.epoch += 1
+        if self.buckets:
+            newest = max(self.buckets)
+            for sec in [s for s in self.buckets if s <= newest - self.keep_seconds]:
+                del self.buckets[sec]
+
+    def read(self, seconds: Sequence[int], status: Mapping[str, Any] | None = None) -> Snapshot:
+        if status is not None:
+            self.status[str(status.get("id", "local"))] = dict(status)
+        got = {s: self.buckets[s].copy() for s in seconds if s in self.buckets}
+        return Snapshot(got, self.targets, self.version, self.epoch)
+
+    def set_targets(self, targets: Targets, who: str, reason: str) -> dict[str, Any]:
+        self.version += 1
+        entry = _audit_entry(self.targets, targets, who, reason, self.version)
+        self.targets = targets
+        self.audit.insert(0, entry)
+        del self.audit[AUDIT_CAP:]
+        return entry
+
+    def history(self, n: int = 20) -> list[dict[str, Any]]:
+        return self.audit[:n]
+
+    def controllers(self) -> list[dict[str, Any]]:
+        return list(self.status.values())
+
+    def pop_since(self, first_second: int) -> dict[int, np.ndarray]:
+        """Remove and return buckets at or after ``first_second`` (pending pushes)."""
+        out = {s: v for s, v in self.buckets.items() if s >= first_second}
+        for s in out:
+            del self.buckets[s]
+        return out
+
+
+class RedisStore:
+    """The global window in Redis (layout in the module docstring)."""
+
+    STATUS_TTL = 15
+
+    def __init__(self, client: Any, prefix: str = "rta", spec: HistSpec | None = None,
+                 ttl_seconds: int = 120) -> None:
+        self.r = client
+        self.prefix = prefix
+        self.spec = spec or HistSpec()
+        self.ttl_seconds = int(ttl_seconds)
+        self.k_targets = f"{prefix}:ratio:targets"
+        self.k_audit = f"{prefix}:ratio:audit"
+        self.k_epoch = f"{prefix}:win:epoch"
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str = "rta", spec: HistSpec | None = None,
+                 ttl_seconds: int = 120, socket_timeout: float = 0.25,
+                 connect_timeout: float = 0.25) -> RedisStore:
+        """A store with short socket timeouts and no client-side retries: a dead Redis costs
+        the hot path at most one timeout, and the controller owns the retry policy."""
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        client = redis.Redis.from_url(
+            url, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout,
+            retry=Retry(NoBackoff(), 0), retry_on_timeout=False, health_check_interval=0,
+        )
+        return cls(client, prefix, spec, ttl_seconds)
+
+    def bucket_key(self, sec: int) -> str:
+        return f"{self.prefix}:win:{sec}"
+
+    def _call(self, fn: Any) -> Any:
+        import redis
+
+        try:
+            return fn()
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+            raise StoreUnavailable(f"redis unreachable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+    def add(self, buckets: Mapping[int, np.ndarray], bump_epoch: bool = False) -> None:
+        def run() -> None:
+            pipe = self.r.pipeline(transaction=False)
+            for sec, vec in buckets.items():
+                nz = np.flatnonzero(vec)
+                if not len(nz):
+                    continue
+                args: list[Any] = ["BITFIELD", self.bucket_key(sec), "OVERFLOW", "SAT"]
+                for i, n in zip(nz.tolist(), vec[nz].tolist(), strict=True):
+                    args += ("INCRBY", "u32", f"#{i}", n)
+                pipe.execute_command(*args)
+                pipe.expire(self.bucket_key(sec), self.ttl_seconds)
+            if bump_epoch:
+                pipe.incr(self.k_epoch)
+            pipe.execute()
+
+        self._call(run)
+
+    def read(self, seconds: Sequence[int], status: Mapping[str, Any] | None = None) -> Snapshot:
+        seconds = list(seconds)
+
+        def run() -> list[Any]:
+            pipe = self.r.pipeline(transaction=False)
+            if seconds:
+                pipe.mget([self.bucket_key(s) for s in seconds])
+            else:
+                pipe.echo(b"")
+            pipe.hgetall(self.k_targets)
+            pipe.get(self.k_epoch)
+            if status is not None:
+                pipe.set(f"{self.prefix}:ctl:{status.get('id', 'ctl')}", json.dumps(status), ex=self.STATUS_TTL)
+            return pipe.execute()
+
+        raw, h, epoch = self._call(run)[:3]
+        size = self.spec.size
+        buckets: dict[int, np.ndarray] = {}
+        for sec, blob in zip(seconds, raw if seconds else [], strict=True):
+            if not blob:
+                continue
+            vec = np.zeros(size, dtype=np.int64)
+            got = np.frombuffer(blob, dtype=">u4")[:size]
+            vec[: len(got)] = got
+            buckets[sec] = vec
+        hd = {k.decode() if isinstance(k, bytes) else k: v.decode() if isinstance(v, bytes) else v
+              for k, v in (h or {}).items()}
+        targets, version = _targets_from_hash(hd)
+        return Snapshot(buckets, targets, version, int(epoch or 0), hd)
+
+    def set_targets(self, targets: Targets, who: str, reason: str) -> dict[str, Any]:
+        """WATCH/MULTI: read old, write new + audit entry atomically (retried on a race)."""
+        import redis
+
+        def run() -> dict[str, Any]:
+            with self.r.pipeline(transaction=True) as pipe:
+                while True:
+                    try:
+                        pipe.watch(self.k_targets)
+                        h = {k.decode(): v.decode() for k, v in pipe.hgetall(self.k_targets).items()}
+                        old, version = _targets_from_hash(h)
+                        entry = _audit_entry(old, targets, who, reason, version + 1)
+                        pipe.multi()
+                        pipe.hset(self.k_targets, mapping={
+                            "r": repr(float(targets.r)), "p_u": repr(float(targets.p_u)),
+                            "epsilon": repr(float(targets.epsilon)), "version": version + 1,
+                            "updated_ms": entry["ts_ms"], "who": who,
+                        })
+                        pipe.lpush(self.k_audit, json.dumps(entry))
+                        pipe.ltrim(self.k_audit, 0, AUDIT_CAP - 1)
+                        pipe.execute()
+                        return entry
+                    except redis.WatchError:
+                        continue
+
+        return self._call(run)
+
+    def get_targets(self) -> tuple[Targets | None, dict[str, str]]:
+        h = self._call(lambda: self.r.hgetall(self.k_targets))
+        hd = {k.decode(): v.decode() for k, v in (h or {}).items()}
+        return _targets_from_hash(hd)[0], hd
+
+    def history(self, n: int = 20) -> list[dict[str, Any]]:
+        rows = self._call(lambda: self.r.lrange(self.k_audit, 0, max(n, 1) - 1))
+        return [json.loads(x) for x in rows]
+
+    def controllers(self) -> list[dict[str, Any]]:
+        def run() -> list[Any]:
+            keys = list(self.r.scan_iter(match=f"{self.prefix}:ctl:*", count=500))
+            return self.r.mget(keys) if keys else []
+
+        return [json.loads(x) for x in self._call(run) if x]
+
+    def ttl(self, sec: int) -> int:
+        return int(self._call(lambda: self.r.ttl(self.bucket_key(sec))))
+
+    def clear(self) -> int:
+        """Delete every key under this prefix (tests, benchmarks)."""
+        def run() -> int:
+            keys = list(self.r.scan_iter(match=f"{self.prefix}:*", count=1000))
+            return self.r.delete(*keys) if keys else 0
+
+        return int(self._call(run))
