@@ -76,7 +76,10 @@ def cli() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning known errors into one line on stderr."""
     try:
-        cli.main(args=argv, prog_name="rta", standalone_mode=False)
+        # Non-standalone click returns the code of `ctx.exit(n)` instead of exiting with it.
+        code = cli.main(args=argv, prog_name="rta", standalone_mode=False)
+        if type(code) is int and code != 0:
+            sys.exit(code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.Abort:

@@ -171,18 +171,23 @@ def alive(pid: int) -> bool:
 def _is_ours(proc: Proc) -> bool:
     """Guard against pid reuse: the pid must still run the binary we started."""
     try:
-        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+        exe = os.readlink(f"/proc/{proc.pid}/exe")
+    except FileNotFoundError:
+        return False
     except OSError:
-        return alive(proc.pid)  # no /proc: trust the pid
-    return Path(cmdline).name == Path(proc.bin).name
+        return alive(proc.pid)  # no /proc or not allowed to look: trust the pid
+    return os.path.realpath(exe.removesuffix(" (deleted)")) == os.path.realpath(proc.bin)
 
 
-def stop(proc: Proc, timeout: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL after `timeout`; returns once the process is gone."""
+def stop(proc: Proc, timeout: float = 10.0, force: bool = False) -> None:
+    """SIGTERM, then SIGKILL after `timeout` (`force`: SIGKILL at once, a crash); returns once gone.
+
+    Tansu drains connected clients for ~5 s on SIGTERM; with no client it exits at once.
+    """
     if not alive(proc.pid) or not _is_ours(proc):
         _children.pop(proc.pid, None)
         return
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    for sig in ((signal.SIGKILL,) if force else (signal.SIGTERM, signal.SIGKILL)):
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, sig)
         if _wait_gone(proc.pid, timeout if sig == signal.SIGTERM else 5.0):
@@ -331,13 +336,20 @@ class Embedded:
             raise
 
     def stop(self) -> None:
-        """Stop (SIGTERM, then SIGKILL); no-op if not running."""
+        """Stop gracefully (SIGTERM, then SIGKILL); no-op if not running."""
         if self.proc is not None:
             stop(self.proc)
             self.proc = None
 
-    def restart(self) -> None:
-        self.stop()
+    def kill(self) -> None:
+        """Crash it (SIGKILL): no goodbye to clients, as in a machine failure."""
+        if self.proc is not None:
+            stop(self.proc, force=True)
+            self.proc = None
+
+    def restart(self, crash: bool = False) -> None:
+        """Stop (or kill, with `crash`) and start again on the same port."""
+        self.kill() if crash else self.stop()
         self.start()
 
 

@@ -4,7 +4,8 @@
 2. else a Docker engine answers -> testcontainers (not owned either: a restarted container
    may come back on another host port);
 3. else embedded processes (Tansu, redis/valkey-server) on free loopback ports, owned by the
-   session, which fault tests may `stop()`, `start()` (same port) and `restart()`.
+   session, which fault tests may `stop()`, `kill()` (SIGKILL), `start()` (same port) and
+   `restart(crash=False)`. Tansu takes ~5 s to stop gracefully while clients are connected.
 
 Per test: `settings` has its own topic prefix (topics created, 3 partitions) and Redis key
 prefix, so tests never see each other's data. The embedded broker keeps data in memory: after
@@ -58,8 +59,12 @@ class Server:
     def start(self) -> None:
         self._need_owned().start()
 
-    def restart(self) -> None:
-        self._need_owned().restart()
+    def kill(self) -> None:
+        """SIGKILL: a crash, no graceful close."""
+        self._need_owned().kill()
+
+    def restart(self, crash: bool = False) -> None:
+        self._need_owned().restart(crash=crash)
 
     @property
     def running(self) -> bool:
