@@ -1,0 +1,219 @@
+"""Student -> `student.onnx`: raw features in, per-task (p, u) out, preprocessing inside.
+
+Inputs: `num` float32[N, n_num] (NaN = missing), `cat` string[N, n_cat] ("" = missing).
+Outputs: `p` float32[N, T], `u` float32[N, T] (teacher's uncertainty scale).
+
+The graph is written with `onnx.helper` straight from the trained weights rather than with
+`torch.onnx.export`: torch 2.13 defaults to the dynamo exporter, which needs `onnxscript`
+(not part of our dependencies), and the network is small enough that writing it node by node
+keeps the graph readable and identical to `Preprocessor.transform` + `Student.forward`, which
+this file mirrors op for op.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from model.bundle import STUDENT_ONNX, build_manifest, write_manifest
+from model.preprocess import FIRST_VOCAB_INDEX, MISSING_INDEX, UNKNOWN_INDEX, Preprocessor
+from model.student import Student
+
+OPSET = 17
+ML_OPSET = 2  # ai.onnx.ml LabelEncoder with keys_strings / values_int64s
+
+
+class _Graph:
+    """Collects nodes and constants with unique names."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self._n = 0
+
+    def name(self, stem: str) -> str:
+        self._n += 1
+        return f"{stem}_{self._n}"
+
+    def const(self, stem: str, value: np.ndarray) -> str:
+        name = self.name(stem)
+        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], stem: str | None = None, domain: str = "",
+           **attrs: object) -> str:
+        out = self.name(stem or op_type.lower())
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, domain=domain, **attrs))
+        return out
+
+
+def _numeric(g: _Graph, pre: Preprocessor, num: str) -> str:
+    """x = [clip((log?(num) - center) / scale) with NaN -> 0, isnan(num)] -> float32[N, 2*n_num]."""
+    missing = g.op("IsNaN", [num], "missing")
+    logged = g.op("Mul", [g.op("Sign", [num]),
+                          g.op("Log", [g.op("Add", [g.op("Abs", [num]), g.const("one", np.float32(1.0))])])],
+                  "signed_log1p")
+    v = g.op("Where", [g.const("num_log", pre.num_log.astype(bool)), logged, num])
+    z = g.op("Div", [g.op("Sub", [v, g.const("num_center", pre.num_center)]),
+                     g.const("num_scale", pre.num_scale)])
+    z = g.op("Clip", [z, g.const("lo", np.float32(-pre.clip)), g.const("hi", np.float32(pre.clip))])
+    z = g.op("Where", [missing, g.const("zero", np.float32(0.0)), z], "z")
+    ind = g.op("Cast", [missing], "missing_f", to=TensorProto.FLOAT)
+    return g.op("Concat", [z, ind], "x", axis=1)
+
+
+def _categorical(g: _Graph, pre: Preprocessor, cat: str) -> str:
+    """Per column vocab lookup ("" -> 0, unknown -> 1, vocab -> 2..) -> int64[N, n_cat]."""
+    cols = []
+    for j, words in enumerate(pre.vocab):
+        col = g.op("Slice", [cat, g.const("s", np.array([j], np.int64)), g.const("e", np.array([j + 1], np.int64)),
+                             g.const("ax", np.array([1], np.int64))], f"cat{j}")
+        cols.append(g.op(
+            "LabelEncoder", [col], f"idx{j}", domain="ai.onnx.ml",
+            keys_strings=[""] + list(words),
+            values_int64s=[MISSING_INDEX] + list(range(FIRST_VOCAB_INDEX, FIRST_VOCAB_INDEX + len(words))),
+            default_int64=UNKNOWN_INDEX,
+        ))
+    return cols[0] if len(cols) == 1 else g.op("Concat", cols, "idx", axis=1)
+
+
+def _linear(g: _Graph, h: str, layer: torch.nn.Linear, stem: str) -> str:
+    w = layer.weight.detach().numpy().T.astype(np.float32)
+    b = layer.bias.detach().numpy().astype(np.float32)
+    return g.op("Add", [g.op("MatMul", [h, g.const(f"{stem}_w", w)]), g.const(f"{stem}_b", b)], stem)
+
+
+def _network(g: _Graph, student: Student, x: str, idx: str | None) -> tuple[str, str]:
+    parts = [x]
+    if idx is not None:
+        table = student.emb.weight.detach().numpy().astype(np.float32)
+        off = g.op("Add", [idx, g.const("offsets", student.offsets.numpy().astype(np.int64))])
+        e = g.op("Gather", [g.const("emb", table), off], "emb", axis=0)  # [N, n_cat, d]
+        width = len(student.cardinalities) * student.cfg.emb_dim
+        parts.append(g.op("Reshape", [e, g.const("shape", np.array([0, width], np.int64))], "emb_flat"))
+    h = parts[0] if len(parts) == 1 else g.op("Concat", parts, "h0", axis=1)
+    for i, layer in enumerate(m for m in student.bottom if isinstance(m, torch.nn.Linear)):
+        h = g.op("Relu", [_linear(g, h, layer, f"bottom{i}")])
+    a = g.op("Relu", [_linear(g, h, student.head1, "head1")])
+    # Per-head second layer as one block-diagonal matmul: row k*hh + m feeds output k.
+    w2 = student.head2_w.detach().numpy().astype(np.float32)
+    n_out, hh = w2.shape
+    block = np.zeros((n_out * hh, n_out), np.float32)
+    for k in range(n_out):
+        block[k * hh:(k + 1) * hh, k] = w2[k]
+    out = g.op("Add", [g.op("MatMul", [a, g.const("head2_w", block)]),
+                       g.const("head2_b", student.head2_b.detach().numpy().astype(np.float32))], "heads")
+    n_tasks = len(student.tasks)
+    ax = g.const("ax1", np.array([1], np.int64))
+    logit = g.op("Slice", [out, g.const("s0", np.array([0], np.int64)),
+                           g.const("sT", np.array([n_tasks], np.int64)), ax], "logit")
+    u_raw = g.op("Slice", [out, g.const("sT", np.array([n_tasks], np.int64)),
+                           g.const("s2T", np.array([2 * n_tasks], np.int64)), ax], "u_raw")
+    p = g.op("Sigmoid", [logit], "p_out")
+    return p, _uncertainty(g, student, u_raw)
+
+
+def _uncertainty(g: _Graph, student: Student, u_raw: str) -> str:
+    """Head output -> teacher scale, as `Student.to_teacher_scale`."""
+    if student.target_mode == "mean_match":
+        return g.op("Div", [g.op("Softplus", [u_raw]), g.const("rescale", student.rescale.numpy())], "u_out")
+    q = g.op("Sigmoid", [u_raw], "q")
+    table = student.quantiles.numpy().astype(np.float32)
+    n_tasks, k = table.shape
+    pos = g.op("Mul", [q, g.const("km1", np.float32(k - 1))], "pos")
+    lo_i = g.op("Clip", [g.op("Floor", [pos]), g.const("zero", np.float32(0)),
+                         g.const("km2", np.float32(k - 2))], "lo_i")
+    frac = g.op("Sub", [pos, lo_i], "frac")
+    gidx = g.op("Add", [g.op("Cast", [lo_i], to=TensorProto.INT64),
+                        g.const("task_off", np.arange(n_tasks, dtype=np.int64) * k)], "gidx")
+    flat = g.const("quantiles", table.reshape(-1))
+    lo = g.op("Gather", [flat, gidx], "q_lo", axis=0)
+    hi = g.op("Gather", [flat, g.op("Add", [gidx, g.const("one_i", np.int64(1))])], "q_hi", axis=0)
+    return g.op("Add", [lo, g.op("Mul", [frac, g.op("Sub", [hi, lo])])], "u_out")
+
+
+def build_onnx(pre: Preprocessor, student: Student) -> onnx.ModelProto:
+    """The complete serving graph: raw batch -> preprocessing -> student -> (p, u)."""
+    n_num, n_cat, n_tasks = len(pre.spec.numeric), len(pre.spec.categorical), len(student.tasks)
+    if student.n_inputs != pre.n_inputs or student.cardinalities != pre.cardinalities:
+        raise ValueError("student was built for a different preprocessor (input width or vocab sizes)")
+    student = student.eval()
+    g = _Graph()
+    x = _numeric(g, pre, "num")
+    idx = _categorical(g, pre, "cat") if n_cat else None
+    p, u = _network(g, student, x, idx)
+    g.nodes.append(helper.make_node("Identity", [p], ["p"], name="p"))
+    g.nodes.append(helper.make_node("Identity", [u], ["u"], name="u"))
+    graph = helper.make_graph(
+        g.nodes, "rta_student",
+        inputs=[helper.make_tensor_value_info("num", TensorProto.FLOAT, ["N", n_num]),
+                helper.make_tensor_value_info("cat", TensorProto.STRING, ["N", n_cat])],
+        outputs=[helper.make_tensor_value_info("p", TensorProto.FLOAT, ["N", n_tasks]),
+                 helper.make_tensor_value_info("u", TensorProto.FLOAT, ["N", n_tasks])],
+        initializer=g.inits,
+    )
+    model = helper.make_model(
+        graph, producer_name="rta-filter",
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("ai.onnx.ml", ML_OPSET)],
+    )
+    model.ir_version = 8
+    helper.set_model_props(model, {"tasks": ",".join(student.tasks),
+                                   "feature_fingerprint": pre.spec.fingerprint(),
+                                   "target_mode": student.target_mode})
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def export_onnx(pre: Preprocessor, student: Student, path: str | Path) -> Path:
+    """Write `student.onnx` (temp file + rename, so a reader never sees half a graph)."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_bytes(build_onnx(pre, student).SerializeToString())
+    os.replace(tmp, path)
+    return path
+
+
+def export_bundle(
+    bundle_dir: str | Path,
+    pre: Preprocessor,
+    student: Student,
+    *,
+    measure: str = "prob_var",
+    source_map: dict[str, str] | None = None,
+    score_function: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    thresholds: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write the student part of a bundle (student.onnx, student.pt, preprocess.json) + manifest.
+
+    The teacher part (teacher.pt, preprocess.json, ...) may already be there; a preprocess.json
+    that disagrees with `pre` is refused, since the ONNX graph embeds `pre`. Returns the manifest.
+    """
+    bundle_dir = Path(bundle_dir)
+    bundle_dir.mkdir(parents=True, exist_ok=True)
+    pre_path = bundle_dir / "preprocess.json"
+    if pre_path.exists():
+        if Preprocessor.from_dict(json.loads(pre_path.read_text())).to_dict() != pre.to_dict():
+            raise ValueError(f"{pre_path} differs from the preprocessor the student was trained with")
+    else:
+        pre_path.write_text(json.dumps(pre.to_dict()))
+    export_onnx(pre, student, bundle_dir / STUDENT_ONNX)
+    torch.save(student.to_checkpoint(), bundle_dir / "student.pt")
+    manifest = build_manifest(
+        bundle_dir, pre.spec, student.tasks,
+        uncertainty={"measure": measure, "rescale": student.target_map(),
+                     "note": "u[:, t] is task t's own uncertainty on the teacher's scale; "
+                             "the decision reads u[:, uncertainty_source[task]]"},
+        source_map=source_map, score_function=score_function, metrics=metrics,
+        thresholds=thresholds, extra=extra,
+    )
+    write_manifest(bundle_dir, manifest)
+    return manifest
