@@ -1,0 +1,457 @@
+"""`rta serve`: one consumer-group member that decides every request it is assigned.
+
+A batch follows one path, step by step, each step a module:
+
+    consume (Kafka)  ->  decode (stream.events)  ->  score (stream.scorer)
+    ->  decide (stream.policy + stream.controller)  ->  produce decisions (+ DLQ)
+    ->  checkpoint (stream.checkpoint: commit only after every decision is acknowledged)
+
+The guarantee is the checkpoint's: offsets of a batch are committed only after the broker
+acknowledged every decision of it, so a crash replays and never skips (at-least-once); with
+`--exactly-once` decisions and offsets are committed in one Kafka transaction. Invalid
+requests go to the DLQ with their error AND get a pass decision with reason `invalid`.
+
+Between batches the worker commits when the checkpoint is due, and every
+`reload_interval_s` checks `<model_dir>/current`: a new version is loaded and validated
+before it serves; a bad one is refused (logged, counted) and the old model keeps serving.
+SIGTERM/SIGINT stop consuming, commit what was decided, leave the group and exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
+
+from model.bundle import current_version
+from stream.checkpoint import Checkpoint, CheckpointError, DeliveryReports
+from stream.config import Settings, load_settings
+from stream.controller import ControllerConfig, RatioController
+from stream.errors import BundleError, ConfigError, RtaError
+from stream.events import (
+    MAX_BYTES,
+    dead_letters,
+    decision_headers,
+    decode_requests,
+    encode_decisions,
+)
+from stream.kafka import make_consumer, make_producer
+from stream.metrics import MetricsServer, WorkerMetrics
+from stream.policy import EXPLORE, REASONS, UNCERTAIN, ScorePolicy, decide
+from stream.scorer import Scorer
+
+log = logging.getLogger("rta.worker")
+
+# Consumer-group timing: Tansu holds a join for about half the session timeout, and a
+# killed member is noticed after one session timeout, so keep it short (librdkafka pass-
+# through in the settings wins).
+GROUP_DEFAULTS: dict[str, Any] = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000}
+_REASON_NAMES = np.asarray(REASONS, dtype=object)
+
+
+@dataclass
+class WorkerConfig:
+    """Knobs of one worker (the `rta serve` flags)."""
+
+    group_id: str = "rta-worker"
+    batch_size: int = 1000
+    batch_wait_ms: int = 20
+    commit_interval_s: float = 1.0
+    commit_every: int = 0
+    exactly_once: bool = False
+    reload_interval_s: float = 2.0
+    metrics_port: int | None = None  # None: no HTTP server; 0: any free port
+    metrics_host: str = "127.0.0.1"
+    intra_threads: int = 1
+    max_bytes: int = MAX_BYTES
+    flush_timeout_s: float = 30.0
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    seed: int | None = None
+    controller: ControllerConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.batch_wait_ms < 0:
+            raise ConfigError(f"batch wait must be >= 0 ms, got {self.batch_wait_ms}")
+        if self.commit_interval_s < 0 or self.commit_every < 0:
+            raise ConfigError("commit interval and commit-every must be >= 0")
+        if self.exactly_once and self.commit_interval_s >= 50:
+            raise ConfigError("with --exactly-once the commit interval must stay below the 60 s "
+                              "transaction timeout")
+
+
+@dataclass
+class WorkerStats:
+    """Running totals (tests, the demo and the benchmark read them)."""
+
+    events: int = 0
+    invalid: int = 0
+    blocked: int = 0
+    degraded: int = 0
+    batches: int = 0
+    commits: int = 0
+    checkpoint_failures: int = 0
+    reloads: int = 0
+    refused_reloads: int = 0
+    busy_s: float = 0.0  # wall time inside batch processing
+
+
+class Worker:
+    """One group member: `run()` until `stop()` (or a signal, from the CLI)."""
+
+    def __init__(self, settings: Settings, config: WorkerConfig | None = None,
+                 controller: RatioController | None = None) -> None:
+        self.settings = settings
+        self.config = cfg = config or WorkerConfig()
+        self.stats = WorkerStats()
+        self.metrics = WorkerMetrics(cfg.worker_id)
+        self._stop = threading.Event()
+        self._rng = np.random.default_rng(cfg.seed)
+        self.requests_topic = settings.topic("requests")
+        self.decisions_topic = settings.topic("decisions")
+        self.dlq_topic = settings.topic("dlq")
+
+        self._load_model(self._current_bundle())
+        self._refused: str | None = None
+        self._next_reload_check = time.monotonic() + cfg.reload_interval_s
+
+        self.controller = controller or RatioController.from_settings(
+            settings, cfg.controller, controller_id=cfg.worker_id)
+
+        self.reports = DeliveryReports()
+        txn = {"transactional.id": f"{cfg.group_id}-{cfg.worker_id}"} if cfg.exactly_once else {}
+        self.producer = make_producer(settings, **self.reports.producer_config(), **txn)
+        if cfg.exactly_once:
+            try:
+                self.producer.init_transactions(cfg.flush_timeout_s)
+            except KafkaException as exc:
+                raise ConfigError(f"--exactly-once: the cluster refused transactions ({exc.args[0].str()})") from None
+        self.consumer = make_consumer(settings, cfg.group_id, **{**GROUP_DEFAULTS, **settings.kafka})
+        self.checkpoint = Checkpoint(
+            self.consumer, self.producer, self.reports, exactly_once=cfg.exactly_once,
+            commit_interval_s=cfg.commit_interval_s, commit_every=cfg.commit_every,
+            flush_timeout_s=cfg.flush_timeout_s)
+        self.server = (MetricsServer(self.metrics, cfg.metrics_host, cfg.metrics_port)
+                       if cfg.metrics_port is not None else None)
+
+    # --- model ----------------------------------------------------------------------------
+
+    def _current_bundle(self) -> Path:
+        model_dir = Path(self.settings.model_dir)
+        version = current_version(model_dir)
+        if version is None:
+            # Also accept a bundle directory given directly as the model dir.
+            if (model_dir / "manifest.json").is_file():
+                return model_dir
+            raise BundleError(f"{model_dir}/current: no model published; train one (`rta train`) "
+                              "or point --model-dir at a model directory")
+        return model_dir / version
+
+    def _load_model(self, bundle: Path) -> None:
+        scorer = Scorer.load(bundle, intra_threads=self.config.intra_threads)
+        policy = ScorePolicy.from_manifest(scorer.manifest)
+        _smoke_test(scorer, policy)
+        self.scorer, self.policy = scorer, policy
+        self.bundle = bundle
+        self._headers = decision_headers(scorer.version)
+        self._fingerprint = scorer.spec.fingerprint()
+        self.metrics.model.info({"version": scorer.version, "path": str(bundle),
+                                 "fingerprint": self._fingerprint})
+
+    def maybe_reload(self, force: bool = False) -> bool:
+        """Between batches: follow `<model_dir>/current` if it moved. True if a new model serves."""
+        now = time.monotonic()
+        if not force and now < self._next_reload_check:
+            return False
+        self._next_reload_check = now + self.config.reload_interval_s
+        version = current_version(self.settings.model_dir)
+        if version is None or version == self.bundle.name or version == self._refused:
+            return False
+        target = Path(self.settings.model_dir) / version
+        try:
+            self._load_model(target)
+        except (BundleError, ConfigError, ValueError) as exc:
+            self._refused = version
+            self.stats.refused_reloads += 1
+            self.metrics.reloads.labels("refused").inc()
+            log.error("model %s refused, still serving %s: %s", version, self.scorer.version, exc,
+                      extra={"event": "reload_refused", "version": version})
+            return False
+        self._refused = None
+        self.stats.reloads += 1
+        self.metrics.reloads.labels("ok").inc()
+        log.info("now serving model %s", self.scorer.version,
+                 extra={"event": "reloaded", "version": self.scorer.version})
+        return True
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def run(self, install_signals: bool = False, max_seconds: float | None = None) -> WorkerStats:
+        """Consume, decide, produce and checkpoint until `stop()`; then drain and leave."""
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.stop())
+        deadline = time.monotonic() + max_seconds if max_seconds else None
+        cfg = self.config
+        wait_s = cfg.batch_wait_ms / 1000.0
+        self.consumer.subscribe([self.requests_topic], on_assign=self._on_assign,
+                                on_revoke=self._on_revoke, on_lost=self._on_lost)
+        self.metrics.state = "running"
+        log.info("worker %s serving model %s: %s -> %s", cfg.worker_id, self.scorer.version,
+                 self.requests_topic, self.decisions_topic, extra={"event": "started"})
+        try:
+            while not self._stop.is_set():
+                self.metrics.last_loop = time.monotonic()
+                msgs = self.consumer.consume(cfg.batch_size, wait_s)
+                if msgs:
+                    self.process(msgs)
+                else:
+                    self.producer.poll(0)
+                if self.checkpoint.expired():
+                    self._commit()
+                self.maybe_reload()
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+        finally:
+            self._drain()
+        return self.stats
+
+    def stop(self) -> None:
+        """Ask the loop to finish its batch, commit and leave (signal-safe)."""
+        self._stop.set()
+
+    def process(self, msgs: list[Message]) -> None:
+        """One batch: decode -> score -> decide -> produce -> record offsets (not yet committed)."""
+        t0 = time.perf_counter()
+        errs = [m.error() for m in msgs]
+        if errs.count(None) != len(msgs):
+            msgs = self._drop_errors(msgs, errs)
+            if not msgs:
+                return
+        n = len(msgs)
+        values = [m.value() for m in msgs]
+        keys = [m.key() for m in msgs]
+        partitions = np.fromiter([m.partition() for m in msgs], np.int32, n)
+        offsets = np.fromiter([m.offset() for m in msgs], np.int64, n)
+
+        # decode
+        batch = decode_requests(values, keys, self.scorer.spec, fingerprint=self._fingerprint,
+                                max_bytes=self.config.max_bytes)
+        # score
+        p, u_tasks = self.scorer.score(batch.num, batch.cat)
+        e = self.policy.score(p)
+        u = self.policy.uncertainty(u_tasks)
+        # decide
+        th = self.controller.thresholds()
+        d = decide(e, u, batch.valid, self._rng.random(n), th.theta, th.tau_u,
+                   th.targets.epsilon, th.degraded)
+        now_ms = time.time() * 1000.0
+        latency = np.where(batch.ts_ms > 0, now_ms - batch.ts_ms, np.nan)
+        bodies = encode_decisions(
+            batch.request_id, d.block, _REASON_NAMES[d.reason], e, u, p,
+            threshold=th.theta, target_ratio=th.targets.r, model=self.scorer.version,
+            ts_ms=int(now_ms), latency_ms=latency, tasks=self.scorer.tasks, propensity=d.propensity)
+        # produce: decisions, then dead letters
+        self._produce(self.decisions_topic, bodies, batch.request_id.tolist(), self._headers)
+        if batch.n_invalid:
+            dead = dead_letters(batch, values, keys, self.requests_topic, partitions, offsets)
+            for dl in dead:
+                self._produce(self.dlq_topic, [dl.value], [dl.key], dl.headers)
+            for err in batch.errors:
+                self.metrics.dlq.labels(err.code).inc()
+        self.producer.poll(0)  # serve delivery reports (failures only)
+        # checkpoint: these offsets are now processed (committed later, after delivery)
+        self.checkpoint.store_offsets(self.requests_topic, partitions, offsets)
+        # window: one round trip to the controller's store
+        self.controller.observe(e, u, d)
+
+        self._account(d, th, n, batch.n_invalid, time.perf_counter() - t0, now_ms - batch.ts_ms.max())
+
+    def _produce(self, topic: str, values: list[bytes], keys: list[Any],
+                 headers: list[tuple[str, bytes]]) -> None:
+        produce = self.producer.produce
+        i = 0
+        while i < len(values):
+            try:
+                for j in range(i, len(values)):
+                    produce(topic, values[j], keys[j], headers=headers)
+                return
+            except BufferError:  # local queue full: let librdkafka drain, then go on from j
+                i = j
+                self.producer.poll(0.05)
+
+    def _drop_errors(self, msgs: list[Message], errs: list[KafkaError | None]) -> list[Message]:
+        for err in errs:
+            if err is not None and err.code() != KafkaError._PARTITION_EOF:
+                log.warning("consumer error: %s", err.str(), extra={"event": "consumer_error"})
+        return [m for m, err in zip(msgs, errs, strict=True) if err is None]
+
+    def _account(self, d: Any, th: Any, n: int, n_invalid: int, seconds: float, age_ms: float) -> None:
+        s, m = self.stats, self.metrics
+        blocked = int(np.count_nonzero(d.block))
+        stages = np.bincount(d.stage, minlength=len(REASONS))
+        degraded = n - n_invalid - int(stages[EXPLORE]) if th.degraded else 0
+        s.events += n
+        s.invalid += n_invalid
+        s.blocked += blocked
+        s.degraded += degraded
+        s.batches += 1
+        s.busy_s += seconds
+        m.events.inc(n)
+        m.batches.inc()
+        m.batch_seconds.observe(seconds)
+        m.batch_size.observe(n)
+        m.block_share.set(blocked / n)
+        m.uncertain_share.set(stages[UNCERTAIN] / n)
+        m.explore_share.set(stages[EXPLORE] / n)
+        m.theta.set(th.theta)
+        m.tau_u.set(th.tau_u)
+        m.target_ratio.set(th.targets.r)
+        m.set_redis(th.degraded)
+        m.lag_ms.set(age_ms)
+        by_reason = np.bincount(d.reason, minlength=len(REASONS))
+        blocked_by = np.bincount(d.reason[d.block], minlength=len(REASONS))
+        for k in np.flatnonzero(by_reason).tolist():
+            if blocked_by[k]:
+                m.decisions.labels("block", REASONS[k]).inc(int(blocked_by[k]))
+            if by_reason[k] > blocked_by[k]:
+                m.decisions.labels("pass", REASONS[k]).inc(int(by_reason[k] - blocked_by[k]))
+        if th.degraded != getattr(self, "_was_degraded", False):
+            self._was_degraded = th.degraded
+            log.warning("redis %s", "unreachable: deciding from the local window (degraded)"
+                        if th.degraded else "back: global window rejoined",
+                        extra={"event": "degraded" if th.degraded else "rejoined"})
+
+    # --- checkpoint and group membership --------------------------------------------------
+
+    def _commit(self) -> bool:
+        """Commit the checkpoint; on failure replay it (never skip). True if committed."""
+        try:
+            self.checkpoint.commit()
+        except CheckpointError as exc:
+            self.stats.checkpoint_failures += 1
+            self.metrics.checkpoint_failures.labels(type(exc).__name__).inc()
+            log.error("checkpoint failed, replaying it: %s", exc, extra={"event": "checkpoint_failed"})
+            self.checkpoint.rewind()
+            return False
+        self.stats.commits += 1
+        self.metrics.commits.inc()
+        return True
+
+    def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        log.info("assigned %s", _tps(partitions), extra={"event": "assigned"})
+
+    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        # Everything decided so far is produced: flush and commit before the partitions move.
+        self._commit()
+        log.info("revoked %s", _tps(partitions), extra={"event": "revoked"})
+
+    def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        # Another member may own these already: committing would be wrong; let it replay.
+        if self.config.exactly_once:
+            self.checkpoint.rewind()
+        else:
+            self.checkpoint.forget(partitions)
+        log.warning("lost %s", _tps(partitions), extra={"event": "lost"})
+
+    def _drain(self) -> None:
+        self.metrics.state = "draining"
+        try:
+            self._commit()
+            self.consumer.close()  # leaves the group (revoke -> commit of anything left)
+        except (KafkaException, RuntimeError) as exc:
+            log.error("while leaving the group: %s", exc, extra={"event": "drain_error"})
+        finally:
+            self.checkpoint.close()
+            self.producer.flush(self.config.flush_timeout_s)
+            self.metrics.state = "stopped"
+            if self.server is not None:
+                self.server.close()
+        log.info("worker %s stopped after %d events (%d invalid, %d commits)", self.config.worker_id,
+                 self.stats.events, self.stats.invalid, self.stats.commits, extra={"event": "stopped"})
+
+
+def _smoke_test(scorer: Scorer, policy: ScorePolicy) -> None:
+    """A model must score an all-missing batch into finite probabilities before it serves."""
+    n_num, n_cat = len(scorer.spec.numeric), len(scorer.spec.categorical)
+    num = np.full((4, n_num), np.nan, np.float32)
+    num[1:] = np.linspace(-1, 1, 3, dtype=np.float32)[:, None]
+    cat = np.full((4, n_cat), "", dtype=object)
+    p, u = scorer.score(num, cat)
+    if p.shape != (4, len(scorer.tasks)) or u.shape != p.shape:
+        raise BundleError(f"{scorer.path}: student returned shapes {p.shape}, {u.shape}")
+    if not (np.isfinite(p).all() and (p >= 0).all() and (p <= 1).all() and np.isfinite(u).all()):
+        raise BundleError(f"{scorer.path}: student returns non-finite or out-of-range outputs")
+    policy.score(p)
+
+
+def _tps(partitions: list[TopicPartition]) -> str:
+    return ",".join(f"{tp.topic}[{tp.partition}]" for tp in partitions)
+
+
+# --- CLI ----------------------------------------------------------------------------------
+
+
+@click.command(name="serve")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="Config file (TOML/JSON).")
+@click.option("--bootstrap", default=None, help="Kafka bootstrap servers [default: settings].")
+@click.option("--redis-url", default=None, help="Redis URL [default: settings].")
+@click.option("--model-dir", type=click.Path(file_okay=False), default=None,
+              help="Model directory whose `current` is served [default: settings].")
+@click.option("--group", "group_id", default="rta-worker", show_default=True, help="Consumer group id.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Most messages per batch.")
+@click.option("--batch-wait-ms", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Longest wait to fill a batch.")
+@click.option("--commit-interval-ms", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Commit at most this often (0: after every batch); never before delivery.")
+@click.option("--commit-every", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Also commit after this many messages (0: time only).")
+@click.option("--exactly-once", is_flag=True, help="Decisions and offsets in one Kafka transaction.")
+@click.option("--reload-interval-s", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+              help="How often to check <model-dir>/current for a new version.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=9400, show_default=True,
+              help="Port for /metrics and /healthz (0: any free port).")
+@click.option("--no-metrics", is_flag=True, help="Do not start the HTTP server.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="onnxruntime intra-op threads.")
+@click.option("--worker-id", default=None, help="Name in logs, metrics and the controller [default: host-pid].")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True)
+def serve(config_file: str | None, bootstrap: str | None, redis_url: str | None,
+          model_dir: str | None, group_id: str, batch_size: int, batch_wait_ms: int,
+          commit_interval_ms: int, commit_every: int, exactly_once: bool, reload_interval_s: float,
+          metrics_port: int, no_metrics: bool, threads: int, worker_id: str | None,
+          log_level: str) -> None:
+    """Consume requests, decide each one, produce decisions; commit only after delivery."""
+    from stream.logs import setup_json_logging
+
+    setup_json_logging(log_level)
+    settings = load_settings(config_file, kafka_bootstrap=bootstrap, redis_url=redis_url,
+                             model_dir=model_dir)
+    cfg = WorkerConfig(
+        group_id=group_id, batch_size=batch_size, batch_wait_ms=batch_wait_ms,
+        commit_interval_s=commit_interval_ms / 1000.0, commit_every=commit_every,
+        exactly_once=exactly_once, reload_interval_s=reload_interval_s,
+        metrics_port=None if no_metrics else metrics_port, intra_threads=threads,
+        **({"worker_id": worker_id} if worker_id else {}))
+    try:
+        worker = Worker(settings, cfg)
+    except OSError as exc:  # e.g. the metrics port is taken
+        raise RtaError(f"serve: cannot start: {exc.strerror or exc}") from None
+    if worker.server is not None:
+        log.info("metrics on http://%s:%d/metrics", cfg.metrics_host, worker.server.port,
+                 extra={"event": "metrics", "port": worker.server.port})
+    worker.run(install_signals=True)
