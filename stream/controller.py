@@ -21,13 +21,19 @@ reads the window's open seconds and the live targets; closed seconds are cached)
   all traffic, so ``theta`` is the ``q_b = r / s`` quantile of the e-histogram of rows that
   reached the score stage (``stream.window``: only those rows are histogrammed, so the
   uncertainty-passed rows, whose e may be correlated with u, never bias ``theta``).
-- Feedback: ``q_b += I_b`` and ``q_u += I_u`` where ``I`` integrates the error of the observed
-  share over the last ``feedback_horizon`` seconds (``I += gain * error / stage_share * dt``,
-  clamped to ``+-feedback_limit``). It absorbs what the feed-forward cannot see: a drifting
-  score distribution (the window lags), the e/u coupling after a ``p_u`` change, bin
-  discretisation. The integral is frozen for ``feedback_horizon + 1`` s after a target change
-  (the recent window still holds old-target decisions and would wind it up) and kept, not
-  reset, across changes.
+- Feedback: ``q_b += I_b`` and ``q_u += I_u``. Once per CLOSED second (older than
+  ``closed_after``; the same data for every controller, so controllers sharing a window keep
+  identical integrals) ``I += gain * error / stage_share`` where ``error`` is the target minus
+  the share observed over the ``feedback_horizon`` seconds ending there, clamped to
+  ``+-feedback_limit``, with a small ``feedback_leak`` toward 0 (a late joiner converges to
+  the others; residual error ``~ leak * I / gain``, < 0.1 pp). It absorbs what the
+  feed-forward cannot see: a drifting score distribution (the window lags), the e/u coupling
+  after a ``p_u`` change, bin discretisation. The gain is low (0.1/s) because the loop sees
+  the share through a ``horizon``-second average and a ``closed_after`` delay; a step of
+  ``r`` is the feed-forward's job (one refresh). The integral is frozen until the horizon
+  holds only decisions made under the current targets, and kept, not reset, across changes.
+- Targets missing from Redis (never set, or a Redis restarted empty) -> the last known ones
+  (initially ``config.default_targets``).
 - ``r == 0`` -> ``theta = 0`` (nothing blocked); ``p_u == 0`` -> ``tau_u = inf``. Until the
   window holds ``min_rows`` rows the initial thresholds stay (block nothing, pass no one
   for uncertainty), so the first batch of a cold start is passed.
@@ -84,7 +90,8 @@ class ControllerConfig:
     window_seconds: int = 30
     refresh_interval: float = 0.25
     feedback_horizon: int = 5
-    feedback_gain: float = 0.5  # 1/s: integral rate per unit of quantile error
+    feedback_gain: float = 0.1  # per second: share of the error corrected each second
+    feedback_leak: float = 0.01  # per second: pull of the integral toward 0
     feedback_limit: float = 0.05  # |I| in quantile units of the stage's traffic
     closed_after: int = 2  # seconds older than this are closed and cached
     min_rows: int = 200
@@ -128,14 +135,13 @@ class RatioController:
         self._cache: dict[int, np.ndarray] = {}
         self._epoch: int | None = None
         self._next_refresh = -math.inf
-        self._last_refresh: float | None = None
-        self._hold_until = -math.inf
+        self._fb_sec: int | None = None
+        self._changed_sec = -(2**62)
         self._i_block = 0.0
         self._i_pass = 0.0
         self._retry_at = 0.0
         self._backoff = cfg.backoff_initial
         self._window = np.zeros(self.spec.size, dtype=np.int64)
-        self._recent = np.zeros(N_COUNTS, dtype=np.int64)
         self.degraded = False
         self.store_errors = 0
         self.refreshes = 0
@@ -190,35 +196,30 @@ class RatioController:
         first = sec - cfg.window_seconds + 1
         targets = self._th.targets
         version = self._th.version
-        window: np.ndarray | None = None
+        present: dict[int, np.ndarray] | None = None
 
         if self.degraded and now >= self._retry_at:
             self._rejoin(now, first)
         if not self.degraded:
             try:
-                window, snap_targets, version = self._read_global(sec, first)
-                if snap_targets is not None:
+                present, snap_targets, version = self._read_global(sec, first)
+                if snap_targets is not None:  # none stored (or a Redis restarted empty): keep last
                     targets = snap_targets
-                elif version == 0:
-                    targets = cfg.default_targets
             except StoreUnavailable as exc:
                 self._fail(now, exc)
-        if window is None:  # degraded: this worker's own recent traffic
-            snap = self.local.read(range(first, sec + 1))
-            window = _sum(snap.buckets.values(), self.spec.size)
-            self._recent = _sum((v[:N_COUNTS] for s, v in snap.buckets.items()
-                                 if s > sec - cfg.feedback_horizon), N_COUNTS)
+        if present is None:  # degraded: this worker's own recent traffic
+            present = self.local.read(range(first, sec + 1)).buckets
 
-        self._window = window
         if targets != self._th.targets:
-            self._hold_until = now + cfg.feedback_horizon + 1
-        theta, tau_u = self._compute(window, targets, now)
+            self._changed_sec = sec
+        self._window = _sum(present.values(), self.spec.size)
+        self._feedback(present, targets, sec - cfg.closed_after)
+        theta, tau_u = self._compute(self._window, targets)
         self._th = Thresholds(theta, tau_u, targets, self.degraded, version)
-        self._last_refresh = now
         self.refreshes += 1
         return self._th
 
-    def _read_global(self, sec: int, first: int) -> tuple[np.ndarray, Targets | None, int]:
+    def _read_global(self, sec: int, first: int) -> tuple[dict[int, np.ndarray], Targets | None, int]:
         cfg = self.config
         closed = sec - cfg.closed_after
         for s in [s for s in self._cache if s < first]:
@@ -227,39 +228,50 @@ class RatioController:
         snap = self.store.read(wanted, self.status())
         if self._epoch is not None and snap.epoch != self._epoch:
             self._cache.clear()  # someone wrote into past seconds: read them all again
-            wanted = list(range(first, sec + 1))
-            snap = self.store.read(wanted)
+            snap = self.store.read(list(range(first, sec + 1)))
         self._epoch = snap.epoch
         for s, v in snap.buckets.items():
             if s <= closed:
                 self._cache[s] = v
-        present = {**self._cache, **snap.buckets}
-        window = _sum((present[s] for s in range(first, sec + 1) if s in present), self.spec.size)
-        self._recent = _sum((present[s][:N_COUNTS] for s in range(sec - cfg.feedback_horizon + 1, sec + 1)
-                             if s in present), N_COUNTS)
-        return window, snap.targets, snap.targets_version
+        present = {s: v for s, v in {**self._cache, **snap.buckets}.items() if s >= first}
+        return present, snap.targets, snap.targets_version
 
-    def _compute(self, w: np.ndarray, t: Targets, now: float) -> tuple[float, float]:
+    def _feedback(self, present: dict[int, np.ndarray], t: Targets, closed: int) -> None:
+        """Integrate once per newly CLOSED second on the shares of the ``feedback_horizon``
+        seconds ending there. Closed seconds are the same data for every controller, so
+        controllers sharing a window make identical updates (an integral per controller
+        would otherwise random-walk apart: their sum is all the global share can correct);
+        a small leak pulls a late joiner's integral to the others'."""
+        cfg = self.config
+        if self._fb_sec is None:
+            self._fb_sec = closed
+        h, g, lim, leak = cfg.feedback_horizon, cfg.feedback_gain, cfg.feedback_limit, cfg.feedback_leak
+        for s in range(max(self._fb_sec + 1, closed - h), closed + 1):
+            self._i_block *= 1.0 - leak
+            self._i_pass *= 1.0 - leak
+            if s < self._changed_sec + h:  # the horizon still holds old-target decisions
+                continue
+            rec = _sum((present[k][:N_COUNTS] for k in range(s - h + 1, s + 1) if k in present), N_COUNTS)
+            if rec[0] < cfg.min_rows:
+                continue
+            rule_share = (1.0 - rec[4] / rec[0]) * (1.0 - t.epsilon)
+            score_share = rule_share - t.p_u
+            if t.r > 0 and score_share > 0:
+                err = t.r - rec[1] / rec[0]
+                self._i_block = float(np.clip(self._i_block + g * err / score_share, -lim, lim))
+            if t.p_u > 0 and rule_share > 0:
+                err = t.p_u - rec[2] / rec[0]
+                self._i_pass = float(np.clip(self._i_pass + g * err / rule_share, -lim, lim))
+        self._fb_sec = max(self._fb_sec, closed)
+
+    def _compute(self, w: np.ndarray, t: Targets) -> tuple[float, float]:
         cfg, spec = self.config, self.spec
         total, invalid = float(w[0]), float(w[4])
         theta, tau_u = self._th.theta, self._th.tau_u
         if total < cfg.min_rows:
             return (0.0 if t.r <= 0 else theta), (math.inf if t.p_u <= 0 else tau_u)
-        valid_share = (total - invalid) / total
-        rule_share = valid_share * (1.0 - t.epsilon)  # share of all traffic on the rule path
-        score_share = rule_share - t.p_u  # share of all traffic that should reach the score stage
-
-        # feedback on the recent observed shares
-        rec = self._recent
-        dt = min(now - self._last_refresh, 1.0) if self._last_refresh is not None else 0.0
-        if now >= self._hold_until and rec[0] >= cfg.min_rows and dt > 0:
-            lim, g = cfg.feedback_limit, cfg.feedback_gain
-            if t.r > 0 and score_share > 0:
-                err_b = t.r - rec[1] / rec[0]
-                self._i_block = float(np.clip(self._i_block + g * err_b / score_share * dt, -lim, lim))
-            if t.p_u > 0 and rule_share > 0:
-                err_u = t.p_u - rec[2] / rec[0]
-                self._i_pass = float(np.clip(self._i_pass + g * err_u / rule_share * dt, -lim, lim))
+        rule_share = (total - invalid) / total * (1.0 - t.epsilon)  # share on the rule path
+        score_share = rule_share - t.p_u  # share that should reach the score stage
 
         hu = w[spec.u_slice]
         if t.p_u <= 0:
