@@ -1,0 +1,92 @@
+"""Request/decision codec throughput: what the worker's decode and encode steps can sustain.
+
+`python -m bench.codec [--batch 1000] [--numeric 80] [--categorical 28] [--seconds 2]`
+prints one JSON object: events/s for canonical and positional decode, and decision encode,
+plus the positional/canonical ratio. Single thread, same process, same data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import numpy as np
+import orjson
+
+from stream.events import (
+    decode_requests,
+    encode_decisions,
+    encode_requests,
+    encode_requests_positional,
+)
+from stream.features import FeatureSpec
+
+
+def _traffic(n: int, n_num: int, n_cat: int, seed: int = 0) -> tuple[FeatureSpec, list[str], np.ndarray,
+                                                                     np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    spec = FeatureSpec(tuple(f"num_{i}" for i in range(n_num)), tuple(f"cat_{i}" for i in range(n_cat)))
+    num = rng.lognormal(0.0, 2.0, size=(n, n_num)).astype(np.float32)
+    num[rng.random(num.shape) < 0.1] = np.nan  # 10% missing
+    vocab = np.array([f"v{i}" for i in range(5000)], dtype=object)
+    cat = vocab[rng.zipf(1.3, size=(n, n_cat)) % 5000]
+    cat[rng.random(cat.shape) < 0.1] = ""
+    rids = [f"req-{i:012d}" for i in range(n)]
+    ts = 1_700_000_000_000 + np.arange(n, dtype=np.int64)
+    return spec, rids, ts, num, cat
+
+
+def _rate(fn: Callable[[], object], n: int, seconds: float) -> float:
+    fn()  # warm up
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        fn()
+        done += n
+    return done / (time.perf_counter() - start)
+
+
+def run(batch: int = 1000, n_num: int = 80, n_cat: int = 28, seconds: float = 2.0) -> dict[str, object]:
+    spec, rids, ts, num, cat = _traffic(batch, n_num, n_cat)
+    canonical = encode_requests(rids, ts, num, cat, spec)
+    positional = encode_requests_positional(rids, ts, num, cat, spec)
+    keys = [r.encode() for r in rids]
+    assert decode_requests(canonical, keys, spec).valid.all()
+    assert decode_requests(positional, keys, spec).valid.all()
+    canon_rate = _rate(lambda: decode_requests(canonical, keys, spec), batch, seconds)
+    pos_rate = _rate(lambda: decode_requests(positional, keys, spec), batch, seconds)
+    parse_only = _rate(lambda: list(map(orjson.loads, canonical)), batch, seconds)
+
+    rng = np.random.default_rng(1)
+    p = rng.random((batch, 4))
+    reason = rng.choice(["score", "uncertain", "explore", "invalid"], size=batch, p=[0.8, 0.1, 0.05, 0.05])
+    enc_rate = _rate(lambda: encode_decisions(
+        rids, rng.random(batch) < 0.3, reason, p[:, 3], rng.random(batch), p,
+        threshold=0.12, target_ratio=0.3, model="bench", ts_ms=ts, latency_ms=rng.random(batch) * 5,
+        propensity=0.02), batch, seconds)
+    return {
+        "batch": batch, "numeric": n_num, "categorical": n_cat,
+        "bytes_per_request": {"canonical": round(float(np.mean([len(v) for v in canonical])), 1),
+                              "positional": round(float(np.mean([len(v) for v in positional])), 1)},
+        "decode_events_per_s": {"canonical": round(canon_rate), "positional": round(pos_rate)},
+        "orjson_parse_only_events_per_s": round(parse_only),
+        "encode_decisions_per_s": round(enc_rate),
+        "ratio_positional_vs_canonical": round(pos_rate / canon_rate, 2),
+        "ratio_canonical_decode_vs_parse_only": round(canon_rate / parse_only, 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=1000)
+    ap.add_argument("--numeric", type=int, default=80)
+    ap.add_argument("--categorical", type=int, default=28)
+    ap.add_argument("--seconds", type=float, default=2.0)
+    a = ap.parse_args(argv)
+    if a.batch < 1 or a.seconds <= 0 or a.numeric < 0 or a.categorical < 0:
+        ap.error("--batch must be >= 1, --seconds > 0, feature counts >= 0")
+    print(orjson.dumps(run(a.batch, a.numeric, a.categorical, a.seconds), option=orjson.OPT_INDENT_2).decode())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,646 @@
+"""Event codecs: request, decision, outcome and dead-letter envelopes (docs/events.md).
+
+The request decoder sits on the serving hot path. It turns a batch of raw Kafka values into
+the feature matrices of `stream.features` and never raises on bad input: every message gets
+exactly one row, in order, and an invalid one carries a precise error code instead of
+features (the worker dead-letters it and passes it with reason `invalid`). Work is done per
+batch and per column wherever a C-level builtin (orjson, map, numpy) can do it; Python runs
+per message only for the envelope, and per field only on a batch that holds a bad value.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from itertools import chain, compress
+from operator import itemgetter
+from typing import Any, NamedTuple
+
+import numpy as np
+import orjson
+
+from stream.features import DEFAULT_TASKS, FeatureSpec
+
+VERSION = 1
+MAX_BYTES = 64 * 1024
+MAX_REQUEST_ID_CHARS = 256
+MAX_TS_MS = 2**63 - 1
+
+DECISIONS = ("pass", "block")
+REASONS = ("uncertain", "score", "explore", "invalid", "degraded")
+OUTCOME_EVENTS = DEFAULT_TASKS  # click, online, cart, deal
+
+# Header names (bytes values). The decision carries the model version in a header too, so a
+# consumer can route or filter without parsing the body.
+MODEL_HEADER = "rta-model"
+ERROR_HEADER = "rta-error"
+ERROR_CODE_HEADER = "rta-error-code"
+SOURCE_TOPIC_HEADER = "rta-source-topic"
+SOURCE_PARTITION_HEADER = "rta-source-partition"
+SOURCE_OFFSET_HEADER = "rta-source-offset"
+
+# Every code decode_requests can return, with what it means (docs/events.md mirrors this).
+ERROR_CODES: dict[str, str] = {
+    "empty": "the message has no value (null/tombstone or zero bytes)",
+    "oversized": "the value is larger than the size limit",
+    "not_utf8": "the value is not valid UTF-8",
+    "not_json": "the value is not one JSON document",
+    "non_finite": "NaN/Infinity literal, a number that overflows, or a value outside float32",
+    "not_object": "the JSON document is not an object",
+    "bad_version": "`v` is missing or not 1",
+    "missing_request_id": "`request_id` is absent or null",
+    "bad_request_id": "`request_id` is not a non-empty string of at most 256 characters",
+    "bad_ts": "`ts_ms` is absent or not a non-negative integer",
+    "bad_features": "`features` is not an object, or `x` is not an array of the spec's length",
+    "bad_fingerprint": "a positional request whose `fp` is not the served spec's fingerprint",
+    "non_numeric": "a numeric feature holds a string, boolean, array or object",
+    "bad_categorical": "a categorical feature holds something other than a string or integer",
+}
+
+_NUMERIC_TYPES = frozenset({int, float, type(None)})
+_CATEGORICAL_TYPES = frozenset({str, int, type(None)})
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+class DecodeError(NamedTuple):
+    """Why message `index` of a batch is invalid."""
+
+    index: int
+    code: str
+    message: str
+
+
+@dataclass
+class RequestBatch:
+    """One decoded batch: row i is message i, valid or not.
+
+    Invalid rows keep their slot with every feature missing, a request id (from the body,
+    else the Kafka key, else `invalid:<sha1 of the value>`) and `ts_ms` 0 when the body does
+    not give one.
+    """
+
+    request_id: np.ndarray  # object[N] of str
+    ts_ms: np.ndarray  # int64[N]
+    num: np.ndarray  # float32[N, n_num], NaN = missing
+    cat: np.ndarray  # object[N, n_cat] of str, "" = missing
+    valid: np.ndarray  # bool[N]
+    errors: list[DecodeError] = field(default_factory=list)  # sorted by index
+    unknown_features: int = 0  # feature names not in the spec (ignored, counted)
+
+    def __len__(self) -> int:
+        return len(self.valid)
+
+    @property
+    def n_invalid(self) -> int:
+        return len(self.errors)
+
+    def error_codes(self) -> np.ndarray:
+        """object[N]: the error code of each row, "" for valid ones."""
+        codes = np.full(len(self.valid), "", dtype=object)
+        for e in self.errors:
+            codes[e.index] = e.code
+        return codes
+
+
+class _Invalid(Exception):
+    def __init__(self, code: str, message: str, request_id: str | None = None,
+                 ts_ms: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+        self.ts_ms = ts_ms
+
+
+# --------------------------------------------------------------------------- requests
+
+
+def _valid_request_id(rid: Any) -> bool:
+    return type(rid) is str and 0 < len(rid) <= MAX_REQUEST_ID_CHARS
+
+
+def _valid_ts(ts: Any) -> bool:
+    return type(ts) is int and 0 <= ts <= MAX_TS_MS
+
+
+def _parse_failure(raw: bytes) -> _Invalid:
+    """Classify a value orjson refused; salvage the request id when the stdlib can read it."""
+    try:
+        text = bytes(raw).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return _Invalid("not_utf8", f"invalid UTF-8 at byte {exc.start}")
+    try:
+        orjson.loads(raw)
+        orjson_msg = "not a JSON document"
+    except orjson.JSONDecodeError as exc:
+        orjson_msg = str(exc)[:200]
+    seen: list[str] = []
+
+    def constant(name: str) -> float:
+        seen.append(name)
+        return math.nan
+
+    def number(s: str) -> float:
+        value = float(s)
+        if math.isinf(value):
+            seen.append(s[:32])
+        return value
+
+    try:
+        doc: Any = json.loads(text, parse_constant=constant, parse_float=number)
+    except Exception:  # noqa: BLE001 - any failure (incl. RecursionError) means "not JSON"
+        doc = None
+    if seen or "infinity" in orjson_msg:
+        rid = doc.get("request_id") if type(doc) is dict else None
+        ts = doc.get("ts_ms") if type(doc) is dict else None
+        what = f"literal {seen[0]!r}" if seen else "number"
+        return _Invalid("non_finite", f"non-finite {what}: JSON numbers must be finite ({orjson_msg})"
+                        if not seen else f"non-finite {what}: JSON has no NaN/Infinity",
+                        rid if _valid_request_id(rid) else None, ts if _valid_ts(ts) else None)
+    return _Invalid("not_json", orjson_msg)
+
+
+def _envelope(doc: Any, fingerprint: str, n_features: int) -> tuple[str, int, Any, bool]:
+    """(request_id, ts_ms, payload, positional) of one parsed document, or raise _Invalid."""
+    if type(doc) is not dict:
+        raise _Invalid("not_object", f"expected a JSON object, got {type(doc).__name__}")
+    rid = doc.get("request_id")
+    ts = doc.get("ts_ms")
+    salvage_rid = rid if _valid_request_id(rid) else None
+    salvage_ts = ts if _valid_ts(ts) else None
+    v = doc.get("v")
+    if type(v) is not int or v != VERSION:
+        raise _Invalid("bad_version", "missing v" if v is None else f"unsupported v={str(v)[:40]}",
+                       salvage_rid, salvage_ts)
+    if rid is None:
+        raise _Invalid("missing_request_id", "request_id is absent or null", None, salvage_ts)
+    if salvage_rid is None:
+        what = f"{len(rid)} characters" if type(rid) is str else type(rid).__name__
+        raise _Invalid("bad_request_id",
+                       f"request_id must be a string of 1-{MAX_REQUEST_ID_CHARS} characters, got {what}",
+                       None, salvage_ts)
+    if salvage_ts is None:
+        msg = "ts_ms is absent" if ts is None else f"ts_ms must be a non-negative integer, got {str(ts)[:40]}"
+        raise _Invalid("bad_ts", msg, rid)
+    if "x" in doc:
+        fp = doc.get("fp")
+        if fp != fingerprint:
+            raise _Invalid("bad_fingerprint",
+                           f"positional request with fp={str(fp)[:40]}, served spec is {fingerprint}",
+                           rid, ts)
+        x = doc["x"]
+        if type(x) is not list or len(x) != n_features:
+            what = f"{len(x)} values" if type(x) is list else type(x).__name__
+            raise _Invalid("bad_features", f"x must be an array of {n_features} values, got {what}",
+                           rid, ts)
+        return rid, ts, x, True
+    features = doc.get("features")
+    if type(features) is not dict:
+        what = "absent" if features is None else type(features).__name__
+        raise _Invalid("bad_features", f"features must be an object, got {what}", rid, ts)
+    return rid, ts, features, False
+
+
+def _fallback_id(raw: bytes | None, key: bytes | None) -> str:
+    if key:
+        try:
+            k = bytes(key).decode("utf-8")
+        except UnicodeDecodeError:
+            k = ""
+        if 0 < len(k) <= MAX_REQUEST_ID_CHARS:
+            return k
+    return "invalid:" + hashlib.sha1(bytes(raw or b"")).hexdigest()
+
+
+def _first_bad(block: np.ndarray, ok: frozenset[type]) -> list[tuple[int, int]]:
+    """(row, column) of the first value of a type outside `ok` in each bad row of an object block."""
+    bad: dict[int, int] = {}
+    width = block.shape[1]
+    flat = block.ravel().tolist()
+    for pos in compress(range(len(flat)), [type(v) not in ok for v in flat]):
+        bad.setdefault(pos // width, pos % width)
+    return list(bad.items())
+
+
+def _row_getter(names: tuple[str, ...]) -> Any:
+    """A C-level dict -> tuple-of-values in `names` order (raises KeyError on an absent name)."""
+    if len(names) > 1:
+        return itemgetter(*names)
+    if len(names) == 1:
+        name = names[0]
+        return lambda d: (d[name],)
+    return lambda d: ()
+
+
+def decode_requests(
+    values: Sequence[bytes | None],
+    keys: Sequence[bytes | None] | None,
+    spec: FeatureSpec,
+    *,
+    fingerprint: str | None = None,
+    max_bytes: int = MAX_BYTES,
+) -> RequestBatch:
+    """Decode raw request values (with their Kafka keys) into one `RequestBatch`.
+
+    Never raises on message content. `fingerprint` is what a positional request must carry
+    (default: the spec's own); `max_bytes` bounds one value. The cyclic garbage collector is
+    paused meanwhile: a batch allocates ~10^5 acyclic objects (parsed JSON) that would
+    otherwise trigger several useless collections, all freed by refcount on return.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _decode(values, keys, spec, fingerprint, max_bytes)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _decode(values: Sequence[bytes | None], keys: Sequence[bytes | None] | None, spec: FeatureSpec,
+            fingerprint: str | None, max_bytes: int) -> RequestBatch:
+    n = len(values)
+    fingerprint = fingerprint or spec.fingerprint()
+    names = spec.names
+    n_num, n_cat, n_feat = len(spec.numeric), len(spec.categorical), len(spec.names)
+    keys = keys if keys is not None else [None] * n
+    if len(keys) != n:
+        raise ValueError(f"{len(keys)} keys for {n} values")
+
+    request_id = np.empty(n, dtype=object)
+    ts_ms = np.zeros(n, dtype=np.int64)
+    valid = np.zeros(n, dtype=bool)
+    errors: dict[int, DecodeError] = {}
+
+    def invalid(i: int, exc: _Invalid) -> None:
+        errors[i] = DecodeError(i, exc.code, exc.message)
+        request_id[i] = exc.request_id or _fallback_id(values[i], keys[i])
+        if exc.ts_ms is not None:
+            ts_ms[i] = exc.ts_ms
+
+    # 1. Parse. One map over the batch when nothing is odd; message by message otherwise.
+    docs: list[Any] = []
+    parsed: list[int] = []
+    fast = n > 0 and None not in values and max(map(len, values)) <= max_bytes
+    if fast:
+        try:
+            docs = list(map(orjson.loads, values))
+            parsed = list(range(n))
+        except (orjson.JSONDecodeError, TypeError):
+            fast = False
+    if not fast:
+        docs, parsed = [], []
+        for i, raw in enumerate(values):
+            if raw is None or len(raw) == 0:
+                invalid(i, _Invalid("empty", "no value (null or zero bytes)"))
+            elif len(raw) > max_bytes:
+                invalid(i, _Invalid("oversized", f"{len(raw)} bytes > limit {max_bytes}"))
+            else:
+                try:
+                    docs.append(orjson.loads(raw))
+                    parsed.append(i)
+                except orjson.JSONDecodeError:
+                    invalid(i, _parse_failure(raw))
+                except TypeError:
+                    invalid(i, _Invalid("not_json", f"value is {type(raw).__name__}, not bytes"))
+
+    # 2. Envelope: request id, timestamp, canonical or positional payload.
+    rows_at: list[int] = []
+    rids: list[str] = []
+    tss: list[int] = []
+    canon_at: list[int] = []  # positions in rows_at that are canonical (feature dicts)
+    payloads: list[Any] = []
+    for i, doc in zip(parsed, docs, strict=True):
+        try:
+            rid, ts, payload, positional = _envelope(doc, fingerprint, n_feat)
+        except _Invalid as exc:
+            invalid(i, exc)
+            continue
+        if not positional:
+            canon_at.append(len(rows_at))
+        rows_at.append(i)
+        rids.append(rid)
+        tss.append(ts)
+        payloads.append(payload)
+
+    # 3. Canonical dicts -> rows in spec order. A dict whose keys are exactly the spec's names
+    #    in order (what encode_requests writes) gives its values view as the row; any other
+    #    gets a C-level itemgetter, or .get per name when some are absent.
+    unknown = 0
+    if canon_at:
+        same_keys = list(map(names.__eq__, map(tuple, (payloads[j] for j in canon_at))))
+        if not all(same_keys):
+            name_set = frozenset(names)
+            getter = _row_getter(names)
+            for j, same in zip(canon_at, same_keys, strict=True):
+                if not same:
+                    f = payloads[j]
+                    try:
+                        payloads[j] = getter(f)
+                        unknown += len(f) - n_feat
+                    except KeyError:
+                        payloads[j] = tuple(map(f.get, names))
+                        unknown += len(f.keys() - name_set)
+        for j, same in zip(canon_at, same_keys, strict=True):
+            if same:
+                payloads[j] = payloads[j].values()
+
+    num = np.full((n, n_num), np.nan, dtype=np.float32)
+    cat = np.full((n, n_cat), "", dtype=object)
+    m = len(rows_at)
+    if m:
+        keep = np.ones(m, dtype=bool)
+        bad_at: dict[int, _Invalid] = {}
+        # One object matrix for the batch; fromiter never mistakes a list value for a dimension.
+        grid = np.fromiter(chain.from_iterable(payloads), dtype=object, count=m * n_feat)
+        grid = grid.reshape(m, n_feat)
+
+        # 4. Numeric block: one type check, then one conversion (None -> NaN).
+        if n_num:
+            block = grid[:, :n_num]
+            if not set(map(type, block.ravel())) <= _NUMERIC_TYPES:
+                for r, c in _first_bad(block, _NUMERIC_TYPES):
+                    v = block[r, c]
+                    bad_at[r] = _Invalid("non_numeric",
+                                         f"feature {spec.numeric[c]!r} is {type(v).__name__}, expected a number",
+                                         rids[r], tss[r])
+                    block[r] = None
+            try:
+                block64 = block.astype(np.float64)
+            except OverflowError:  # an integer beyond float64
+                block64 = np.array([[v if v is None or abs(v) < 1e308 else math.inf for v in row]
+                                    for row in block.tolist()], dtype=np.float64).reshape(m, n_num)
+            over = np.abs(block64) > _F32_MAX
+            if over.any():
+                for r in np.flatnonzero(over.any(axis=1)).tolist():
+                    c = int(np.argmax(over[r]))
+                    bad_at.setdefault(r, _Invalid(
+                        "non_finite", f"feature {spec.numeric[c]!r} = {block64[r, c]:.6g} overflows float32",
+                        rids[r], tss[r]))
+                block64[over] = np.nan
+            num[rows_at] = block64
+
+        # 5. Categorical block: strings as they are, integers as their decimal string, null -> "".
+        if n_cat:
+            block = grid[:, n_num:]
+            types = set(map(type, block.ravel()))
+            if not types <= _CATEGORICAL_TYPES:
+                for r, c in _first_bad(block, _CATEGORICAL_TYPES):
+                    v = block[r, c]
+                    bad_at.setdefault(r, _Invalid(
+                        "bad_categorical",
+                        f"feature {spec.categorical[c]!r} is {type(v).__name__}, expected a string or integer",
+                        rids[r], tss[r]))
+                    block[r] = None
+                types = set(map(type, block.ravel()))
+            if int in types:
+                is_int = np.fromiter((type(v) is int for v in block.ravel()), dtype=bool,
+                                     count=block.size).reshape(block.shape)
+                block[is_int] = [str(v) for v in block[is_int]]
+            if type(None) in types:
+                block[np.equal(block, None)] = ""
+            cat[rows_at] = block
+
+        for r, exc in bad_at.items():
+            keep[r] = False
+            i = rows_at[r]
+            num[i] = np.nan
+            cat[i] = ""
+            invalid(i, exc)
+        good = [i for i, k in zip(rows_at, keep.tolist(), strict=True) if k]
+        valid[good] = True
+        request_id[rows_at] = rids  # invalid rows among them keep the body's id (same value)
+        ts_ms[rows_at] = tss
+    return RequestBatch(request_id, ts_ms, num, cat, valid,
+                        [errors[i] for i in sorted(errors)], unknown)
+
+
+def encode_request(request_id: str, ts_ms: int, features: dict[str, Any]) -> bytes:
+    """One canonical request. NaN and None features are written as null (= missing)."""
+    return orjson.dumps({"v": VERSION, "request_id": request_id, "ts_ms": int(ts_ms),
+                         "features": features},
+                        option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
+
+
+def _request_columns(request_ids: Sequence[str], ts_ms: Sequence[int] | np.ndarray,
+                     num: np.ndarray, cat: np.ndarray) -> tuple[list, list, list, list]:
+    num = np.asarray(num, dtype=np.float64)
+    cat = np.asarray(cat, dtype=object)
+    n = len(request_ids)
+    if num.shape[0] != n or cat.shape[0] != n or len(ts_ms) != n:
+        raise ValueError("request_ids, ts_ms, num and cat must have the same number of rows")
+    num_rows = num.tolist()  # NaN stays NaN; orjson writes it as null
+    cat_obj = np.where((cat == "") | np.equal(cat, None), None, cat)
+    return list(request_ids), np.asarray(ts_ms, dtype=np.int64).tolist(), num_rows, cat_obj.tolist()
+
+
+def encode_requests(request_ids: Sequence[str], ts_ms: Sequence[int] | np.ndarray,
+                    num: np.ndarray, cat: np.ndarray, spec: FeatureSpec) -> list[bytes]:
+    """A batch of canonical requests from the matrices of `stream.features` (missing -> null)."""
+    rids, tss, num_rows, cat_rows = _request_columns(request_ids, ts_ms, num, cat)
+    names = spec.names
+    dumps = orjson.dumps
+    return [dumps({"v": VERSION, "request_id": rid, "ts_ms": ts, "features": dict(zip(names, nr + cr, strict=False))})
+            for rid, ts, nr, cr in zip(rids, tss, num_rows, cat_rows, strict=True)]
+
+
+def encode_requests_positional(request_ids: Sequence[str], ts_ms: Sequence[int] | np.ndarray,
+                               num: np.ndarray, cat: np.ndarray, spec: FeatureSpec) -> list[bytes]:
+    """A batch of positional requests (`fp` + `x` in `spec.names` order)."""
+    rids, tss, num_rows, cat_rows = _request_columns(request_ids, ts_ms, num, cat)
+    fp = spec.fingerprint()
+    dumps = orjson.dumps
+    return [dumps({"v": VERSION, "request_id": rid, "ts_ms": ts, "fp": fp, "x": nr + cr})
+            for rid, ts, nr, cr in zip(rids, tss, num_rows, cat_rows, strict=True)]
+
+
+# --------------------------------------------------------------------------- decisions
+
+
+def round_sig(x: np.ndarray | float, digits: int = 6) -> np.ndarray:
+    """Round to `digits` significant digits, vectorised (so JSON floats stay short)."""
+    x = np.asarray(x, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        mag = np.floor(np.log10(np.abs(x)))
+        dec = np.clip(digits - 1 - np.nan_to_num(mag, nan=0.0, neginf=0.0, posinf=0.0), 0, 22)
+        scale = 10.0 ** dec
+        out = np.round(x * scale) / scale
+    return np.where(np.isfinite(out), out, x)
+
+
+def _column(x: Any, n: int, dtype: Any = np.float64) -> np.ndarray:
+    arr = np.asarray(x, dtype=dtype)
+    if arr.ndim == 0:
+        return np.full(n, arr[()], dtype=dtype)
+    if arr.shape[0] != n:
+        raise ValueError(f"column of length {arr.shape[0]} for {n} decisions")
+    return arr
+
+
+def encode_decisions(
+    request_id: Sequence[str] | np.ndarray,
+    block: np.ndarray,
+    reason: np.ndarray | Sequence[str],
+    score: np.ndarray,
+    uncertainty: np.ndarray,
+    p: np.ndarray,
+    *,
+    threshold: float | np.ndarray,
+    target_ratio: float | np.ndarray,
+    model: str,
+    ts_ms: np.ndarray | Sequence[int],
+    latency_ms: float | np.ndarray,
+    tasks: Sequence[str] = DEFAULT_TASKS,
+    propensity: float | np.ndarray | None = None,
+) -> list[bytes]:
+    """Decision event bodies, one per request, in order.
+
+    `block` is bool[N]; `reason` is str[N] or int codes into REASONS; `p` is float[N, T] in
+    `tasks` order. Invalid rows (reason "invalid") get null `score`, `uncertainty` and `p`;
+    any NaN becomes null. `propensity` (the chance of the explore draw) is written on
+    explore rows only. Floats are rounded to 6 significant digits.
+    """
+    n = len(request_id)
+    reason_arr = np.asarray(reason)
+    if reason_arr.dtype.kind in "iu":
+        reason_arr = np.asarray(REASONS, dtype=object)[reason_arr]
+    reason_arr = _column(reason_arr, n, object)
+    unknown = set(reason_arr.tolist()) - set(REASONS)
+    if unknown:
+        raise ValueError(f"unknown decision reason(s) {sorted(map(str, unknown))}; known: {REASONS}")
+    invalid = reason_arr == "invalid"
+    score_l = round_sig(_column(score, n)).tolist()
+    unc_l = round_sig(_column(uncertainty, n)).tolist()
+    p_arr = np.asarray(p, dtype=np.float64).reshape(n, len(tasks))
+    p_rows: list[Any] = [dict(zip(tasks, row, strict=False)) for row in round_sig(p_arr).tolist()]
+    if invalid.any():
+        for i in np.flatnonzero(invalid).tolist():
+            score_l[i] = unc_l[i] = p_rows[i] = None
+    decision_l = np.where(_column(block, n, bool), "block", "pass").tolist()
+    thr_l = round_sig(_column(threshold, n)).tolist()
+    ratio_l = round_sig(_column(target_ratio, n)).tolist()
+    ts_l = _column(ts_ms, n, np.int64).tolist()
+    lat_l = round_sig(_column(latency_ms, n), 4).tolist()
+    rid_l = request_id.tolist() if isinstance(request_id, np.ndarray) else list(request_id)
+    reason_l = reason_arr.tolist()
+    events = [
+        {"v": VERSION, "request_id": rid, "decision": d, "reason": r, "score": s,
+         "uncertainty": u, "p": pp, "threshold": th, "target_ratio": tr, "model": model,
+         "ts_ms": ts, "latency_ms": lat}
+        for rid, d, r, s, u, pp, th, tr, ts, lat in zip(
+            rid_l, decision_l, reason_l, score_l, unc_l, p_rows, thr_l, ratio_l, ts_l, lat_l,
+            strict=True)
+    ]
+    if propensity is not None:
+        explore = np.flatnonzero(reason_arr == "explore")
+        if explore.size:
+            prop_l = round_sig(_column(propensity, n)).tolist()
+            for i in explore.tolist():
+                events[i]["propensity"] = prop_l[i]
+    dumps = orjson.dumps
+    return [dumps(e) for e in events]
+
+
+def decision_headers(model: str) -> list[tuple[str, bytes]]:
+    """Kafka headers of a decision message: the model version that made it."""
+    return [(MODEL_HEADER, model.encode("utf-8"))]
+
+
+def decode_decision(raw: bytes) -> dict[str, Any]:
+    """Parse one decision event (tests, replay, downstream consumers); ValueError if malformed."""
+    doc = _loads_object(raw, "decision")
+    if doc.get("v") != VERSION or doc.get("decision") not in DECISIONS or doc.get("reason") not in REASONS:
+        raise ValueError(f"not a v{VERSION} decision event: {bytes(raw)[:120]!r}")
+    if not _valid_request_id(doc.get("request_id")):
+        raise ValueError("decision event without a valid request_id")
+    return doc
+
+
+# --------------------------------------------------------------------------- outcomes
+
+
+def encode_outcome(request_id: str, event: str, ts_ms: int) -> bytes:
+    """One outcome event: a funnel step (click/online/cart/deal) observed for a request."""
+    if event not in OUTCOME_EVENTS:
+        raise ValueError(f"unknown outcome event {event!r}; known: {', '.join(OUTCOME_EVENTS)}")
+    return orjson.dumps({"request_id": request_id, "event": event, "ts_ms": int(ts_ms)})
+
+
+def decode_outcome(raw: bytes) -> dict[str, Any]:
+    """Parse and check one outcome event; ValueError if malformed."""
+    doc = _loads_object(raw, "outcome")
+    if not _valid_request_id(doc.get("request_id")):
+        raise ValueError("outcome event without a valid request_id")
+    if doc.get("event") not in OUTCOME_EVENTS:
+        raise ValueError(f"outcome event {str(doc.get('event'))[:40]!r} not one of {OUTCOME_EVENTS}")
+    if not _valid_ts(doc.get("ts_ms")):
+        raise ValueError("outcome event ts_ms must be a non-negative integer")
+    return doc
+
+
+def _loads_object(raw: bytes, what: str) -> dict[str, Any]:
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"{what} event is not JSON: {exc}") from None
+    if type(doc) is not dict:
+        raise ValueError(f"{what} event is not a JSON object")
+    return doc
+
+
+# --------------------------------------------------------------------------- dead letters
+
+
+class DeadLetter(NamedTuple):
+    """What the worker produces to the DLQ topic for one invalid request."""
+
+    index: int
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]]
+
+
+def dead_letter_headers(code: str, message: str, source_topic: str,
+                        partition: int | None = None, offset: int | None = None) -> list[tuple[str, bytes]]:
+    """Headers that say why a message was dead-lettered and where it came from."""
+    headers = [
+        (ERROR_HEADER, f"{code}: {message}".encode()),
+        (ERROR_CODE_HEADER, code.encode()),
+        (SOURCE_TOPIC_HEADER, source_topic.encode()),
+    ]
+    if partition is not None:
+        headers.append((SOURCE_PARTITION_HEADER, str(int(partition)).encode()))
+    if offset is not None:
+        headers.append((SOURCE_OFFSET_HEADER, str(int(offset)).encode()))
+    return headers
+
+
+def dead_letters(batch: RequestBatch, values: Sequence[bytes | None], keys: Sequence[bytes | None] | None,
+                 source_topic: str, partitions: Sequence[int] | None = None,
+                 offsets: Sequence[int] | None = None) -> list[DeadLetter]:
+    """One DeadLetter per invalid row: the original bytes (b"" for a null value) plus headers."""
+    out = []
+    for e in batch.errors:
+        headers = dead_letter_headers(e.code, e.message, source_topic,
+                                      partitions[e.index] if partitions is not None else None,
+                                      offsets[e.index] if offsets is not None else None)
+        key = keys[e.index] if keys is not None else None
+        out.append(DeadLetter(e.index, key, bytes(values[e.index] or b""), headers))
+    return out
+
+
+# --------------------------------------------------------------------------- schemas
+
+
+SCHEMAS = ("request", "decision", "outcome", "dead-letter-headers")
+
+
+def load_schema(name: str) -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of an event, shipped as package data."""
+    if name not in SCHEMAS:
+        raise ValueError(f"unknown schema {name!r}; known: {', '.join(SCHEMAS)}")
+    return orjson.loads(resources.files("stream").joinpath(f"schemas/{name}.schema.json").read_bytes())
