@@ -116,7 +116,7 @@ def _spawn(kind: str, argv: list[str], port: int, address: str, log_path: Path, 
         raise StackError(f"{kind}: port {HOST}:{port} is already in use; pick another with --{kind}-port")
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
+    with open(log_path, "wb") as log:  # fresh per start: the tail in errors is this run's
         try:
             popen = subprocess.Popen(
                 argv,
@@ -170,13 +170,19 @@ def alive(pid: int) -> bool:
 
 def _is_ours(proc: Proc) -> bool:
     """Guard against pid reuse: the pid must still run the binary we started."""
+    popen = _children.get(proc.pid)
+    if popen is not None:  # our own child: the pid cannot have been reused while unreaped
+        return popen.poll() is None
     try:
         exe = os.readlink(f"/proc/{proc.pid}/exe")
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except FileNotFoundError:
         return False
     except OSError:
         return alive(proc.pid)  # no /proc or not allowed to look: trust the pid
-    return os.path.realpath(exe.removesuffix(" (deleted)")) == os.path.realpath(proc.bin)
+    if os.path.realpath(exe.removesuffix(" (deleted)")) == os.path.realpath(proc.bin):
+        return True
+    return proc.bin in cmdline.split()  # a wrapper script: the interpreter runs it
 
 
 def stop(proc: Proc, timeout: float = 10.0, force: bool = False) -> None:
@@ -228,10 +234,10 @@ def _wait(what: str, probe: Callable[[float], None], timeout: float, proc: Proc 
     last = "no answer"
     while True:
         if proc is not None and not alive(proc.pid):
-            raise StackError(f"{what} exited during start-up; log {proc.log}: {log_tail(proc.log)}")
+            raise StackError(f"{what} exited during start-up; log {proc.log}: {log_tail(proc.log) or '(empty)'}")
         left = deadline - time.monotonic()
         if left <= 0:
-            tail = f"; log {proc.log}: {log_tail(proc.log)}" if proc is not None else ""
+            tail = f"; log {proc.log}: {log_tail(proc.log) or '(empty)'}" if proc is not None else ""
             raise StackError(f"{what} did not answer within {timeout:.0f}s ({last}){tail}")
         try:
             probe(min(left, 2.0))

@@ -44,6 +44,21 @@ def rta(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 60) ->
                           capture_output=True, text=True, timeout=timeout)
 
 
+def processes_in(directory: Path) -> list[int]:
+    """Live pids whose working directory is under `directory` (stack processes run in the state dir)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cwd = Path(os.readlink(entry / "cwd"))
+        except OSError:
+            continue
+        if cwd.is_relative_to(directory) and alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
 @pytest.fixture
 def clean_env(tmp_path: Path) -> dict[str, str]:
     """Environment without external addresses, with its own state dir."""
@@ -97,6 +112,7 @@ def test_dev_up_status_down(clean_env: dict[str, str], tmp_path: Path) -> None:
         down = rta(["dev", "down"], clean_env, tmp_path)
         assert down.returncode == 0, down.stderr
         assert not any(alive(p) for p in pids), "a stack process survived `rta dev down`"
+        assert processes_in(Path(clean_env["RTA_STATE_DIR"])) == []
         assert not state_file.exists()
         assert not port_taken(kport) and not port_taken(rport)
 
@@ -134,7 +150,7 @@ def test_port_taken_is_one_line_and_leaves_nothing(clean_env: dict[str, str], tm
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and f"port 127.0.0.1:{rport} is already in use" in lines[0], res.stderr
     # kafka had started before redis failed: it must be stopped again
-    assert not port_taken(kport)
+    assert not port_taken(kport) and processes_in(tmp_path) == []
     assert not (Path(clean_env["RTA_STATE_DIR"]) / "stack.json").exists()
 
 
@@ -143,6 +159,19 @@ def test_missing_broker_binary_is_one_line(clean_env: dict[str, str], tmp_path: 
     res = rta(["dev", "up", "--kafka-port", str(free_port()), "--redis-port", str(free_port())], env, tmp_path)
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "broker binary missing" in res.stderr
+
+
+def test_broker_that_never_answers_times_out_and_is_stopped(clean_env: dict[str, str], tmp_path: Path) -> None:
+    fake = tmp_path / "fake-tansu"
+    fake.write_text("#!/bin/sh\necho starting up slowly\nexec sleep 60\n")
+    fake.chmod(0o755)
+    env = {**clean_env, "CALF_TANSU_BIN": str(fake)}
+    res = rta(["dev", "up", "--kafka-port", str(free_port()), "--redis-port", str(free_port()),
+               "--timeout", "1"], env, tmp_path)
+    assert res.returncode == 2
+    assert res.stderr.strip().count("\n") == 0, res.stderr
+    assert "did not answer within 1s" in res.stderr and "starting up slowly" in res.stderr
+    assert processes_in(tmp_path) == [], "the hung broker was left running"
 
 
 def test_dev_up_uses_external_servers(kafka, redis_server, clean_env: dict[str, str], tmp_path: Path) -> None:
@@ -167,6 +196,8 @@ def test_topics_create_is_idempotent(kafka, tmp_path: Path, monkeypatch: pytest.
     config.write_text("[topics]\n" + "".join(f'{role} = "{prefix}.{name}"\n' for role, name in DEFAULT_TOPICS.items()))
     monkeypatch.setenv("RTA_STATE_DIR", str(tmp_path / "state"))
     runner = CliRunner()
+    missing = runner.invoke(cli, ["topics", "list", "--bootstrap", kafka.bootstrap, "--config", str(config)])
+    assert missing.exit_code == 1 and missing.output.count("MISSING") == len(DEFAULT_TOPICS)
     args = ["topics", "create", "--bootstrap", kafka.bootstrap, "--config", str(config), "--partitions", "2"]
     first = runner.invoke(cli, args)
     assert first.exit_code == 0, first.output
