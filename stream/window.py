@@ -167,6 +167,10 @@ class WindowStore(Protocol):
     def set_targets(self, targets: Targets, who: str, reason: str) -> dict[str, Any]:
         """Write targets atomically with an audit entry; returns the entry."""
 
+    def update_targets(self, who: str, reason: str, r: float | None = None, p_u: float | None = None,
+                       epsilon: float | None = None) -> dict[str, Any]:
+        """Like set_targets, None keeping the current value; validated before writing."""
+
     def history(self, n: int = 20) -> list[dict[str, Any]]:
         """Newest-first audit entries."""
 
@@ -182,6 +186,12 @@ def _targets_from_hash(h: Mapping[str, str]) -> tuple[Targets | None, int]:
     except (ValueError, RtaError):
         return None, int(h.get("version", 0) or 0)  # unreadable or infeasible: caller keeps its last
     return t, int(h.get("version", 0) or 0)
+
+
+def _merge(old: Targets | None, r: float | None, p_u: float | None, epsilon: float | None) -> Targets:
+    old = old or Targets()
+    return Targets(old.r if r is None else r, old.p_u if p_u is None else p_u,
+                   old.epsilon if epsilon is None else epsilon)
 
 
 def _audit_entry(old: Targets | None, new: Targets, who: str, reason: str, version: int) -> dict[str, Any]:
@@ -229,6 +239,11 @@ class MemoryStore:
         return Snapshot(got, self.targets, self.version, self.epoch)
 
     def set_targets(self, targets: Targets, who: str, reason: str) -> dict[str, Any]:
+        return self.update_targets(who, reason, targets.r, targets.p_u, targets.epsilon)
+
+    def update_targets(self, who: str, reason: str, r: float | None = None, p_u: float | None = None,
+                       epsilon: float | None = None) -> dict[str, Any]:
+        targets = _merge(self.targets, r, p_u, epsilon)
         self.version += 1
         entry = _audit_entry(self.targets, targets, who, reason, self.version)
         self.targets = targets
@@ -341,7 +356,12 @@ class RedisStore:
         return Snapshot(buckets, targets, version, int(epoch or 0), hd)
 
     def set_targets(self, targets: Targets, who: str, reason: str) -> dict[str, Any]:
-        """WATCH/MULTI: read old, write new + audit entry atomically (retried on a race)."""
+        return self.update_targets(who, reason, targets.r, targets.p_u, targets.epsilon)
+
+    def update_targets(self, who: str, reason: str, r: float | None = None, p_u: float | None = None,
+                       epsilon: float | None = None) -> dict[str, Any]:
+        """WATCH/MULTI: read old, merge (None = keep), validate, write new + audit entry
+        atomically (retried on a race). Raises InfeasibleTargets before writing anything."""
         import redis
 
         def run() -> dict[str, Any]:
@@ -351,6 +371,7 @@ class RedisStore:
                         pipe.watch(self.k_targets)
                         h = {k.decode(): v.decode() for k, v in pipe.hgetall(self.k_targets).items()}
                         old, version = _targets_from_hash(h)
+                        targets = _merge(old, r, p_u, epsilon)
                         entry = _audit_entry(old, targets, who, reason, version + 1)
                         pipe.multi()
                         pipe.hset(self.k_targets, mapping={
