@@ -58,6 +58,7 @@ from stream.features import CATEGORICAL, NUMERIC, FeatureSpec
 GENERATOR_VERSION = "world-1"
 BLOCK_ROWS = 16_384  # part of the generator's definition: changing it changes every dataset
 ROW_GROUP_ROWS = 131_072
+META_FILE = "_world.json"  # "_" prefix: Parquet dataset readers ignore it
 TASKS = ("click", "online", "cart", "deal")
 DEFAULT_START_MS = 1_735_660_800_000  # 2025-01-01T00:00:00+08:00
 _TZ_OFFSET_MS = 8 * 3_600_000  # hour/day features are local time (UTC+8)
@@ -645,7 +646,11 @@ def feature_kinds(schema: pa.Schema) -> dict[str, str]:
 
 def write(out_dir: str | Path, rows: int, seed: int = 0, config: WorldConfig | None = None,
           shards: int = 1, progress: bool = True) -> dict[str, Any]:
-    """Write `part-XXXXX.parquet` shards and `world.json`; returns the world.json content."""
+    """Write `part-XXXXX.parquet` shards and `_world.json`; returns the `_world.json` content.
+
+    The metadata file starts with "_" so Parquet readers given the directory skip it
+    (`pyarrow.parquet.read_table(out_dir)` reads exactly the shards).
+    """
     cfg = config or WorldConfig()
     cfg.validate()
     _check_rows_seed(rows, seed)
@@ -711,6 +716,6 @@ def write(out_dir: str | Path, rows: int, seed: int = 0, config: WorldConfig | N
         "truth": "true_<task> = P(task=1 | logged features, ts_ms) under the generative model "
                  "(latent intent integrated out exactly); see docs/world.md",
     }
-    (out / "world.json").write_text(json.dumps(info, indent=2) + "\n")
-    info["seconds"] = round(elapsed, 2)  # not in world.json: that file is deterministic
+    (out / META_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    info["seconds"] = round(elapsed, 2)  # not in the file: it is deterministic
     return info
