@@ -268,3 +268,31 @@ def test_stream_to_a_missing_topic_is_a_one_line_error(settings) -> None:
     missing = replace(settings, topics={**settings.topics, "requests": f"nope.{uuid.uuid4().hex}"})
     with pytest.raises(StackError, match="does not exist"):
         stream_requests(missing, count=5)
+
+
+def test_stream_cli_sends_and_reports(settings, tmp_path: Path) -> None:
+    import json
+    import os
+
+    env = {**os.environ, "RTA_TOPIC_REQUESTS": settings.topic("requests"),
+           "RTA_STATE_DIR": str(tmp_path / ".rta")}
+    r = subprocess.run([sys.executable, "-m", "infra.cli", "world", "stream", "--count", "40",
+                        "--rate", "0", "--seed", "3", "--bootstrap", settings.kafka_bootstrap, "--quiet"],
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["delivered"] == 40 and summary["first_request_id"] == "w3-0000000000"
+    assert len(_consume(settings, 40)) == 40
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--count", "5", "--positional"], "--model-dir"),
+    (["--count", "0"], "--count"),
+    (["--count", "5", "--rate", "-1"], "--rate"),
+    (["--count", "5", "--model-dir", "."], "bundle"),
+])
+def test_bad_stream_args_are_one_line_errors(args: list[str], needle: str) -> None:
+    r = _rta("world", "stream", "--bootstrap", "127.0.0.1:1", *args)
+    assert r.returncode == 2, r
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr, r.stderr

@@ -15,12 +15,12 @@ from typing import Any
 
 import click
 import numpy as np
-import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stream.config import Settings, load_settings
-from stream.errors import BundleError, ConfigError, StackError
+from stream.errors import BundleError, StackError
+from stream.events import encode_requests, encode_requests_positional
 from stream.features import FeatureSpec
 from training.world import DEFAULT_FEATURES, TASKS, WorldConfig, generate, write
 
@@ -92,25 +92,6 @@ def _matrices(batch: pa.RecordBatch, spec: FeatureSpec) -> tuple[np.ndarray, np.
     return num, cat
 
 
-def _encoder(positional: bool):
-    """The request codec of stream/events.py (canonical or positional)."""
-    try:
-        from stream import events
-    except ModuleNotFoundError:  # stream/events.py not there yet: canonical JSON by hand
-        if positional:
-            raise ConfigError("--positional needs stream/events.py (not installed)") from None
-
-        def encode(ids: list[str], ts: np.ndarray, num: np.ndarray, cat: np.ndarray,
-                   spec: FeatureSpec) -> list[bytes]:
-            rows = zip(ids, ts.tolist(), num.tolist(), cat.tolist(), strict=True)
-            return [orjson.dumps({"v": 1, "request_id": rid, "ts_ms": t, "features": {
-                k: v for k, v in zip(spec.names, nr + cr, strict=True)
-                if v is not None and v != "" and v == v}}) for rid, t, nr, cr in rows]
-
-        return encode
-    return events.encode_requests_positional if positional else events.encode_requests
-
-
 def _bundle_spec(model_dir: Path) -> FeatureSpec:
     from model.bundle import read_manifest, resolve_bundle
 
@@ -144,7 +125,7 @@ def stream_requests(settings: Settings, count: int, rate: float = 0.0, seed: int
         raise StackError(f"cannot reach Kafka at {settings.kafka_bootstrap}: {exc.args[0].str()}") from None
     if topic not in meta.topics:
         raise StackError(f"topic {topic} does not exist on {settings.kafka_bootstrap}; run `rta topics create`")
-    encode = _encoder(positional)
+    encode = encode_requests_positional if positional else encode_requests
     producer = make_producer(settings)
     stats = {"delivered": 0, "failed": 0, "error": None}
 
