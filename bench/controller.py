@@ -7,8 +7,9 @@ scenario runs in seconds. Scenarios: 1 worker; 2 workers seeing different traffi
 global window holds the global share); 2 workers under a drifting score distribution. Each
 steps r through ``--steps`` (p_u and epsilon fixed). Per step it reports:
 
-- ``settle_s``: time after the step until the block share of the trailing ``--measure``
-  seconds of decisions stays within ``--band`` pp of r until the next step;
+- ``settle_s``: time T after the step such that every ``--measure``-second span of
+  decisions starting later than step + T (within the step) has its block share within
+  ``--band`` pp of r (0.25 s grid: 0.25 means the first refresh after the step already held);
 - ``error_pp``: |block share - r| over the second half of the step, all decisions;
 - ``window_settle_s`` / ``window_error_pp``: the same for the share over the controller's
   own window (``--window`` seconds, what `rta ratio get` shows; it lags by construction).
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -84,22 +86,36 @@ def run_scenario(store: RedisStore, name: str, workers: int, drift: float, steps
             "refreshes": sum(c.refreshes for c in ctls), "errors": sum(c.store_errors for c in ctls)}
 
 
-def _trailing_share(rows: np.ndarray, at: np.ndarray, span: float, col: int = 3) -> np.ndarray:
+def _trailing_share(rows: np.ndarray, at: np.ndarray, span: float, col: int = 3,
+                    since: float = -np.inf) -> np.ndarray:
+    """Share of ``col`` among decisions in (max(at - span, since), at]."""
     t = rows[:, 0]
     cn = np.concatenate([[0.0], np.cumsum(rows[:, 2])])
     cb = np.concatenate([[0.0], np.cumsum(rows[:, col])])
     hi = np.searchsorted(t, at, side="right")
-    lo = np.searchsorted(t, at - span, side="right")
+    lo = np.searchsorted(t, np.maximum(at - span, since), side="left")
     with np.errstate(invalid="ignore", divide="ignore"):
         return (cb[hi] - cb[lo]) / (cn[hi] - cn[lo])
 
 
-def _settle(ticks: np.ndarray, share: np.ndarray, start: float, target: float, band: float) -> float | None:
+def _settle(rows: np.ndarray, start: float, end: float, target: float, band: float, measure: float,
+            grid: float = 0.25) -> float | None:
+    """Smallest T such that every ``measure``-second span of decisions starting at or after
+    start + T (within the step) has its block share within ``band`` of target."""
+    begins = np.arange(start, end - measure + 1e-9, grid)
+    share = _trailing_share(rows, begins + measure, measure)
+    outside = np.flatnonzero(~(np.abs(share - target) <= band))
+    if len(outside) and outside[-1] == len(begins) - 1:
+        return None  # still outside at the end of the step
+    return round(float(begins[outside[-1]] + grid - start), 2) if len(outside) else 0.0
+
+
+def _window_settle(ticks: np.ndarray, share: np.ndarray, start: float, target: float,
+                   band: float) -> float | None:
     outside = np.flatnonzero(~(np.abs(share - target) <= band))
     if len(outside) and outside[-1] == len(share) - 1:
-        return None  # never settled within the step
-    last = ticks[outside[-1]] if len(outside) else start
-    return round(float(last - start), 2)
+        return None
+    return round(float(ticks[outside[-1]] - start), 2) if len(outside) else 0.0
 
 
 def summarise(res: dict[str, Any], steps: list[float], step_s: float, window: int, measure: float,
@@ -110,16 +126,15 @@ def summarise(res: dict[str, Any], steps: list[float], step_s: float, window: in
     for k, r in enumerate(steps):
         start, end = k * step_s, (k + 1) * step_s
         ticks = np.arange(start + 0.25, end + 1e-9, 0.25)
-        fast = _trailing_share(rows, ticks, measure)
         slow = _trailing_share(rows, ticks, window)
         half = (rows[:, 0] >= start + step_s / 2) & (rows[:, 0] < end)
         share = rows[half, 3].sum() / rows[half, 2].sum()
         unc = rows[half, 4].sum() / rows[half, 2].sum()
         out.append({
             "r": r,
-            "settle_s": _settle(ticks, fast, start, r, band),
+            "settle_s": _settle(rows, start, end, r, band, measure),
             "error_pp": round(abs(share - r) * 100, 3),
-            "window_settle_s": _settle(ticks, slow, start, r, band),
+            "window_settle_s": _window_settle(ticks, slow, start, r, band),
             "window_error_pp": round(abs(slow[-1] - r) * 100, 3),
             "uncertain_error_pp": round(abs(unc - p_u) * 100, 3),
         })
@@ -197,10 +212,12 @@ def _redis(url: str | None) -> tuple[str, Any]:
               help="Tolerance in percentage points.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
               default=Path(".rta/bench/controller.png"), show_default=True)
+@click.option("--feedback-gain", type=click.FloatRange(min=0), default=None,
+              help="Override the controller's feedback gain (1/s).")
 @click.option("--seed", type=int, default=0, show_default=True)
 def controller(redis_url: str | None, steps: str, step_seconds: float, rate: float, batch: int, window: int,
                p_u: float, epsilon: float, drift: float, measure: float, band_pp: float,
-               plot_path: Path, seed: int) -> None:
+               plot_path: Path, feedback_gain: float | None, seed: int) -> None:
     """Ratio controller settling after steps of r (1 and 2 workers, drifting scores); JSON out."""
     try:
         targets = [float(x) for x in steps.split(",") if x.strip()]
@@ -209,6 +226,8 @@ def controller(redis_url: str | None, steps: str, step_seconds: float, rate: flo
     for r in targets:
         Targets(r, p_u, epsilon)  # InfeasibleTargets -> one line
     cfg = ControllerConfig(window_seconds=window)
+    if feedback_gain is not None:
+        cfg = replace(cfg, feedback_gain=feedback_gain)
     url, server = _redis(redis_url)
     scenarios = [("1 worker", 1, 0.0), ("2 workers", 2, 0.0), (f"2 workers, drift {drift:+g} logit", 2, drift)]
     n_batches = int(sum(np.ceil(step_seconds * len(targets) * rate / batch) for _ in scenarios))

@@ -12,7 +12,10 @@ Use (worker and replay alike; the worker needs nothing else)::
 How thresholds are set (every ``refresh_interval`` seconds at most, one more round trip that
 reads the window's open seconds and the live targets; closed seconds are cached):
 
-- Window = the last ``window_seconds`` per-second buckets, summed over all workers.
+- Window = the last ``window_seconds`` per-second buckets, summed over all workers. The
+  feed-forward quantiles use its newest seconds that hold ``quantile_rows`` rows (at least
+  ``quantile_min_seconds``): quantile noise ~0.15 pp, and at high rates far less lag behind a
+  drifting score distribution than the whole window (at 20k events/s: 5 s instead of 30 s).
 - Feed-forward ``tau_u``: the rows reaching the uncertainty stage are the valid, non-explored
   ones, a share ``(valid/total)(1-epsilon)`` of all traffic; to pass ``p_u`` of ALL traffic,
   ``tau_u`` is the ``1 - q_u`` quantile of the u-histogram with
@@ -39,14 +42,14 @@ reads the window's open seconds and the live targets; closed seconds are cached)
   for uncertainty), so the first batch of a cold start is passed.
 
 Degraded mode (Redis unreachable: connection refused, socket timeout): the controller never
-raises into the hot path. It keeps a local in-memory window of this worker's own batches at
-all times, so on failure it goes on refreshing thresholds from that local window with the
-last known targets, ``degraded=True`` (decisions then say ``degraded``). It retries Redis with
-exponential backoff (``backoff_initial`` doubling to ``backoff_max``) at refresh time. On
-rejoin it PUSHES the batches it decided while degraded (still within the window) into their
-seconds, and bumps the window epoch so other controllers drop cached seconds: the global
-window then counts every decision made. The batch whose write failed is pushed too, so if
-that write had in fact landed, one batch is counted twice (at most one per outage).
+raises into the hot path. It always keeps its own per-second buckets of the window in memory
+(that is what it writes to Redis), so on failure it goes on refreshing thresholds from them
+with the last known targets, ``degraded=True`` (decisions then say ``degraded``). It retries
+Redis with exponential backoff (``backoff_initial`` doubling to ``backoff_max``) at refresh
+time. On rejoin it rewrites its own buckets of every second still in the window (writes are
+idempotent per writer, so nothing is counted twice) and bumps the window epoch so other
+controllers drop cached seconds: the global window then counts every decision made, even if
+Redis came back empty.
 
 Clock: ``clock()`` gives seconds (default ``time.time``; buckets of all workers must align,
 so use wall-clock time in production). Tests and benchmarks inject a simulated clock; Redis
@@ -71,7 +74,6 @@ from stream.policy import Decisions, Targets
 from stream.window import (
     N_COUNTS,
     HistSpec,
-    MemoryStore,
     RedisStore,
     StoreUnavailable,
     WindowStore,
@@ -94,6 +96,8 @@ class ControllerConfig:
     feedback_leak: float = 0.01  # per second: pull of the integral toward 0
     feedback_limit: float = 0.05  # |I| in quantile units of the stage's traffic
     closed_after: int = 2  # seconds older than this are closed and cached
+    quantile_rows: int = 100_000  # feed-forward quantiles use the newest seconds holding this many
+    quantile_min_seconds: int = 5
     min_rows: int = 200
     backoff_initial: float = 0.25
     backoff_max: float = 8.0
@@ -129,8 +133,7 @@ class RatioController:
         self.clock = clock
         self.id = controller_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.spec = store.spec
-        self.local = MemoryStore(self.spec, keep_seconds=cfg.window_seconds + 5)
-        self.pending = MemoryStore(self.spec, keep_seconds=cfg.window_seconds + 5)
+        self.own: dict[int, np.ndarray] = {}  # this worker's cumulative bucket per second
         self._th = Thresholds(cfg.initial_theta, cfg.initial_tau_u, cfg.default_targets, False, 0)
         self._cache: dict[int, np.ndarray] = {}
         self._epoch: int | None = None
@@ -173,14 +176,15 @@ class RatioController:
         now = self.clock()
         sec = int(now)
         vec = bucket_vector(e, u, decisions, self.spec)
-        self.local.add({sec: vec})
-        if self.degraded:
-            self.pending.add({sec: vec})
-        else:
+        cur = self.own.get(sec)
+        self.own[sec] = vec if cur is None else cur + vec
+        if len(self.own) > self.config.window_seconds + 5:
+            for s in [s for s in self.own if s <= sec - self.config.window_seconds - 5]:
+                del self.own[s]
+        if not self.degraded:
             try:
-                self.store.add({sec: vec})
+                self.store.put(self.id, {sec: self.own[sec]})
             except StoreUnavailable as exc:
-                self.pending.add({sec: vec})
                 self._fail(now, exc)
         if now >= self._next_refresh:
             self.refresh(now)
@@ -208,13 +212,13 @@ class RatioController:
             except StoreUnavailable as exc:
                 self._fail(now, exc)
         if present is None:  # degraded: this worker's own recent traffic
-            present = self.local.read(range(first, sec + 1)).buckets
+            present = {s: v for s, v in self.own.items() if first <= s <= sec}
 
         if targets != self._th.targets:
             self._changed_sec = sec
         self._window = _sum(present.values(), self.spec.size)
         self._feedback(present, targets, sec - cfg.closed_after)
-        theta, tau_u = self._compute(self._window, targets)
+        theta, tau_u = self._compute(self._recent_span(present, sec), targets)
         self._th = Thresholds(theta, tau_u, targets, self.degraded, version)
         self.refreshes += 1
         return self._th
@@ -264,6 +268,19 @@ class RatioController:
                 self._i_pass = float(np.clip(self._i_pass + g * err / rule_share, -lim, lim))
         self._fb_sec = max(self._fb_sec, closed)
 
+    def _recent_span(self, present: dict[int, np.ndarray], sec: int) -> np.ndarray:
+        """The newest seconds holding ``quantile_rows`` rows (at least ``quantile_min_seconds``,
+        at most the window): quantiles precise enough, with the least lag under drift."""
+        cfg = self.config
+        out = np.zeros(self.spec.size, dtype=np.int64)
+        for k, s in enumerate(range(sec, sec - cfg.window_seconds, -1)):
+            if k >= cfg.quantile_min_seconds and out[0] >= cfg.quantile_rows:
+                break
+            v = present.get(s)
+            if v is not None:
+                out += v
+        return out
+
     def _compute(self, w: np.ndarray, t: Targets) -> tuple[float, float]:
         cfg, spec = self.config, self.spec
         total, invalid = float(w[0]), float(w[4])
@@ -307,14 +324,11 @@ class RatioController:
         self._th = Thresholds(self._th.theta, self._th.tau_u, self._th.targets, True, self._th.version)
 
     def _rejoin(self, now: float, first: int) -> None:
-        backlog = self.pending.pop_since(first)
-        try:
-            self.store.add(backlog, bump_epoch=True)
+        try:  # rewrite our own seconds of the window: idempotent, fills what the outage missed
+            self.store.put(self.id, {s: v for s, v in self.own.items() if s >= first}, bump_epoch=True)
         except StoreUnavailable as exc:
-            self.pending.add(backlog)
             self._fail(now, exc)
             return
-        self.pending.buckets.clear()
         self.degraded = False
         self._epoch = None
         self._cache.clear()

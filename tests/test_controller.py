@@ -142,8 +142,9 @@ def test_redis_round_trip_and_ttl(store):
     e, u = synth(rng, 700)
     d = decide(e, u, None, rng.random(700), 0.02, 0.01, 0.05)
     vec = bucket_vector(e, u, d, store.spec)
-    store.add({123: vec, 124: 2 * vec})
-    store.add({123: vec})
+    store.put("w1", {123: vec, 124: 2 * vec})
+    store.put("w2", {123: vec})
+    store.put("w2", {123: vec})  # idempotent per writer
     snap = store.read([122, 123, 124], status={"id": "me", "theta": 0.1})
     assert set(snap.buckets) == {123, 124}
     assert (snap.buckets[123] == 2 * vec).all() and (snap.buckets[124] == 2 * vec).all()
