@@ -37,13 +37,19 @@ def _traffic(n: int, n_num: int, n_cat: int, seed: int = 0) -> tuple[FeatureSpec
     return spec, rids, ts, num, cat
 
 
-def _rate(fn: Callable[[], object], n: int, seconds: float) -> float:
-    fn()  # warm up
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        fn()
-        done += n
-    return done / (time.perf_counter() - start)
+def _rates(fns: dict[str, Callable[[], object]], n: int, seconds: float, rounds: int = 5) -> dict[str, float]:
+    """events/s of each fn: rounds interleaved (a shared box drifts), median of the rounds."""
+    per: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()  # warm up
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            done, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds / rounds:
+                fn()
+                done += n
+            per[name].append(done / (time.perf_counter() - start))
+    return {k: float(np.median(v)) for k, v in per.items()}
 
 
 def run(batch: int = 1000, n_num: int = 80, n_cat: int = 28, seconds: float = 2.0) -> dict[str, object]:
@@ -53,17 +59,21 @@ def run(batch: int = 1000, n_num: int = 80, n_cat: int = 28, seconds: float = 2.
     keys = [r.encode() for r in rids]
     assert decode_requests(canonical, keys, spec).valid.all()
     assert decode_requests(positional, keys, spec).valid.all()
-    canon_rate = _rate(lambda: decode_requests(canonical, keys, spec), batch, seconds)
-    pos_rate = _rate(lambda: decode_requests(positional, keys, spec), batch, seconds)
-    parse_only = _rate(lambda: list(map(orjson.loads, canonical)), batch, seconds)
-
     rng = np.random.default_rng(1)
     p = rng.random((batch, 4))
+    block = rng.random(batch) < 0.3
     reason = rng.choice(["score", "uncertain", "explore", "invalid"], size=batch, p=[0.8, 0.1, 0.05, 0.05])
-    enc_rate = _rate(lambda: encode_decisions(
-        rids, rng.random(batch) < 0.3, reason, p[:, 3], rng.random(batch), p,
-        threshold=0.12, target_ratio=0.3, model="bench", ts_ms=ts, latency_ms=rng.random(batch) * 5,
-        propensity=0.02), batch, seconds)
+    latency = rng.random(batch) * 5
+    u = rng.random(batch)
+    rates = _rates({
+        "canonical": lambda: decode_requests(canonical, keys, spec),
+        "positional": lambda: decode_requests(positional, keys, spec),
+        "parse_only": lambda: list(map(orjson.loads, canonical)),
+        "encode": lambda: encode_decisions(rids, block, reason, p[:, 3], u, p, threshold=0.12,
+                                           target_ratio=0.3, model="bench", ts_ms=ts,
+                                           latency_ms=latency, propensity=0.02),
+    }, batch, seconds)
+    canon_rate, pos_rate, parse_only, enc_rate = (rates[k] for k in ("canonical", "positional", "parse_only", "encode"))
     return {
         "batch": batch, "numeric": n_num, "categorical": n_cat,
         "bytes_per_request": {"canonical": round(float(np.mean([len(v) for v in canonical])), 1),
@@ -81,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=1000)
     ap.add_argument("--numeric", type=int, default=80)
     ap.add_argument("--categorical", type=int, default=28)
-    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--seconds", type=float, default=2.0, help="per measured function, over 5 rounds")
     a = ap.parse_args(argv)
     if a.batch < 1 or a.seconds <= 0 or a.numeric < 0 or a.categorical < 0:
         ap.error("--batch must be >= 1, --seconds > 0, feature counts >= 0")

@@ -370,19 +370,25 @@ def _decode(values: Sequence[bytes | None], keys: Sequence[bytes | None] | None,
                                          rids[r], tss[r])
                     block[r] = None
             try:
-                block64 = block.astype(np.float64)
+                with np.errstate(over="ignore"):
+                    block32 = block.astype(np.float32)  # None -> NaN; beyond float32 -> inf
             except OverflowError:  # an integer beyond float64
-                block64 = np.array([[v if v is None or abs(v) < 1e308 else math.inf for v in row]
-                                    for row in block.tolist()], dtype=np.float64).reshape(m, n_num)
-            over = np.abs(block64) > _F32_MAX
+                block32 = np.array([[v if v is None or abs(v) < 1e308 else math.inf for v in row]
+                                    for row in block.tolist()], dtype=np.float64)
+                with np.errstate(over="ignore"):
+                    block32 = block32.astype(np.float32)
+            over = np.isinf(block32)  # orjson never yields inf: these overflowed float32
             if over.any():
                 for r in np.flatnonzero(over.any(axis=1)).tolist():
                     c = int(np.argmax(over[r]))
                     bad_at.setdefault(r, _Invalid(
-                        "non_finite", f"feature {spec.numeric[c]!r} = {block64[r, c]:.6g} overflows float32",
+                        "non_finite", f"feature {spec.numeric[c]!r} = {block[r, c]:.6g} overflows float32",
                         rids[r], tss[r]))
-                block64[over] = np.nan
-            num[rows_at] = block64
+                block32[over] = np.nan
+            if m == n:
+                num = block32
+            else:
+                num[rows_at] = block32
 
         # 5. Categorical block: strings as they are, integers as their decimal string, null -> "".
         if n_cat:
