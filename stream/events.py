@@ -120,6 +120,24 @@ class _Invalid(Exception):
 # --------------------------------------------------------------------------- requests
 
 
+_KINDS = {str: "a string", bool: "a boolean", int: "an integer", float: "a number",
+          list: "an array", dict: "an object", type(None): "null"}
+
+
+def _kind(value: Any) -> str:
+    """The JSON kind of a parsed value, for messages."""
+    return _KINDS.get(type(value), type(value).__name__)
+
+
+def _brief(value: Any) -> str:
+    """A short, safe rendering of a parsed value (repr of a deep array could recurse)."""
+    if type(value) in (list, dict):
+        return _kind(value)
+    if type(value) is str:
+        return repr(value[:40])
+    return repr(value)[:40]
+
+
 def _valid_request_id(rid: Any) -> bool:
     return type(rid) is str and 0 < len(rid) <= MAX_REQUEST_ID_CHARS
 
@@ -168,40 +186,40 @@ def _parse_failure(raw: bytes) -> _Invalid:
 def _envelope(doc: Any, fingerprint: str, n_features: int) -> tuple[str, int, Any, bool]:
     """(request_id, ts_ms, payload, positional) of one parsed document, or raise _Invalid."""
     if type(doc) is not dict:
-        raise _Invalid("not_object", f"expected a JSON object, got {type(doc).__name__}")
+        raise _Invalid("not_object", f"expected a JSON object, got {_kind(doc)}")
     rid = doc.get("request_id")
     ts = doc.get("ts_ms")
     salvage_rid = rid if _valid_request_id(rid) else None
     salvage_ts = ts if _valid_ts(ts) else None
     v = doc.get("v")
     if type(v) is not int or v != VERSION:
-        raise _Invalid("bad_version", "missing v" if v is None else f"unsupported v={str(v)[:40]}",
+        raise _Invalid("bad_version", "missing v" if v is None else f"unsupported v={_brief(v)}",
                        salvage_rid, salvage_ts)
     if rid is None:
         raise _Invalid("missing_request_id", "request_id is absent or null", None, salvage_ts)
     if salvage_rid is None:
-        what = f"{len(rid)} characters" if type(rid) is str else type(rid).__name__
+        what = f"{len(rid)} characters" if type(rid) is str else _kind(rid)
         raise _Invalid("bad_request_id",
                        f"request_id must be a string of 1-{MAX_REQUEST_ID_CHARS} characters, got {what}",
                        None, salvage_ts)
     if salvage_ts is None:
-        msg = "ts_ms is absent" if ts is None else f"ts_ms must be a non-negative integer, got {str(ts)[:40]}"
+        msg = "ts_ms is absent" if ts is None else f"ts_ms must be a non-negative integer, got {_brief(ts)}"
         raise _Invalid("bad_ts", msg, rid)
     if "x" in doc:
         fp = doc.get("fp")
         if fp != fingerprint:
             raise _Invalid("bad_fingerprint",
-                           f"positional request with fp={str(fp)[:40]}, served spec is {fingerprint}",
+                           f"positional request with fp={_brief(fp)}, served spec is {fingerprint}",
                            rid, ts)
         x = doc["x"]
         if type(x) is not list or len(x) != n_features:
-            what = f"{len(x)} values" if type(x) is list else type(x).__name__
+            what = f"{len(x)} values" if type(x) is list else _kind(x)
             raise _Invalid("bad_features", f"x must be an array of {n_features} values, got {what}",
                            rid, ts)
         return rid, ts, x, True
     features = doc.get("features")
     if type(features) is not dict:
-        what = "absent" if features is None else type(features).__name__
+        what = "absent" if features is None else _kind(features)
         raise _Invalid("bad_features", f"features must be an object, got {what}", rid, ts)
     return rid, ts, features, False
 
@@ -209,8 +227,8 @@ def _envelope(doc: Any, fingerprint: str, n_features: int) -> tuple[str, int, An
 def _fallback_id(raw: bytes | None, key: bytes | None) -> str:
     if key:
         try:
-            k = bytes(key).decode("utf-8")
-        except UnicodeDecodeError:
+            k = key if isinstance(key, str) else bytes(key).decode("utf-8")
+        except (UnicodeDecodeError, TypeError):
             k = ""
         if 0 < len(k) <= MAX_REQUEST_ID_CHARS:
             return k
@@ -332,7 +350,10 @@ def _decode(values: Sequence[bytes | None], keys: Sequence[bytes | None] | None,
     #    gets a C-level itemgetter, or .get per name when some are absent.
     unknown = 0
     if canon_at:
-        same_keys = list(map(names.__eq__, map(tuple, (payloads[j] for j in canon_at))))
+        # orjson interns short keys, so comparing with a parsed key tuple mostly hits identity.
+        first = tuple(payloads[canon_at[0]])
+        ref = first if first == names else names
+        same_keys = list(map(ref.__eq__, map(tuple, (payloads[j] for j in canon_at))))
         if not all(same_keys):
             name_set = frozenset(names)
             getter = _row_getter(names)
@@ -366,7 +387,7 @@ def _decode(values: Sequence[bytes | None], keys: Sequence[bytes | None] | None,
                 for r, c in _first_bad(block, _NUMERIC_TYPES):
                     v = block[r, c]
                     bad_at[r] = _Invalid("non_numeric",
-                                         f"feature {spec.numeric[c]!r} is {type(v).__name__}, expected a number",
+                                         f"feature {spec.numeric[c]!r} is {_kind(v)}, expected a number",
                                          rids[r], tss[r])
                     block[r] = None
             try:
@@ -399,7 +420,7 @@ def _decode(values: Sequence[bytes | None], keys: Sequence[bytes | None] | None,
                     v = block[r, c]
                     bad_at.setdefault(r, _Invalid(
                         "bad_categorical",
-                        f"feature {spec.categorical[c]!r} is {type(v).__name__}, expected a string or integer",
+                        f"feature {spec.categorical[c]!r} is {_kind(v)}, expected a string or integer",
                         rids[r], tss[r]))
                     block[r] = None
                 types = set(map(type, block.ravel()))
@@ -582,7 +603,7 @@ def decode_outcome(raw: bytes) -> dict[str, Any]:
     if not _valid_request_id(doc.get("request_id")):
         raise ValueError("outcome event without a valid request_id")
     if doc.get("event") not in OUTCOME_EVENTS:
-        raise ValueError(f"outcome event {str(doc.get('event'))[:40]!r} not one of {OUTCOME_EVENTS}")
+        raise ValueError(f"outcome event {_brief(doc.get('event'))} not one of {OUTCOME_EVENTS}")
     if not _valid_ts(doc.get("ts_ms")):
         raise ValueError("outcome event ts_ms must be a non-negative integer")
     return doc

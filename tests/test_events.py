@@ -200,9 +200,23 @@ def test_error_messages_name_the_culprit():
     batch = decode_requests([_req(features={"spend": "12"}), _req(features={"city": True}),
                              _req(features={"age": 1e39})], None, SPEC)
     assert [e.code for e in batch.errors] == ["non_numeric", "bad_categorical", "non_finite"]
-    assert "'spend'" in batch.errors[0].message and "str" in batch.errors[0].message
-    assert "'city'" in batch.errors[1].message and "bool" in batch.errors[1].message
+    assert "'spend'" in batch.errors[0].message and "a string" in batch.errors[0].message
+    assert "'city'" in batch.errors[1].message and "a boolean" in batch.errors[1].message
     assert "'age'" in batch.errors[2].message
+
+
+@pytest.mark.parametrize("depth", [500, 1000, 1023, 1024, 3000])
+def test_deeply_nested_values_never_raise(depth):
+    nest = b"[" * depth + b"]" * depth
+    values = [b'{"v":' + nest + b',"request_id":"r","ts_ms":1,"features":{}}',
+              b'{"v":1,"request_id":' + nest + b',"ts_ms":1,"features":{}}',
+              b'{"v":1,"request_id":"r","ts_ms":' + nest + b',"features":{}}',
+              b'{"v":1,"request_id":"r","ts_ms":1,"fp":' + nest + b',"x":[]}',
+              b'{"v":1,"request_id":"r","ts_ms":1,"features":{"age":' + nest + b'}}',
+              b'{"v":1,"request_id":"r","ts_ms":1,"features":{"device":' + nest + b'}}',
+              nest]
+    batch = decode_requests(values, None, SPEC, max_bytes=10 * depth + 100)
+    assert len(batch.errors) == len(values)
 
 
 def test_limit_is_configurable():
@@ -218,6 +232,8 @@ def test_invalid_rows_keep_body_id_else_key_else_digest():
         "r0", "body-id", "key-2", "invalid:" + hashlib.sha1(b"garbage").hexdigest(),
         "invalid:" + hashlib.sha1(b"").hexdigest()]
     assert batch.ts_ms.tolist() == [1_700_000_000_000, 5, 0, 0, 0]
+    assert decode_requests([b"?"], ["str-key"], SPEC).request_id.tolist() == ["str-key"]
+    assert decode_requests([b"?"], [b"\xff"], SPEC).request_id[0].startswith("invalid:")
 
 
 def test_mixed_batch_keeps_order_and_one_row_per_message():
