@@ -367,6 +367,28 @@ def test_batch_encoders_round_trip_canonical_and_positional(rows):
         assert batch.request_id.tolist() == rids and batch.ts_ms.tolist() == ts.tolist()
 
 
+@pytest.mark.parametrize("spec", [FeatureSpec(("a", "b"), ()), FeatureSpec((), ("c",)), FeatureSpec((), ())])
+@pytest.mark.parametrize("encoder", [encode_requests, encode_requests_positional])
+def test_batch_encoders_with_one_kind_or_none(spec, encoder):
+    num = np.array([[1.5, np.inf], [np.nan, -2]], dtype=np.float32)[:, : len(spec.numeric)]
+    cat = np.array([["x"], [""]], dtype=object)[:, : len(spec.categorical)]
+    raws = encoder(["a", "b"], [1, 2], num, cat, spec)
+    batch = decode_requests(raws, None, spec)
+    assert batch.valid.all(), batch.errors
+    expected = np.where(np.isinf(num), np.nan, num)  # inf is written as null: missing
+    np.testing.assert_array_equal(batch.num, expected)
+    assert batch.cat.tolist() == cat.tolist()
+    assert encoder([], [], num[:0], cat[:0], spec) == []
+    with pytest.raises(ValueError, match="do not match"):
+        encoder(["a"], [1], num, cat, spec)
+
+
+def test_encoders_write_float32_shortest():
+    raws = encode_requests_positional(["r"], [1], np.array([[0.1, 2.5, np.nan]], dtype=np.float32),
+                                      np.array([["ios", ""]], dtype=object), SPEC)
+    assert orjson.loads(raws[0])["x"] == [0.1, 2.5, None, "ios", None]
+
+
 def test_encode_request_round_trip_and_schema():
     raw = encode_request("abc", 123, {"age": np.float32(2.5), "spend": float("nan"), "device": "d"})
     assert orjson.loads(raw)["features"]["spend"] is None
