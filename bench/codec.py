@@ -65,13 +65,15 @@ def run(batch: int = 1000, n_num: int = 80, n_cat: int = 28, seconds: float = 2.
     reason = rng.choice(["score", "uncertain", "explore", "invalid"], size=batch, p=[0.8, 0.1, 0.05, 0.05])
     latency = rng.random(batch) * 5
     u = rng.random(batch)
+    propensity = np.where(reason == "explore", 0.02, 0.98)
     rates = _rates({
         "canonical": lambda: decode_requests(canonical, keys, spec),
         "positional": lambda: decode_requests(positional, keys, spec),
         "parse_only": lambda: list(map(orjson.loads, canonical)),
+        "parse_only_positional": lambda: list(map(orjson.loads, positional)),
         "encode": lambda: encode_decisions(rids, block, reason, p[:, 3], u, p, threshold=0.12,
                                            target_ratio=0.3, model="bench", ts_ms=ts,
-                                           latency_ms=latency, propensity=0.02),
+                                           latency_ms=latency, propensity=propensity),
     }, batch, seconds)
     canon_rate, pos_rate, parse_only, enc_rate = (rates[k] for k in ("canonical", "positional", "parse_only", "encode"))
     return {
@@ -79,7 +81,8 @@ def run(batch: int = 1000, n_num: int = 80, n_cat: int = 28, seconds: float = 2.
         "bytes_per_request": {"canonical": round(float(np.mean([len(v) for v in canonical])), 1),
                               "positional": round(float(np.mean([len(v) for v in positional])), 1)},
         "decode_events_per_s": {"canonical": round(canon_rate), "positional": round(pos_rate)},
-        "orjson_parse_only_events_per_s": round(parse_only),
+        "orjson_parse_only_events_per_s": {"canonical": round(parse_only),
+                                           "positional": round(rates["parse_only_positional"])},
         "encode_decisions_per_s": round(enc_rate),
         "ratio_positional_vs_canonical": round(pos_rate / canon_rate, 2),
         "ratio_canonical_decode_vs_parse_only": round(canon_rate / parse_only, 2),

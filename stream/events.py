@@ -550,8 +550,10 @@ def encode_decisions(
 
     `block` is bool[N]; `reason` is str[N] or int codes into REASONS; `p` is float[N, T] in
     `tasks` order. Invalid rows (reason "invalid") get null `score`, `uncertainty` and `p`;
-    any NaN becomes null. `propensity` (the chance of the explore draw) is written on
-    explore rows only. Floats are rounded to 6 significant digits.
+    any NaN becomes null. `propensity` (per row, or one value for all), when given, is
+    written on every row: the probability that the request took the path it took (stream.policy:
+    epsilon for explore, 1 - epsilon for the rule path, 1 for invalid), for inverse-propensity
+    weighting of the logged labels. Floats are rounded to 6 significant digits.
     """
     n = len(request_id)
     reason_arr = np.asarray(reason)
@@ -576,22 +578,19 @@ def encode_decisions(
     lat_l = round_sig(_column(latency_ms, n), 4).tolist()
     rid_l = request_id.tolist() if isinstance(request_id, np.ndarray) else list(request_id)
     reason_l = reason_arr.tolist()
-    events = [
-        {"v": VERSION, "request_id": rid, "decision": d, "reason": r, "score": s,
-         "uncertainty": u, "p": pp, "threshold": th, "target_ratio": tr, "model": model,
-         "ts_ms": ts, "latency_ms": lat}
-        for rid, d, r, s, u, pp, th, tr, ts, lat in zip(
-            rid_l, decision_l, reason_l, score_l, unc_l, p_rows, thr_l, ratio_l, ts_l, lat_l,
-            strict=True)
-    ]
-    if propensity is not None:
-        explore = np.flatnonzero(reason_arr == "explore")
-        if explore.size:
-            prop_l = round_sig(_column(propensity, n)).tolist()
-            for i in explore.tolist():
-                events[i]["propensity"] = prop_l[i]
     dumps = orjson.dumps
-    return [dumps(e) for e in events]
+    columns = zip(rid_l, decision_l, reason_l, score_l, unc_l, p_rows, thr_l, ratio_l, ts_l, lat_l,
+                  strict=True)
+    if propensity is None:
+        return [dumps({"v": VERSION, "request_id": rid, "decision": d, "reason": r, "score": s,
+                       "uncertainty": u, "p": pp, "threshold": th, "target_ratio": tr, "model": model,
+                       "ts_ms": ts, "latency_ms": lat})
+                for rid, d, r, s, u, pp, th, tr, ts, lat in columns]
+    prop_l = round_sig(_column(propensity, n)).tolist()
+    return [dumps({"v": VERSION, "request_id": rid, "decision": d, "reason": r, "score": s,
+                   "uncertainty": u, "p": pp, "threshold": th, "target_ratio": tr, "model": model,
+                   "ts_ms": ts, "latency_ms": lat, "propensity": pr})
+            for (rid, d, r, s, u, pp, th, tr, ts, lat), pr in zip(columns, prop_l, strict=True)]
 
 
 def decision_headers(model: str) -> list[tuple[str, bytes]]:
