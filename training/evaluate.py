@@ -1,0 +1,296 @@
+"""`rta eval`: the paper's tables and figures for a bundle's teacher on a log set.
+
+What the report holds (report.json, report.md, PNGs in the output directory):
+
+* Table I   AUC-ROC / AUC-PR per task: DAUM (mean of the M SWAG-sampled probabilities), the
+            single-pass SWA-mean network and the teacher's last iterate; with --baselines also
+            MLP, Transformer, PLE-MLP, PLE-Transformer trained on the same split.
+* Table II  AUC of DAUM's score on the residual traffic after passing the most uncertain share:
+            click by click-u at 0/5/10/15/20 %, deal by deal-u and by click-u at
+            0/0.5/1/1.5/2 %, for every uncertainty measure (and random passing as reference).
+* Fig. 2    deals passed downstream vs passing share, per uncertainty source task. Definition:
+            the `share` most uncertain requests (by the source task's u) pass directly; of the
+            rest, exactly `block_share` x N requests - those with the lowest DAUM deal
+            probability - are blocked, so the overall block share is the same at every passing
+            share. "Correctly kept in the rest" = deals in the rest that are not blocked.
+            Downstream deals = deals passed directly + deals correctly kept.
+* with true probabilities (synthetic worlds): calibration per task against the truth, and how
+  well each uncertainty measure ranks the requests whose prediction is farthest from the
+  truth (Spearman of u vs |p - p_true| and vs the log-odds error, top-10 % overlap).
+
+When the logs are the ones the bundle was trained on (same request ids), only the held-out test
+split is evaluated; other logs are evaluated whole.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import torch
+from torch.nn.utils import vector_to_parameters
+
+from model.ple import BASELINES, MultiTaskNet
+from model.uncertainty import MEASURES, TeacherPrediction
+from stream.errors import DataError
+from training.logs import LogSet, load_logs
+from training.metrics import (
+    auc_roc,
+    average_precision,
+    calibration,
+    residual_mask,
+    spearman,
+    top_overlap,
+)
+
+CLICK_SHARES = (0.0, 0.05, 0.10, 0.15, 0.20)
+DEAL_SHARES = (0.0, 0.005, 0.010, 0.015, 0.020)
+FIG2_SHARES = tuple(np.round(np.linspace(0.0, 0.2, 11), 3))
+DEFAULT_BLOCK_SHARE = 0.5
+
+
+def _log(msg: str) -> None:
+    click.echo(f"[rta eval] {msg}", err=True)
+
+
+# ---- predictions --------------------------------------------------------------------------
+@torch.no_grad()
+def predict_probs(model: MultiTaskNet, x: np.ndarray, idx: np.ndarray, batch_size: int = 8192) -> np.ndarray:
+    """Single-pass probabilities [N, T] of a network with its current weights."""
+    model.eval()
+    xt, it = torch.from_numpy(x), torch.from_numpy(idx)
+    out = [torch.sigmoid(model(xt[s : s + batch_size], it[s : s + batch_size]))
+           for s in range(0, len(x), batch_size)]
+    return torch.cat(out).numpy().astype(np.float32)
+
+
+def train_baselines(bundle: dict[str, Any], pre: Any, splits: Any, x: np.ndarray, idx: np.ndarray,
+                    progress: bool = True) -> dict[str, dict[str, Any]]:
+    """The four Table I baselines, trained on the bundle's fit split with its profile's schedule."""
+    from training.pipeline import Batch, fit_network, net_config
+
+    profile, seed = bundle["profile"], bundle["meta"]["seed"]
+    fit, valid = Batch.of(pre, splits.fit), Batch.of(pre, splits.valid)
+    out = {}
+    for name, fields in BASELINES.items():
+        started = time.perf_counter()
+        sizes = profile.transformer_net if fields["expert"] == "transformer" else {}
+        cfg = net_config(profile, pre, splits.fit.tasks, **{**sizes, **fields})
+        model, history = fit_network(cfg, profile, fit, valid, seed, epochs=profile.baseline_epochs,
+                                     desc=name, progress=progress)
+        out[name] = {"p": predict_probs(model, x, idx), "seconds": round(time.perf_counter() - started, 1),
+                     "n_params": sum(p.numel() for p in model.parameters()), "history": history["epochs"]}
+        _log(f"baseline {name}: {out[name]['seconds']}s")
+    return out
+
+
+# ---- the tables ---------------------------------------------------------------------------
+def table1(probs: dict[str, np.ndarray], y: np.ndarray, tasks: tuple[str, ...]) -> dict[str, Any]:
+    rows = {}
+    for name, p in probs.items():
+        row = {t: {"auc_roc": auc_roc(y[:, j], p[:, j]), "auc_pr": average_precision(y[:, j], p[:, j])}
+               for j, t in enumerate(tasks)}
+        row["avg"] = {k: float(np.mean([row[t][k] for t in tasks])) for k in ("auc_roc", "auc_pr")}
+        rows[name] = row
+    return rows
+
+
+def residual_curve(y: np.ndarray, p: np.ndarray, u: np.ndarray, shares: tuple[float, ...]) -> list[dict]:
+    out = []
+    for s in shares:
+        keep = residual_mask(u, s)
+        out.append({"share": float(s), "n": int(keep.sum()), "positives": int(y[keep].sum()),
+                    "auc_roc": auc_roc(y[keep], p[keep]), "auc_pr": average_precision(y[keep], p[keep])})
+    return out
+
+
+def _monotone(values: list[float]) -> bool:
+    return bool(np.all(np.diff(values) > 0))
+
+
+def table2(pred: TeacherPrediction, y: np.ndarray, tasks: tuple[str, ...], seed: int = 0) -> dict[str, Any]:
+    """Residual AUC after passing the most uncertain share, per measure (+ random passing)."""
+    c, d = tasks.index("click"), tasks.index("deal")
+    rand = np.random.default_rng(seed).random(len(y))
+    out: dict[str, Any] = {"random": {
+        "click": residual_curve(y[:, c], pred.mean[:, c], rand, CLICK_SHARES),
+        "deal": residual_curve(y[:, d], pred.mean[:, d], rand, DEAL_SHARES)}}
+    for m in MEASURES:
+        u = pred.measure(m)
+        cc = residual_curve(y[:, c], pred.mean[:, c], u[:, c], CLICK_SHARES)
+        dd = residual_curve(y[:, d], pred.mean[:, d], u[:, d], DEAL_SHARES)
+        dc = residual_curve(y[:, d], pred.mean[:, d], u[:, c], DEAL_SHARES)
+        auc = {k: [r["auc_roc"] for r in v] for k, v in (("cc", cc), ("dd", dd), ("dc", dc))}
+        out[m] = {
+            "click_by_click": cc, "deal_by_deal": dd, "deal_by_click": dc,
+            "directions": {
+                "click_by_click_monotone_up": _monotone(auc["cc"]),
+                "click_by_click_change": auc["cc"][-1] - auc["cc"][0],
+                "deal_by_deal_change": auc["dd"][-1] - auc["dd"][0],
+                "deal_by_click_change": auc["dc"][-1] - auc["dc"][0],
+                "deal_click_beats_deal_at_2pct": auc["dc"][-1] > auc["dd"][-1],
+            },
+        }
+    return out
+
+
+def downstream_deals(y_deal: np.ndarray, p_deal: np.ndarray, u: np.ndarray, share: float,
+                     block_share: float) -> dict[str, int]:
+    """Fig. 2 at one passing share (see the module docstring for the definition)."""
+    n = len(y_deal)
+    passed = ~residual_mask(u, share)
+    n_block = int(round(n * block_share))
+    rest = np.flatnonzero(~passed)
+    blocked = rest[np.argsort(p_deal[rest], kind="mergesort")[:n_block]]
+    direct = int(y_deal[passed].sum())
+    lost = int(y_deal[blocked].sum())
+    total = int(y_deal.sum()) - lost
+    return {"direct": direct, "kept": total - direct, "total": total, "blocked_deals": lost}
+
+
+def fig2(pred: TeacherPrediction, y: np.ndarray, tasks: tuple[str, ...], block_share: float,
+         seed: int = 0) -> dict[str, Any]:
+    if block_share + max(FIG2_SHARES) > 1:
+        raise DataError(f"block share {block_share} + passing share {max(FIG2_SHARES)} exceeds 1")
+    d = tasks.index("deal")
+    yd, pd = y[:, d], pred.mean[:, d]
+    rand = np.random.default_rng(seed).random(len(y))
+    out: dict[str, Any] = {"block_share": block_share, "shares": list(FIG2_SHARES), "deals": int(yd.sum())}
+
+    def curve(u: np.ndarray) -> dict[str, list[int]]:
+        pts = [downstream_deals(yd, pd, u, s, block_share) for s in FIG2_SHARES]
+        return {k: [pt[k] for pt in pts] for k in ("direct", "kept", "total", "blocked_deals")}
+
+    out["random"] = curve(rand)
+    for m in MEASURES:
+        u = pred.measure(m)
+        out[m] = {t: curve(u[:, j]) for j, t in enumerate(tasks)}
+    return out
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, np.float64), 1e-7, 1 - 1e-7)
+    return np.log(p / (1 - p))
+
+
+def truth_checks(pred: TeacherPrediction, logs: LogSet) -> dict[str, Any]:
+    """Calibration vs the true probabilities, and uncertainty vs distance from the truth."""
+    tasks, truth, y = logs.tasks, logs.truth, logs.labels
+    out: dict[str, Any] = {"calibration": {t: calibration(pred.mean[:, j], truth[:, j], y[:, j])
+                                           for j, t in enumerate(tasks)}}
+    err_abs = np.abs(pred.mean - truth)
+    err_logit = np.abs(_logit(pred.mean) - _logit(truth))
+    ranking: dict[str, Any] = {}
+    for m in MEASURES:
+        u = pred.measure(m)
+        # rows: the task whose error is ranked; columns: the task whose uncertainty ranks it
+        ranking[m] = {
+            "spearman_abs": [[spearman(u[:, s], err_abs[:, t]) for s in range(len(tasks))] for t in range(len(tasks))],
+            "spearman_logit": [[spearman(u[:, s], err_logit[:, t]) for s in range(len(tasks))] for t in range(len(tasks))],
+            "top10_abs": [[top_overlap(u[:, s], err_abs[:, t]) for s in range(len(tasks))] for t in range(len(tasks))],
+        }
+    out["uncertainty_vs_error"] = ranking
+    out["mean_abs_error"] = {t: float(err_abs[:, j].mean()) for j, t in enumerate(tasks)}
+    return out
+
+
+# ---- the whole report ---------------------------------------------------------------------
+def evaluate_bundle(bundle_dir: str | Path, logs: LogSet, out_dir: str | Path, baselines: bool = False,
+                    splits: Any = None, block_share: float = DEFAULT_BLOCK_SHARE, eval_scope: str = "test split",
+                    progress: bool = True) -> dict[str, Any]:
+    """Compute every table and figure for `logs` and write them into `out_dir`."""
+    from training.pipeline import load_teacher, teacher_predict
+    from training.report import write_report
+
+    t0 = time.perf_counter()
+    model, swag, pre, bundle = load_teacher(bundle_dir)
+    profile, meta = bundle["profile"], bundle["meta"]
+    tasks = tuple(meta["tasks"])
+    if tuple(logs.tasks) != tasks:
+        raise DataError(f"{logs.source}: tasks {logs.tasks} differ from the bundle's {tasks}")
+    missing = [t for t in ("click", "deal") if t not in tasks]
+    if missing:
+        raise DataError(f"the paper's tables need a {missing[0]!r} task; this bundle has {', '.join(tasks)}")
+    if logs.spec.fingerprint() != pre.spec.fingerprint():
+        names = set(pre.spec.names) ^ set(logs.spec.names)
+        col = sorted(names)[0] if names else "(order or kind)"
+        raise DataError(f"{logs.source}: features differ from the bundle's (column {col!r})")
+    y = logs.labels
+    x, idx = pre.transform(logs.num, logs.cat)
+
+    started = time.perf_counter()
+    pred = teacher_predict(model, swag, pre, logs, profile, seed=meta["seed"])
+    daum_s = time.perf_counter() - started
+    probs: dict[str, np.ndarray] = {}
+    timing = {"daum_predict_s": round(daum_s, 2), "rows": len(logs), "samples": profile.n_samples}
+    if baselines:
+        if splits is None:
+            raise DataError("--baselines needs the logs the bundle was trained on (to train on the same split)")
+        trained = train_baselines(bundle, pre, splits, x, idx, progress)
+        for name, b in trained.items():
+            probs[name] = b["p"]
+        timing["baselines_s"] = {name: b["seconds"] for name, b in trained.items()}
+    probs["DAUM (SWAG, M-sample mean)"] = pred.mean
+    last = predict_probs(model, x, idx)
+    vector_to_parameters(swag.mean.to(torch.float32), model.parameters())
+    probs["SWA mean weights (1 pass)"] = predict_probs(model, x, idx)
+    probs[f"teacher last iterate ({model.cfg.arch}-{model.cfg.expert})"] = last
+
+    report: dict[str, Any] = {
+        "bundle": str(bundle["bundle_dir"]), "logs": logs.source, "scope": eval_scope, "rows": len(logs),
+        "tasks": list(tasks), "label_rate": y.mean(axis=0).tolist(), "profile": profile.name,
+        "teacher": {"arch": model.cfg.arch, "expert": model.cfg.expert, "n_params": swag.n_params,
+                    "swag_snapshots": swag.n_snapshots, "swag_rank": swag.rank, "n_samples": profile.n_samples,
+                    "swag_scale": profile.swag_scale, "base_rate": meta["base_rate"]},
+        "table1": table1(probs, y, tasks),
+        "table2": table2(pred, y, tasks, seed=meta["seed"]),
+        "fig2": fig2(pred, y, tasks, block_share, seed=meta["seed"]),
+        "uncertainty_summary": {m: {t: {"mean": float(pred.measure(m)[:, j].mean()),
+                                        "p99": float(np.quantile(pred.measure(m)[:, j], 0.99))}
+                                    for j, t in enumerate(tasks)} for m in MEASURES},
+    }
+    if logs.truth is not None:
+        report["truth"] = truth_checks(pred, logs)
+    timing["total_s"] = round(time.perf_counter() - t0, 1)
+    report["timing"] = timing
+    write_report(report, Path(out_dir), train_log=Path(bundle["bundle_dir"]) / "train_log.json")
+    return report
+
+
+@click.command("eval")
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
+              help="Model directory or one bundle version directory.")
+@click.option("--logs", "logs_path", required=True, type=click.Path(path_type=Path),
+              help="Logged traffic (Parquet/JSONL file or directory).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Report directory (report.json, report.md, PNGs).")
+@click.option("--baselines", is_flag=True,
+              help="Also train MLP, Transformer, PLE-MLP, PLE-Transformer on the bundle's training split.")
+@click.option("--block-share", type=click.FloatRange(0.0, 0.8), default=DEFAULT_BLOCK_SHARE,
+              show_default=True, help="Overall block share held fixed in the Fig. 2 analog.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Torch threads (default: every idle core; env RTA_TORCH_THREADS).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def eval_cmd(model_dir: Path, logs_path: Path, out: Path, baselines: bool, block_share: float,
+             threads: int | None, quiet: bool) -> None:
+    """Paper-style tables and plots (Table I/II, Fig. 2, calibration) for a bundle's teacher."""
+    from training.pipeline import load_teacher, make_splits, use_all_cores
+
+    use_all_cores(threads)
+    _, _, _, bundle = load_teacher(model_dir)
+    logs = load_logs(logs_path, tasks=tuple(bundle["meta"]["tasks"]))
+    splits = None
+    if logs.fingerprint() == bundle["meta"]["logs_fingerprint"]:
+        splits = make_splits(logs, bundle["profile"], bundle["meta"]["seed"])
+        target, scope = splits.test, "held-out test split of the training logs"
+    else:
+        target, scope = logs, "all rows (logs not used in training)"
+    _log(f"evaluating {bundle['bundle_dir']} on {len(target)} rows: {scope}")
+    report = evaluate_bundle(bundle["bundle_dir"], target, out, baselines=baselines, splits=splits,
+                             block_share=block_share, eval_scope=scope, progress=not quiet)
+    click.echo(json.dumps({"report": str(out / "report.md"), "rows": report["rows"],
+                           "seconds": report["timing"]["total_s"]}))

@@ -1,0 +1,344 @@
+"""`rta train`: logged traffic -> PLE teacher with SWAG -> [student + ONNX] -> evaluation report.
+
+Stages, in order (each prints one line; long ones show tqdm bars):
+
+    1. load logs            training.logs.load_logs (one-line DataError on bad input)
+    2. split                test (held out for the report) / valid / fit, from --seed
+    3. fit preprocessor     model.preprocess.Preprocessor on the fit rows
+    4. train teacher        PLE, BCE summed over tasks, AdamW; SWAG snapshots in the last epochs
+    5. write teacher part   <out>/<version>/teacher.pt, preprocess.json, train_log.json, loss.png
+    6. distill + export     training.distill.distill_and_export (the student engineer's stage)
+    7. evaluate             training.evaluate.evaluate_bundle on the test split -> report/
+
+`load_teacher(bundle_dir)` reads the teacher part back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from model.ple import MultiTaskNet, NetConfig, count_parameters
+from model.preprocess import Preprocessor
+from model.swag import SWAG
+from model.uncertainty import TeacherPrediction
+from stream.errors import BundleError, DataError
+from training.logs import LogSet, load_logs, split
+from training.profiles import PROFILES, Profile, get_profile
+
+TEACHER_FILE = "teacher.pt"
+PREPROCESS_FILE = "preprocess.json"
+TRAIN_LOG_FILE = "train_log.json"
+TEACHER_FORMAT = 1
+
+
+def use_all_cores(threads: int | None = None) -> int:
+    """Set torch's intra-op threads: `threads`, else $RTA_TORCH_THREADS, else every idle core.
+
+    "Idle" matters on a shared machine: with the 1-minute load average at ~4.5 on 2 cores, two
+    threads made a training step ~8x slower than one (threads spin waiting for a busy core;
+    docs/results.md has the numbers). On an otherwise idle machine this is every core.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if threads is None and os.environ.get("RTA_TORCH_THREADS", "").strip():
+        threads = int(os.environ["RTA_TORCH_THREADS"])
+    if threads is None:
+        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        threads = int(cores - busy + 0.5)
+    n = max(1, min(int(threads), cores))
+    torch.set_num_threads(n)
+    return n
+
+
+def log(msg: str) -> None:
+    click.echo(f"[rta train] {msg}", err=True)
+
+
+# ---- data ---------------------------------------------------------------------------------
+@dataclass
+class Splits:
+    fit: LogSet  # trains the teacher
+    valid: LogSet  # loss curves; the student's validation
+    test: LogSet  # never trained on: the evaluation report
+
+
+def make_splits(logs: LogSet, profile: Profile, seed: int) -> Splits:
+    """The same rows for the same (logs, profile, seed): the pipeline and `rta eval` agree."""
+    train, test = split(logs, profile.test_fraction, seed)
+    fit, valid = split(train, profile.valid_fraction, seed + 1)
+    if profile.max_train_rows is not None and len(fit) > profile.max_train_rows:
+        rows = np.random.default_rng(seed + 2).choice(len(fit), profile.max_train_rows, replace=False)
+        fit = fit.take(np.sort(rows))
+    return Splits(fit, valid, test)
+
+
+@dataclass
+class Batch:
+    """Network inputs and labels as tensors."""
+
+    x: torch.Tensor
+    idx: torch.Tensor
+    y: torch.Tensor
+
+    @classmethod
+    def of(cls, pre: Preprocessor, logs: LogSet) -> Batch:
+        x, idx = pre.transform(logs.num, logs.cat)
+        return cls(torch.from_numpy(x), torch.from_numpy(idx), torch.from_numpy(logs.labels))
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+# ---- training -----------------------------------------------------------------------------
+def learning_rate(profile: Profile, progress: float, collecting: bool) -> float:
+    """Cosine from lr to swag_lr over the pre-SWAG epochs (progress in [0, 1]); then constant."""
+    if collecting:
+        return profile.swag_lr
+    return profile.swag_lr + 0.5 * (profile.lr - profile.swag_lr) * (1 + math.cos(math.pi * progress))
+
+
+def task_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean BCE per task, shape [T]."""
+    return F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(dim=0)
+
+
+@torch.no_grad()
+def evaluate_loss(model: MultiTaskNet, data: Batch, batch_size: int = 8192) -> np.ndarray:
+    model.eval()
+    total = torch.zeros(data.y.shape[1], dtype=torch.float64)
+    for s in range(0, len(data), batch_size):
+        logits = model(data.x[s : s + batch_size], data.idx[s : s + batch_size])
+        total += task_loss(logits, data.y[s : s + batch_size]).double() * logits.shape[0]
+    model.train()
+    return (total / max(len(data), 1)).numpy()
+
+
+def fit_network(cfg: NetConfig, profile: Profile, fit: Batch, valid: Batch | None, seed: int,
+                epochs: int | None = None, swag: SWAG | None = None, desc: str = "teacher",
+                progress: bool = True) -> tuple[MultiTaskNet, dict[str, Any]]:
+    """Train one network; with `swag`, collect snapshots in the last `swag_epochs` epochs."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = MultiTaskNet(cfg)
+    if swag is not None and swag.n_params != count_parameters(model):
+        raise ValueError("SWAG size does not match the network")
+    epochs = epochs or profile.epochs
+    pre_epochs = epochs - profile.swag_epochs if swag is not None else epochs
+    opt = torch.optim.AdamW(model.parameters(), lr=profile.lr, weight_decay=profile.weight_decay)
+    weights = torch.tensor(profile.task_weights or [1.0] * len(cfg.tasks), dtype=torch.float32)
+    n, bs = len(fit), profile.batch_size
+    steps = max(1, math.ceil(n / bs))
+    snap_steps = {round((k + 1) * steps / profile.snapshots_per_epoch) - 1
+                  for k in range(profile.snapshots_per_epoch)}
+    history: dict[str, Any] = {"tasks": list(cfg.tasks), "epochs": [], "steps": [],
+                               "swag_from_epoch": pre_epochs if swag is not None else None}
+    model.train()
+    for epoch in range(epochs):
+        collecting = swag is not None and epoch >= pre_epochs
+        started = time.perf_counter()
+        order = torch.randperm(n, generator=gen)
+        running = torch.zeros(len(cfg.tasks), dtype=torch.float64)
+        bar = tqdm(range(steps), desc=f"{desc} epoch {epoch + 1}/{epochs}" + (" [SWAG]" if collecting else ""),
+                   leave=False, disable=not progress, file=sys.stderr, mininterval=1.0)
+        for step in bar:
+            lr = learning_rate(profile, (epoch * steps + step) / max(pre_epochs * steps, 1), collecting)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            rows = order[step * bs : (step + 1) * bs]
+            per_task = task_loss(model(fit.x[rows], fit.idx[rows]), fit.y[rows])
+            loss = (weights * per_task).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            running += per_task.detach().double() * rows.numel()
+            if step % 20 == 0:
+                history["steps"].append({"epoch": epoch + step / steps, "loss": loss.item(), "lr": lr})
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            if collecting and step in snap_steps:
+                swag.collect_model(model)
+        bar.close()
+        row = {"epoch": epoch + 1, "train": (running / n).tolist(), "lr": lr, "swag": collecting,
+               "seconds": round(time.perf_counter() - started, 2)}
+        if valid is not None:
+            row["valid"] = evaluate_loss(model, valid).tolist()
+        history["epochs"].append(row)
+        log(f"{desc} epoch {epoch + 1}/{epochs}: train {sum(row['train']):.4f}"
+            + (f" valid {sum(row['valid']):.4f}" if valid is not None else "")
+            + f" ({row['seconds']:.1f}s{', SWAG snapshots ' + str(swag.n_snapshots) if collecting else ''})")
+    model.eval()
+    return model, history
+
+
+def net_config(profile: Profile, pre: Preprocessor, tasks: tuple[str, ...], **overrides: Any) -> NetConfig:
+    from dataclasses import replace
+
+    return replace(profile.net, tasks=tuple(tasks), n_num=len(pre.spec.numeric),
+                   cardinalities=tuple(pre.cardinalities), **overrides)
+
+
+def train_teacher(profile: Profile, pre: Preprocessor, splits: Splits, seed: int,
+                  progress: bool = True) -> tuple[MultiTaskNet, SWAG, dict[str, Any]]:
+    tasks = splits.fit.tasks
+    cfg = net_config(profile, pre, tasks)
+    fit, valid = Batch.of(pre, splits.fit), Batch.of(pre, splits.valid)
+    swag = SWAG(count_parameters(MultiTaskNet(cfg)), max_rank=profile.max_rank, diag_only=profile.diag_only)
+    swag.base_rate = splits.fit.labels.mean(axis=0).astype(np.float64)
+    model, history = fit_network(cfg, profile, fit, valid, seed, swag=swag, progress=progress)
+    return model, swag, history
+
+
+def teacher_predict(model: MultiTaskNet, swag: SWAG, pre: Preprocessor, logs: LogSet,
+                    profile: Profile, seed: int = 0) -> TeacherPrediction:
+    """DAUM on a log set: M sampled weight vectors, mean + uncertainty measures per task."""
+    x, idx = pre.transform(logs.num, logs.cat)
+    return swag.predict(model, x, idx, n_samples=profile.n_samples, scale=profile.swag_scale,
+                        seed=seed, method=profile.inference)
+
+
+# ---- the bundle's teacher part ------------------------------------------------------------
+def save_teacher(bundle_dir: Path, model: MultiTaskNet, swag: SWAG, pre: Preprocessor,
+                 profile: Profile, meta: dict[str, Any]) -> None:
+    torch.save({
+        "format": TEACHER_FORMAT, "net": model.cfg.to_dict(), "state_dict": model.state_dict(),
+        "swag": swag.state_dict(), "profile": profile.to_dict(), "meta": meta,
+    }, bundle_dir / TEACHER_FILE)
+    (bundle_dir / PREPROCESS_FILE).write_text(json.dumps(pre.to_dict()))
+
+
+def resolve_bundle(model_dir: str | Path) -> Path:
+    """A version directory, or a model dir (its `current`, else its newest version)."""
+    path = Path(model_dir)
+    if (path / TEACHER_FILE).exists():
+        return path
+    if (path / "current" / TEACHER_FILE).exists():
+        return (path / "current").resolve()
+    if path.is_dir():
+        versions = sorted((p for p in path.iterdir() if (p / TEACHER_FILE).exists()),
+                          key=lambda p: p.stat().st_mtime)
+        if versions:
+            return versions[-1]
+    raise BundleError(f"{path}: no teacher bundle here (no {TEACHER_FILE} in it, its 'current' or a version dir)")
+
+
+def load_teacher(bundle_dir: str | Path) -> tuple[MultiTaskNet, SWAG, Preprocessor, dict[str, Any]]:
+    """(model with its last-iterate weights, SWAG posterior, preprocessor, stored config dict)."""
+    path = resolve_bundle(bundle_dir)
+    try:
+        blob = torch.load(path / TEACHER_FILE, map_location="cpu", weights_only=False)
+        pre = Preprocessor.from_dict(json.loads((path / PREPROCESS_FILE).read_text()))
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise BundleError(f"{path}: teacher bundle unreadable ({exc})") from None
+    if blob.get("format") != TEACHER_FORMAT:
+        raise BundleError(f"{path / TEACHER_FILE}: format {blob.get('format')} is not {TEACHER_FORMAT}")
+    cfg = NetConfig(**blob["net"])
+    model = MultiTaskNet(cfg)
+    model.load_state_dict(blob["state_dict"])
+    model.eval()
+    swag = SWAG.from_state_dict(blob["swag"])
+    return model, swag, pre, {"net": cfg, "profile": Profile.from_dict(blob["profile"]),
+                              "meta": blob["meta"], "bundle_dir": path}
+
+
+# ---- the whole run ------------------------------------------------------------------------
+def run_training(logs_path: str | Path, out: str | Path, profile: Profile, seed: int = 0,
+                 version: str | None = None, teacher_only: bool = False, report: bool = True,
+                 progress: bool = True, threads: int | None = None) -> Path:
+    """Every stage of `rta train`; returns the bundle directory."""
+    from training.report import plot_loss
+
+    t0 = time.perf_counter()
+    threads = use_all_cores(threads)
+    version = version or time.strftime("v%Y%m%d-%H%M%S", time.gmtime())
+    bundle_dir = Path(out) / version
+    if bundle_dir.exists() and any(bundle_dir.iterdir()):
+        raise BundleError(f"{bundle_dir} already exists; pick another --version")
+
+    logs = load_logs(logs_path)
+    splits = make_splits(logs, profile, seed)
+    log(f"loaded {len(logs)} rows ({len(logs.spec.numeric)} numeric + {len(logs.spec.categorical)} "
+        f"categorical features) from {logs_path}; fit {len(splits.fit)} / valid {len(splits.valid)} / "
+        f"test {len(splits.test)}; profile {profile.name}, seed {seed}, {threads} threads")
+    if splits.fit.labels.sum(axis=0).min() == 0:
+        empty = splits.fit.tasks[int(np.argmin(splits.fit.labels.sum(axis=0)))]
+        raise DataError(f"{logs_path}: label column {empty!r} has no positive in the training split")
+
+    pre = Preprocessor.fit(splits.fit.spec, splits.fit.num, splits.fit.cat, seed=seed)
+    model, swag, history = train_teacher(profile, pre, splits, seed, progress)
+    bundle_dir.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "version": version, "seed": seed, "logs": str(logs_path), "logs_fingerprint": logs.fingerprint(),
+        "rows": {"fit": len(splits.fit), "valid": len(splits.valid), "test": len(splits.test)},
+        "tasks": list(logs.tasks), "base_rate": swag.base_rate.tolist(),
+        "n_params": swag.n_params, "swag_snapshots": swag.n_snapshots, "swag_rank": swag.rank,
+        "train_seconds": round(time.perf_counter() - t0, 1),
+    }
+    save_teacher(bundle_dir, model, swag, pre, profile, meta)
+    (bundle_dir / TRAIN_LOG_FILE).write_text(json.dumps({"meta": meta, "history": history}, indent=1))
+    plot_loss(history, bundle_dir / "loss.png", bundle_dir / "loss.json")
+    log(f"teacher written to {bundle_dir} ({swag.n_params} weights, {swag.n_snapshots} SWAG snapshots, "
+        f"{time.perf_counter() - t0:.0f}s so far)")
+
+    # ---- stage 6: distill student + export ONNX + manifest --------------------------------
+    # The student engineer's stage. ONE call; it writes student.onnx + manifest.json into
+    # bundle_dir and publishes <out>/current. A missing module is reported, never skipped silently.
+    if teacher_only:
+        log("student stage skipped (--teacher-only): the bundle has the teacher only")
+    else:
+        try:
+            from training.distill import distill_and_export
+        except ModuleNotFoundError as exc:
+            if exc.name != "training.distill":
+                raise
+            raise BundleError("student stage: training/distill.py is not built yet; the teacher is in "
+                              f"{bundle_dir}; rerun with --teacher-only to skip the student") from None
+        pred_fit = teacher_predict(model, swag, pre, splits.fit, profile, seed)
+        pred_valid = teacher_predict(model, swag, pre, splits.valid, profile, seed)
+        metrics = distill_and_export(bundle_dir, pre, pred_fit, splits.fit, pred_valid, splits.valid, profile)
+        (bundle_dir / "student_metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
+        log(f"student distilled and exported ({time.perf_counter() - t0:.0f}s so far)")
+
+    # ---- stage 7: evaluation report on the held-out test split ----------------------------
+    if report:
+        from training.evaluate import evaluate_bundle
+
+        evaluate_bundle(bundle_dir, splits.test, bundle_dir / "report", progress=progress)
+        log(f"report written to {bundle_dir / 'report'}")
+    log(f"done in {time.perf_counter() - t0:.0f}s: {bundle_dir}")
+    return bundle_dir
+
+
+@click.command("train")
+@click.option("--logs", "logs_path", required=True, type=click.Path(path_type=Path),
+              help="Logged traffic: a Parquet/JSONL file or a directory of them.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Model directory; the bundle goes to <out>/<version>/.")
+@click.option("--profile", "profile_name", type=click.Choice(sorted(PROFILES)), default="demo",
+              show_default=True, help="Training profile (sizes, epochs, SWAG settings).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seeds the split, initialisation, batches and SWAG samples.")
+@click.option("--version", default=None, help="Bundle version name (default: UTC timestamp).")
+@click.option("--teacher-only", is_flag=True, help="Skip the student/ONNX stage.")
+@click.option("--no-report", is_flag=True, help="Skip the evaluation report (run `rta eval` later).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Torch threads (default: every idle core; env RTA_TORCH_THREADS).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def train(logs_path: Path, out: Path, profile_name: str, seed: int, version: str | None,
+          teacher_only: bool, no_report: bool, threads: int | None, quiet: bool) -> None:
+    """Train the PLE teacher with SWAG (+ student and ONNX) and write the model bundle."""
+    profile = get_profile(profile_name)
+    bundle_dir = run_training(logs_path, out, profile, seed=seed, version=version,
+                              teacher_only=teacher_only, report=not no_report, progress=not quiet,
+                              threads=threads)
+    click.echo(json.dumps({"bundle": str(bundle_dir), "profile": profile_name, "seed": seed}))
