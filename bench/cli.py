@@ -10,6 +10,7 @@ BENCHES = {
     "inference": ("bench.inference:inference", "Teacher (M SWAG samples, torch) vs student (ONNX)."),
     "worker": ("bench.worker:worker", "Worker events/s vs a plain consume->produce passthrough."),
     "controller": ("bench.controller:controller", "Ratio controller settling after steps of r."),
+    "codec": ("bench.codec:codec", "Request decode and decision encode rates (hot-path codecs)."),
 }
 
 

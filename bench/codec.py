@@ -7,10 +7,10 @@ plus the positional/canonical ratio. Single thread, same process, same data.
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable
 
+import click
 import numpy as np
 import orjson
 
@@ -89,17 +89,16 @@ def run(batch: int = 1000, n_num: int = 80, n_cat: int = 28, seconds: float = 2.
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=1000)
-    ap.add_argument("--numeric", type=int, default=80)
-    ap.add_argument("--categorical", type=int, default=28)
-    ap.add_argument("--seconds", type=float, default=2.0, help="per measured function, over 5 rounds")
-    a = ap.parse_args(argv)
-    if a.batch < 1 or a.seconds <= 0 or a.numeric < 0 or a.categorical < 0:
-        ap.error("--batch must be >= 1, --seconds > 0, feature counts >= 0")
-    print(orjson.dumps(run(a.batch, a.numeric, a.categorical, a.seconds), option=orjson.OPT_INDENT_2).decode())
+@click.command(name="codec")
+@click.option("--batch", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--numeric", type=click.IntRange(min=0), default=80, show_default=True)
+@click.option("--categorical", type=click.IntRange(min=0), default=28, show_default=True)
+@click.option("--seconds", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
+              help="Per measured function, over 5 interleaved rounds.")
+def codec(batch: int, numeric: int, categorical: int, seconds: float) -> None:
+    """Request decode (canonical vs positional) and decision encode rates; one JSON object."""
+    click.echo(orjson.dumps(run(batch, numeric, categorical, seconds), option=orjson.OPT_INDENT_2).decode())
 
 
 if __name__ == "__main__":
-    main()
+    codec()
