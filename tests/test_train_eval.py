@@ -1,0 +1,175 @@
+"""Log loading errors, the metrics, and `rta train --profile tiny` + `rta eval` end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from itertools import product
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from stream.errors import DataError
+from training.logs import load_logs, split
+from training.metrics import auc_roc, average_precision, residual_mask, top_overlap
+
+TASKS = ("click", "online", "cart", "deal")
+
+
+def _table(n: int = 50, seed: int = 0, **override) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    cols = {
+        "request_id": pa.array([f"r{seed}-{i}" for i in range(n)]),
+        "ts_ms": pa.array(np.arange(n, dtype=np.int64)),
+        "age": pa.array(rng.normal(30, 5, n).astype(np.float32)),
+        "city": pa.array(rng.choice(["a", "b", None], n).tolist()).dictionary_encode(),
+        **{t: pa.array((rng.random(n) < 0.3).astype(np.int8)) for t in TASKS},
+    }
+    cols.update(override)
+    return pa.table({k: v for k, v in cols.items() if v is not None})
+
+
+def _rta(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RTA_TORCH_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "infra.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+# ---- loading ------------------------------------------------------------------------------
+def test_load_reads_kinds_missing_values_and_labels(tmp_path: Path):
+    pq.write_table(_table(seed=1), tmp_path / "part-0.parquet")
+    pq.write_table(_table(seed=2), tmp_path / "part-1.parquet")
+    logs = load_logs(tmp_path)
+    assert logs.spec.numeric == ("age",) and logs.spec.categorical == ("city",)
+    assert len(logs) == 100 and logs.labels.shape == (100, 4) and logs.truth is None
+    assert set(logs.cat[:, 0]) <= {"a", "b", ""} and "" in set(logs.cat[:, 0])
+    train, test = split(logs, 0.2, seed=3)
+    assert len(train) == 80 and len(test) == 20
+    assert not set(train.request_id) & set(test.request_id)
+
+
+def test_no_label_columns_names_the_file(tmp_path: Path):
+    pq.write_table(_table(**{t: None for t in TASKS}), tmp_path / "part-0.parquet")
+    with pytest.raises(DataError, match=r"part-0.parquet: no label columns \(expected click"):
+        load_logs(tmp_path)
+
+
+def test_one_missing_label_column_is_named(tmp_path: Path):
+    pq.write_table(_table(deal=None), tmp_path / "x.parquet")
+    with pytest.raises(DataError, match="label column 'deal' is missing"):
+        load_logs(tmp_path / "x.parquet")
+
+
+def test_empty_file_and_file_without_rows(tmp_path: Path):
+    (tmp_path / "empty.parquet").write_bytes(b"")
+    with pytest.raises(DataError, match=r"empty.parquet: empty file"):
+        load_logs(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    pq.write_table(_table().slice(0, 0), other / "zero.parquet")
+    with pytest.raises(DataError, match=r"zero.parquet: no rows"):
+        load_logs(other)
+
+
+def test_schema_mismatch_names_column_and_file(tmp_path: Path):
+    pq.write_table(_table(seed=1), tmp_path / "part-0.parquet")
+    pq.write_table(_table(seed=2, age=pa.array(["old"] * 50)), tmp_path / "part-1.parquet")
+    with pytest.raises(DataError, match=r"schema mismatch: column 'age' is categorical in .*part-1.parquet"):
+        load_logs(tmp_path)
+    (tmp_path / "part-1.parquet").unlink()
+    pq.write_table(_table(seed=2, city=None), tmp_path / "part-1.parquet")
+    with pytest.raises(DataError, match=r"part-1.parquet lacks column 'city'"):
+        load_logs(tmp_path)
+
+
+def test_bad_labels_and_jsonl(tmp_path: Path):
+    pq.write_table(_table(click=pa.array([2] * 50, pa.int8())), tmp_path / "a.parquet")
+    with pytest.raises(DataError, match="label column 'click' has values other than 0/1"):
+        load_logs(tmp_path / "a.parquet")
+    rows = [{"request_id": f"j{i}", "ts_ms": i, "age": None if i % 3 else 1.5, "city": "x",
+             **{t: i % 2 for t in TASKS}} for i in range(10)]
+    (tmp_path / "logs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    logs = load_logs(tmp_path / "logs.jsonl")
+    assert logs.spec.numeric == ("age",) and np.isnan(logs.num[1, 0]) and logs.num[0, 0] == 1.5
+
+
+def test_cli_reports_bad_logs_in_one_line(tmp_path: Path):
+    pq.write_table(_table(**{t: None for t in TASKS}), tmp_path / "part-0.parquet")
+    res = _rta("train", "--logs", str(tmp_path), "--out", str(tmp_path / "m"), "--profile", "tiny")
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no label columns" in lines[0] and "part-0.parquet" in lines[0]
+
+
+# ---- metrics ------------------------------------------------------------------------------
+def test_auc_matches_pairwise_definition_with_ties():
+    rng = np.random.default_rng(0)
+    y = rng.random(300) < 0.3
+    s = rng.integers(0, 10, 300).astype(float)  # many ties
+    pos, neg = s[y], s[~y]
+    pairs = [(p > q) + 0.5 * (p == q) for p, q in product(pos, neg)]
+    assert auc_roc(y, s) == pytest.approx(np.mean(pairs))
+    assert np.isnan(auc_roc(np.zeros(5), np.arange(5)))
+
+
+def test_average_precision_by_hand():
+    # ranking: 0.9 (pos), 0.8 (neg), 0.7 (pos), 0.1 (neg): AP = 1/2 * 1 + 1/2 * 2/3
+    assert average_precision([1, 0, 1, 0], [0.9, 0.8, 0.7, 0.1]) == pytest.approx(0.5 + 1 / 3)
+    # a tie between a positive and a negative counts as one threshold: precision 1/2 there
+    assert average_precision([1, 0], [0.5, 0.5]) == pytest.approx(0.5)
+
+
+def test_residual_mask_and_overlap():
+    u = np.array([0.1, 0.9, 0.5, 0.7, 0.2])
+    assert residual_mask(u, 0.4).tolist() == [True, False, True, False, True]
+    assert top_overlap(u, u, 0.4) == 1.0 and top_overlap(u, -u, 0.4) == 0.0
+
+
+# ---- end to end ---------------------------------------------------------------------------
+@pytest.mark.slow
+def test_tiny_train_then_eval_end_to_end(tmp_path: Path):
+    from training.world import write
+
+    write(tmp_path / "world", rows=8000, seed=3, progress=False)
+    res = _rta("train", "--logs", str(tmp_path / "world"), "--out", str(tmp_path / "models"),
+               "--profile", "tiny", "--version", "t1", "--quiet")
+    assert res.returncode == 0, res.stderr[-2000:]
+    bundle = tmp_path / "models" / "t1"
+    for name in ("teacher.pt", "preprocess.json", "train_log.json", "loss.png", "loss.json",
+                 "report/report.json", "report/report.md", "report/table2.png", "report/fig2.png"):
+        assert (bundle / name).exists(), name
+    history = json.loads((bundle / "train_log.json").read_text())["history"]
+    assert len(history["epochs"]) == 3 and history["swag_from_epoch"] == 1
+
+    res = _rta("eval", "--model", str(tmp_path / "models"), "--logs", str(tmp_path / "world"),
+               "--out", str(tmp_path / "report"), "--quiet")
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["rows"] == 1600 and report["scope"].startswith("held-out test split")
+    daum = report["table1"]["DAUM (SWAG, M-sample mean)"]
+    assert 0.6 < daum["click"]["auc_roc"] < 1.0  # learned something on a balanced task
+    t2 = report["table2"]["prob_var"]
+    assert [r["share"] for r in t2["click_by_click"]] == [0.0, 0.05, 0.1, 0.15, 0.2]
+    assert t2["click_by_click"][2]["n"] == 1440
+    f2 = report["fig2"]
+    assert f2["prob_var"]["click"]["total"][0] == f2["random"]["total"][0]  # same start, any source
+    assert "calibration" in report["truth"] and "uncertainty_vs_error" in report["truth"]
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "Table I analog" in md and "Table II analog" in md and "Fig. 2 analog" in md
+
+    # the teacher part loads back and predicts the same DAUM numbers
+    from training.logs import load_logs
+    from training.pipeline import load_teacher, make_splits, teacher_predict
+
+    model, swag, pre, cfg = load_teacher(bundle)
+    logs = load_logs(tmp_path / "world")
+    test = make_splits(logs, cfg["profile"], cfg["meta"]["seed"]).test
+    pred = teacher_predict(model, swag, pre, test, cfg["profile"], seed=cfg["meta"]["seed"])
+    from training.metrics import auc_roc as auc
+
+    assert auc(test.labels[:, 0], pred.mean[:, 0]) == pytest.approx(daum["click"]["auc_roc"], abs=1e-6)
