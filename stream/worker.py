@@ -25,6 +25,7 @@ import signal
 import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,7 @@ class WorkerConfig:
     intra_threads: int = 1
     max_bytes: int = MAX_BYTES
     flush_timeout_s: float = 30.0
-    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}")
     seed: int | None = None
     controller: ControllerConfig | None = None
 
@@ -117,6 +118,7 @@ class Worker:
         self.stats = WorkerStats()
         self.metrics = WorkerMetrics(cfg.worker_id)
         self._stop = threading.Event()
+        self.assignment: set[tuple[str, int]] = set()  # kept by the rebalance callbacks
         self._rng = np.random.default_rng(cfg.seed)
         self.requests_topic = settings.topic("requests")
         self.decisions_topic = settings.topic("decisions")
@@ -350,11 +352,13 @@ class Worker:
         return True
 
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        self.assignment |= {(tp.topic, tp.partition) for tp in partitions}
         log.info("assigned %s", _tps(partitions), extra={"event": "assigned"})
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         # Everything decided so far is produced: flush and commit before the partitions move.
         self._commit()
+        self.assignment -= {(tp.topic, tp.partition) for tp in partitions}
         log.info("revoked %s", _tps(partitions), extra={"event": "revoked"})
 
     def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
@@ -363,6 +367,7 @@ class Worker:
             self.checkpoint.rewind()
         else:
             self.checkpoint.forget(partitions)
+        self.assignment -= {(tp.topic, tp.partition) for tp in partitions}
         log.warning("lost %s", _tps(partitions), extra={"event": "lost"})
 
     def _drain(self) -> None:

@@ -145,10 +145,7 @@ def running(settings: Settings, **config) -> Iterator[Worker]:
 
 
 def assigned(worker: Worker) -> int:
-    try:
-        return len(worker.consumer.assignment())
-    except Exception:
-        return 0
+    return len(worker.assignment)
 
 
 def worker_env(settings: Settings) -> dict[str, str]:
@@ -191,3 +188,24 @@ def end_offsets(settings: Settings, expect: int) -> dict[int, int]:
     for m in read_topic(settings, "requests", expect):
         ends[m.partition()] = max(ends[m.partition()], m.offset() + 1)
     return ends
+
+
+def make_spread_bundle(model_dir: Path, version: str = "v1", seed: int = 0, publish: bool = True) -> Path:
+    """Like `student_data.make_bundle`, with output weights scaled so scores spread over several
+    logit units, as a trained model's do (an untrained student scores everything ~0.48, which
+    no histogram controller can split finely)."""
+    import torch
+    from student_data import fitted, make_student
+
+    from model import bundle
+    from model.export import export_bundle
+
+    pre, _, _ = fitted(seed=seed)
+    student = make_student(pre, seed=seed)
+    with torch.no_grad():
+        student.head2_w.mul_(40.0)
+    bundle_dir = Path(model_dir) / version
+    export_bundle(bundle_dir, pre, student, metrics={"test": True})
+    if publish:
+        bundle.publish(bundle_dir)
+    return bundle_dir
