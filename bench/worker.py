@@ -1,0 +1,396 @@
+"""`rta bench worker`: the worker's end-to-end events/s against a plain consume->produce
+passthrough (same broker, same run, same batch size and commit policy), plus request->decision
+latency percentiles at fixed offered loads. Prints one JSON object.
+
+Both throughput runs read the same preloaded requests (the synthetic world's 108-feature
+canonical JSON, unless `--features` says fewer) with a fresh consumer group; the clock runs
+from the first consumed batch to the last message processed, so group joins are not counted.
+The passthrough uses the same `Checkpoint` (commit only after the producer acknowledged every
+message), so the only difference is the work: decode -> score -> decide -> encode + the
+controller's Redis round trip.
+
+Latency: the worker runs as its own `rta serve` process (as deployed); this process offers
+requests at a fixed rate, stamping `ts_ms` at send time, and reads the decisions back;
+latency = time the decision is read - the request's send time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import cProfile
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from stream.checkpoint import Checkpoint, DeliveryReports
+from stream.config import Settings, load_settings
+from stream.events import encode_requests, encode_requests_positional
+from stream.features import FeatureSpec
+from stream.kafka import ensure_topics, make_admin, make_consumer, make_producer
+
+# --- the stack and the model ----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _stack(settings: Settings, log_dir: Path) -> Iterator[Settings]:
+    """The configured cluster/Redis if any (env, file, dev stack), else embedded ones we own."""
+    from dataclasses import replace
+
+    from infra.stack import Embedded
+
+    owned: list[Embedded] = []
+    try:
+        if settings.origin.get("kafka_bootstrap") not in {"flag", "env", "file", "dev-stack"}:
+            k = Embedded("kafka", log_dir=log_dir)
+            k.start()
+            owned.append(k)
+            settings = replace(settings, kafka_bootstrap=k.address)
+        if settings.origin.get("redis_url") not in {"flag", "env", "file", "dev-stack"}:
+            r = Embedded("redis", log_dir=log_dir)
+            r.start()
+            owned.append(r)
+            settings = replace(settings, redis_url=r.address)
+        yield settings
+    finally:
+        for proc in reversed(owned):
+            proc.stop()
+
+
+def _world(rows: int, features: int, seed: int = 0) -> tuple[FeatureSpec, np.ndarray, np.ndarray]:
+    """Feature matrices of `rows` synthetic requests (the world's catalogue, first `features`)."""
+    import pyarrow as pa
+
+    from training.world import WorldConfig, feature_kinds, generate_table
+
+    table = generate_table(rows, seed, WorldConfig(features=features))
+    kinds = feature_kinds(table.schema)
+    numeric = tuple(n for n, k in kinds.items() if k == "numeric")
+    categorical = tuple(n for n, k in kinds.items() if k == "categorical")
+    num = np.column_stack([table.column(n).to_numpy(zero_copy_only=False) for n in numeric]).astype(np.float32)
+    cat = np.empty((rows, len(categorical)), dtype=object)
+    for j, n in enumerate(categorical):
+        col = table.column(n)
+        if pa.types.is_dictionary(col.type):
+            col = col.cast(pa.string())
+        cat[:, j] = [v if v is not None else "" for v in col.to_pylist()]
+    return FeatureSpec(numeric, categorical), num, cat
+
+
+def _bundle(model_dir: Path, spec: FeatureSpec, num: np.ndarray, cat: np.ndarray) -> Path:
+    """A student bundle for this spec with untrained weights (spread out so scores vary like a
+    trained model's): the worker's cost does not depend on how well the model was trained."""
+    import torch
+
+    from model import bundle
+    from model.export import export_bundle
+    from model.preprocess import Preprocessor
+    from model.student import Student, StudentConfig
+
+    pre = Preprocessor.fit(spec, num, cat)
+    torch.manual_seed(0)
+    student = Student(pre.n_inputs, pre.cardinalities, ["click", "online", "cart", "deal"], StudentConfig())
+    with torch.no_grad():
+        student.head2_w.mul_(40.0)
+    out = model_dir / "bench-v1"
+    export_bundle(out, pre, student.eval(), metrics={"bench": True})
+    bundle.publish(out)
+    return out
+
+
+def _requests(spec: FeatureSpec, num: np.ndarray, cat: np.ndarray, ids: list[str], ts_ms: int,
+              positional: bool) -> list[bytes]:
+    enc = encode_requests_positional if positional else encode_requests
+    n = len(ids)
+    return enc(ids, np.full(n, ts_ms, np.int64), num[:n], cat[:n], spec)
+
+
+def _produce(settings: Settings, values: list[bytes], keys: list[str]) -> None:
+    p = make_producer(settings)
+    topic = settings.topic("requests")
+    for v, k in zip(values, keys, strict=True):
+        while True:
+            try:
+                p.produce(topic, v, k)
+                break
+            except BufferError:
+                p.poll(0.05)
+    if p.flush(60):
+        raise click.ClickException("bench: could not preload the requests topic")
+
+
+# --- throughput ---------------------------------------------------------------------------
+
+
+def _passthrough_topic(settings: Settings) -> str:
+    return settings.topic("decisions") + ".passthrough"
+
+
+def passthrough(settings: Settings, n: int, batch_size: int, batch_wait_ms: int,
+                commit_interval_s: float, group: str) -> dict[str, float]:
+    """Plain consume -> produce the same bytes, committing with the same Checkpoint policy."""
+    reports = DeliveryReports()
+    producer = make_producer(settings, **reports.producer_config())
+    consumer = make_consumer(settings, group, **{"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000})
+    cp = Checkpoint(consumer, producer, reports, commit_interval_s=commit_interval_s)
+    src, dst = settings.topic("requests"), _passthrough_topic(settings)
+    consumer.subscribe([src])
+    done, t0 = 0, None
+    wait_s = batch_wait_ms / 1000
+    deadline = time.monotonic() + 300
+    while done < n and time.monotonic() < deadline:
+        msgs = consumer.consume(batch_size, wait_s)
+        if not msgs:
+            producer.poll(0)
+            continue
+        if t0 is None:
+            t0 = time.perf_counter()
+        produce = producer.produce
+        for m in msgs:
+            produce(dst, m.value(), m.key())
+        producer.poll(0)
+        cp.store_offsets(src, np.fromiter([m.partition() for m in msgs], np.int32, len(msgs)),
+                         np.fromiter([m.offset() for m in msgs], np.int64, len(msgs)))
+        done += len(msgs)
+        if cp.expired():
+            cp.commit()
+    cp.commit()
+    seconds = time.perf_counter() - (t0 or time.perf_counter())
+    consumer.close()
+    return {"events": done, "seconds": round(seconds, 3), "events_per_s": round(done / max(seconds, 1e-9), 1)}
+
+
+def worker_run(settings: Settings, n: int, batch_size: int, batch_wait_ms: int,
+               commit_interval_s: float, group: str, profile: str | None) -> dict[str, float]:
+    """The real worker, in-process, over the same preloaded requests."""
+    from stream.worker import Worker, WorkerConfig
+
+    w = Worker(settings, WorkerConfig(group_id=group, batch_size=batch_size, batch_wait_ms=batch_wait_ms,
+                                      commit_interval_s=commit_interval_s, seed=0))
+    first: list[float] = []
+    original = w.process
+
+    def timed(msgs: Any) -> None:
+        if not first:
+            first.append(time.perf_counter())
+        original(msgs)
+        if w.stats.events >= n:
+            w.stop()
+
+    w.process = timed  # type: ignore[method-assign]
+    prof = cProfile.Profile() if profile else None
+    if prof:
+        prof.enable()
+    w.run(max_seconds=300)
+    end = time.perf_counter()
+    if prof:
+        prof.disable()
+        prof.dump_stats(profile)
+    seconds = end - first[0] if first else float("nan")
+    s = w.stats
+    return {"events": s.events, "seconds": round(seconds, 3), "events_per_s": round(s.events / seconds, 1),
+            "busy_s": round(s.busy_s, 3), "blocked_share": round(s.blocked / max(s.events, 1), 4)}
+
+
+# --- latency at fixed offered loads -------------------------------------------------------
+
+
+def _worker_env(settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RTA_")}
+    env.update({"RTA_KAFKA_BOOTSTRAP": settings.kafka_bootstrap, "RTA_REDIS_URL": settings.redis_url,
+                "RTA_MODEL_DIR": str(settings.model_dir), "RTA_REDIS_PREFIX": settings.redis_prefix,
+                "RTA_STATE_DIR": str(settings.state_dir),
+                **{f"RTA_TOPIC_{r.upper()}": t for r, t in settings.topics.items()}})
+    return env
+
+
+def latency_at(settings: Settings, spec: FeatureSpec, num: np.ndarray, cat: np.ndarray, rate: int,
+               seconds: float, positional: bool, batch_size: int, batch_wait_ms: int,
+               log_dir: Path) -> dict[str, Any]:
+    """Offer `rate` requests/s for `seconds` to a `rta serve` process; percentiles of latency."""
+    n = int(rate * seconds)
+    send_ms = np.zeros(n, np.float64)
+    recv_ms = np.full(n, np.nan, np.float64)
+    log = open(log_dir / f"worker-{rate}.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from infra.cli import main; main()", "serve", "--no-metrics",
+         "--group", f"lat-{rate}", "--batch-size", str(batch_size), "--batch-wait-ms", str(batch_wait_ms)],
+        env=_worker_env(settings), stdout=log, stderr=subprocess.STDOUT)
+    reader = make_consumer(settings, f"lat-reader-{rate}", **{"fetch.wait.max.ms": 5})
+    from confluent_kafka import TopicPartition
+
+    reader.assign([TopicPartition(settings.topic("decisions"), p, 0) for p in range(settings.partitions)])
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            msgs = reader.consume(2000, 0.05)
+            now = time.time() * 1000
+            for m in msgs:
+                if m.error() is None:
+                    recv_ms[int(m.key()[1:])] = now
+
+    t = threading.Thread(target=read, daemon=True)
+    try:
+        # warm up: the worker joins the group and decides a first request before the clock starts
+        warm = _requests(spec, num, cat, ["w0"], int(time.time() * 1000), positional)
+        _produce(settings, warm, ["w0"])
+        _wait_decided(settings, "w0", proc)
+        t.start()
+        producer = make_producer(settings, **{"linger.ms": 1})
+        topic = settings.topic("requests")
+        chunk = max(1, rate // 200)  # every 5 ms
+        t0 = time.monotonic()
+        for start in range(0, n, chunk):
+            due = t0 + start / rate
+            delay = due - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            idx = range(start, min(start + chunk, n))
+            now = time.time() * 1000
+            ids = [f"L{i}" for i in idx]
+            values = _requests(spec, num[[i % len(num) for i in idx]], cat[[i % len(cat) for i in idx]],
+                               ids, int(now), positional)
+            send_ms[start:start + len(ids)] = now
+            for v, k in zip(values, ids, strict=True):
+                producer.produce(topic, v, k)
+            producer.poll(0)
+        producer.flush(30)
+        achieved = n / (time.monotonic() - t0)
+        deadline = time.monotonic() + 60
+        while np.isnan(recv_ms).any() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        if t.is_alive():
+            t.join(10)
+        reader.close()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+    lat = recv_ms - send_ms
+    got = lat[np.isfinite(lat)]
+    pct = np.percentile(got, [50, 99, 99.9]) if got.size else [float("nan")] * 3
+    return {"offered_per_s": rate, "achieved_per_s": round(achieved, 1), "decided": int(got.size),
+            "missing": int(n - got.size), "p50_ms": round(float(pct[0]), 2), "p99_ms": round(float(pct[1]), 2),
+            "p999_ms": round(float(pct[2]), 2), "max_ms": round(float(got.max()), 2) if got.size else None}
+
+
+def _wait_decided(settings: Settings, rid: str, proc: subprocess.Popen, timeout: float = 90) -> None:
+    from confluent_kafka import TopicPartition
+
+    c = make_consumer(settings, f"warm-{time.monotonic_ns()}")
+    c.assign([TopicPartition(settings.topic("decisions"), p, 0) for p in range(settings.partitions)])
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise click.ClickException(f"bench: the worker exited with code {proc.returncode}")
+            if any(m.error() is None and m.key() == rid.encode() for m in c.consume(100, 0.2)):
+                return
+        raise click.ClickException("bench: the worker decided nothing within 90 s")
+    finally:
+        c.close()
+
+
+# --- CLI ----------------------------------------------------------------------------------
+
+
+@click.command(name="worker")
+@click.option("--events", "n", type=click.IntRange(min=1000), default=60_000, show_default=True,
+              help="Requests preloaded for the throughput runs.")
+@click.option("--features", type=click.IntRange(28, 108), default=108, show_default=True,
+              help="Features per request (the world's catalogue, first N; the world needs >= 28).")
+@click.option("--positional", is_flag=True, help="Send positional requests (fingerprint + array).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--batch-wait-ms", type=click.IntRange(min=0), default=20, show_default=True)
+@click.option("--commit-interval-ms", type=click.IntRange(min=0), default=1000, show_default=True)
+@click.option("--loads", default="2000,5000,10000", show_default=True,
+              help="Offered loads (requests/s) for the latency runs; '' skips them.")
+@click.option("--seconds", type=click.FloatRange(min=1), default=10.0, show_default=True,
+              help="Duration of each latency run.")
+@click.option("--profile", "profile_out", type=click.Path(dir_okay=False), default=None,
+              help="Write a cProfile of the worker's throughput run here.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the JSON here.")
+def worker(n: int, features: int, positional: bool, batch_size: int, batch_wait_ms: int,
+           commit_interval_ms: int, loads: str, seconds: float, profile_out: str | None,
+           out: str | None) -> None:
+    """Worker events/s vs a plain consume->produce passthrough; latency at fixed loads."""
+    try:
+        rates = [int(x) for x in loads.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"--loads must be comma-separated integers, got {loads!r}") from None
+    if any(r <= 0 for r in rates):
+        raise click.BadParameter("--loads must be positive")
+    work = Path(tempfile.mkdtemp(prefix="rta-bench-worker-"))
+    try:
+        base = load_settings()
+        with _stack(base, work) as settings:
+            from dataclasses import replace
+
+            settings = replace(settings, model_dir=work / "models", state_dir=work / ".rta",
+                               redis_prefix=f"bench:{os.getpid()}").with_topic_prefix(f"bench{os.getpid()}")
+            click.echo("bench: building requests and a bundle ...", err=True)
+            spec, num, cat = _world(max(n, 20_000), features)
+            _bundle(settings.model_dir, spec, num, cat)
+            from stream.policy import Targets
+            from stream.window import RedisStore
+
+            store = RedisStore.from_url(settings.redis_url, settings.redis_prefix)
+            store.set_targets(Targets(0.25, 0.05, 0.01), "bench", "bench worker")
+            ensure_topics(make_admin(settings), [*settings.topics.values(), _passthrough_topic(settings)],
+                          settings.partitions)
+            ids = [f"T{i}" for i in range(n)]
+            values = _requests(spec, np.resize(num, (n, num.shape[1])), np.resize(cat, (n, cat.shape[1])),
+                               ids, int(time.time() * 1000), positional)
+            _produce(settings, values, ids)
+            mean_bytes = float(np.mean([len(v) for v in values[:1000]]))
+            del values
+            click.echo("bench: passthrough ...", err=True)
+            pt = passthrough(settings, n, batch_size, batch_wait_ms, commit_interval_ms / 1000, "bench-pt")
+            click.echo("bench: worker ...", err=True)
+            wk = worker_run(settings, n, batch_size, batch_wait_ms, commit_interval_ms / 1000, "bench-worker",
+                            profile_out)
+            latency = []
+            for rate in rates:
+                click.echo(f"bench: latency at {rate}/s ...", err=True)
+                lat_settings = settings.with_topic_prefix(f"lat{rate}")
+                ensure_topics(make_admin(lat_settings), lat_settings.topics.values(), settings.partitions)
+                latency.append(latency_at(lat_settings, spec, num, cat, rate, seconds, positional,
+                                          batch_size, batch_wait_ms, work))
+            store.clear()
+        result = {
+            "bench": "worker",
+            "events": n, "features": features, "request_bytes_mean": round(mean_bytes, 1),
+            "format": "positional" if positional else "canonical",
+            "batch_size": batch_size, "batch_wait_ms": batch_wait_ms, "commit_interval_ms": commit_interval_ms,
+            "passthrough": pt, "worker": wk,
+            "ratio": round(wk["events_per_s"] / pt["events_per_s"], 3), "target_ratio": 0.5,
+            "latency": latency,
+            "broker": "embedded Tansu" if settings.origin.get("kafka_bootstrap") not in
+            {"flag", "env", "file", "dev-stack"} else settings.kafka_bootstrap,
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                        "load_avg_1m": round(os.getloadavg()[0], 2)},
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    text = json.dumps(result, indent=2)
+    if out:
+        Path(out).write_text(text + "\n")
+    click.echo(text)
