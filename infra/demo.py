@@ -160,13 +160,15 @@ def _phase_summary(phase: Phase, decisions: dict[str, dict[str, Any]], settle: f
               help="Offered load while streaming (events/s).")
 @click.option("--ratios", default="0.3,0.5", show_default=True,
               help="Target block share r of phase 1 and phase 2 (changed live in between).")
+@click.option("--warmup-s", type=click.FloatRange(min=0), default=8.0, show_default=True,
+              help="Seconds of traffic before phase 1 (worker joins, window fills); not judged.")
 @click.option("--profile", type=click.Choice(["tiny", "demo", "paper"]), default="demo", show_default=True)
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path(".rta/demo"),
               show_default=True, help="Where the world, the model bundle and the summary go.")
 @click.option("--retrain/--reuse-model", default=False, show_default=True,
               help="Train even when the workdir already holds a bundle.")
-def demo(rows: int, events: int, rate: float, ratios: str, profile: str, workdir: Path,
-         retrain: bool) -> None:
+def demo(rows: int, events: int, rate: float, ratios: str, warmup_s: float, profile: str,
+         workdir: Path, retrain: bool) -> None:
     """Stack, world, train, serve, stream, change r live, and summarise against the oracle."""
     try:
         r1, r2 = (float(x) for x in ratios.split(","))
@@ -212,18 +214,22 @@ def demo(rows: int, events: int, rate: float, ratios: str, profile: str, workdir
              "--no-metrics", "--log-level", "warning"], env=env)
         try:
             half = events // 2
-            phases = [Phase("phase 1", r1, workdir / "truth-1.parquet"),
+            # The warm-up phase lets the worker join its group and the window fill; it is
+            # reported but not judged.
+            phases = [Phase("warm-up", r1, workdir / "truth-0.parquet"),
+                      Phase("phase 1", r1, workdir / "truth-1.parquet"),
                       Phase("phase 2", r2, workdir / "truth-2.parquet")]
+            counts = [max(1000, int(rate * warmup_s)), half, half]
             from training.world_cli import stream_requests
 
             sent: list[dict[str, Any]] = []
-            for i, phase in enumerate(phases):
-                if i == 1:
+            for i, (phase, count) in enumerate(zip(phases, counts, strict=True)):
+                if i == 2:
                     store.update_targets("rta demo", "demo phase 2: budget changed", r=r2)
                     _say(f"operator: rta ratio set {r2} --reason 'demo phase 2' (live)")
                 phase.started_at = time.time()
-                _say(f"4/5 stream {phase.name}: {half} fresh requests at {rate:.0f}/s, target r={phase.r}")
-                sent.append(stream_requests(settings, half, rate=rate, seed=1000 + i,
+                _say(f"4/5 stream {phase.name}: {count} fresh requests at {rate:.0f}/s, target r={phase.r}")
+                sent.append(stream_requests(settings, count, rate=rate, seed=1000 + i,
                                             truth_out=phase.truth, progress=True))
                 if worker.poll() is not None:
                     raise RtaError(f"the worker exited with code {worker.returncode}; see its log above")
