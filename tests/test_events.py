@@ -505,3 +505,63 @@ def test_schemas_are_valid_draft_2020_12():
         jsonschema.Draft202012Validator.check_schema(schema)
     with pytest.raises(ValueError):
         load_schema("nope")
+
+
+# ------------------------------------------------------------------ typed path == checked path
+
+
+def _both_paths(values: list[bytes | None]):
+    """Decode once with the msgspec fast path and once with the checked path only."""
+    import stream.events as ev
+
+    fast = decode_requests(values, None, SPEC)
+    saved, ev._use_typed = ev._use_typed, False
+    try:
+        slow = decode_requests(values, None, SPEC)
+    finally:
+        ev._use_typed = saved
+    return fast, slow
+
+
+def _assert_same(fast, slow) -> None:
+    assert fast.request_id.tolist() == slow.request_id.tolist()
+    assert fast.ts_ms.tolist() == slow.ts_ms.tolist()
+    np.testing.assert_array_equal(fast.valid, slow.valid)
+    np.testing.assert_array_equal(fast.num, slow.num)  # NaN == NaN here
+    assert fast.cat.tolist() == slow.cat.tolist()
+    assert [(e.index, e.code) for e in fast.errors] == [(e.index, e.code) for e in slow.errors]
+
+
+@pytest.mark.skipif(not __import__("stream.events").events._use_typed, reason="msgspec not installed")
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(_docs, _docs, _json), max_size=12))
+def test_typed_fast_path_gives_exactly_the_checked_rows(docs):
+    values = [json.dumps(d).encode() for d in docs]
+    _assert_same(*_both_paths(values))
+
+
+@pytest.mark.skipif(not __import__("stream.events").events._use_typed, reason="msgspec not installed")
+@pytest.mark.parametrize("raw", [
+    b'{"v":1,"request_id":"a","ts_ms":1,"features":{"age":1,"age":2}}',  # duplicate key
+    b'{"v":1.0,"request_id":"a","ts_ms":1,"features":{}}',
+    b'{"v":1,"request_id":"a","ts_ms":1,"features":{"age":true}}',
+    b'{"v":1,"request_id":"a","ts_ms":1,"features":{"age":123456789012345678901234567890}}',
+    b'{"v":1,"request_id":"a","ts_ms":1,"features":{"device":123456789012345678901234567890}}',
+    b'{"v":1,"request_id":"a","ts_ms":1,"features":{"age":1e400}}',
+    b'{"v":1,"request_id":"a","ts_ms":1,"features":{"age":NaN}}',
+    b'{"v":1,"request_id":"a","ts_ms":1,"features":{"device":1.5}}',
+    b'{"v":1,"request_id":"a","ts_ms":1,"features":{"device":false}}',
+    b'{"v":1,"request_id":"a","ts_ms":1.5,"features":{}}',
+    b'{"v":1,"request_id":"a","ts_ms":-1,"features":{}}',
+    b'{"v":1,"request_id":"","ts_ms":1,"features":{}}',
+    b'{"v":1,"request_id":"a","ts_ms":1,"features":{},"extra":[1,2]}',
+    b'{"v":1,"request_id":"a","ts_ms":1,"fp":"' + FP.encode() + b'","x":[1,2,3,"a",null]}',
+    b'{"v":1,"request_id":"a","ts_ms":1,"fp":"' + FP.encode() + b'","x":[1,2,3,"a"]}',
+    b'{"v":1,"request_id":"a","ts_ms":1,"fp":"bad","x":[1,2,3,"a",null]}',
+    b'{"v":1,"request_id":"a","ts_ms":1,"features":{"age":3.4028235e38,"spend":3.5e38}}',
+    b'{"v":1,"request_id":"a\\u0000b","ts_ms":1,"features":{"city":"\\ud800"}}',
+    b'\xef\xbb\xbf{"v":1,"request_id":"a","ts_ms":1,"features":{}}',
+])
+def test_typed_fast_path_edge_cases(raw):
+    good = _req()
+    _assert_same(*_both_paths([good, raw, good]))
