@@ -12,6 +12,7 @@ import pytest
 from student_data import make_bundle
 from worker_support import (
     MALFORMED,
+    RTA,
     assigned,
     committed,
     decisions,
@@ -154,10 +155,10 @@ def test_exactly_once_mode(settings, bundle, targets):
 
 
 def test_bad_flags_are_one_line_errors(tmp_path):
-    r = subprocess.run(["rta", "serve", "--batch-size", "0"], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([*RTA, "serve", "--batch-size", "0"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "batch-size" in r.stderr and "Traceback" not in r.stderr
     empty = tmp_path / "empty-models"
     empty.mkdir()
-    r = subprocess.run(["rta", "serve", "--model-dir", str(empty), "--no-metrics"], capture_output=True,
+    r = subprocess.run([*RTA, "serve", "--model-dir", str(empty), "--no-metrics"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and "no model published" in r.stderr and "Traceback" not in r.stderr

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from worker_support import (
     MALFORMED,
+    RTA,
     assigned,
     decisions,
     feeding,
@@ -76,7 +77,7 @@ def test_ratio_change_mid_stream_is_held_after_settling(settings, bundle, store)
     with running(settings, group_id="acc-set", seed=0) as w, feeding(settings, values, ids, rate) as feeder:
         wait_for(lambda: w.stats.events >= 30_000, 60, "a first third decided")
         r = subprocess.run(
-            ["rta", "ratio", "--redis-url", settings.redis_url, "--redis-prefix", settings.redis_prefix,
+            [*RTA, "ratio", "--redis-url", settings.redis_url, "--redis-prefix", settings.redis_prefix,
              "set", "0.1", "--pass-share", str(P_U), "--explore", str(EPS), "--reason", "test step",
              "--no-audit-topic"], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr

@@ -20,6 +20,9 @@ from stream.events import decode_decision, encode_requests
 from stream.kafka import make_consumer, make_producer
 from stream.worker import Worker, WorkerConfig
 
+# The CLI as a subprocess, without relying on the venv's bin/ being on PATH (CI does not put it there).
+RTA = [sys.executable, "-m", "infra.cli"]
+
 MALFORMED = [
     b"not json at all",
     b'{"v": 1, "request_id": "x"',  # truncated
