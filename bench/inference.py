@@ -134,7 +134,7 @@ def _from_bundle(model_dir: Path) -> tuple[Any, Any, Any, Path, dict[str, Any]]:
     model.eval()
     return model, swag, pre, bundle / STUDENT_ONNX, {"mode": "bundle", "bundle": str(bundle),
                                                      "swag_rank": swag.rank,
-                                                     "teacher_method": getattr(cfg, "inference", "vmap")}
+                                                     "teacher_method": cfg["profile"].inference}
 
 
 def run(model_dir: Path | None, batches: list[int], repeats: int, threads: int, samples: int) -> dict[str, Any]:

@@ -134,6 +134,10 @@ def _uncertainty(g: _Graph, student: Student, u_raw: str) -> str:
     """Head output -> teacher scale, as `Student.to_teacher_scale`."""
     if student.target_mode == "mean_match":
         return g.op("Div", [g.op("Softplus", [u_raw]), g.const("rescale", student.rescale.numpy())], "u_out")
+    if student.target_mode == "log":
+        z = g.op("Add", [g.op("Mul", [u_raw, g.const("log_scale", student.log_scale.numpy())]),
+                         g.const("log_loc", student.log_loc.numpy())])
+        return g.op("Exp", [z], "u_out")
     q = g.op("Sigmoid", [u_raw], "q")
     table = student.quantiles.numpy().astype(np.float32)
     n_tasks, k = table.shape

@@ -12,7 +12,8 @@ from student_data import TASKS, random_batch
 from model import bundle
 from model.preprocess import Preprocessor
 from stream.scorer import Scorer
-from training.fidelity import auc_roc, deals_kept, residual_auc, top_overlap
+from training.fidelity import deals_kept, residual_auc
+from training.metrics import auc_roc, top_overlap
 
 
 def _world(n: int, seed: int):

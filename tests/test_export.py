@@ -16,7 +16,7 @@ def _session(pre, student) -> ort.InferenceSession:
                                 providers=["CPUExecutionProvider"])
 
 
-@pytest.mark.parametrize("mode", ["mean_match", "quantile"])
+@pytest.mark.parametrize("mode", ["mean_match", "quantile", "log"])
 def test_onnx_matches_torch_on_10k_rows_with_missing_and_unseen(mode):
     pre, _, _ = fitted()
     student = make_student(pre, mode)

@@ -53,9 +53,22 @@ def test_quantile_targets_are_uniform_ranks_and_the_table_inverts_them():
         np.testing.assert_allclose(np.quantile(back, q, axis=0), np.quantile(u, q, axis=0), rtol=0.02)
 
 
+def test_log_targets_are_standardised_and_map_back():
+    pre, _, _ = fitted(1000)
+    s = Student(pre.n_inputs, pre.cardinalities, TASKS, StudentConfig(target_mode="log"))
+    rng = np.random.default_rng(2)
+    u = rng.lognormal(-7, 2, (20_000, 4)).astype(np.float32)
+    target = s.set_target_map(u, np.zeros_like(u))
+    np.testing.assert_allclose(target.mean(0), 0, atol=1e-4)
+    np.testing.assert_allclose(target.std(0), 1, atol=1e-3)
+    back = s.to_teacher_scale(torch.from_numpy(target)).numpy()
+    np.testing.assert_allclose(back, u, rtol=1e-4)
+    assert s.target_map()["mode"] == "log"
+
+
 def test_checkpoint_roundtrip_is_identical():
     pre, num, cat = fitted(1000)
-    for mode in ("mean_match", "quantile"):
+    for mode in ("mean_match", "quantile", "log"):
         s = make_student(pre, mode)
         back = Student.from_checkpoint(s.to_checkpoint())
         x, idx = pre.transform(num, cat)

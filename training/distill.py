@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from model import bundle
 from model.export import export_bundle
 from model.preprocess import Preprocessor
-from model.student import TARGET_MODES, Student, StudentConfig
+from model.student import LOG_FLOOR, TARGET_MODES, Student, StudentConfig
 from stream.features import DEFAULT_TASKS
 from training.fidelity import acceptance, fidelity_report
 
@@ -82,6 +82,9 @@ def _encode_valid(student: Student, u: np.ndarray) -> np.ndarray:
     """Validation targets under the map fitted on training data (no peeking at valid ranks)."""
     if student.target_mode == "mean_match":
         return u * student.rescale.numpy()
+    if student.target_mode == "log":
+        lu = np.log(np.maximum(u, LOG_FLOOR))
+        return (lu - student.log_loc.numpy()) / student.log_scale.numpy()
     table = student.quantiles.numpy()
     grid = np.linspace(0, 1, table.shape[1])
     return np.stack([np.interp(u[:, j], table[j], grid) for j in range(u.shape[1])], axis=1)

@@ -84,7 +84,7 @@ PROFILES: dict[str, Profile] = {
                       tower_hidden=16, n_latents=8),
         epochs=6, swag_epochs=3, snapshots_per_epoch=4, max_rank=12, batch_size=1024,
         lr=2e-3, swag_lr=5e-4, weight_decay=0.05, baseline_epochs=6,
-        student={"hidden": (128, 64), "epochs": 6},
+        student={"hidden": (256, 128), "head_hidden": 32, "epochs": 12, "target_mode": "log"},
     ),
     "paper": Profile(
         name="paper",
