@@ -43,7 +43,7 @@ def test_distill_writes_a_verified_published_bundle(tmp_path):
     fid = metrics["fidelity"]["tasks"]
     assert fid["click"]["uncertainty"]["spearman"] > 0.8  # learned, not noise
     assert fid["click"]["auc_student"] > 0.6
-    assert set(metrics["fidelity"]["tail_winner"]["click"]["top10_overlap"]) == {"mean_match", "quantile"}
+    assert set(metrics["fidelity"]["tail_winner"]["click"]["top10_overlap"]) == {"log", "mean_match", "quantile"}
     assert bundle.current_version(tmp_path) == "v1"
     scorer = Scorer.load(tmp_path)
     m = scorer.manifest

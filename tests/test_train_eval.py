@@ -161,6 +161,14 @@ def test_tiny_train_then_eval_end_to_end(tmp_path: Path):
     assert "calibration" in report["truth"] and "uncertainty_vs_error" in report["truth"]
     md = (tmp_path / "report" / "report.md").read_text()
     assert "Table I analog" in md and "Table II analog" in md and "Fig. 2 analog" in md
+    # the served student against the teacher on the same rows
+    student = report["student"]
+    assert set(student["tasks"]) == {"click", "online", "cart", "deal"}
+    assert -1.0 <= student["tasks"]["click"]["uncertainty"]["spearman"] <= 1.0
+    assert abs(student["tasks"]["click"]["auc_gap"]) < 0.2  # a distilled student, not noise
+    assert "Student (ONNX, as served) vs teacher" in md
+    for plot in student["plots"]:
+        assert (tmp_path / "report" / plot).exists(), plot
 
     # the teacher part loads back and predicts the same DAUM numbers
     from training.logs import load_logs

@@ -17,6 +17,9 @@ What the report holds (report.json, report.md, PNGs in the output directory):
 * with true probabilities (synthetic worlds): calibration per task against the truth, and how
   well each uncertainty measure ranks the requests whose prediction is farthest from the
   truth (Spearman of u vs |p - p_true| and vs the log-odds error, top-10 % overlap).
+* Student    when the bundle has student.onnx: the student as served (onnxruntime) vs the
+            teacher on the same rows: AUCs, Spearman and top-5/10/20 % overlap of u, overlaid
+            histograms (paper Fig. 5), residual AUC (Fig. 3) and deals kept (Fig. 4) for both.
 
 When the logs are the ones the bundle was trained on (same request ids), only the held-out test
 split is evaluated; other logs are evaluated whole.
@@ -198,6 +201,65 @@ def truth_checks(pred: TeacherPrediction, logs: LogSet) -> dict[str, Any]:
     return out
 
 
+# ---- teacher vs student ----------------------------------------------------------------------
+def student_fidelity(bundle_dir: Path, pred: TeacherPrediction, logs: LogSet, out_dir: Path) -> dict[str, Any]:
+    """The student as served (onnxruntime, raw features in) against the teacher on the same rows.
+
+    Scores through `stream.scorer.Scorer`, so the hashes, the fingerprint and the in-graph
+    preprocessing are the ones the worker uses; the teacher's u is the measure the student was
+    distilled on (manifest `uncertainty.measure`).
+    """
+    from stream.scorer import Scorer
+    from training.fidelity import acceptance, fidelity_report
+
+    scorer = Scorer.load(bundle_dir)
+    chunks = [scorer.score(logs.num[i:i + 65536], logs.cat[i:i + 65536]) for i in range(0, len(logs), 65536)]
+    s_p = np.concatenate([c[0] for c in chunks])
+    s_u = np.concatenate([c[1] for c in chunks])
+    measure = scorer.manifest.get("uncertainty", {}).get("measure", "prob_var")
+    source_map = scorer.manifest.get("uncertainty_source") or {}
+    fid = fidelity_report(pred.mean, pred.measure(measure), s_p, s_u, logs.labels, scorer.tasks,
+                          out_dir=out_dir, source_map=source_map)
+    source = source_map.get("deal", "click") if "deal" in scorer.tasks else scorer.tasks[0]
+    return {"version": scorer.version, "measure": measure, "target_mode":
+            scorer.manifest.get("uncertainty", {}).get("rescale", {}).get("mode"),
+            "tasks": fid["tasks"], "residual_auc": fid["residual_auc"], "deals_kept": fid["deals_kept"],
+            "acceptance": acceptance(fid, source), "plots": [f"fidelity/{p}" for p in fid.get("plots", [])],
+            "u": s_u}
+
+
+def teacher_references(model: MultiTaskNet, swag: Any, pre: Any, logs: LogSet, profile: Any, seed: int,
+                       pred: TeacherPrediction, student_u: np.ndarray, tasks: tuple[str, ...],
+                       measure: str = "prob_var") -> dict[str, Any]:
+    """How reproducible the teacher's own u is, and the student against a larger-M teacher.
+
+    The M = 11 teacher's u is an estimate from 11 weight draws shared by every row; a second
+    set of draws (seed + 1) says how much of its ranking is the posterior and how much the draw,
+    which bounds what any student can match. With `distill_samples` > M the student was
+    trained on that larger-M estimate; it is compared with it here too.
+    """
+    from training.pipeline import teacher_predict
+
+    other = teacher_predict(model, swag, pre, logs, profile, seed + 1).measure(measure)
+    first = pred.measure(measure)
+    out: dict[str, Any] = {"measure": measure, "n_samples": profile.n_samples, "tasks": {}}
+    big = None
+    m_big = getattr(profile, "distill_samples", 0) or 0
+    if m_big > profile.n_samples:
+        big = teacher_predict(model, swag, pre, logs, profile, seed, n_samples=m_big).measure(measure)
+        out["distill_samples"] = m_big
+    for j, t in enumerate(tasks):
+        row = {"teacher_vs_teacher_other_draw": {"spearman": spearman(first[:, j], other[:, j]),
+                                                 "top10_overlap": top_overlap(first[:, j], other[:, j], 0.1)}}
+        if big is not None:
+            row["teacher_vs_teacher_large_m"] = {"spearman": spearman(first[:, j], big[:, j]),
+                                                 "top10_overlap": top_overlap(first[:, j], big[:, j], 0.1)}
+            row["student_vs_teacher_large_m"] = {"spearman": spearman(student_u[:, j], big[:, j]),
+                                                 "top10_overlap": top_overlap(student_u[:, j], big[:, j], 0.1)}
+        out["tasks"][t] = row
+    return out
+
+
 # ---- the whole report ---------------------------------------------------------------------
 def evaluate_bundle(bundle_dir: str | Path, logs: LogSet, out_dir: str | Path, baselines: bool = False,
                     splits: Any = None, block_share: float = DEFAULT_BLOCK_SHARE, eval_scope: str = "test split",
@@ -255,6 +317,14 @@ def evaluate_bundle(bundle_dir: str | Path, logs: LogSet, out_dir: str | Path, b
     }
     if logs.truth is not None:
         report["truth"] = truth_checks(pred, logs)
+    if (Path(bundle["bundle_dir"]) / "student.onnx").exists():
+        started = time.perf_counter()
+        report["student"] = student_fidelity(Path(bundle["bundle_dir"]), pred, logs, Path(out_dir) / "fidelity")
+        report["student"]["references"] = teacher_references(
+            model, swag, pre, logs, profile, meta["seed"], pred, report["student"]["u"], tasks,
+            report["student"]["measure"])
+        del report["student"]["u"]
+        timing["student_s"] = round(time.perf_counter() - started, 1)
     timing["total_s"] = round(time.perf_counter() - t0, 1)
     report["timing"] = timing
     write_report(report, Path(out_dir), train_log=Path(bundle["bundle_dir"]) / "train_log.json")
@@ -277,7 +347,7 @@ def evaluate_bundle(bundle_dir: str | Path, logs: LogSet, out_dir: str | Path, b
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def eval_cmd(model_dir: Path, logs_path: Path, out: Path, baselines: bool, block_share: float,
              threads: int | None, quiet: bool) -> None:
-    """Paper-style tables and plots (Table I/II, Fig. 2, calibration) for a bundle's teacher."""
+    """Paper-style tables and plots (Table I/II, Fig. 2, calibration, student fidelity) for a bundle."""
     from training.pipeline import load_teacher, make_splits, use_all_cores
 
     use_all_cores(threads)

@@ -48,18 +48,36 @@ def use_all_cores(threads: int | None = None) -> int:
     """Set torch's intra-op threads: `threads`, else $RTA_TORCH_THREADS, else every idle core.
 
     "Idle" matters on a shared machine: with the 1-minute load average at ~4.5 on 2 cores, two
-    threads made a training step ~8x slower than one (threads spin waiting for a busy core;
-    docs/results.md has the numbers). On an otherwise idle machine this is every core.
+    threads made a training step ~8x slower than one (threads spin waiting for a busy core).
+    Idleness is measured over a quarter second from /proc/stat, not from the load average, which
+    lags by a minute and would still count a job that just ended.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if threads is None and os.environ.get("RTA_TORCH_THREADS", "").strip():
         threads = int(os.environ["RTA_TORCH_THREADS"])
     if threads is None:
-        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-        threads = int(cores - busy + 0.5)
+        threads = int(cores - _busy_cores(cores) + 0.5)
     n = max(1, min(int(threads), cores))
     torch.set_num_threads(n)
     return n
+
+
+def _busy_cores(cores: int, window_s: float = 0.25) -> float:
+    """Cores' worth of CPU in use by others right now (the load average where /proc is absent)."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + (v[4] if len(v) > 4 else 0)  # total, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(window_s)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if total1 <= total0:
+        return 0.0
+    return cores * (1.0 - (idle1 - idle0) / (total1 - total0))
 
 
 def log(msg: str) -> None:
@@ -200,10 +218,11 @@ def train_teacher(profile: Profile, pre: Preprocessor, splits: Splits, seed: int
 
 
 def teacher_predict(model: MultiTaskNet, swag: SWAG, pre: Preprocessor, logs: LogSet,
-                    profile: Profile, seed: int = 0) -> TeacherPrediction:
-    """DAUM on a log set: M sampled weight vectors, mean + uncertainty measures per task."""
+                    profile: Profile, seed: int = 0, n_samples: int | None = None) -> TeacherPrediction:
+    """DAUM on a log set: M sampled weight vectors (the profile's M unless given), mean +
+    uncertainty measures per task."""
     x, idx = pre.transform(logs.num, logs.cat)
-    return swag.predict(model, x, idx, n_samples=profile.n_samples, scale=profile.swag_scale,
+    return swag.predict(model, x, idx, n_samples=n_samples or profile.n_samples, scale=profile.swag_scale,
                         seed=seed, method=profile.inference)
 
 
@@ -303,9 +322,12 @@ def run_training(logs_path: str | Path, out: str | Path, profile: Profile, seed:
                 raise
             raise BundleError("student stage: training/distill.py is not built yet; the teacher is in "
                               f"{bundle_dir}; rerun with --teacher-only to skip the student") from None
-        pred_fit = teacher_predict(model, swag, pre, splits.fit, profile, seed)
-        pred_valid = teacher_predict(model, swag, pre, splits.valid, profile, seed)
-        metrics = distill_and_export(bundle_dir, pre, pred_fit, splits.fit, pred_valid, splits.valid, profile)
+        m_distill = profile.distill_samples or profile.n_samples
+        log(f"teacher targets for the student: M = {m_distill} SWAG samples")
+        pred_fit = teacher_predict(model, swag, pre, splits.fit, profile, seed, n_samples=m_distill)
+        pred_valid = teacher_predict(model, swag, pre, splits.valid, profile, seed, n_samples=m_distill)
+        metrics = distill_and_export(bundle_dir, pre, pred_fit, splits.fit, pred_valid, splits.valid, profile,
+                                     progress=progress)
         (bundle_dir / "student_metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
         log(f"student distilled and exported ({time.perf_counter() - t0:.0f}s so far)")
 

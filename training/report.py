@@ -204,9 +204,48 @@ def markdown(r: dict[str, Any]) -> str:
                 rows.append([m, t, same, via])
         lines += _table(["measure", "error of", "u of the same task", "u of click"], rows)
         lines += ["", "![uncertainty vs error](uncertainty_error.png)", ""]
+    if "student" in r:
+        lines += _student_section(r["student"], tasks)
     if (Path(r.get("_out", ".")) / "loss.png").exists():
         lines += ["## Teacher training", "", "![loss](loss.png)", ""]
     return "\n".join(lines) + "\n"
+
+
+def _student_section(s: dict[str, Any], tasks: list[str]) -> list[str]:
+    """Teacher vs the served student (issue: fidelity report, paper Fig. 3-5)."""
+    acc = s["acceptance"]
+    lines = ["## Student (ONNX, as served) vs teacher", "",
+             f"Student `{s['version']}`, uncertainty = {s['measure']}, target mode {s['target_mode']}. "
+             f"Acceptance (Spearman >= 0.9 and top-10% overlap >= 0.8 on the source task, AUC no more "
+             f"than 0.01 below the teacher): **{'pass' if acc['passed'] else 'FAIL'}** "
+             + ", ".join(f"{k} {v}" for k, v in acc.items() if k != "passed"), ""]
+    rows = []
+    for t in tasks:
+        row = s["tasks"][t]
+        u = row["uncertainty"]
+        rows.append([t, _fmt(row["auc_teacher"]), _fmt(row["auc_student"]), f"{row['auc_gap']:+.4f}",
+                     _fmt(u["spearman"], 3), _fmt(u["top5_overlap"], 3), _fmt(u["top10_overlap"], 3),
+                     _fmt(u["top20_overlap"], 3)])
+    lines += _table(["task", "AUC teacher", "AUC student", "gap", "Spearman u", "top-5%", "top-10%", "top-20%"], rows)
+    ref = s.get("references")
+    if ref:
+        big = ref.get("distill_samples")
+        lines += ["", f"How reproducible is the teacher's own u ({ref['measure']}, M = {ref['n_samples']})? "
+                  "Spearman / top-10% overlap of the teacher with a second set of weight draws"
+                  + (f", and of the teacher and the student with an M = {big} estimate (the student's targets)"
+                     if big else "") + ". A student cannot be expected to match the teacher's draw better "
+                  "than the teacher matches itself.", ""]
+        header = ["task", "teacher vs other draw"] + (
+            [f"teacher vs M = {big}", f"student vs M = {big}"] if big else [])
+        rows = []
+        for t in tasks:
+            r = ref["tasks"][t]
+            keys = ["teacher_vs_teacher_other_draw"] + (
+                ["teacher_vs_teacher_large_m", "student_vs_teacher_large_m"] if big else [])
+            rows.append([t, *[f"{_fmt(r[k]['spearman'], 3)} / {_fmt(r[k]['top10_overlap'], 3)}" for k in keys]])
+        lines += _table(header, rows)
+    lines += ["", *[f"![{p}]({p})" for p in s["plots"]], ""]
+    return lines
 
 
 def write_report(report: dict[str, Any], out_dir: Path, train_log: Path | None = None) -> None:
