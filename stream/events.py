@@ -420,10 +420,9 @@ def _decode_typed(decoder: Any, values: Sequence[bytes | None], spec: FeatureSpe
 
 
 def _type_is(block: np.ndarray, t: type) -> np.ndarray:
-    """bool mask of an object array's values of exactly type `t`."""
-    return np.fromiter(map(t.__instancecheck__, block.ravel().tolist()), dtype=bool,
-                       count=block.size).reshape(block.shape) if t is not int else np.fromiter(
-        (type(v) is int for v in block.ravel().tolist()), dtype=bool, count=block.size).reshape(block.shape)
+    """bool mask of an object array's values of exactly type `t` (bool is not int here)."""
+    flat = block.ravel().tolist()
+    return np.fromiter((type(v) is t for v in flat), dtype=bool, count=len(flat)).reshape(block.shape)
 
 
 def _decode_checked(values: Sequence[bytes | None], keys: Sequence[bytes | None], spec: FeatureSpec,
