@@ -39,7 +39,7 @@ from stream.checkpoint import Checkpoint, DeliveryReports
 from stream.config import Settings, load_settings
 from stream.events import encode_requests, encode_requests_positional
 from stream.features import FeatureSpec
-from stream.kafka import ensure_topics, make_admin, make_consumer, make_producer
+from stream.kafka import ensure_topics, make_admin, make_consumer, make_producer, produce_waiting
 
 # --- the stack and the model ----------------------------------------------------------------
 
@@ -121,12 +121,7 @@ def _produce(settings: Settings, values: list[bytes], keys: list[str]) -> None:
     p = make_producer(settings)
     topic = settings.topic("requests")
     for v, k in zip(values, keys, strict=True):
-        while True:
-            try:
-                p.produce(topic, v, k)
-                break
-            except BufferError:
-                p.poll(0.05)
+        produce_waiting(p, topic, v, k)
     if p.flush(60):
         raise click.ClickException("bench: could not preload the requests topic")
 

@@ -39,6 +39,18 @@ def make_producer(settings: Settings, **overrides: Any) -> Producer:
     return Producer(settings.kafka_config(**{**PRODUCER_DEFAULTS, **overrides}))
 
 
+def produce_waiting(producer: Producer, topic: str, value: bytes, key: str | bytes | None = None,
+                    **kwargs: Any) -> None:
+    """produce(), but wait for deliveries to drain when the local queue is full instead of
+    raising BufferError: publishers that must not drop a message (load generators, tools)."""
+    while True:
+        try:
+            producer.produce(topic, value, key, **kwargs)
+            return
+        except BufferError:
+            producer.poll(0.05)
+
+
 def make_consumer(settings: Settings, group_id: str, **overrides: Any) -> Consumer:
     """A manually-committing group consumer."""
     return Consumer(settings.kafka_config(**{**CONSUMER_DEFAULTS, "group.id": group_id, **overrides}))

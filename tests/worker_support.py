@@ -17,7 +17,7 @@ from student_data import random_batch
 
 from stream.config import Settings
 from stream.events import decode_decision, encode_requests
-from stream.kafka import make_consumer, make_producer
+from stream.kafka import make_consumer, make_producer, produce_waiting
 from stream.worker import Worker, WorkerConfig
 
 # The CLI as a subprocess, without relying on the venv's bin/ being on PATH (CI does not put it there).
@@ -55,12 +55,7 @@ def produce(settings: Settings, values: list[bytes], keys: list[str | None], rat
         if stop is not None and stop.is_set():
             break
         for v, k in zip(values[start:start + chunk], keys[start:start + chunk], strict=True):
-            while True:
-                try:
-                    p.produce(topic, v, k)
-                    break
-                except BufferError:
-                    p.poll(0.05)
+            produce_waiting(p, topic, v, k)
         p.poll(0)
         if rate:
             due = t0 + (start + chunk) / rate

@@ -114,7 +114,7 @@ def stream_requests(settings: Settings, count: int, rate: float = 0.0, seed: int
     """
     from confluent_kafka import KafkaException
 
-    from stream.kafka import make_admin, make_producer
+    from stream.kafka import make_admin, make_producer, produce_waiting
 
     cfg = config or WorldConfig()
     spec = spec or cfg.feature_spec()
@@ -157,12 +157,7 @@ def stream_requests(settings: Settings, count: int, rate: float = 0.0, seed: int
                 ts = np.full(batch.num_rows, time.time_ns() // 1_000_000, dtype=np.int64)
                 num, cat = _matrices(batch, spec)
                 for rid, value in zip(ids, encode(ids, ts, num, cat, spec), strict=True):
-                    while True:
-                        try:
-                            producer.produce(topic, value, key=rid, on_delivery=on_delivery)
-                            break
-                        except BufferError:  # local queue full: let deliveries drain
-                            producer.poll(0.05)
+                    produce_waiting(producer, topic, value, rid, on_delivery=on_delivery)
                 producer.poll(0)
                 if truth_out is not None:
                     cols = {"request_id": batch.column("request_id"), "ts_ms": pa.array(ts)}
