@@ -48,10 +48,27 @@ class StudentConfig:
     # teacher's ranking best on the demo world (docs/benchmarks.md, fidelity report).
     target_mode: str = "log"
     u_weight: float = 1.0  # weight of the uncertainty regression loss
+    # Rows in the top `tail_share` of a task's teacher u weigh 1 + `tail_weight` in that task's
+    # regression (0 = plain MSE): the decision reads the tail (the top p_u), not the bulk.
+    tail_share: float = 0.2
+    tail_weight: float = 2.0
     soft_label_weight: float = 0.5  # share of BCE on the teacher's mean instead of the label
     quantile_points: int = 1025  # size of the stored u-quantile table (quantile mode)
     uncertainty_measure: str = "prob_var"  # prob_var | logit_var | base_rate_relative
     patience: int = 3  # epochs without validation improvement before stopping
+    # Distillation inputs beyond the logged rows: `augment_copies` x the training rows, each a
+    # logged row with every feature swapped, with probability `augment_swap`, for the same
+    # feature of another random row; the teacher labels them (no true label needed). The
+    # uncertainty head is a regression on a function of x, and more inputs near the data
+    # close most of its train/test gap (docs/results.md).
+    augment_copies: int = 0
+    augment_swap: float = 0.3
+    # Target-mode comparison (the fidelity report's tail_winner): every mode trained alike on
+    # `compare_rows` logged training rows for `compare_epochs` epochs, no augmentation, so
+    # the comparison is fair and cheap next to the served student's full budget.
+    compare_target_modes: bool = True
+    compare_rows: int = 60_000
+    compare_epochs: int = 6
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -63,6 +80,10 @@ class StudentConfig:
             raise ValueError("student hidden sizes must be positive")
         if self.quantile_points < 2:
             raise ValueError("student quantile_points must be >= 2")
+        if not 0.0 < self.tail_share < 1.0 or self.tail_weight < 0:
+            raise ValueError("student tail_share must be in (0, 1) and tail_weight >= 0")
+        if self.augment_copies < 0 or not 0.0 <= self.augment_swap <= 1.0:
+            raise ValueError("student augment_copies must be >= 0 and augment_swap in [0, 1]")
 
     @classmethod
     def from_any(cls, obj: Any) -> StudentConfig:

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from student_data import TASKS, random_batch
+from student_data import TASKS, fitted, random_batch
 
 from model import bundle
 from model.preprocess import Preprocessor
@@ -81,3 +81,66 @@ def test_fidelity_primitives():
     assert deals_kept(y, s, u, 0.0) == pytest.approx(2 / 3)
     assert deals_kept(y, s, u, 1 / 6) == pytest.approx(1.0)
     assert deals_kept(y, s, u, 1 / 6, block_share=5 / 6) == pytest.approx(1 / 3)
+
+
+def _input_teacher(x: np.ndarray, idx: np.ndarray) -> SimpleNamespace:
+    """A known teacher on preprocessed inputs, so augmented rows can be labelled."""
+    logit = np.stack([0.8 * x[:, 1], 0.5 * x[:, 1] - 1.5, 0.4 * x[:, 3] - 3,
+                      0.4 * x[:, 1] + 0.3 * x[:, 3] - 4], 1) + (idx[:, :1] == 2) * 1.0
+    prob = (1 / (1 + np.exp(-logit))).astype(np.float32)
+    var = ((prob * (1 - prob)) ** 2 * (0.05 + 0.2 * np.abs(np.tanh(x[:, [3]])))).astype(np.float32)
+    return SimpleNamespace(mean=prob, var=var, logit_var=var, relative=var)
+
+
+def test_augmented_distillation_labels_new_rows_with_the_teacher(tmp_path):
+    from training.distill import distill_and_export
+
+    train, _ = _world(3_000, 0)
+    valid, _ = _world(1_000, 1)
+    pre = Preprocessor.fit(train.spec, train.num, train.cat)
+    tp_train, tp_valid = (_input_teacher(*pre.transform(s.num, s.cat)) for s in (train, valid))
+    cfg = {"hidden": [16, 8], "epochs": 2, "batch_size": 512, "augment_copies": 2,
+           "compare_target_modes": False}
+    metrics = distill_and_export(tmp_path / "v1", pre, tp_train, train, tp_valid, valid, cfg,
+                                 progress=False, teacher=_input_teacher)
+    assert metrics["student"]["augmented"]["rows"] == 6_000
+    assert "tail_winner" not in metrics["fidelity"] or metrics["fidelity"]["tail_winner"] is None
+    assert max(metrics["onnx_vs_torch_max_abs"].values()) <= 1e-5
+    with pytest.raises(ValueError, match="needs the teacher"):
+        distill_and_export(tmp_path / "v2", pre, tp_train, train, tp_valid, valid, cfg, progress=False)
+
+
+def test_augment_rows_swaps_whole_features_between_logged_rows():
+    from training.distill import augment_rows
+
+    pre, num, cat = fitted(500, seed=3)
+    x, idx = pre.transform(num, cat)
+    n_num = len(pre.spec.numeric)
+    same_x, same_idx = augment_rows(x, idx, n_num, copies=2, p_swap=0.0, seed=1)
+    assert same_x.shape == (1000, x.shape[1]) and same_idx.shape == (1000, idx.shape[1])
+    rows = {r.tobytes() for r in np.concatenate([x, idx.astype(np.float32)], 1)}
+    assert all(r.tobytes() in rows for r in np.concatenate([same_x, same_idx.astype(np.float32)], 1))
+    ax, aidx = augment_rows(x, idx, n_num, copies=3, p_swap=0.5, seed=1)
+    again = augment_rows(x, idx, n_num, copies=3, p_swap=0.5, seed=1)
+    assert np.array_equal(ax, again[0]) and np.array_equal(aidx, again[1])
+    # every numeric feature of a new row is a logged (value, missing flag) pair of that column
+    for j in range(n_num):
+        logged = set(zip(x[:, j].tolist(), x[:, n_num + j].tolist(), strict=True))
+        assert set(zip(ax[:, j].tolist(), ax[:, n_num + j].tolist(), strict=True)) <= logged
+    for j in range(idx.shape[1]):
+        assert set(aidx[:, j].tolist()) <= set(idx[:, j].tolist())
+    # with p_swap = 0.5 almost no new row is a logged row
+    assert len({r.tobytes() for r in ax} - {r.tobytes() for r in x}) > 0.9 * len(ax)
+    with pytest.raises(ValueError, match="missing flags"):
+        augment_rows(x[:, :n_num], idx, n_num, copies=1, p_swap=0.5)
+
+
+def test_tail_weights_have_mean_one_and_favour_the_tail():
+    from training.distill import tail_weights
+
+    u = np.random.default_rng(0).lognormal(size=(1000, 2))
+    thr = np.quantile(u, 0.8, axis=0)
+    w = tail_weights(u, thr, 2.0)
+    assert np.allclose(w.mean(axis=0), 1.0)
+    assert np.allclose(w[u >= thr] / w[u < thr].max(), 3.0)
+    assert np.allclose(tail_weights(u, thr, 0.0), 1.0)

@@ -5,10 +5,11 @@ Called once by the training pipeline (`rta train`) after the teacher:
     metrics = distill_and_export(bundle_dir, pre, teacher_pred_train, train,
                                  teacher_pred_valid, valid, profile_cfg)
 
-Steps: targets (labels, teacher mean, teacher uncertainty rescaled) -> train the student (early
-stopping on validation loss) -> optionally train the other target mode for the tail comparison
--> export student.onnx -> score validation through onnxruntime (the served path) -> fidelity
-report -> default thresholds -> manifest -> publish `<model_dir>/current`.
+Steps: targets (labels, teacher mean, teacher uncertainty rescaled) -> optionally more inputs
+(logged rows with swapped features, labelled by the teacher) -> train the student (early
+stopping on validation loss) -> optionally one small student per target mode for the tail
+comparison -> export student.onnx -> score validation through onnxruntime (the served path)
+-> fidelity report -> default thresholds -> manifest -> publish `<model_dir>/current`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import copy
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,22 +51,31 @@ def _tasks_of(logset: Any) -> list[str]:
 
 
 class _Data:
-    """One split as tensors: inputs, labels, teacher mean, head targets."""
+    """One split as tensors: inputs, labels, teacher mean, head targets, per-target weights."""
 
     def __init__(self, x: np.ndarray, idx: np.ndarray, y: np.ndarray, soft: np.ndarray,
-                 target: np.ndarray) -> None:
+                 target: np.ndarray, weight: np.ndarray) -> None:
         self.x = torch.from_numpy(np.ascontiguousarray(x, np.float32))
         self.idx = torch.from_numpy(np.ascontiguousarray(idx, np.int64))
         self.y = torch.from_numpy(np.ascontiguousarray(soft, np.float32))
         self.target = torch.from_numpy(np.ascontiguousarray(target, np.float32))
+        self.weight = torch.from_numpy(np.ascontiguousarray(weight, np.float32))
         self.n = self.x.shape[0]
+
+
+def tail_weights(u: np.ndarray, threshold: np.ndarray, tail_weight: float) -> np.ndarray:
+    """Regression weight per (row, task): 1 + tail_weight above the task's tail threshold,
+    scaled to mean 1 per task. The policy acts on the most uncertain few percent (tau_u), so
+    the student's errors there cost more than in the bulk."""
+    w = 1.0 + tail_weight * (np.asarray(u) >= threshold)
+    return (w / w.mean(axis=0)).astype(np.float32)
 
 
 def _loss(student: Student, d: _Data, rows: slice | torch.Tensor, u_weight: float
           ) -> tuple[torch.Tensor, torch.Tensor]:
     logit, u_raw = student.raw(d.x[rows], d.idx[rows])
     bce = F.binary_cross_entropy_with_logits(logit, d.y[rows])
-    mse = F.mse_loss(student.head_target(u_raw), d.target[rows])
+    mse = (d.weight[rows] * (student.head_target(u_raw) - d.target[rows]) ** 2).mean()
     return bce + u_weight * mse, mse
 
 
@@ -104,8 +115,11 @@ def train_student(
     x, idx, y, t_mean, t_u = train
     vx, vidx, vy, vt_mean, vt_u = valid
     a = cfg.soft_label_weight
-    tr = _Data(x, idx, y, (1 - a) * y + a * t_mean, student.set_target_map(t_u, y))
-    va = _Data(vx, vidx, vy, (1 - a) * vy + a * vt_mean, _encode_valid(student, vt_u))
+    tail = np.quantile(t_u, 1.0 - cfg.tail_share, axis=0)
+    tr = _Data(x, idx, y, (1 - a) * y + a * t_mean, student.set_target_map(t_u, y),
+               tail_weights(t_u, tail, cfg.tail_weight))
+    va = _Data(vx, vidx, vy, (1 - a) * vy + a * vt_mean, _encode_valid(student, vt_u),
+               tail_weights(vt_u, tail, cfg.tail_weight))
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = max(1, -(-tr.n // cfg.batch_size))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps,
@@ -157,6 +171,48 @@ def default_thresholds(manifest: dict[str, Any], p: np.ndarray, u: np.ndarray,
     return {**targets, "theta": theta, "tau_u": tau_u, "fitted_on": "validation"}
 
 
+def augment_rows(x: np.ndarray, idx: np.ndarray, n_num: int, copies: int, p_swap: float,
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`copies` x len(x) new inputs near the logged ones, for the teacher to label.
+
+    Each is a random logged row whose features are each, with probability `p_swap`, replaced by
+    the same feature of another random row: the column swap of MUNGE (Bucilua et al. 2006,
+    "Model compression") without its nearest-neighbour step. Inputs are in the preprocessed
+    space, x = [z (n_num), isnan flags (n_num)], so a value and its flag move together.
+    """
+    n = len(x)
+    if copies <= 0 or n == 0:
+        return x[:0], idx[:0]
+    if x.shape[1] != 2 * n_num:
+        raise ValueError(f"x has {x.shape[1]} columns, expected 2 * {n_num} (values + missing flags)")
+    rng = np.random.default_rng(seed)
+    m = copies * n
+    base, donor = rng.integers(0, n, m), rng.integers(0, n, m)
+    xa, ia = x[base], idx[base]
+    swap = rng.random((m, n_num)) < p_swap
+    np.copyto(xa, x[donor], where=np.concatenate([swap, swap], axis=1))
+    np.copyto(ia, idx[donor], where=rng.random(ia.shape) < p_swap)
+    return xa, ia
+
+
+def compare_target_modes(pre: Preprocessor, train: tuple[np.ndarray, ...], valid: tuple[np.ndarray, ...],
+                         tasks: list[str], cfg: StudentConfig, progress: bool = True
+                         ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Validation u of one student per target mode, each trained alike on the same
+    `compare_rows` logged rows for `compare_epochs` epochs (no augmentation): which mode keeps
+    the tail, at a fraction of the served student's cost."""
+    n = len(train[0])
+    rows = np.sort(np.random.default_rng(cfg.seed).permutation(n)[: min(cfg.compare_rows, n)])
+    sub = tuple(a[rows] for a in train)
+    u, info = {}, {}
+    for mode in TARGET_MODES:
+        c = dataclasses.replace(cfg, target_mode=mode, epochs=cfg.compare_epochs, augment_copies=0)
+        st, si = train_student(pre, sub, valid, tasks, c, progress)
+        u[mode] = st.predict(valid[0], valid[1])[1]
+        info[mode] = {"best_valid_loss": si["best_valid_loss"], "seconds": round(si["seconds"], 1)}
+    return u, {"rows": len(rows), "epochs": cfg.compare_epochs, "modes": info}
+
+
 def distill_and_export(
     bundle_dir: str | Path,
     pre: Preprocessor,
@@ -167,10 +223,14 @@ def distill_and_export(
     profile_cfg: Any = None,
     publish: bool = True,
     progress: bool = True,
+    teacher: Callable[[np.ndarray, np.ndarray], Any] | None = None,
 ) -> dict[str, Any]:
     """Train the student, write student.onnx + manifest into `bundle_dir`, publish it as current.
 
-    Returns the metrics stored in the manifest (student training, fidelity, acceptance).
+    `teacher(x, idx)` (preprocessed inputs -> a prediction like `teacher_pred_train`, from
+    the same weight draws) labels the augmented rows; it is required when the student config
+    asks for `augment_copies`. Returns the metrics stored in the manifest (student training,
+    fidelity, acceptance).
     """
     bundle_dir = Path(bundle_dir)
     cfg = StudentConfig.from_any(getattr(profile_cfg, "student", profile_cfg if isinstance(profile_cfg, dict) else None))
@@ -179,19 +239,28 @@ def distill_and_export(
         t: bundle.DEFAULT_SOURCE_MAP.get(t, t) for t in tasks}
     x, idx = pre.transform(train.num, train.cat)
     vx, vidx = pre.transform(valid.num, valid.cat)
-    tr = (x, idx, train.labels, teacher_pred_train.mean, _measure(teacher_pred_train, cfg.uncertainty_measure))
+    logged = (x, idx, train.labels, teacher_pred_train.mean, _measure(teacher_pred_train, cfg.uncertainty_measure))
     t_u_valid = _measure(teacher_pred_valid, cfg.uncertainty_measure)
     va = (vx, vidx, valid.labels, teacher_pred_valid.mean, t_u_valid)
 
+    tr, augmented = logged, 0
+    if cfg.augment_copies:
+        if teacher is None:
+            raise ValueError("student augment_copies > 0 needs the teacher to label the new rows")
+        ax, aidx = augment_rows(x, idx, len(pre.spec.numeric), cfg.augment_copies, cfg.augment_swap, cfg.seed)
+        t0 = time.perf_counter()
+        ap = teacher(ax, aidx)
+        am = np.asarray(ap.mean, np.float32)
+        # no true label for a new row: its BCE target is the teacher's mean
+        tr = tuple(np.concatenate([a, b]) for a, b in zip(logged, (ax, aidx, am, am, _measure(ap, cfg.uncertainty_measure)),
+                                                       strict=True))
+        augmented = {"rows": len(ax), "swap": cfg.augment_swap, "teacher_seconds": round(time.perf_counter() - t0, 1)}
+        del ax, aidx, ap
     student, info = train_student(pre, tr, va, tasks, cfg, progress)
-    alternatives, alt_info = {}, {}
-    if cfg.extra.get("compare_target_modes", True):
-        for mode in TARGET_MODES:
-            if mode == cfg.target_mode:
-                continue
-            other, oi = train_student(pre, tr, va, tasks, dataclasses.replace(cfg, target_mode=mode), progress)
-            alternatives[mode] = other.predict(vx, vidx)[1]
-            alt_info[mode] = {k: oi[k] for k in ("best_valid_loss", "seconds")}
+    del tr
+    comparison, comparison_info = ({}, {})
+    if cfg.compare_target_modes:
+        comparison, comparison_info = compare_target_modes(pre, logged, va, tasks, cfg, progress)
 
     export_bundle(bundle_dir, pre, student, measure=cfg.uncertainty_measure, source_map=source_map)
     sess = ort.InferenceSession(str(bundle_dir / bundle.STUDENT_ONNX), providers=["CPUExecutionProvider"])
@@ -202,13 +271,14 @@ def distill_and_export(
 
     fid = fidelity_report(teacher_pred_valid.mean, t_u_valid, s_p, s_u, valid.labels, tasks,
                           out_dir=bundle_dir / "fidelity", source_map=source_map,
-                          alternatives=alternatives, primary_mode=cfg.target_mode)
+                          target_modes=comparison, primary_mode=cfg.target_mode)
     metrics = {
         "student": {"config": cfg.to_dict(), **{k: v for k, v in info.items() if k != "history"},
-                    "epochs_run": len(info["history"]), "alternatives": alt_info},
+                    "epochs_run": len(info["history"]), "augmented": augmented,
+                    "target_mode_comparison": comparison_info},
         "onnx_vs_torch_max_abs": parity,
         "fidelity": {
-            "tasks": fid["tasks"], "tail_winner": fid["tail_winner"],
+            "tasks": fid["tasks"], "tail_winner": fid.get("tail_winner"),
             "acceptance": acceptance(fid, source_map.get("deal", "click") if "deal" in tasks else tasks[0]),
             "report": "fidelity/fidelity.json",
         },

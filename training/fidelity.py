@@ -75,14 +75,16 @@ def fidelity_report(
     tasks: list[str] | tuple[str, ...],
     out_dir: str | Path | None = None,
     source_map: dict[str, str] | None = None,
-    alternatives: dict[str, np.ndarray] | None = None,
+    target_modes: dict[str, np.ndarray] | None = None,
     primary_mode: str = "student",
 ) -> dict[str, Any]:
     """Teacher vs student on one labelled set; all arrays [N, T] in `tasks` order.
 
-    `alternatives` maps a name (e.g. "quantile") to another student's u [N, T] whose
-    uncertainty fidelity is reported beside the primary one (which target mode keeps the
-    tail). With `out_dir`, writes fidelity.json and three PNGs there.
+    `target_modes` maps a target mode (e.g. "quantile") to the u [N, T] of a student that
+    differs from the others only in that mode (same rows, same budget); the report says which
+    keeps the teacher's high-uncertainty tail (`tail_winner`). The served student is not in
+    that race: it may have had a larger budget. With `out_dir`, writes fidelity.json and three
+    PNGs there.
     """
     tasks = list(tasks)
     col = {t: i for i, t in enumerate(tasks)}
@@ -95,10 +97,12 @@ def fidelity_report(
             "auc_teacher": auc_t, "auc_student": auc_s, "auc_gap": auc_t - auc_s,
             "uncertainty": _uncertainty_fidelity(teacher_u[:, j], student_u[:, j]),
         }
-    modes = {primary_mode: student_u, **(alternatives or {})}
-    for name, su in modes.items():
+    for name, su in (target_modes or {}).items():
         report["target_modes"][name] = {t: _uncertainty_fidelity(teacher_u[:, j], su[:, j]) for t, j in col.items()}
-    report["tail_winner"] = _tail_winner(report["target_modes"], tasks, source_map)
+    if target_modes:
+        report["tail_winner"] = _tail_winner(report["target_modes"], tasks, source_map)
+    modes = {f"served, {primary_mode}": student_u,
+             **{f"{name}, comparison": su for name, su in (target_modes or {}).items()}}
     curves = _curves(teacher_p, teacher_u, student_p, student_u, y, col)
     report["residual_auc"] = curves["residual_auc"]
     report["deals_kept"] = curves["deals_kept"]
@@ -173,7 +177,9 @@ def _plots(out: Path, teacher_u: np.ndarray, modes: dict[str, np.ndarray], tasks
         ax.hist(np.clip(teacher_u[:, j], bins[0], None), bins=bins, histtype="stepfilled", alpha=0.35,
                 label="teacher", color="k")
         for name, u in modes.items():
-            ax.hist(np.clip(u[:, j], bins[0], None), bins=bins, histtype="step", lw=1.5, label=f"student ({name})")
+            comparison = name.endswith("comparison")
+            ax.hist(np.clip(u[:, j], bins[0], None), bins=bins, histtype="step", lw=0.9 if comparison else 1.6,
+                    ls="--" if comparison else "-", label=f"student ({name})")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_title(f"{t} uncertainty")

@@ -15,6 +15,7 @@ Stages, in order (each prints one line; long ones show tqdm bars):
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -222,6 +223,13 @@ def teacher_predict(model: MultiTaskNet, swag: SWAG, pre: Preprocessor, logs: Lo
     """DAUM on a log set: M sampled weight vectors (the profile's M unless given), mean +
     uncertainty measures per task."""
     x, idx = pre.transform(logs.num, logs.cat)
+    return teacher_predict_inputs(model, swag, profile, x, idx, seed, n_samples)
+
+
+def teacher_predict_inputs(model: MultiTaskNet, swag: SWAG, profile: Profile, x: np.ndarray, idx: np.ndarray,
+                           seed: int = 0, n_samples: int | None = None) -> TeacherPrediction:
+    """`teacher_predict` on preprocessed inputs. The weight draws depend on (seed, M) only, so
+    every call with the same pair is the same M-network teacher."""
     return swag.predict(model, x, idx, n_samples=n_samples or profile.n_samples, scale=profile.swag_scale,
                         seed=seed, method=profile.inference)
 
@@ -323,11 +331,12 @@ def run_training(logs_path: str | Path, out: str | Path, profile: Profile, seed:
             raise BundleError("student stage: training/distill.py is not built yet; the teacher is in "
                               f"{bundle_dir}; rerun with --teacher-only to skip the student") from None
         m_distill = profile.distill_samples or profile.n_samples
-        log(f"teacher targets for the student: M = {m_distill} SWAG samples")
+        log(f"teacher targets for the student: M = {m_distill} SWAG samples (seed {seed})")
         pred_fit = teacher_predict(model, swag, pre, splits.fit, profile, seed, n_samples=m_distill)
         pred_valid = teacher_predict(model, swag, pre, splits.valid, profile, seed, n_samples=m_distill)
+        label = functools.partial(teacher_predict_inputs, model, swag, profile, seed=seed, n_samples=m_distill)
         metrics = distill_and_export(bundle_dir, pre, pred_fit, splits.fit, pred_valid, splits.valid, profile,
-                                     progress=progress)
+                                     progress=progress, teacher=label)
         (bundle_dir / "student_metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
         log(f"student distilled and exported ({time.perf_counter() - t0:.0f}s so far)")
 

@@ -38,9 +38,11 @@ class Profile:
     weight_decay: float = 1e-5
     task_weights: tuple[float, ...] | None = None  # BCE weight per task (None = all 1)
     n_samples: int = 11  # M weight samples at inference
-    # M for the student's uncertainty targets (0 = n_samples). With M = 11 the click u of a
-    # low-rank SWAG posterior is largely the draw (two seeds agree at Spearman ~0.7 on the demo
-    # world, docs/results.md); distilling a larger-M estimate teaches the posterior, not the draw.
+    # M for the student's uncertainty targets. 0 = the teacher itself: its M weight draws of
+    # the same seed, so the student learns the function it replaces. A larger M teaches a
+    # smoother estimate of the posterior instead; the click u of an M = 11 low-rank SWAG
+    # teacher is largely its draw (another seed agrees at Spearman ~0.7 on the demo world),
+    # so such a student follows the served teacher less closely (docs/results.md).
     distill_samples: int = 0
     swag_scale: float = 1.0  # multiplies the SWAG covariance (1 = the paper's Eq. 29)
     inference: str = "loop"  # "loop" | "vmap": how the M passes run (see docs/results.md)
@@ -79,7 +81,7 @@ PROFILES: dict[str, Profile] = {
                       tower_hidden=8, n_latents=4),
         epochs=3, swag_epochs=2, snapshots_per_epoch=3, max_rank=6, batch_size=512, lr=3e-3,
         swag_lr=1.5e-3, n_samples=5, max_train_rows=20_000, baseline_epochs=2,
-        student={"hidden": (32, 16), "epochs": 2, "batch_size": 512,
+        student={"hidden": (32, 16), "epochs": 2, "batch_size": 512, "augment_copies": 1,
                  "compare_target_modes": False},
     ),
     "demo": Profile(
@@ -87,16 +89,17 @@ PROFILES: dict[str, Profile] = {
         net=NetConfig(arch="ple", expert="mlp", d_token=4, expert_dim=32, mlp_hidden=64,
                       tower_hidden=16, n_latents=8),
         epochs=6, swag_epochs=3, snapshots_per_epoch=4, max_rank=12, batch_size=1024,
-        lr=2e-3, swag_lr=5e-4, weight_decay=0.05, baseline_epochs=6, distill_samples=32,
-        student={"hidden": (256, 128), "head_hidden": 32, "epochs": 12, "target_mode": "log"},
+        lr=2e-3, swag_lr=5e-4, weight_decay=0.05, baseline_epochs=6,
+        student={"hidden": (256, 128), "head_hidden": 48, "epochs": 10, "lr": 3e-3, "target_mode": "log",
+                 "augment_copies": 3},
     ),
     "paper": Profile(
         name="paper",
         net=NetConfig(arch="ple", expert="transformer", d_token=16, expert_dim=128, mlp_hidden=256,
                       n_heads=4, n_layers=2, n_latents=0, tower_hidden=64),
         epochs=20, swag_epochs=5, snapshots_per_epoch=4, max_rank=20, batch_size=512,
-        lr=1e-3, swag_lr=5e-4, transformer_net={}, distill_samples=32,
-        student={"hidden": (256, 128), "epochs": 10},
+        lr=1e-3, swag_lr=5e-4, transformer_net={},
+        student={"hidden": (256, 128), "epochs": 10, "augment_copies": 2},
     ),
 }
 
