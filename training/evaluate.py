@@ -217,12 +217,12 @@ def student_fidelity(bundle_dir: Path, pred: TeacherPrediction, logs: LogSet, ou
     s_p = np.concatenate([c[0] for c in chunks])
     s_u = np.concatenate([c[1] for c in chunks])
     measure = scorer.manifest.get("uncertainty", {}).get("measure", "prob_var")
+    mode = scorer.manifest.get("uncertainty", {}).get("rescale", {}).get("mode")
     source_map = scorer.manifest.get("uncertainty_source") or {}
     fid = fidelity_report(pred.mean, pred.measure(measure), s_p, s_u, logs.labels, scorer.tasks,
-                          out_dir=out_dir, source_map=source_map)
+                          out_dir=out_dir, source_map=source_map, primary_mode=mode or "student")
     source = source_map.get("deal", "click") if "deal" in scorer.tasks else scorer.tasks[0]
-    return {"version": scorer.version, "measure": measure, "target_mode":
-            scorer.manifest.get("uncertainty", {}).get("rescale", {}).get("mode"),
+    return {"version": scorer.version, "measure": measure, "target_mode": mode,
             "tasks": fid["tasks"], "residual_auc": fid["residual_auc"], "deals_kept": fid["deals_kept"],
             "acceptance": acceptance(fid, source), "plots": [f"fidelity/{p}" for p in fid.get("plots", [])],
             "u": s_u}
@@ -231,12 +231,14 @@ def student_fidelity(bundle_dir: Path, pred: TeacherPrediction, logs: LogSet, ou
 def teacher_references(model: MultiTaskNet, swag: Any, pre: Any, logs: LogSet, profile: Any, seed: int,
                        pred: TeacherPrediction, student_u: np.ndarray, tasks: tuple[str, ...],
                        measure: str = "prob_var") -> dict[str, Any]:
-    """How reproducible the teacher's own u is, and the student against a larger-M teacher.
+    """How much of the teacher's u is its particular weight draws, and what the student follows.
 
-    The M = 11 teacher's u is an estimate from 11 weight draws shared by every row; a second
-    set of draws (seed + 1) says how much of its ranking is the posterior and how much the draw,
-    which bounds what any student can match. With `distill_samples` > M the student was
-    trained on that larger-M estimate; it is compared with it here too.
+    The teacher's u comes from M weight draws (seed) shared by every row. A second set of draws
+    (seed + 1) ranks the rows differently; how differently says how much of the ranking is the
+    posterior and how much the draw. The student, distilled from the teacher's own draws,
+    is compared with the other set too: close to the teacher's self-agreement means it learned
+    the teacher as a whole, not only its posterior. With `distill_samples` > M the student was
+    trained on a larger-M estimate instead; it is compared with that as well.
     """
     from training.pipeline import teacher_predict
 
@@ -250,7 +252,9 @@ def teacher_references(model: MultiTaskNet, swag: Any, pre: Any, logs: LogSet, p
         out["distill_samples"] = m_big
     for j, t in enumerate(tasks):
         row = {"teacher_vs_teacher_other_draw": {"spearman": spearman(first[:, j], other[:, j]),
-                                                 "top10_overlap": top_overlap(first[:, j], other[:, j], 0.1)}}
+                                                 "top10_overlap": top_overlap(first[:, j], other[:, j], 0.1)},
+               "student_vs_teacher_other_draw": {"spearman": spearman(student_u[:, j], other[:, j]),
+                                                 "top10_overlap": top_overlap(student_u[:, j], other[:, j], 0.1)}}
         if big is not None:
             row["teacher_vs_teacher_large_m"] = {"spearman": spearman(first[:, j], big[:, j]),
                                                  "top10_overlap": top_overlap(first[:, j], big[:, j], 0.1)}

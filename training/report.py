@@ -230,17 +230,17 @@ def _student_section(s: dict[str, Any], tasks: list[str]) -> list[str]:
     ref = s.get("references")
     if ref:
         big = ref.get("distill_samples")
-        lines += ["", f"How reproducible is the teacher's own u ({ref['measure']}, M = {ref['n_samples']})? "
-                  "Spearman / top-10% overlap of the teacher with a second set of weight draws"
-                  + (f", and of the teacher and the student with an M = {big} estimate (the student's targets)"
-                     if big else "") + ". A student cannot be expected to match the teacher's draw better "
-                  "than the teacher matches itself.", ""]
-        header = ["task", "teacher vs other draw"] + (
+        lines += ["", f"How much of the teacher's u ({ref['measure']}, M = {ref['n_samples']}) is its particular "
+                  "weight draws? Spearman / top-10% overlap of the teacher and of the student with a second "
+                  "set of draws" + (f", and with an M = {big} estimate (the student's targets)" if big else "")
+                  + ". The teacher's agreement with the other draws bounds what anything matches there; "
+                  "the student, distilled from the teacher's own draws, follows those (table above).", ""]
+        header = ["task", "teacher vs other draw", "student vs other draw"] + (
             [f"teacher vs M = {big}", f"student vs M = {big}"] if big else [])
         rows = []
         for t in tasks:
             r = ref["tasks"][t]
-            keys = ["teacher_vs_teacher_other_draw"] + (
+            keys = ["teacher_vs_teacher_other_draw", "student_vs_teacher_other_draw"] + (
                 ["teacher_vs_teacher_large_m", "student_vs_teacher_large_m"] if big else [])
             rows.append([t, *[f"{_fmt(r[k]['spearman'], 3)} / {_fmt(r[k]['top10_overlap'], 3)}" for k in keys]])
         lines += _table(header, rows)
