@@ -243,7 +243,7 @@ def distill_and_export(
     t_u_valid = _measure(teacher_pred_valid, cfg.uncertainty_measure)
     va = (vx, vidx, valid.labels, teacher_pred_valid.mean, t_u_valid)
 
-    tr, augmented = logged, 0
+    tr, augmented = logged, {"rows": 0}
     if cfg.augment_copies:
         if teacher is None:
             raise ValueError("student augment_copies > 0 needs the teacher to label the new rows")
