@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from model.ple import MultiTaskNet, NetConfig, count_parameters
 from model.preprocess import Preprocessor
+from model.student import StudentConfig
 from model.swag import SWAG
 from model.uncertainty import TeacherPrediction
 from stream.errors import BundleError, DataError
@@ -335,6 +336,10 @@ def run_training(logs_path: str | Path, out: str | Path, profile: Profile, seed:
         pred_fit = teacher_predict(model, swag, pre, splits.fit, profile, seed, n_samples=m_distill)
         pred_valid = teacher_predict(model, swag, pre, splits.valid, profile, seed, n_samples=m_distill)
         label = functools.partial(teacher_predict_inputs, model, swag, profile, seed=seed, n_samples=m_distill)
+        copies = StudentConfig.from_any(profile.student).augment_copies
+        if copies:
+            log(f"student inputs: {len(splits.fit)} logged + {copies * len(splits.fit)} new rows "
+                f"({copies} swapped-feature copies), the new ones labelled by the teacher now")
         metrics = distill_and_export(bundle_dir, pre, pred_fit, splits.fit, pred_valid, splits.valid, profile,
                                      progress=progress, teacher=label)
         (bundle_dir / "student_metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
