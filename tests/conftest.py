@@ -171,3 +171,15 @@ def redis_client(redis_server: Server) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_server.url)
     yield client
     client.close()
+
+
+@pytest.fixture
+def torch_one_thread() -> Iterator[None]:
+    """Tiny tensors: one intra-op thread is fastest, and immune to a busy shared CPU. torch is
+    imported here, not at the top, so serving-path tests never load it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -7,14 +7,7 @@ import torch
 
 from model.ple import BASELINES, CGC, MultiTaskNet, NetConfig
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and immune to a busy shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 CARDS = (6, 4, 3)
 

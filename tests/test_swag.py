@@ -12,14 +12,7 @@ from model.ple import MultiTaskNet, NetConfig
 from model.swag import SWAG
 from model.uncertainty import summarise_samples
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and immune to a busy shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 # Four snapshots of a 3-weight "network".
 SNAPSHOTS = torch.tensor([
