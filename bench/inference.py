@@ -1,9 +1,15 @@
 """`rta bench inference`: teacher (M SWAG passes, torch) vs student (one ONNX pass), same process.
 
-Both sides start from the same raw batch (num float32 with NaN, cat strings), so both pay their
-preprocessing: the teacher `Preprocessor.transform` + `SWAG.predict(M)` (which draws the M weight
-vectors and runs the M passes batched), the student one onnxruntime call with preprocessing in
-the graph. Same thread count for torch and onnxruntime. Prints one JSON object.
+Every side starts from the same raw batch (num float32 with NaN, cat strings), so each pays its
+preprocessing. Timed round-robin, per batch size:
+- teacher: `Preprocessor.transform` + `SWAG.predict(M)`, which draws the M weight vectors on
+  every call, as `rta eval` and the distillation run it;
+- teacher_presampled: `Preprocessor.transform` + M networks holding weights drawn once, one pass
+  each (what a server keeping its samples would pay; the conservative reference);
+- student: one onnxruntime call of `student.onnx`, preprocessing in the graph;
+- student_preprocessing: the front of that graph alone (raw batch -> network input). It is the
+  part of a student call no smaller network removes, so teacher_presampled / it bounds the ratio.
+Same thread count for torch and onnxruntime. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -13,7 +19,6 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -66,51 +71,38 @@ def _raw_rows(pre: Any, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return num, cat
 
 
-def _untrained_demo(threads: int, workdir: Path) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
-    """Demo-profile teacher and student with untrained weights (same shapes, same cost)."""
+def _untrained(profile_name: str) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
+    """A profile's teacher and student with untrained weights (same shapes, same cost)."""
     import torch
 
-    from model.export import export_onnx
-    from model.ple import MultiTaskNet, NetConfig
+    from model.ple import MultiTaskNet
     from model.preprocess import Preprocessor
     from model.student import Student, StudentConfig
     from model.swag import SWAG
+    from training.pipeline import net_config
+    from training.profiles import get_profile
     from training.world import generate_table
 
-    profile, source = _demo_profile()
+    profile = get_profile(profile_name)
     table = generate_table(20_000, seed=1)
     num, cat, spec = _table_arrays(table)
     pre = Preprocessor.fit(spec, num, cat)
-    tasks = list(profile.tasks) if getattr(profile, "tasks", None) else ["click", "online", "cart", "deal"]
-    net_fields = profile.net.to_dict() if profile is not None else {}
-    net_fields.update(tasks=tuple(tasks), n_num=len(spec.numeric), cardinalities=tuple(pre.cardinalities))
-    model = MultiTaskNet(NetConfig(**{k: v for k, v in net_fields.items() if k in NetConfig.__dataclass_fields__}))
-    model.eval()
-    rank = int(getattr(profile, "max_rank", 20))
+    tasks = ("click", "online", "cart", "deal")
+    model = MultiTaskNet(net_config(profile, pre, tasks)).eval()
+    rank = profile.max_rank
     swag = SWAG(sum(p.numel() for p in model.parameters()), max_rank=rank)
     base = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
     gen = torch.Generator().manual_seed(0)
     for _ in range(max(rank, 2)):  # snapshots around the initial weights: a full-rank posterior
         swag.collect(base + 0.01 * torch.randn(base.shape, generator=gen))
-    scfg = StudentConfig.from_any(getattr(profile, "student", None))
-    student = Student(pre.n_inputs, pre.cardinalities, tasks, scfg)
+    scfg = StudentConfig.from_any(profile.student)
+    student = Student(pre.n_inputs, pre.cardinalities, list(tasks), scfg)
     rng = np.random.default_rng(0)
     student.set_target_map(rng.random((1000, len(tasks))) * 0.01, rng.random((1000, len(tasks))) < 0.1)
-    onnx_path = export_onnx(pre, student, workdir / "student.onnx")
-    info = {"mode": "untrained demo-profile architectures", "profile_source": source,
-            "teacher_config": model.cfg.to_dict(),
-            "student_config": scfg.to_dict(), "swag_rank": swag.rank,
-            "teacher_method": getattr(profile, "inference", "vmap")}
-    return model, swag, pre, onnx_path, info
-
-
-def _demo_profile() -> tuple[Any, str]:
-    """The demo profile, or (until training/profiles.py exists) the NetConfig defaults, named as such."""
-    try:
-        from training.profiles import get_profile
-    except ImportError:
-        return None, "NetConfig/StudentConfig defaults (training.profiles not available)"
-    return get_profile("demo"), "training.profiles demo"
+    info = {"mode": f"untrained {profile_name}-profile architectures", "profile": profile_name,
+            "teacher_config": model.cfg.to_dict(), "student_config": scfg.to_dict(),
+            "swag_rank": swag.rank, "teacher_method": profile.inference}
+    return model, swag, pre, student, info
 
 
 def _table_arrays(table: Any) -> tuple[np.ndarray, np.ndarray, Any]:
@@ -125,83 +117,109 @@ def _table_arrays(table: Any) -> tuple[np.ndarray, np.ndarray, Any]:
     return num, cat, FeatureSpec(numeric, categorical)
 
 
-def _from_bundle(model_dir: Path) -> tuple[Any, Any, Any, Path, dict[str, Any]]:
-    from model.bundle import STUDENT_ONNX, resolve_bundle
+def _from_bundle(model_dir: Path) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
+    import torch
+
+    from model.bundle import resolve_bundle
+    from model.student import Student
     from training.pipeline import load_teacher
 
     bundle = resolve_bundle(model_dir)
     model, swag, pre, cfg = load_teacher(bundle)
     model.eval()
-    return model, swag, pre, bundle / STUDENT_ONNX, {"mode": "bundle", "bundle": str(bundle),
-                                                     "swag_rank": swag.rank,
-                                                     "teacher_method": cfg["profile"].inference}
+    student = Student.from_checkpoint(torch.load(bundle / "student.pt", weights_only=False))
+    return model, swag, pre, student, {"mode": "bundle", "bundle": str(bundle), "swag_rank": swag.rank,
+                                       "teacher_method": cfg["profile"].inference}
 
 
-def run(model_dir: Path | None, batches: list[int], repeats: int, threads: int, samples: int) -> dict[str, Any]:
+def _session(model: Any, threads: int) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def run(model_dir: Path | None, batches: list[int], repeats: int, threads: int, samples: int,
+        profile: str = "demo") -> dict[str, Any]:
     """Time both models per batch size; returns the JSON-able result."""
+    import copy
+
+    import onnx
     import onnxruntime as ort
     import torch
     from torch.nn.utils import vector_to_parameters
 
+    from model.bundle import STUDENT_ONNX
+    from model.export import build_onnx, build_preprocessing_onnx
+
     torch.set_num_threads(threads)
     with contextlib.suppress(RuntimeError):  # already set in this process
         torch.set_num_interop_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        if model_dir is None:
-            model, swag, pre, onnx_path, info = _untrained_demo(threads, Path(tmp))
-        else:
-            model, swag, pre, onnx_path, info = _from_bundle(model_dir)
-        method = info.get("teacher_method", "vmap")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        sess = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"])
-        num_all, cat_all = _raw_rows(pre, max(batches))
-        # The paper's setting: M weight vectors drawn once, then M forward passes per batch.
-        presampled = swag.sample(samples, generator=torch.Generator().manual_seed(0))
-        results = {}
-        for b in batches:
-            num, cat = num_all[:b], cat_all[:b]
+    if model_dir is None:
+        model, swag, pre, student_net, info = _untrained(profile)
+        student_graph = build_onnx(pre, student_net)
+    else:
+        model, swag, pre, student_net, info = _from_bundle(model_dir)
+        student_graph = onnx.load(Path(info["bundle"]) / STUDENT_ONNX)  # the served file itself
+    method = info.get("teacher_method", "loop")
+    sess = _session(student_graph, threads)
+    front = _session(build_preprocessing_onnx(pre, student_net), threads)
+    num_all, cat_all = _raw_rows(pre, max(batches))
+    # The paper's setting as we read it: M weight vectors drawn once, held as M networks, M passes.
+    replicas = []
+    for w in swag.sample(samples, generator=torch.Generator().manual_seed(0)):
+        replica = copy.deepcopy(model)
+        vector_to_parameters(w, replica.parameters())
+        replicas.append(replica.eval())
+    results = {}
+    for b in batches:
+        num, cat = num_all[:b], cat_all[:b]
 
-            def teacher(num: np.ndarray = num, cat: np.ndarray = cat) -> object:
-                x, idx = pre.transform(num, cat)
-                return swag.predict(model, x, idx, n_samples=samples, method=method)
+        def teacher(num: np.ndarray = num, cat: np.ndarray = cat) -> object:
+            x, idx = pre.transform(num, cat)
+            return swag.predict(model, x, idx, n_samples=samples, method=method)
 
-            def teacher_presampled(num: np.ndarray = num, cat: np.ndarray = cat) -> object:
-                x, idx = (torch.from_numpy(a) for a in pre.transform(num, cat))
-                with torch.no_grad():
-                    probs = []
-                    for w in presampled:
-                        vector_to_parameters(w, model.parameters())
-                        probs.append(torch.sigmoid(model(x, idx)))
-                    p = torch.stack(probs)
-                    return p.mean(0).numpy(), p.var(0, unbiased=False).numpy()
+        def teacher_presampled(num: np.ndarray = num, cat: np.ndarray = cat) -> object:
+            x, idx = (torch.from_numpy(a) for a in pre.transform(num, cat))
+            with torch.no_grad():
+                p = torch.stack([torch.sigmoid(r(x, idx)) for r in replicas])
+                return p.mean(0).numpy(), p.var(0, unbiased=False).numpy()
 
-            def student(num: np.ndarray = num, cat: np.ndarray = cat) -> object:
-                return sess.run(["p", "u"], {"num": num, "cat": cat})
+        def student(num: np.ndarray = num, cat: np.ndarray = cat) -> object:
+            return sess.run(["p", "u"], {"num": num, "cat": cat})
 
-            reps = repeats if b <= 512 else max(3, repeats // 3)
-            ms = _interleaved_medians({"teacher": teacher, "teacher_presampled": teacher_presampled,
-                                       "student": student}, reps)
-            t_ms, tp_ms, s_ms = ms["teacher"], ms["teacher_presampled"], ms["student"]
-            results[str(b)] = {
-                "teacher_ms": round(t_ms, 3),
-                "teacher_presampled_ms": round(tp_ms, 3),
-                "student_ms": round(s_ms, 4),
-                "ratio": round(t_ms / s_ms, 1),
-                "ratio_presampled": round(tp_ms / s_ms, 1),
-                "student_events_per_s_per_core": round(b / (s_ms / 1e3) / threads),
-                "teacher_presampled_events_per_s_per_core": round(b / (tp_ms / 1e3) / threads),
-            }
+        def student_preprocessing(num: np.ndarray = num, cat: np.ndarray = cat) -> object:
+            return front.run(["h0"], {"num": num, "cat": cat})
+
+        reps = repeats if b <= 512 else max(3, repeats // 3)
+        ms = _interleaved_medians({"teacher": teacher, "teacher_presampled": teacher_presampled,
+                                   "student": student, "student_preprocessing": student_preprocessing}, reps)
+        t_ms, tp_ms, s_ms, f_ms = (ms[k] for k in ("teacher", "teacher_presampled", "student",
+                                                   "student_preprocessing"))
+        results[str(b)] = {
+            "teacher_ms": round(t_ms, 3),
+            "teacher_presampled_ms": round(tp_ms, 3),
+            "student_ms": round(s_ms, 4),
+            "student_preprocessing_ms": round(f_ms, 4),
+            "ratio": round(t_ms / s_ms, 1),
+            "ratio_presampled": round(tp_ms / s_ms, 1),
+            "ratio_presampled_ceiling": round(tp_ms / f_ms, 1),
+            "student_events_per_s_per_core": round(b / (s_ms / 1e3) / threads),
+            "teacher_presampled_events_per_s_per_core": round(b / (tp_ms / 1e3) / threads),
+        }
     return {
         "bench": "inference",
         "teacher": f"Preprocessor.transform + SWAG.predict(M={samples}), which draws the M weight vectors "
                    f"per call (torch {torch.__version__})",
-        "teacher_presampled": f"Preprocessor.transform + {samples} forward passes with weights drawn once "
-                              "(the paper's timing); ratio_presampled is the conservative ratio",
+        "teacher_presampled": f"Preprocessor.transform + {samples} networks holding weights drawn once, "
+                              "one pass each; ratio_presampled is the conservative ratio",
         "student": f"student.onnx, preprocessing in graph (onnxruntime {ort.__version__})",
+        "student_preprocessing": "the front of student.onnx alone (raw batch in, network input out): "
+                                 "ratio_presampled_ceiling is the ratio a student with no network would get",
         "threads": threads,
         "repeats": repeats,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
@@ -214,15 +232,26 @@ def run(model_dir: Path | None, batches: list[int], repeats: int, threads: int, 
 
 @click.command("inference")
 @click.option("--model", "model_dir", type=click.Path(path_type=Path, file_okay=False),
-              default=None, help="Bundle or model dir (follows current). Default: untrained demo-profile nets.")
+              default=None, help="Bundle or model dir (follows current). Default: untrained nets of --profile.")
+@click.option("--profile", default=None, help="Without --model: whose architectures to time.  [default: demo]")
 @click.option("--batches", default=DEFAULT_BATCHES, show_default=True, help="Comma-separated batch sizes.")
 @click.option("--repeats", default=20, show_default=True, type=click.IntRange(1), help="Timed runs per batch size.")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(1), help="Threads for torch AND onnxruntime.")
 @click.option("--samples", default=11, show_default=True, type=click.IntRange(2), help="SWAG samples M for the teacher.")
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Also write the JSON here.")
-def inference(model_dir: Path | None, batches: str, repeats: int, threads: int, samples: int, out: Path | None) -> None:
+def inference(model_dir: Path | None, profile: str | None, batches: str, repeats: int, threads: int,
+              samples: int, out: Path | None) -> None:
     """Teacher (M SWAG samples, torch) vs student (ONNX): median ms per batch and their ratio."""
-    result = run(model_dir, _parse_batches(batches), repeats, threads, samples)
+    from training.profiles import PROFILES
+
+    if model_dir is not None and profile is not None:
+        raise click.UsageError("--profile times untrained architectures; it cannot be combined with --model")
+    if profile is not None and profile not in PROFILES:
+        raise click.BadParameter(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}",
+                                 param_hint="--profile")
+    if model_dir is not None and not model_dir.exists():
+        raise click.BadParameter(f"{model_dir} does not exist", param_hint="--model")
+    result = run(model_dir, _parse_batches(batches), repeats, threads, samples, profile or "demo")
     text = json.dumps(result, indent=2)
     if out is not None:
         out.write_text(text + "\n")

@@ -101,14 +101,18 @@ def _linear(g: _Graph, h: str, layer: torch.nn.Linear, stem: str) -> str:
     return g.op("Add", [g.op("MatMul", [h, g.const(f"{stem}_w", w)]), g.const(f"{stem}_b", b)], stem)
 
 
-def _network(g: _Graph, student: Student, x: str, rows: str | None) -> tuple[str, str]:
+def _network_input(g: _Graph, student: Student, x: str, rows: str | None) -> str:
+    """[x, flattened embeddings]: the first layer's input, float32[N, n_inputs + n_cat * emb_dim]."""
     parts = [x]
     if rows is not None:
         table = student.emb.weight.detach().numpy().astype(np.float32)
         e = g.op("Gather", [g.const("emb", table), rows], "emb", axis=0)  # [N, n_cat, d]
         width = len(student.cardinalities) * student.cfg.emb_dim
         parts.append(g.op("Reshape", [e, g.const("shape", np.array([0, width], np.int64))], "emb_flat"))
-    h = parts[0] if len(parts) == 1 else g.op("Concat", parts, "h0", axis=1)
+    return parts[0] if len(parts) == 1 else g.op("Concat", parts, "h0", axis=1)
+
+
+def _network(g: _Graph, student: Student, h: str) -> tuple[str, str]:
     for i, layer in enumerate(m for m in student.bottom if isinstance(m, torch.nn.Linear)):
         h = g.op("Relu", [_linear(g, h, layer, f"bottom{i}")])
     a = g.op("Relu", [_linear(g, h, student.head1, "head1")])
@@ -153,24 +157,16 @@ def _uncertainty(g: _Graph, student: Student, u_raw: str) -> str:
     return g.op("Add", [lo, g.op("Mul", [frac, g.op("Sub", [hi, lo])])], "u_out")
 
 
-def build_onnx(pre: Preprocessor, student: Student) -> onnx.ModelProto:
-    """The complete serving graph: raw batch -> preprocessing -> student -> (p, u)."""
-    n_num, n_cat, n_tasks = len(pre.spec.numeric), len(pre.spec.categorical), len(student.tasks)
-    if student.n_inputs != pre.n_inputs or student.cardinalities != pre.cardinalities:
-        raise ValueError("student was built for a different preprocessor (input width or vocab sizes)")
-    student = student.eval()
-    g = _Graph()
-    x = _numeric(g, pre, "num")
-    rows = _categorical(g, pre, student, "cat") if n_cat else None
-    p, u = _network(g, student, x, rows)
-    g.nodes.append(helper.make_node("Identity", [p], ["p"], name="p"))
-    g.nodes.append(helper.make_node("Identity", [u], ["u"], name="u"))
+def _model(g: _Graph, pre: Preprocessor, outputs: dict[str, tuple[str, int]], name: str) -> onnx.ModelProto:
+    """Raw-batch inputs (num, cat) -> the named float32 outputs {name: (tensor, width)}."""
+    for out, (tensor, _) in outputs.items():
+        g.nodes.append(helper.make_node("Identity", [tensor], [out], name=out))
     graph = helper.make_graph(
-        g.nodes, "rta_student",
-        inputs=[helper.make_tensor_value_info("num", TensorProto.FLOAT, ["N", n_num]),
-                helper.make_tensor_value_info("cat", TensorProto.STRING, ["N", n_cat])],
-        outputs=[helper.make_tensor_value_info("p", TensorProto.FLOAT, ["N", n_tasks]),
-                 helper.make_tensor_value_info("u", TensorProto.FLOAT, ["N", n_tasks])],
+        g.nodes, name,
+        inputs=[helper.make_tensor_value_info("num", TensorProto.FLOAT, ["N", len(pre.spec.numeric)]),
+                helper.make_tensor_value_info("cat", TensorProto.STRING, ["N", len(pre.spec.categorical)])],
+        outputs=[helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", width])
+                 for out, (_, width) in outputs.items()],
         initializer=g.inits,
     )
     model = helper.make_model(
@@ -178,9 +174,41 @@ def build_onnx(pre: Preprocessor, student: Student) -> onnx.ModelProto:
         opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("ai.onnx.ml", ML_OPSET)],
     )
     model.ir_version = 8
+    return model
+
+
+def _preprocessing(g: _Graph, pre: Preprocessor, student: Student) -> str:
+    if student.n_inputs != pre.n_inputs or student.cardinalities != pre.cardinalities:
+        raise ValueError("student was built for a different preprocessor (input width or vocab sizes)")
+    x = _numeric(g, pre, "num")
+    rows = _categorical(g, pre, student, "cat") if pre.spec.categorical else None
+    return _network_input(g, student, x, rows)
+
+
+def build_onnx(pre: Preprocessor, student: Student) -> onnx.ModelProto:
+    """The complete serving graph: raw batch -> preprocessing -> student -> (p, u)."""
+    student = student.eval()
+    g = _Graph()
+    p, u = _network(g, student, _preprocessing(g, pre, student))
+    n_tasks = len(student.tasks)
+    model = _model(g, pre, {"p": (p, n_tasks), "u": (u, n_tasks)}, "rta_student")
     helper.set_model_props(model, {"tasks": ",".join(student.tasks),
                                    "feature_fingerprint": pre.spec.fingerprint(),
                                    "target_mode": student.target_mode})
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def build_preprocessing_onnx(pre: Preprocessor, student: Student) -> onnx.ModelProto:
+    """Only the serving graph's front: raw batch -> the network's input `h0`.
+
+    The same nodes `build_onnx` starts with. `rta bench inference` times it to show how much
+    of a student call is input conversion and preprocessing, a cost no smaller network removes.
+    """
+    g = _Graph()
+    h0 = _preprocessing(g, pre, student.eval())
+    width = student.n_inputs + len(student.cardinalities) * student.cfg.emb_dim
+    model = _model(g, pre, {"h0": (h0, width)}, "rta_student_preprocessing")
     onnx.checker.check_model(model, full_check=True)
     return model
 

@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 from student_data import TASKS, fitted, make_student, random_batch
 
-from model.export import build_onnx
+from model.export import build_onnx, build_preprocessing_onnx
 from model.preprocess import Preprocessor
 
 
@@ -56,6 +56,24 @@ def test_in_graph_preprocessing_changes_the_output_per_feature():
     out = sess.run(["p"], {"num": num2, "cat": cat2})[0]
     np.testing.assert_array_equal(out[0], base[0])
     assert np.abs(out[1] - base[1]).max() > 0
+
+
+def test_preprocessing_graph_gives_the_network_input():
+    """The front of the serving graph alone (what `rta bench inference` times as the floor)."""
+    import torch
+
+    pre, _, _ = fitted()
+    student = make_student(pre)
+    _, num, cat = random_batch(3000, seed=5, unseen=0.05)
+    sess = ort.InferenceSession(build_preprocessing_onnx(pre, student).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    (h0,) = sess.run(["h0"], {"num": num, "cat": cat})
+    x, idx = pre.transform(num, cat)
+    with torch.no_grad():
+        emb = student.emb(torch.from_numpy(idx) + student.offsets).reshape(len(idx), -1).numpy()
+    expected = np.concatenate([x, emb], axis=1)
+    assert h0.shape == expected.shape == (3000, student.n_inputs + len(pre.cardinalities) * student.cfg.emb_dim)
+    assert np.abs(h0 - expected).max() <= 1e-6
 
 
 @pytest.mark.parametrize("n_num,n_cat", [(3, 1), (4, 0), (2, 5)])

@@ -170,6 +170,16 @@ def test_tiny_train_then_eval_end_to_end(tmp_path: Path):
     for plot in student["plots"]:
         assert (tmp_path / "report" / plot).exists(), plot
 
+    # the inference benchmark times this bundle's own student.onnx against its teacher
+    from test_bench_inference import check_result
+
+    res = _rta("bench", "inference", "--model", str(tmp_path / "models"), "--batches", "8",
+               "--repeats", "2", "--samples", "3")
+    assert res.returncode == 0, res.stderr[-2000:]
+    timed = json.loads(res.stdout)
+    assert timed["mode"] == "bundle" and timed["bundle"] == str(bundle)
+    check_result(timed, [8])
+
     # the teacher part loads back and predicts the same DAUM numbers
     from training.logs import load_logs
     from training.pipeline import load_teacher, make_splits, teacher_predict
