@@ -120,14 +120,18 @@ def _table_arrays(table: Any) -> tuple[np.ndarray, np.ndarray, Any]:
 def _from_bundle(model_dir: Path) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
     import torch
 
-    from model.bundle import resolve_bundle
+    from model.bundle import STUDENT_ONNX, resolve_bundle
     from model.student import Student
+    from stream.errors import BundleError
     from training.pipeline import load_teacher
 
     bundle = resolve_bundle(model_dir)
+    if not (bundle / STUDENT_ONNX).exists() or not (bundle / "student.pt").exists():
+        raise BundleError(f"{bundle} has no student ({STUDENT_ONNX} + student.pt); "
+                          "was it trained with --teacher-only?")
     model, swag, pre, cfg = load_teacher(bundle)
     model.eval()
-    student = Student.from_checkpoint(torch.load(bundle / "student.pt", weights_only=False))
+    student = Student.from_checkpoint(torch.load(bundle / "student.pt", weights_only=True))
     return model, swag, pre, student, {"mode": "bundle", "bundle": str(bundle), "swag_rank": swag.rank,
                                        "teacher_method": cfg["profile"].inference}
 

@@ -128,6 +128,7 @@ def _phase_summary(phase: Phase, decisions: dict[str, dict[str, Any]], settle: f
     have = np.array([rid in decisions for rid in ids])
     block = np.array([decisions.get(rid, {}).get("decision") == "block" for rid in ids])
     reasons = [decisions[rid]["reason"] for rid in ids if rid in decisions]
+    latency = _latency([decisions[rid] for rid in ids if rid in decisions])
     p_deal = np.asarray(truth["true_deal"], dtype=np.float64)
     tail = slice(int(len(ids) * settle), None)  # after the controller settled
     share_all = float(block[have].mean()) if have.any() else float("nan")
@@ -148,7 +149,16 @@ def _phase_summary(phase: Phase, decisions: dict[str, dict[str, Any]], settle: f
         "expected_deals": round(total, 1),
         "deals_kept": round(kept, 4), "deals_kept_oracle": round(oracle_kept, 4),
         "deals_kept_random": round(random_kept, 4),
+        **({"latency_ms": latency} if latency else {}),
     }
+
+
+def _latency(decisions: list[dict[str, Any]]) -> dict[str, float]:
+    """p50/p99 of request->decision latency (ms); empty when no decision carries one."""
+    lat = np.array([d["latency_ms"] for d in decisions if d.get("latency_ms") is not None], dtype=np.float64)
+    if not lat.size:
+        return {}
+    return {"p50": round(float(np.percentile(lat, 50)), 1), "p99": round(float(np.percentile(lat, 99)), 1)}
 
 
 @click.command(name="demo")
@@ -257,10 +267,9 @@ def demo(rows: int, events: int, rate: float, ratios: str, warmup_s: float, prof
         "seconds": round(time.monotonic() - started, 1),
         "summary": str(workdir / "summary.json"),
     }
-    lat = np.array([d["latency_ms"] for d in decisions.values() if d.get("latency_ms") is not None])
-    if lat.size:
-        summary["latency_ms"] = {"p50": round(float(np.percentile(lat, 50)), 1),
-                                 "p99": round(float(np.percentile(lat, 99)), 1)}
+    latency = _latency(list(decisions.values()))
+    if latency:
+        summary["latency_ms"] = latency  # all phases; each phase has its own (warm-up = group join)
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     _print_summary(summary, rate)
 
@@ -271,7 +280,10 @@ def _print_summary(s: dict[str, Any], rate: float) -> None:
     click.echo(f"  requests: {s['events_sent']} sent at {rate:.0f}/s, {s['events_decided']} decided, "
                f"{s['missing_decisions']} missing")
     if "latency_ms" in s:
-        click.echo(f"  request->decision latency: p50 {s['latency_ms']['p50']} ms, p99 {s['latency_ms']['p99']} ms")
+        per_phase = ", ".join(f"{p['phase']} {p['latency_ms']['p50']} / {p['latency_ms']['p99']}"
+                              for p in s["phases"] if "latency_ms" in p)
+        click.echo(f"  request->decision latency p50 / p99 ms: all {s['latency_ms']['p50']} / "
+                   f"{s['latency_ms']['p99']} ({per_phase})")
     click.echo("  phase     target  block share (all / settled)  error   deals kept: filter / oracle / random")
     for p in s["phases"]:
         click.echo(f"  {p['phase']:8}  {p['target_r']:.3f}   {p['block_share']:.4f} / {p['block_share_settled']:.4f}"

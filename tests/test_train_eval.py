@@ -179,6 +179,12 @@ def test_tiny_train_then_eval_end_to_end(tmp_path: Path):
     timed = json.loads(res.stdout)
     assert timed["mode"] == "bundle" and timed["bundle"] == str(bundle)
     check_result(timed, [8])
+    import shutil
+
+    shutil.copytree(bundle, tmp_path / "teacher-only")
+    (tmp_path / "teacher-only" / "student.onnx").unlink()
+    res = _rta("bench", "inference", "--model", str(tmp_path / "teacher-only"), "--batches", "8")
+    assert res.returncode != 0 and "has no student" in res.stderr and "Traceback" not in res.stderr
 
     # the teacher part loads back and predicts the same DAUM numbers
     from training.logs import load_logs

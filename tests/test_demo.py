@@ -1,0 +1,38 @@
+"""`rta demo` end to end on the session's broker and Redis, tiny profile: nothing undecided,
+the live change of r shows in the block share, and the filter keeps more deals than chance."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.slow
+def test_tiny_demo_decides_everything_and_follows_the_live_ratio(kafka, redis_server, tmp_path: Path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RTA_")}
+    env.update(RTA_KAFKA_BOOTSTRAP=kafka.bootstrap, RTA_REDIS_URL=redis_server.url,
+               RTA_STATE_DIR=str(tmp_path / "state"), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    res = subprocess.run(
+        [sys.executable, "-m", "infra.cli", "demo", "--profile", "tiny", "--rows", "12000",
+         "--events", "16000", "--rate", "2000", "--warmup-s", "2", "--ratios", "0.3,0.6",
+         "--workdir", str(tmp_path / "demo")],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "using the running stack" in res.stderr  # reused, not an embedded stack of its own
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["events_sent"] == 4000 + 16000 and summary["missing_decisions"] == 0
+    assert summary["events_decided"] == summary["events_sent"]
+    warm, one, two = summary["phases"]
+    assert [p["phase"] for p in summary["phases"]] == ["warm-up", "phase 1", "phase 2"]
+    for phase in (one, two):
+        assert phase["decided"] == phase["requests"] == 8000
+        assert abs(phase["block_share_settled"] - phase["target_r"]) < 0.05, phase
+        assert phase["deals_kept"] > phase["deals_kept_random"], phase
+        assert phase["latency_ms"]["p50"] <= phase["latency_ms"]["p99"]
+    assert two["block_share_settled"] - one["block_share_settled"] > 0.2
+    assert "request->decision latency p50 / p99 ms: all" in res.stdout
