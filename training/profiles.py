@@ -91,7 +91,7 @@ PROFILES: dict[str, Profile] = {
         epochs=6, swag_epochs=3, snapshots_per_epoch=4, max_rank=12, batch_size=1024,
         lr=2e-3, swag_lr=5e-4, weight_decay=0.05, baseline_epochs=6,
         student={"hidden": (256, 128), "head_hidden": 48, "epochs": 10, "lr": 3e-3, "target_mode": "log",
-                 "augment_copies": 3},
+                 "augment_copies": 4},
     ),
     "paper": Profile(
         name="paper",
