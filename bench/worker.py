@@ -34,6 +34,7 @@ from typing import Any
 
 import click
 import numpy as np
+import orjson
 
 from stream.checkpoint import Checkpoint, DeliveryReports
 from stream.config import Settings, load_settings
@@ -238,14 +239,20 @@ def latency_at(settings: Settings, spec: FeatureSpec, num: np.ndarray, cat: np.n
                     recv_ms[int(m.key()[1:])] = now
 
     t = threading.Thread(target=read, daemon=True)
+    producer = make_producer(settings, **{"linger.ms": 1})
+    topic = settings.topic("requests")
     try:
-        # warm up: the worker joins the group and decides a first request before the clock starts
-        warm = _requests(spec, num, cat, ["w0"], int(time.time() * 1000), positional)
-        _produce(settings, warm, ["w0"])
-        _wait_decided(settings, "w0", proc)
+        # Warm up before the clock starts: the worker joins the group and decides requests on
+        # every partition, through the producer that will offer the load. A cold producer
+        # holds its first messages until it has the topic's metadata, which would show up as
+        # ~0.5-1 s of "worker latency" in the first second of the run.
+        warm_ids = [f"w{i}" for i in range(8 * settings.partitions)]
+        for v, k in zip(_requests(spec, num, cat, warm_ids, int(time.time() * 1000), positional),
+                        warm_ids, strict=True):
+            produce_waiting(producer, topic, v, k)
+        producer.flush(30)
+        _wait_decided(settings, set(warm_ids), proc)
         t.start()
-        producer = make_producer(settings, **{"linger.ms": 1})
-        topic = settings.topic("requests")
         chunk = max(1, rate // 200)  # every 5 ms
         t0 = time.monotonic()
         for start in range(0, n, chunk):
@@ -282,24 +289,42 @@ def latency_at(settings: Settings, spec: FeatureSpec, num: np.ndarray, cat: np.n
     lat = recv_ms - send_ms
     got = lat[np.isfinite(lat)]
     pct = np.percentile(got, [50, 99, 99.9]) if got.size else [float("nan")] * 3
+    first = lat[:rate][np.isfinite(lat[:rate])]  # the first second of the load
     return {"offered_per_s": rate, "achieved_per_s": round(achieved, 1), "decided": int(got.size),
             "missing": int(n - got.size), "p50_ms": round(float(pct[0]), 2), "p99_ms": round(float(pct[1]), 2),
-            "p999_ms": round(float(pct[2]), 2), "max_ms": round(float(got.max()), 2) if got.size else None}
+            "p999_ms": round(float(pct[2]), 2), "max_ms": round(float(got.max()), 2) if got.size else None,
+            "first_second_max_ms": round(float(first.max()), 2) if first.size else None,
+            **_commit_figures(log_dir / f"worker-{rate}.log")}
 
 
-def _wait_decided(settings: Settings, rid: str, proc: subprocess.Popen, timeout: float = 90) -> None:
+def _commit_figures(log_path: Path) -> dict[str, Any]:
+    """The worker's checkpoint commits (from its `stopped` log line): the loop consumes nothing
+    while one runs, so long commits show up in the latency tail."""
+    for line in reversed(log_path.read_bytes().splitlines()):
+        with contextlib.suppress(orjson.JSONDecodeError):
+            rec = orjson.loads(line)
+            if isinstance(rec, dict) and rec.get("event") == "stopped" and rec.get("commits"):
+                return {"commits": rec["commits"], "commit_mean_ms": round(1e3 * rec["commit_s"] / rec["commits"], 1),
+                        "commit_max_ms": round(1e3 * rec["commit_max_s"], 1)}
+    return {}
+
+
+def _wait_decided(settings: Settings, rids: set[str], proc: subprocess.Popen, timeout: float = 90) -> None:
     from confluent_kafka import TopicPartition
 
     c = make_consumer(settings, f"warm-{time.monotonic_ns()}")
     c.assign([TopicPartition(settings.topic("decisions"), p, 0) for p in range(settings.partitions)])
+    waiting = {r.encode() for r in rids}
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise click.ClickException(f"bench: the worker exited with code {proc.returncode}")
-            if any(m.error() is None and m.key() == rid.encode() for m in c.consume(100, 0.2)):
+            waiting -= {m.key() for m in c.consume(100, 0.2) if m.error() is None}
+            if not waiting:
                 return
-        raise click.ClickException("bench: the worker decided nothing within 90 s")
+        raise click.ClickException(f"bench: the worker left {len(waiting)} warm-up requests "
+                                   f"undecided after {timeout:g} s")
     finally:
         c.close()
 

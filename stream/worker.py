@@ -102,6 +102,8 @@ class WorkerStats:
     degraded: int = 0
     batches: int = 0
     commits: int = 0
+    commit_s: float = 0.0  # wall time inside checkpoint commits (flush + offset commit)
+    commit_max_s: float = 0.0
     checkpoint_failures: int = 0
     reloads: int = 0
     refused_reloads: int = 0
@@ -339,6 +341,7 @@ class Worker:
 
     def _commit(self) -> bool:
         """Commit the checkpoint; on failure replay it (never skip). True if committed."""
+        t0 = time.perf_counter()
         try:
             self.checkpoint.commit()
         except CheckpointError as exc:
@@ -347,8 +350,12 @@ class Worker:
             log.error("checkpoint failed, replaying it: %s", exc, extra={"event": "checkpoint_failed"})
             self.checkpoint.rewind()
             return False
+        took = time.perf_counter() - t0
         self.stats.commits += 1
+        self.stats.commit_s += took
+        self.stats.commit_max_s = max(self.stats.commit_max_s, took)
         self.metrics.commits.inc()
+        self.metrics.commit_seconds.observe(took)
         return True
 
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
@@ -383,8 +390,11 @@ class Worker:
             self.metrics.state = "stopped"
             if self.server is not None:
                 self.server.close()
-        log.info("worker %s stopped after %d events (%d invalid, %d commits)", self.config.worker_id,
-                 self.stats.events, self.stats.invalid, self.stats.commits, extra={"event": "stopped"})
+        st = self.stats
+        log.info("worker %s stopped after %d events (%d invalid, %d commits taking %.3f s, longest %.3f s)",
+                 self.config.worker_id, st.events, st.invalid, st.commits, st.commit_s, st.commit_max_s,
+                 extra={"event": "stopped", "events": st.events, "commits": st.commits,
+                        "commit_s": round(st.commit_s, 4), "commit_max_s": round(st.commit_max_s, 4)})
 
 
 def _smoke_test(scorer: Scorer, policy: ScorePolicy) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -113,12 +114,14 @@ def test_metrics_and_health_endpoints(settings, bundle, targets):
     produce(settings, values, ids)
     with running(settings, group_id="g3", metrics_port=0) as w:
         wait_for(lambda: w.stats.events >= 2000, 60, "all decided")
+        wait_for(lambda: w.stats.commits >= 1, 10, "a checkpoint committed")
         base = f"http://127.0.0.1:{w.server.port}"
         health = urllib.request.urlopen(f"{base}/healthz", timeout=5)
         assert health.status == 200 and b'"running"' in health.read()
         text = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
     assert "rta_events_total 2000.0" in text
-    for name in ("rta_batch_seconds_bucket", "rta_block_share", "rta_theta", "rta_tau_u",
+    assert 0 < w.stats.commit_max_s <= w.stats.commit_s  # checkpoint time, as the histogram sees it
+    for name in ("rta_batch_seconds_bucket", "rta_commit_seconds_bucket", "rta_block_share", "rta_theta", "rta_tau_u",
                  'rta_model_info{fingerprint=', 'rta_redis_state{state="ok"} 1.0', "rta_dlq",
                  "rta_uncertain_share", "rta_explore_share"):
         assert name in text, name
@@ -141,6 +144,11 @@ def test_sigterm_drains_commits_and_exits_zero(settings, bundle, targets, tmp_pa
             proc.wait()
     # the 60 s commit interval never came due: only the drain committed
     assert committed(settings, "g4") == end_offsets(settings, 4000)
+    (log,) = (tmp_path / "w").glob("worker-*.log")
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    stopped = [r for r in records if r.get("event") == "stopped"]
+    assert len(stopped) == 1 and stopped[0]["events"] == 4000 and stopped[0]["commits"] >= 1
+    assert 0 < stopped[0]["commit_max_s"] <= stopped[0]["commit_s"]
 
 
 def test_exactly_once_mode(settings, bundle, targets):
