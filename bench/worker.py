@@ -235,7 +235,7 @@ def latency_at(settings: Settings, spec: FeatureSpec, num: np.ndarray, cat: np.n
             msgs = reader.consume(2000, 0.05)
             now = time.time() * 1000
             for m in msgs:
-                if m.error() is None:
+                if m.error() is None and m.key()[:1] == b"L":  # not the warm-up's decisions
                     recv_ms[int(m.key()[1:])] = now
 
     t = threading.Thread(target=read, daemon=True)

@@ -127,9 +127,12 @@ def stream_requests(settings: Settings, count: int, rate: float = 0.0, seed: int
         raise StackError(f"topic {topic} does not exist on {settings.kafka_bootstrap}; run `rta topics create`")
     encode = encode_requests_positional if positional else encode_requests
     producer = make_producer(settings)
-    # Learn the topic's partition leaders before the first event is stamped: a cold producer
-    # holds its first messages until it has them, which would read as decision latency.
-    producer.list_topics(topic, timeout=10)
+    try:
+        # Learn the topic's partition leaders before the first event is stamped: a cold producer
+        # holds its first messages until it has them, which would read as decision latency.
+        producer.list_topics(topic, timeout=10)
+    except KafkaException as exc:
+        raise StackError(f"cannot reach Kafka at {settings.kafka_bootstrap}: {exc.args[0].str()}") from None
     stats = {"delivered": 0, "failed": 0, "error": None}
 
     def on_delivery(err: Any, _msg: Any) -> None:
