@@ -137,14 +137,13 @@ def _from_bundle(model_dir: Path) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
 
 
 def _session(model: Any, threads: int) -> Any:
+    """A session with the worker's own options (stream.scorer), so the bench times what serves."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
+    from stream.scorer import session_options
+
+    return ort.InferenceSession(model.SerializeToString(), sess_options=session_options(threads, 1),
+                                providers=["CPUExecutionProvider"])
 
 
 def run(model_dir: Path | None, batches: list[int], repeats: int, threads: int, samples: int,

@@ -52,14 +52,9 @@ class Scorer:
         verify_files(bundle, manifest, preloaded={STUDENT_ONNX: onnx_bytes})
         spec = verify_spec(bundle, manifest, expected_fingerprint)
         tasks = [str(t) for t in manifest["tasks"]]
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = int(intra_threads)
-        opts.inter_op_num_threads = int(inter_threads)
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
         try:
-            session = ort.InferenceSession(onnx_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(onnx_bytes, sess_options=session_options(intra_threads, inter_threads),
+                                           providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types
             raise BundleError(f"{onnx_path}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from None
         _check_signature(onnx_path, session, spec, tasks)
@@ -77,6 +72,17 @@ class Scorer:
             return empty, empty.copy()
         p, u = self.session.run(["p", "u"], {"num": num, "cat": cat})
         return p, u
+
+
+def session_options(intra_threads: int = 1, inter_threads: int = 1) -> ort.SessionOptions:
+    """The onnxruntime options the worker serves with (`rta bench inference` times the same)."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(intra_threads)
+    opts.inter_op_num_threads = int(inter_threads)
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return opts
 
 
 def _check_signature(onnx_path: Path, session: ort.InferenceSession, spec: FeatureSpec,

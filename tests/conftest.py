@@ -174,6 +174,15 @@ def redis_client(redis_server: Server) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
+def clean_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for an `rta` child process: no RTA_* settings of ours, its own state dir."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RTA_")}
+    env["RTA_STATE_DIR"] = str(tmp_path / "state")
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    return env
+
+
+@pytest.fixture
 def torch_one_thread() -> Iterator[None]:
     """Tiny tensors: one intra-op thread is fastest, and immune to a busy shared CPU. torch is
     imported here, not at the top, so serving-path tests never load it."""

@@ -4,7 +4,6 @@ the live change of r shows in the block share, and the filter keeps more deals t
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +12,9 @@ import pytest
 
 
 @pytest.mark.slow
-def test_tiny_demo_decides_everything_and_follows_the_live_ratio(kafka, redis_server, tmp_path: Path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RTA_")}
-    env.update(RTA_KAFKA_BOOTSTRAP=kafka.bootstrap, RTA_REDIS_URL=redis_server.url,
-               RTA_STATE_DIR=str(tmp_path / "state"), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+def test_tiny_demo_decides_everything_and_follows_the_live_ratio(kafka, redis_server, clean_env: dict[str, str],
+                                                                 tmp_path: Path):
+    env = {**clean_env, "RTA_KAFKA_BOOTSTRAP": kafka.bootstrap, "RTA_REDIS_URL": redis_server.url}
     # 5 s of warm-up: the worker joins its group and the controller leaves its cold start before
     # phase 1 (the warm-up passes everything until then; it is reported, not judged).
     res = subprocess.run(

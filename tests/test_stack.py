@@ -59,15 +59,6 @@ def processes_in(directory: Path) -> list[int]:
     return found
 
 
-@pytest.fixture
-def clean_env(tmp_path: Path) -> dict[str, str]:
-    """Environment without external addresses, with its own state dir."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RTA_")}
-    env["RTA_STATE_DIR"] = str(tmp_path / "state")
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
-    return env
-
-
 def test_fixtures_round_trip(settings: Settings, redis_client: redis.Redis) -> None:
     got = round_trip(settings, settings.topic("requests"))
     assert sorted(got) == sorted(f"v{i}".encode() for i in range(30))
