@@ -681,6 +681,8 @@ def encode_decisions(
     latency_ms: float | np.ndarray,
     tasks: Sequence[str] = DEFAULT_TASKS,
     propensity: float | np.ndarray | None = None,
+    tau_u: float | np.ndarray | None = None,
+    u_tasks: np.ndarray | None = None,
 ) -> list[bytes]:
     """Decision event bodies, one per request, in order.
 
@@ -689,7 +691,11 @@ def encode_decisions(
     any NaN becomes null. `propensity` (per row, or one value for all), when given, is
     written on every row: the probability that the request took the path it took (stream.policy:
     epsilon for explore, 1 - epsilon for the rule path, 1 for invalid), for inverse-propensity
-    weighting of the logged labels. Floats are rounded to 6 significant digits.
+    weighting of the logged labels. `tau_u` (the uncertainty threshold in force) and `u_tasks`
+    (float[N, T], per-task uncertainty) are written when given, so that a logged decision can be
+    replayed exactly (`rta replay --thresholds logged`). Scores, probabilities and uncertainties
+    are rounded to 6 significant digits; the thresholds are written at full precision, since a
+    replay compares freshly computed scores against them.
     """
     n = len(request_id)
     reason_arr = np.asarray(reason)
@@ -704,29 +710,36 @@ def encode_decisions(
     unc_l = round_sig(_column(uncertainty, n)).tolist()
     p_arr = np.asarray(p, dtype=np.float64).reshape(n, len(tasks))
     p_rows: list[Any] = [dict(zip(tasks, row, strict=False)) for row in round_sig(p_arr).tolist()]
+    u_rows: list[Any] | None = None
+    if u_tasks is not None:
+        u_arr = np.asarray(u_tasks, dtype=np.float64).reshape(n, len(tasks))
+        u_rows = [dict(zip(tasks, row, strict=False)) for row in round_sig(u_arr).tolist()]
     if invalid.any():
         for i in np.flatnonzero(invalid).tolist():
             score_l[i] = unc_l[i] = p_rows[i] = None
+            if u_rows is not None:
+                u_rows[i] = None
     decision_l = np.where(_column(block, n, bool), "block", "pass").tolist()
-    thr_l = round_sig(_column(threshold, n)).tolist()
+    thr_l = _column(threshold, n).tolist()  # full precision; orjson writes NaN as null
     ratio_l = round_sig(_column(target_ratio, n)).tolist()
     ts_l = _column(ts_ms, n, np.int64).tolist()
     lat_l = round_sig(_column(latency_ms, n), 4).tolist()
     rid_l = request_id.tolist() if isinstance(request_id, np.ndarray) else list(request_id)
     reason_l = reason_arr.tolist()
+    docs = [{"v": VERSION, "request_id": rid, "decision": d, "reason": r, "score": s, "uncertainty": u,
+             "p": pp, "threshold": th, "target_ratio": tr, "model": model, "ts_ms": ts, "latency_ms": lat}
+            for rid, d, r, s, u, pp, th, tr, ts, lat in zip(rid_l, decision_l, reason_l, score_l, unc_l,
+                                                           p_rows, thr_l, ratio_l, ts_l, lat_l, strict=True)]
+    # Optional fields, only when supplied: one cheap pass each (a store per row).
+    optional = (("propensity", None if propensity is None else round_sig(_column(propensity, n)).tolist()),
+                ("tau_u", None if tau_u is None else _column(tau_u, n).tolist()),
+                ("u", u_rows))
+    for key, col in optional:
+        if col is not None:
+            for doc, value in zip(docs, col, strict=True):
+                doc[key] = value
     dumps = orjson.dumps
-    columns = zip(rid_l, decision_l, reason_l, score_l, unc_l, p_rows, thr_l, ratio_l, ts_l, lat_l,
-                  strict=True)
-    if propensity is None:
-        return [dumps({"v": VERSION, "request_id": rid, "decision": d, "reason": r, "score": s,
-                       "uncertainty": u, "p": pp, "threshold": th, "target_ratio": tr, "model": model,
-                       "ts_ms": ts, "latency_ms": lat})
-                for rid, d, r, s, u, pp, th, tr, ts, lat in columns]
-    prop_l = round_sig(_column(propensity, n)).tolist()
-    return [dumps({"v": VERSION, "request_id": rid, "decision": d, "reason": r, "score": s,
-                   "uncertainty": u, "p": pp, "threshold": th, "target_ratio": tr, "model": model,
-                   "ts_ms": ts, "latency_ms": lat, "propensity": pr})
-            for (rid, d, r, s, u, pp, th, tr, ts, lat), pr in zip(columns, prop_l, strict=True)]
+    return [dumps(doc) for doc in docs]
 
 
 def decision_headers(model: str) -> list[tuple[str, bytes]]:

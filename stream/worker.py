@@ -265,7 +265,8 @@ class Worker:
         bodies = encode_decisions(
             batch.request_id, d.block, _REASON_NAMES[d.reason], e, u, p,
             threshold=th.theta, target_ratio=th.targets.r, model=self.scorer.version,
-            ts_ms=int(now_ms), latency_ms=latency, tasks=self.scorer.tasks, propensity=d.propensity)
+            ts_ms=int(now_ms), latency_ms=latency, tasks=self.scorer.tasks, propensity=d.propensity,
+            tau_u=th.tau_u, u_tasks=u_tasks)
         # produce: decisions, then dead letters
         self._produce(self.decisions_topic, bodies, batch.request_id.tolist(), self._headers)
         if batch.n_invalid:

@@ -416,7 +416,8 @@ def _decisions(n: int = 6, **kw):
     block = np.array(([True, False, False, False, True, False] * n)[:n])
     args = dict(threshold=0.1234567, target_ratio=0.3, model="v-2024", ts_ms=np.arange(n) + 10,
                 latency_ms=rng.random(n) * 3,
-                propensity=np.where(reason == "explore", 0.02, np.where(reason == "invalid", 1.0, 0.98)))
+                propensity=np.where(reason == "explore", 0.02, np.where(reason == "invalid", 1.0, 0.98)),
+                tau_u=0.987654321, u_tasks=p[:, ::-1] / 7)
     args.update(kw)
     return encode_decisions([f"r{i}" for i in range(n)], block, reason, p[:, 3] * 0.9, rng.random(n), p, **args), p
 
@@ -430,7 +431,11 @@ def test_decisions_validate_against_the_schema_and_decode_back():
     assert [d["decision"] for d in docs] == ["block", "pass", "pass", "pass", "block", "pass"]
     assert [d["reason"] for d in docs] == ["score", "uncertain", "explore", "invalid", "degraded", "score"]
     assert docs[0]["p"] == pytest.approx(dict(zip(("click", "online", "cart", "deal"), p[0], strict=True)), rel=1e-5)
-    assert docs[0]["threshold"] == 0.123457 and docs[0]["model"] == "v-2024" and docs[0]["ts_ms"] == 10
+    # thresholds at full precision (a replay compares fresh scores against them), the rest rounded
+    assert docs[0]["threshold"] == 0.1234567 and docs[0]["tau_u"] == 0.987654321
+    assert docs[0]["model"] == "v-2024" and docs[0]["ts_ms"] == 10
+    assert docs[0]["u"] == pytest.approx(dict(zip(("click", "online", "cart", "deal"), p[0, ::-1] / 7, strict=True)), rel=1e-5)
+    assert docs[3]["u"] is None
     assert docs[3]["p"] is None and docs[3]["score"] is None and docs[3]["uncertainty"] is None
     assert [d["propensity"] for d in docs] == [0.98, 0.98, 0.02, 1.0, 0.98, 0.98]
 
@@ -442,7 +447,7 @@ def test_decision_reason_codes_nan_and_validation():
     docs = [decode_decision(r) for r in raws]
     assert [d["reason"] for d in docs] == [REASONS[2], REASONS[1]]
     assert docs[0]["score"] is None and docs[0]["threshold"] is None
-    assert "propensity" not in docs[0]  # none given
+    assert "propensity" not in docs[0] and "tau_u" not in docs[0] and "u" not in docs[0]  # none given
     with pytest.raises(ValueError, match="unknown decision reason"):
         encode_decisions(["a"], [False], ["because"], [0.1], [0.1], [[0.1] * 4], threshold=0.1,
                          target_ratio=0.1, model="m", ts_ms=[1], latency_ms=1.0)
