@@ -17,7 +17,10 @@ NUMERIC = "numeric"
 CATEGORICAL = "categorical"
 RESERVED_COLUMNS = frozenset(
     {"request_id", "ts_ms", "click", "online", "cart", "deal", "passed", "propensity",
-     "true_click", "true_online", "true_cart", "true_deal"}
+     "true_click", "true_online", "true_cart", "true_deal",
+     # synthetic worlds: which traffic source a row came from ("known", "new", ...); truth,
+     # for evaluation only, never a feature
+     "true_source"}
 )
 DEFAULT_TASKS = ("click", "online", "cart", "deal")
 
