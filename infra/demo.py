@@ -154,11 +154,13 @@ def _phase_summary(phase: Phase, decisions: dict[str, dict[str, Any]], settle: f
 
 
 def _latency(decisions: list[dict[str, Any]]) -> dict[str, float]:
-    """p50/p99 of request->decision latency (ms); empty when no decision carries one."""
+    """p50/p99 of request->decision latency (ms) and how many decisions carried one; empty when
+    none did."""
     lat = np.array([d["latency_ms"] for d in decisions if d.get("latency_ms") is not None], dtype=np.float64)
     if not lat.size:
         return {}
-    return {"p50": round(float(np.percentile(lat, 50)), 1), "p99": round(float(np.percentile(lat, 99)), 1)}
+    return {"p50": round(float(np.percentile(lat, 50)), 1), "p99": round(float(np.percentile(lat, 99)), 1),
+            "n": int(lat.size)}
 
 
 @click.command(name="demo")

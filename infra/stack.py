@@ -247,28 +247,10 @@ def _wait(what: str, probe: Callable[[float], None], timeout: float, proc: Proc 
             time.sleep(0.1)
 
 
-def _split_hostport(address: str, default_port: int) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return (host or address).strip("[]"), int(port) if port.isdigit() else default_port
-
-
 def _kafka_probe(bootstrap: str, kafka_conf: dict[str, Any] | None) -> Callable[[float], None]:
-    first = bootstrap.split(",")[0].strip()
-    host, port = _split_hostport(first.split("://")[-1], 9092)
+    from stream.kafka import probe_cluster
 
-    def probe(t: float) -> None:
-        # TCP first: librdkafka would log connection errors while we poll a starting broker.
-        if not (kafka_conf or {}).get("security.protocol"):
-            with socket.create_connection((host, port), timeout=t):
-                pass
-        from confluent_kafka.admin import AdminClient
-
-        admin = AdminClient({"bootstrap.servers": bootstrap, **(kafka_conf or {})})
-        md = admin.list_topics(timeout=max(t, 1.0))
-        if not md.brokers:
-            raise StackError("no brokers in metadata")
-
-    return probe
+    return lambda t: probe_cluster(bootstrap, kafka_conf, t)
 
 
 def wait_kafka(bootstrap: str, timeout: float = 30.0, proc: Proc | None = None,

@@ -6,6 +6,8 @@ configured from `Settings` (bootstrap + pass-through), with the defaults the dat
 
 from __future__ import annotations
 
+import socket
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -58,6 +60,39 @@ def make_consumer(settings: Settings, group_id: str, **overrides: Any) -> Consum
 
 def make_admin(settings: Settings, **overrides: Any) -> AdminClient:
     return AdminClient(settings.kafka_config(**overrides))
+
+
+def probe_cluster(bootstrap: str, kafka_conf: dict[str, Any] | None, timeout: float) -> None:
+    """One metadata round trip; raises if the cluster does not answer within `timeout`.
+
+    A plain TCP connect comes first (plaintext only): librdkafka logs every failed connection
+    to stderr, so asking it before anything listens prints a line per retry."""
+    first = bootstrap.split(",")[0].strip().split("://")[-1]
+    host, _, port = first.rpartition(":")
+    if not (kafka_conf or {}).get("security.protocol"):
+        with socket.create_connection(((host or first).strip("[]"), int(port) if port.isdigit() else 9092),
+                                      timeout=timeout):
+            pass
+    md = AdminClient({"bootstrap.servers": bootstrap, **(kafka_conf or {})}).list_topics(timeout=max(timeout, 1.0))
+    if not md.brokers:
+        raise StackError("no brokers in metadata")
+
+
+def wait_reachable(settings: Settings, timeout: float) -> None:
+    """Block until the configured cluster answers, else one StackError line naming it: tools
+    and the worker fail fast and clearly at start-up instead of retrying silently forever."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise StackError(f"cannot reach Kafka at {settings.kafka_bootstrap} within {timeout:g}s ({last})")
+        try:
+            probe_cluster(settings.kafka_bootstrap, settings.kafka, min(left, 2.0))
+            return
+        except Exception as exc:  # noqa: BLE001 - any failure means "not yet"; the last is reported
+            last = (str(exc).splitlines() or [type(exc).__name__])[0] or type(exc).__name__
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
 
 def ensure_topics(

@@ -19,6 +19,7 @@ SIGTERM/SIGINT stop consuming, commit what was decided, leave the group and exit
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -46,7 +47,7 @@ from stream.events import (
     decode_requests,
     encode_decisions,
 )
-from stream.kafka import make_consumer, make_producer
+from stream.kafka import make_consumer, make_producer, wait_reachable
 from stream.metrics import MetricsServer, WorkerMetrics
 from stream.policy import EXPLORE, REASONS, UNCERTAIN, ScorePolicy, decide
 from stream.scorer import Scorer
@@ -76,6 +77,7 @@ class WorkerConfig:
     intra_threads: int = 1
     max_bytes: int = MAX_BYTES
     flush_timeout_s: float = 30.0
+    startup_timeout_s: float = 30.0  # wait for the cluster at start-up, then fail (0: no check)
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}")
     seed: int | None = None
     controller: ControllerConfig | None = None
@@ -130,6 +132,9 @@ class Worker:
         self._refused: str | None = None
         self._next_reload_check = time.monotonic() + cfg.reload_interval_s
 
+        if cfg.startup_timeout_s > 0:
+            # the model is checked first (local), then the cluster: fail fast, in one line
+            wait_reachable(settings, cfg.startup_timeout_s)
         self.controller = controller or RatioController.from_settings(
             settings, cfg.controller, controller_id=cfg.worker_id)
 
@@ -444,13 +449,16 @@ def _tps(partitions: list[TopicPartition]) -> str:
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="onnxruntime intra-op threads.")
 @click.option("--worker-id", default=None, help="Name in logs, metrics and the controller [default: host-pid].")
+@click.option("--startup-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="Seconds to wait for the Kafka cluster at start-up before exiting with an error "
+                   "(0: do not check; librdkafka then retries for ever).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 def serve(config_file: str | None, bootstrap: str | None, redis_url: str | None,
           model_dir: str | None, group_id: str, batch_size: int, batch_wait_ms: int,
           commit_interval_ms: int, commit_every: int, exactly_once: bool, reload_interval_s: float,
           metrics_port: int, no_metrics: bool, threads: int, worker_id: str | None,
-          log_level: str) -> None:
+          startup_timeout: float, log_level: str) -> None:
     """Consume requests, decide each one, produce decisions; commit only after delivery."""
     from stream.logs import setup_json_logging
 
@@ -462,11 +470,13 @@ def serve(config_file: str | None, bootstrap: str | None, redis_url: str | None,
         commit_interval_s=commit_interval_ms / 1000.0, commit_every=commit_every,
         exactly_once=exactly_once, reload_interval_s=reload_interval_s,
         metrics_port=None if no_metrics else metrics_port, intra_threads=threads,
-        **({"worker_id": worker_id} if worker_id else {}))
+        startup_timeout_s=startup_timeout, **({"worker_id": worker_id} if worker_id else {}))
     try:
         worker = Worker(settings, cfg)
     except OSError as exc:  # e.g. the metrics port is taken
-        raise RtaError(f"serve: cannot start: {exc.strerror or exc}") from None
+        port_problem = exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL)
+        where = f" (metrics port {cfg.metrics_host}:{cfg.metrics_port})" if port_problem and cfg.metrics_port else ""
+        raise RtaError(f"serve: cannot start{where}: {exc.strerror or exc}") from None
     if worker.server is not None:
         log.info("metrics on http://%s:%d/metrics", cfg.metrics_host, worker.server.port,
                  extra={"event": "metrics", "port": worker.server.port})

@@ -20,6 +20,7 @@ import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -148,7 +149,7 @@ def _test_id(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def settings(kafka: Server, redis_server: Server, request: pytest.FixtureRequest,
-             tmp_path: Path) -> Settings:
+             tmp_path: Path) -> Iterator[Settings]:
     """Settings for this test: the session's servers, own topics (created) and Redis prefix."""
     tid = _test_id(request)
     base = load_settings(
@@ -161,8 +162,28 @@ def settings(kafka: Server, redis_server: Server, request: pytest.FixtureRequest
         partitions=TEST_PARTITIONS,
     )
     s = base.with_topic_prefix(f"t.{tid}")
-    ensure_topics(make_admin(s), s.topics.values(), TEST_PARTITIONS)
-    return s
+    admin = make_admin(s)
+    ensure_topics(admin, s.topics.values(), TEST_PARTITIONS)
+    yield s
+    _clean_up(admin, s)
+
+
+def _clean_up(admin: Any, s: Settings) -> None:
+    """Delete this test's topics and Redis keys, best effort: a long session on one broker and
+    one Redis should not pile up every test's data (and a failure here must not fail a test)."""
+    try:
+        for fut in admin.delete_topics(list(s.topics.values()), operation_timeout=10).values():
+            fut.result(15)
+    except Exception:  # noqa: BLE001 - a topic a test deleted itself, or a broker a test stopped
+        pass
+    try:
+        client = redis.Redis.from_url(s.redis_url, socket_timeout=5)
+        keys = list(client.scan_iter(f"{s.redis_prefix}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
+    except Exception:  # noqa: BLE001 - a Redis a test stopped
+        pass
 
 
 @pytest.fixture

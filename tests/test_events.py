@@ -205,7 +205,19 @@ def test_error_messages_name_the_culprit():
     assert "'age'" in batch.errors[2].message
 
 
-@pytest.mark.parametrize("depth", [500, 1000, 1023, 1024, 3000])
+_SHALLOW = ["bad_version", "bad_request_id", "bad_ts", "bad_fingerprint", "non_numeric", "bad_categorical",
+            "not_object"]
+# orjson parses at most 1024 nested levels: a value at depth d inside the request object is at
+# level d + 1 (d + 2 inside "features"), so past the limit the whole message is `not_json`.
+_DEPTH_CODES = {
+    500: _SHALLOW, 1000: _SHALLOW,
+    1023: _SHALLOW[:4] + ["not_json", "not_json", "not_object"],
+    1024: ["not_json"] * 6 + ["not_object"],
+    3000: ["not_json"] * 7,
+}
+
+
+@pytest.mark.parametrize("depth", sorted(_DEPTH_CODES))
 def test_deeply_nested_values_never_raise(depth):
     nest = b"[" * depth + b"]" * depth
     values = [b'{"v":' + nest + b',"request_id":"r","ts_ms":1,"features":{}}',
@@ -216,7 +228,8 @@ def test_deeply_nested_values_never_raise(depth):
               b'{"v":1,"request_id":"r","ts_ms":1,"features":{"device":' + nest + b'}}',
               nest]
     batch = decode_requests(values, None, SPEC, max_bytes=10 * depth + 100)
-    assert len(batch.errors) == len(values)
+    assert [e.code for e in batch.errors] == _DEPTH_CODES[depth]
+    assert not batch.valid.any()
 
 
 def test_limit_is_configurable():
@@ -438,6 +451,20 @@ def test_decisions_validate_against_the_schema_and_decode_back():
     assert docs[3]["u"] is None
     assert docs[3]["p"] is None and docs[3]["score"] is None and docs[3]["uncertainty"] is None
     assert [d["propensity"] for d in docs] == [0.98, 0.98, 0.02, 1.0, 0.98, 0.98]
+
+
+@pytest.mark.parametrize("reason", ["uncertain", "explore", "invalid"])
+def test_schema_forces_pass_for_uncertain_explore_and_invalid(reason):
+    raws, _ = _decisions()
+    doc = orjson.loads(raws[0])  # a "score" / "block" decision
+    v = _validator("decision")
+    v.validate(doc)
+    doc["reason"] = reason
+    if reason == "invalid":
+        doc["score"] = doc["uncertainty"] = doc["p"] = doc["u"] = None
+    assert not v.is_valid(doc)  # a block with this reason is refused by the schema
+    doc["decision"] = "pass"
+    v.validate(doc)
 
 
 def test_decision_reason_codes_nan_and_validation():

@@ -18,7 +18,7 @@ from confluent_kafka import TopicPartition
 from infra.cli import cli
 from infra.stack import Embedded, alive, free_port, port_taken
 from stream.config import DEFAULT_TOPICS, Settings
-from stream.kafka import make_consumer, make_producer
+from stream.kafka import make_admin, make_consumer, make_producer
 
 
 def round_trip(settings: Settings, topic: str, n: int = 30) -> list[bytes]:
@@ -67,11 +67,22 @@ def test_fixtures_round_trip(settings: Settings, redis_client: redis.Redis) -> N
     assert redis_client.get(key) == b"1"
 
 
-def test_settings_are_unique_per_test(settings: Settings, kafka) -> None:
+_SEEN_SETTINGS: list[tuple[frozenset[str], str]] = []
+
+
+@pytest.mark.parametrize("run", [1, 2])
+def test_settings_are_unique_per_test(settings: Settings, kafka, run: int) -> None:
+    # two tests (the two parametrised runs) must never share a topic or the Redis prefix
     assert all(name.startswith("t.") and name.endswith(DEFAULT_TOPICS[role])
                for role, name in settings.topics.items())
     assert settings.redis_prefix.startswith("test:")
     assert settings.kafka_bootstrap == kafka.bootstrap
+    mine = (frozenset(settings.topics.values()), settings.redis_prefix)
+    for topics_seen, prefix_seen in _SEEN_SETTINGS:
+        assert not mine[0] & topics_seen and mine[1] != prefix_seen
+    _SEEN_SETTINGS.append(mine)
+    if run == 2:
+        assert len(_SEEN_SETTINGS) >= 2
 
 
 def test_dev_up_status_down(clean_env: dict[str, str], tmp_path: Path) -> None:
@@ -166,16 +177,22 @@ def test_broker_that_never_answers_times_out_and_is_stopped(clean_env: dict[str,
 
 
 def test_dev_up_uses_external_servers(kafka, redis_server, clean_env: dict[str, str], tmp_path: Path) -> None:
+    # every topic of this test is its own (dev up provisions all roles on the external cluster:
+    # default names there would collide with whatever else uses that cluster)
     prefix = f"ext{uuid.uuid4().hex[:8]}"
+    names = {role: f"{prefix}.{DEFAULT_TOPICS[role]}" for role in DEFAULT_TOPICS}
     env = {**clean_env, "RTA_KAFKA_BOOTSTRAP": kafka.bootstrap, "RTA_REDIS_URL": redis_server.url,
-           "RTA_TOPIC_REQUESTS": f"{prefix}.requests"}
+           **{f"RTA_TOPIC_{role.upper()}": name for role, name in names.items()}}
+    before = set(make_admin(Settings(kafka_bootstrap=kafka.bootstrap)).list_topics(timeout=10).topics)
     up = rta(["dev", "up", "--kafka-port", "1", "--redis-port", "1"], env, tmp_path)
     assert up.returncode == 0, up.stderr
     assert up.stdout.count("using external") == 2
     state = json.loads((Path(clean_env["RTA_STATE_DIR"]) / "stack.json").read_text())
     assert state["kafka"]["external"] and "pid" not in state["kafka"] and "pid" not in state["redis"]
     s = Settings(kafka_bootstrap=kafka.bootstrap)
-    assert len(round_trip(s, f"{prefix}.requests", 5)) == 5  # the topic was created there
+    after = set(make_admin(s).list_topics(timeout=10).topics)
+    assert after - before == set(names.values())  # exactly this test's topics, none by default name
+    assert len(round_trip(s, names["requests"], 5)) == 5  # the topic was created there
     down = rta(["dev", "down"], env, tmp_path)
     assert down.returncode == 0 and down.stdout.count("left alone") == 2
     assert redis.Redis.from_url(redis_server.url).ping()

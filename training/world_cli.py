@@ -114,11 +114,12 @@ def stream_requests(settings: Settings, count: int, rate: float = 0.0, seed: int
     """
     from confluent_kafka import KafkaException
 
-    from stream.kafka import make_admin, make_producer, produce_waiting
+    from stream.kafka import make_admin, make_producer, produce_waiting, wait_reachable
 
     cfg = config or WorldConfig()
     spec = spec or cfg.feature_spec()
     topic = settings.topic("requests")
+    wait_reachable(settings, 10.0)  # one line, not librdkafka's retries, when nothing answers
     try:
         meta = make_admin(settings).list_topics(timeout=10)
     except KafkaException as exc:
