@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import urllib.request
 from collections import Counter
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from student_data import make_bundle
 from worker_support import (
     MALFORMED,
@@ -119,12 +121,33 @@ def test_metrics_and_health_endpoints(settings, bundle, targets):
         health = urllib.request.urlopen(f"{base}/healthz", timeout=5)
         assert health.status == 200 and b'"running"' in health.read()
         text = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
-    assert "rta_events_total 2000.0" in text
+    # the values, not only the names: each metric says what the worker's own counters say
+    fam = {f.name: f for f in text_string_to_metric_families(text)}
+
+    def value(name: str, suffix: str = "", **labels: str) -> float:
+        got = [s.value for s in fam[name].samples
+               if s.name == name + suffix and all(s.labels.get(k) == v for k, v in labels.items())]
+        assert len(got) == 1, (name, suffix, labels, got)
+        return got[0]
+
+    # (the worker goes on committing after the scrape, so its final totals may only be larger)
+    assert value("rta_events", "_total") == 2000 == w.stats.events
+    assert 1 <= value("rta_batches", "_total") == value("rta_batch_seconds", "_count") <= w.stats.batches
+    assert 1 <= value("rta_commits", "_total") == value("rta_commit_seconds", "_count") <= w.stats.commits
+    assert 0 < value("rta_commit_seconds", "_sum") <= w.stats.commit_s + 1e-9
     assert 0 < w.stats.commit_max_s <= w.stats.commit_s  # checkpoint time, as the histogram sees it
-    for name in ("rta_batch_seconds_bucket", "rta_commit_seconds_bucket", "rta_block_share", "rta_theta", "rta_tau_u",
-                 'rta_model_info{fingerprint=', 'rta_redis_state{state="ok"} 1.0', "rta_dlq",
-                 "rta_uncertain_share", "rta_explore_share"):
-        assert name in text, name
+    # the gauges hold the thresholds the last batch was decided with (its decisions carry them)
+    last = max(decisions(settings, 2000), key=lambda d: d["ts_ms"])
+    # (JSON has no infinity: an infinite tau_u, "no uncertain passes yet", is written as null)
+    assert value("rta_theta") == pytest.approx(last["threshold"], abs=1e-12)
+    assert value("rta_tau_u") == pytest.approx(math.inf if last["tau_u"] is None else last["tau_u"], abs=1e-12)
+    assert value("rta_target_ratio") == pytest.approx(0.3)
+    assert value("rta_redis_state", state="ok") == 1.0 and value("rta_redis_state", state="degraded") == 0.0
+    assert 0.0 <= value("rta_block_share") <= 1.0 and 0.0 <= value("rta_uncertain_share") <= 1.0
+    (info,) = [s.labels for f in fam.values() for s in f.samples if s.name == "rta_model_info"]
+    assert info["version"] == "v1" and info["fingerprint"] == w.scorer.spec.fingerprint()
+    by_reason = {s.labels["reason"]: s.value for s in fam["rta_decisions"].samples if s.name == "rta_decisions_total"}
+    assert sum(by_reason.values()) == 2000 and set(by_reason) <= {"score", "uncertain", "explore"}
     with pytest.raises(OSError):  # the server is gone with the worker
         urllib.request.urlopen(f"{base}/healthz", timeout=2)
 
@@ -163,10 +186,13 @@ def test_exactly_once_mode(settings, bundle, targets):
 
 
 def test_bad_flags_are_one_line_errors(tmp_path):
-    r = subprocess.run([*RTA, "serve", "--batch-size", "0"], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "batch-size" in r.stderr and "Traceback" not in r.stderr
+    def one_line(r: subprocess.CompletedProcess, needle: str) -> None:
+        err = r.stderr.strip()
+        assert r.returncode == 2 and needle in err and err.startswith("rta: ") and "\n" not in err, err
+
+    one_line(subprocess.run([*RTA, "serve", "--batch-size", "0"], capture_output=True, text=True, timeout=60),
+             "batch-size")
     empty = tmp_path / "empty-models"
     empty.mkdir()
-    r = subprocess.run([*RTA, "serve", "--model-dir", str(empty), "--no-metrics"], capture_output=True,
-                       text=True, timeout=60)
-    assert r.returncode == 2 and "no model published" in r.stderr and "Traceback" not in r.stderr
+    one_line(subprocess.run([*RTA, "serve", "--model-dir", str(empty), "--no-metrics"], capture_output=True,
+                            text=True, timeout=60), "no model published")

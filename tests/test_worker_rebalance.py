@@ -1,0 +1,133 @@
+"""What docs/operations.md promises about group membership and liveness, on the real broker:
+a rebalance commits before partitions move (nothing decided twice), a member whose partitions
+are lost does not commit them (the new owner replays, nothing is skipped), and `/healthz` turns
+503 when the loop stalls and 200 again when it turns."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import threading
+import urllib.error
+import urllib.request
+from collections import Counter
+
+import pytest
+from student_data import make_bundle
+from worker_support import (
+    assigned,
+    decisions,
+    feeding,
+    produce,
+    read_topic,
+    request_values,
+    running,
+    spawn_worker,
+    wait_for,
+)
+
+from stream.policy import Targets
+from stream.window import RedisStore
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def bundle(settings):
+    make_bundle(settings.model_dir, "v1", seed=0)
+    RedisStore.from_url(settings.redis_url, settings.redis_prefix).set_targets(
+        Targets(0.3, 0.05, 0.02), "test", "rebalance test")
+
+
+def test_a_member_joining_mid_stream_gets_committed_offsets_and_repeats_nothing(settings, bundle):
+    n, rate = 30_000, 3000
+    ids, values = request_values(n)
+    with running(settings, group_id="rb", seed=1) as a, feeding(settings, values, ids, rate) as feeder:
+        wait_for(lambda: assigned(a) == 3 and a.stats.events >= 5000, 60, "the first member deciding")
+        with running(settings, group_id="rb", seed=2) as b:
+            wait_for(lambda: assigned(a) and assigned(b) and assigned(a) + assigned(b) == 3, 60,
+                     "the partitions split between the two members")
+            feeder.join(60)
+            wait_for(lambda: a.stats.events + b.stats.events >= n, 60, "all decided")
+            assert b.stats.events > 0
+    got = decisions(settings, n, quiet=1.0)
+    counts = Counter(d["request_id"] for d in got)
+    assert set(counts) == set(ids)
+    # the revoke committed everything the first member had decided: the second starts after it
+    assert max(counts.values()) == 1, f"{sum(c > 1 for c in counts.values())} requests decided twice"
+
+
+def test_a_member_that_lost_its_partitions_does_not_commit_them(settings, bundle, tmp_path):
+    n, rate = 30_000, 2000
+    ids, values = request_values(n)
+    stopped = spawn_worker(settings, tmp_path / "a", "--group", "rb-lost", "--commit-interval-ms", "500")
+    try:
+        with feeding(settings, values, ids, rate) as feeder:
+            wait_for(lambda: len(read_topic(settings, "decisions", 3000, timeout=1)) >= 3000, 60,
+                     "the first member deciding", step=0.5)
+            with running(settings, group_id="rb-lost", seed=2) as b:
+                wait_for(lambda: assigned(b) >= 1, 60, "the second member joining")
+                # freeze the first member past its session timeout (6 s): the group takes its
+                # partitions away; when it wakes up they are lost, not revoked
+                os.kill(stopped.pid, signal.SIGSTOP)
+                try:
+                    wait_for(lambda: assigned(b) == 3, 60, "the second member owning everything")
+                finally:
+                    os.kill(stopped.pid, signal.SIGCONT)
+                log = next((tmp_path / "a").glob("worker-*.log"))
+                wait_for(lambda: '"event": "lost"' in log.read_text(errors="replace")
+                         or '"event":"lost"' in log.read_text(errors="replace"), 60,
+                         "the first member noticing it lost its partitions")
+                feeder.join(60)
+                wait_for(lambda: len({d["request_id"] for d in decisions(settings, n, timeout=2)}) >= n, 90,
+                         "every request decided", step=1.0)
+        stopped.send_signal(signal.SIGTERM)
+        assert stopped.wait(30) == 0  # it rejoined and drained normally
+    finally:
+        if stopped.poll() is None:
+            stopped.kill()
+            stopped.wait()
+    got = decisions(settings, n, quiet=1.0)
+    assert {d["request_id"] for d in got} == set(ids)  # nothing skipped by the handover
+
+
+def test_healthz_turns_503_when_the_loop_stalls(settings, bundle):
+    ids, values = request_values(200)
+    produce(settings, values, ids)
+    gate = threading.Event()
+    gate.set()
+    with running(settings, group_id="rb-health", metrics_port=0) as w:
+        w.metrics.health = functools.partial(w.metrics.health, stall_s=1.0)  # the test's patience
+        score = w.scorer.score
+
+        def gated_score(num, cat):
+            gate.wait(60)
+            return score(num, cat)
+
+        w.scorer.score = gated_score
+        url = f"http://127.0.0.1:{w.server.port}/healthz"
+
+        seen: dict[int, dict] = {}
+
+        def status() -> int:
+            try:
+                res = urllib.request.urlopen(url, timeout=5)
+            except urllib.error.HTTPError as exc:  # 503 comes as an HTTPError
+                res = exc
+            seen[res.status] = json.loads(res.read())
+            return res.status
+
+        wait_for(lambda: w.stats.events >= 200, 60, "the first requests decided")
+        wait_for(lambda: status() == 200, 10, "healthy while the loop turns")
+        gate.clear()  # the next batch blocks inside scoring: the loop stops turning
+        more_ids, more_values = request_values(10, prefix="s")
+        produce(settings, more_values, more_ids)
+        try:
+            wait_for(lambda: status() == 503, 30, "503 while the loop is stalled")
+            assert seen[503]["state"] == "running" and seen[503]["loop_age_s"] >= 1.0, seen[503]
+        finally:
+            gate.set()
+        wait_for(lambda: w.stats.events >= 210, 30, "the stalled batch decided")
+        wait_for(lambda: status() == 200, 10, "healthy again")
