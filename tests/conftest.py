@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,6 +67,14 @@ class Server:
 
     def restart(self, crash: bool = False) -> None:
         self._need_owned().restart(crash=crash)
+
+    def freeze(self) -> None:
+        """SIGSTOP: the server hangs (a network partition or a long pause) and keeps its state,
+        which an in-memory broker loses on a restart."""
+        os.kill(self._need_owned().proc.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        os.kill(self._need_owned().proc.pid, signal.SIGCONT)
 
     @property
     def running(self) -> bool:

@@ -1,7 +1,8 @@
-"""What docs/operations.md promises about group membership and liveness, on the real broker:
-a rebalance commits before partitions move (nothing decided twice), a member whose partitions
-are lost does not commit them (the new owner replays, nothing is skipped), and `/healthz` turns
-503 when the loop stalls and 200 again when it turns."""
+"""What docs/operations.md promises about group membership, liveness and broker outages, on
+the real broker: a rebalance commits before partitions move (nothing decided twice), a member
+whose partitions are lost does not commit them (the new owner replays, nothing is skipped),
+`/healthz` turns 503 when the loop stalls and 200 again when it turns, and a broker that hangs
+for longer than the producer and commit timeouts costs no decision."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import json
 import os
 import signal
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 from student_data import make_bundle
@@ -150,3 +153,27 @@ def test_healthz_turns_503_when_the_loop_stalls(settings, bundle):
             gate.set()
         wait_for(lambda: w.stats.events >= 210, 30, "the stalled batch decided")
         wait_for(lambda: status() == 200, 10, "healthy again")
+
+
+def test_a_broker_outage_costs_no_decision(settings, bundle, kafka):
+    n, rate = 24_000, 2000
+    ids, values = request_values(n)
+    # the worker's producer gives up on a message after 3 s: decisions produced while the broker
+    # hangs fail for real, and only replaying their checkpoint gets them out
+    impatient = replace(settings, kafka={**settings.kafka, "message.timeout.ms": "3000"})
+    with running(impatient, group_id="rb-outage", seed=0, flush_timeout_s=3.0) as w, \
+            feeding(settings, values, ids, rate) as feeder:
+        wait_for(lambda: assigned(w) == 3 and w.stats.events >= 4000, 60, "deciding before the outage")
+        kafka.freeze()
+        try:  # longer than the flush and message timeouts: checkpoints and deliveries fail
+            frozen_at = w.stats.events
+            time.sleep(8)
+        finally:
+            kafka.thaw()
+        feeder.join(120)
+        wait_for(lambda: len({d["request_id"] for d in decisions(settings, n, timeout=10, quiet=0.5)}) >= n,
+                 120, "every request decided after the broker came back", step=1.0)
+        assert w.stats.events > frozen_at
+        assert w.stats.checkpoint_failures >= 1  # the outage was felt, and survived
+    got = decisions(settings, n, quiet=1.0)
+    assert {d["request_id"] for d in got} == set(ids)
