@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -52,3 +54,140 @@ def duckdb_count(out: Path, kind: str, distinct: str = "request_id") -> tuple[in
                            f"FROM read_parquet('{glob}', hive_partitioning=true, union_by_name=true)").fetchone()
     finally:
         con.close()
+
+
+# --------------------------------------------------------------------------- the live pipeline
+
+
+def world_bundle(model_dir: Path, version: str = "w1", rows: int = 4000, seed: int = 0) -> Path:
+    """A published student bundle on the world's feature spec with untrained weights spread
+    like a trained model's (scores over several logit units): what the live tests serve."""
+    import numpy as np
+    import torch
+
+    from model import bundle
+    from model.export import export_bundle
+    from model.preprocess import Preprocessor
+    from model.student import Student, StudentConfig
+    from stream.features import FeatureSpec
+    from training.world import WorldConfig, feature_kinds, generate_table
+
+    table = generate_table(rows, seed, WorldConfig())
+    kinds = feature_kinds(table.schema)
+    spec = FeatureSpec(tuple(n for n, k in kinds.items() if k == "numeric"),
+                       tuple(n for n, k in kinds.items() if k == "categorical"))
+    num = np.column_stack([table.column(n).to_numpy(zero_copy_only=False) for n in spec.numeric]).astype(np.float32)
+    cat = np.column_stack([table.column(n).cast(pa.string()).fill_null("").to_numpy(zero_copy_only=False)
+                           for n in spec.categorical]).astype(object)
+    pre = Preprocessor.fit(spec, num, cat)
+    torch.manual_seed(seed)
+    student = Student(pre.n_inputs, pre.cardinalities, ["click", "online", "cart", "deal"],
+                      StudentConfig(hidden=(32, 16)))
+    with torch.no_grad():
+        student.head2_w.mul_(40.0)
+    out = Path(model_dir) / version
+    export_bundle(out, pre, student.eval(), metrics={"test": True})
+    bundle.publish(out)
+    return out
+
+
+def committed_offsets(settings: Settings, group: str, role: str) -> dict[int, int]:
+    """Committed offset per partition of one topic for a group (-1001: none yet)."""
+    from confluent_kafka import TopicPartition
+
+    from stream.kafka import make_consumer
+
+    c = make_consumer(settings, group)
+    try:
+        tps = c.committed([TopicPartition(settings.topic(role), p) for p in range(settings.partitions)], 10)
+        return {tp.partition: tp.offset for tp in tps}
+    finally:
+        c.close()
+
+
+def dedup_impressions(table: pa.Table) -> pa.Table:
+    """One row per request_id: a row with a decision wins over one without (a replay after a
+    crash can write a request again after its decision was committed), else the first."""
+    import numpy as np
+
+    order = np.lexsort((np.arange(table.num_rows), table["decision"].is_null().to_numpy(zero_copy_only=False)))
+    table = table.take(pa.array(order))
+    _, first_at = np.unique(table["request_id"].to_numpy(zero_copy_only=False), return_index=True)
+    return table.take(pa.array(np.sort(first_at)))
+
+
+@dataclass
+class LiveLog:
+    """What the live pipeline left behind (the replay acceptance reads it)."""
+
+    log_dir: Path
+    model_dir: Path
+    truth_dir: Path
+    decisions: dict[str, dict]  # request_id -> the decision event the worker published
+    outcomes_published: int
+    logger_restarts: int
+
+
+def live_pipeline(settings: Settings, workdir: Path, n: int = 50_000, rate: float = 4000.0,
+                  seed: int = 11, time_scale: float = 600.0, kill_logger: bool = True) -> LiveLog:
+    """`rta world stream` (n requests, truth chunks) -> Worker -> `rta world outcomes` (in
+    process) -> `rta log` (a process, `kill -9`ed mid-stream and restarted when `kill_logger`),
+    on the test's broker, topics and Redis. Returns once the logger committed everything."""
+    import signal
+
+    from worker_support import decisions, running, wait_for
+
+    from stream.policy import Targets
+    from stream.window import RedisStore
+    from training.outcomes import Simulator, SimulatorConfig
+    from training.world_cli import stream_requests
+
+    log_dir, truth_dir = workdir / "log", workdir / "truth"
+    model_dir = Path(settings.model_dir)
+    world_bundle(model_dir)
+    RedisStore.from_url(settings.redis_url, settings.redis_prefix).set_targets(
+        Targets(0.3, 0.05, 0.02), "test", "live log")
+    sim = Simulator(settings, SimulatorConfig(truth_dir=truth_dir, time_scale=time_scale, seed=seed))
+    logger_args = ("--roll-seconds", "1", "--batch-wait-ms", "20")
+    restarts = 0
+    sent: dict = {}
+
+    def stream() -> None:
+        sent.update(stream_requests(settings, n, rate=rate, seed=seed, truth_dir=truth_dir))
+
+    with running(settings, group_id="live-worker", seed=seed) as worker, serving(sim, "outcomes"):
+        proc = spawn_logger(settings, log_dir, workdir, *logger_args)
+        try:
+            wait_for(lambda: len(worker.assignment) == settings.partitions, 60, "worker assignment")
+            feeder = threading.Thread(target=stream, daemon=True)
+            feeder.start()
+            if kill_logger:
+                # kill -9 once some files are renamed (and committed) but the stream is far from done
+                wait_for(lambda: len(list((log_dir / "impressions").rglob("*.parquet"))) >= 2
+                         and worker.stats.events >= n // 4, 120, "the first logger's files")
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(30)
+                restarts += 1
+                proc = spawn_logger(settings, log_dir, workdir, *logger_args)
+            feeder.join(300)
+            assert sent.get("delivered") == n, sent
+            wait_for(lambda: worker.stats.events >= n, 120, "every request decided")
+            wait_for(lambda: sim.stats.decisions >= n and not sim._waiting and not sim._heap, 120,
+                     "every outcome published")
+            outcomes = sum(sim.stats.published.values())
+            sim._commit()
+
+            def logged_all() -> bool:
+                req = committed_offsets(settings, "rta-logger", "requests")
+                out = committed_offsets(settings, "rta-logger", "outcomes")
+                return sum(max(o, 0) for o in req.values()) >= n and sum(max(o, 0) for o in out.values()) >= outcomes
+
+            wait_for(logged_all, 120, "the logger committed every request and outcome", step=0.5)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    got = decisions(settings, n, quiet=0.5)
+    by_id = {d["request_id"]: d for d in got}
+    return LiveLog(log_dir, model_dir, truth_dir, by_id, outcomes, restarts)
