@@ -58,7 +58,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from stream.config import Settings, load_settings
-from stream.errors import ConfigError, RtaError
+from stream.errors import ConfigError, RtaError, StackError
 from stream.events import MAX_BYTES, decode_decision, decode_outcome
 from stream.features import DEFAULT_TASKS
 from stream.kafka import make_consumer
@@ -914,6 +914,20 @@ def _tps(partitions: list[TopicPartition]) -> str:
 # --- CLI ----------------------------------------------------------------------------------
 
 
+def check_topics(settings: Settings, roles: tuple[str, ...] = ROLES) -> None:
+    """The broker answers and the topics of `roles` exist, else a one-line StackError."""
+    from stream.kafka import make_admin
+
+    try:
+        meta = make_admin(settings).list_topics(timeout=10)
+    except KafkaException as exc:
+        raise StackError(f"cannot reach Kafka at {settings.kafka_bootstrap}: {exc.args[0].str()}") from None
+    missing = [settings.topic(r) for r in roles if settings.topic(r) not in meta.topics]
+    if missing:
+        raise StackError(f"topic(s) {', '.join(missing)} do not exist on {settings.kafka_bootstrap}; "
+                         "run `rta topics create`")
+
+
 @click.command(name="log")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Root of the logged traffic (impressions/ and outcomes/ under it).")
@@ -953,6 +967,7 @@ def log_cmd(out_dir: Path, config_file: str | None, bootstrap: str | None, group
 
     setup_json_logging(log_level)
     settings = load_settings(config_file, kafka_bootstrap=bootstrap)
+    check_topics(settings)
     cfg = LoggerConfig(out_dir=out_dir, group_id=group_id, batch_size=batch_size, batch_wait_ms=batch_wait_ms,
                        roll_bytes=max(1, int(roll_mb * (1 << 20))), roll_seconds=roll_seconds,
                        join_timeout_s=join_timeout_s, max_wait_s=max_wait_s, max_buffered=max_buffered,

@@ -7,6 +7,7 @@ controls exactly which pairs exist; the live pipeline is tests/test_live_log.py.
 from __future__ import annotations
 
 import signal
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,11 @@ def _decisions(ids: list[str], ts: np.ndarray, seed: int = 0) -> tuple[list[byte
     return bodies, cols
 
 
+def _metrics(lg) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{lg.server.port}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
 def _produce(settings: Settings, role: str, values: list[bytes], keys: list[str | None]) -> None:
     p = make_producer(settings)
     for v, k in zip(values, keys, strict=True):
@@ -67,9 +73,14 @@ def test_requests_join_their_decisions_into_hourly_parquet_and_offsets_commit(se
     _produce(settings, "outcomes", [encode_outcome(r, "click", int(t) + 2000) for r, t in
                                     zip(outcome_ids, ts[:300:3], strict=True)], outcome_ids)
     out = tmp_path / "log"
-    with logging_to(settings, out, roll_seconds=0.5, batch_wait_ms=20) as lg:
+    with logging_to(settings, out, roll_seconds=0.5, batch_wait_ms=20, metrics_port=0) as lg:
         wait_for(lambda: lg.stats.impressions >= n and lg.stats.outcomes >= len(outcome_ids), 60, "rows written")
         wait_for(lambda: sum(committed(settings, "rta-logger").values()) == n, 30, "requests committed")
+        wait_for(lambda: 'rta_log_lag{topic="requests"} 0.0' in _metrics(lg), 30, "lag gauge at 0")
+        text = _metrics(lg)
+    assert 'rta_log_rows_total{kind="impressions"} 6000.0' in text
+    assert 'rta_log_messages_total{topic="decisions"} 6000.0' in text
+    assert "rta_log_open_files " in text and 'rta_log_buffered{side="requests"}' in text
     assert lg.stats.orphan_requests == lg.stats.orphan_decisions == lg.stats.duplicates == 0
 
     table = read_log(out)

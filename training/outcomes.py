@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 from confluent_kafka import KafkaException, TopicPartition
 
 from stream.config import Settings, load_settings
-from stream.errors import ConfigError, StackError
+from stream.errors import ConfigError
 from stream.events import OUTCOME_EVENTS, encode_outcome
 from stream.kafka import make_consumer, make_producer, produce_waiting
 
@@ -300,18 +300,12 @@ class Simulator:
 def outcomes_cmd(truth_dir: Path, time_scale: float, seed: int, group_id: str, truth_wait_s: float,
                  bootstrap: str | None, config_file: str | None) -> None:
     """Downstream simulator: outcome events for passed requests only, with funnel delays."""
-    from stream.kafka import make_admin
+    from stream.logger import check_topics
     from stream.logs import setup_json_logging
 
     setup_json_logging("info")
     settings = load_settings(config_file, kafka_bootstrap=bootstrap)
-    try:
-        meta = make_admin(settings).list_topics(timeout=10)
-    except KafkaException as exc:
-        raise StackError(f"cannot reach Kafka at {settings.kafka_bootstrap}: {exc.args[0].str()}") from None
-    for role in ("decisions", "outcomes"):
-        if settings.topic(role) not in meta.topics:
-            raise StackError(f"topic {settings.topic(role)} does not exist; run `rta topics create`")
+    check_topics(settings, ("decisions", "outcomes"))
     sim = Simulator(settings, SimulatorConfig(truth_dir=truth_dir, time_scale=time_scale, seed=seed,
                                               group_id=group_id, truth_wait_s=truth_wait_s))
     stats = sim.run(install_signals=True)

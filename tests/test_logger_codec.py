@@ -1,0 +1,110 @@
+"""The logger's decoding and table logic, and the simulator's funnel timing, without a broker."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from stream.events import encode_decisions
+from stream.logger import concat, decision_schema, decode_decisions_generic, decode_requests_generic
+from stream.logschema import reserved_columns
+from training.outcomes import MEDIAN_DELAY_S, outcome_times
+
+TASKS = ("click", "online", "cart", "deal")
+
+
+def _req(rid: str, features: dict, ts: int = 1000) -> bytes:
+    return orjson.dumps({"v": 1, "request_id": rid, "ts_ms": ts, "features": features})
+
+
+def test_request_features_are_typed_per_column_and_bad_rows_counted():
+    values = [
+        _req("a", {"x": 1, "city": "c1", "score": 3.0}),
+        _req("b", {"x": 2.5, "city": 7}),  # an integer among strings: a string column, like the worker
+        _req("c", {"city": None, "x": None, "new": "n"}),  # other keys, other order: the slow path
+        _req("d", {"x": True}),  # a boolean feature: bad row
+        _req("e", {"x": [1]}),  # an array: bad row
+        b"{not json", None, _req("", {}), b'{"v": 1, "request_id": "f", "ts_ms": 1, "fp": "ab", "x": [1]}',
+    ]
+    rows, bad, reserved = decode_requests_generic(values, np.arange(len(values)), 2, reserved_columns())
+    assert rows.ids == ["a", "b", "c"] and bad == 6 and reserved == 1
+    t = rows.table
+    assert t.schema.field("x").type == pa.float64() and t.schema.field("city").type == pa.string()
+    assert t["x"].to_pylist() == [1.0, 2.5, None] and t["city"].to_pylist() == ["c1", "7", None]
+    assert t["new"].to_pylist() == [None, None, "n"] and "score" not in t.column_names
+    assert t["kafka_partition"].to_pylist() == [2, 2, 2] and rows.offsets.tolist() == [0, 1, 2]
+
+
+def test_decisions_decode_to_the_fixed_schema_and_bad_types_are_refused():
+    body = encode_decisions(["a", "b"], np.array([True, False]), ["score", "explore"], np.array([0.1, 0.2]),
+                            np.array([0.01, 0.02]), np.full((2, 4), 0.5), threshold=0.123456789012,
+                            target_ratio=0.3, model="m", ts_ms=5000, latency_ms=np.array([4.0, 1000.0]),
+                            propensity=np.array([0.98, 0.02]), tau_u=0.7, u_tasks=np.full((2, 4), 0.05))
+    wrong = orjson.loads(body[0])
+    wrong["request_id"], wrong["score"] = "c", "high"
+    rows, bad = decode_decisions_generic([*body, orjson.dumps(wrong), b"{}"], np.arange(4), TASKS)
+    assert rows.ids == ["a", "b"] and bad == 2
+    assert rows.table.schema.remove(0) == decision_schema(TASKS)
+    assert rows.table["threshold"].to_pylist() == [0.123456789012] * 2
+    assert rows.ts.tolist() == [4996, 4000]  # the decided request's time: ts_ms - latency_ms
+
+
+def test_concat_fills_missing_columns_and_turns_a_kind_conflict_into_strings():
+    a = pa.table({"request_id": ["a"], "x": pa.array([1.0]), "y": pa.array([2.0])})
+    b = pa.table({"request_id": ["b"], "x": pa.array(["s"])})
+    t = concat([a, b])
+    assert t["x"].to_pylist() == ["1", "s"] and t["y"].to_pylist() == [2.0, None]
+
+
+def test_outcomes_follow_the_funnel_and_the_time_scale():
+    rng = np.random.default_rng(0)
+    n = 20_000
+    bits = rng.integers(0, 16, n)
+    base = np.full(n, 1_000_000.0)
+    t = outcome_times(bits, base, rng, time_scale=60.0)
+    click, online, cart, deal = (t[e] >= 0 for e in TASKS)
+    assert (click == ((bits & 1) > 0)).all()
+    assert not (online & ~click).any() and not (cart & ~online).any() and not (deal & ~online).any()
+    assert (t["online"][online] > t["click"][online]).all() and (t["deal"][deal] > t["online"][deal]).all()
+    both = deal & cart
+    assert (t["deal"][both] > t["cart"][both]).all()
+    median_click_s = np.median(t["click"][click] - base[click]) / 1000.0
+    assert median_click_s == pytest.approx(MEDIAN_DELAY_S["click"] / 60.0, rel=0.05)
+
+
+def test_truth_chunks_are_whole_files_with_every_true_column(tmp_path: Path):
+    from training.world import generate_table
+    from training.world_cli import TruthChunks, truth_table
+
+    world = generate_table(3000, seed=2)
+    world = world.append_column("true_source", pa.array(["known"] * world.num_rows))
+    chunks = TruthChunks(tmp_path / "truth", seed=2, rows=1000)
+    for batch in world.to_batches(max_chunksize=700):
+        chunks.add(truth_table(batch, np.full(batch.num_rows, 42, np.int64)))
+    chunks.close()
+    files = sorted((tmp_path / "truth").glob("truth-*.parquet"))
+    assert len(files) == chunks.files == 3 and not list((tmp_path / "truth").glob(".*"))
+    t = pq.read_table(tmp_path / "truth")
+    assert t.num_rows == 3000 and t["request_id"].to_pylist() == world["request_id"].to_pylist()
+    assert set(t.column_names) == {"request_id", "ts_ms", *TASKS, *(f"true_{x}" for x in TASKS), "true_source"}
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["log"], "--out"),
+    (["log", "--out", "x", "--bootstrap", "127.0.0.1:1"], "cannot reach Kafka"),
+    (["log", "--out", "x", "--roll-seconds", "0"], "--roll-seconds"),
+    (["world", "outcomes", "--truth", "t", "--time-scale", "0"], "--time-scale"),
+])
+def test_bad_logger_and_simulator_args_are_one_line_errors(args, needle, tmp_path: Path):
+    r = subprocess.run([sys.executable, "-m", "infra.cli", *args], capture_output=True, text=True,
+                       timeout=60, cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "RTA_STATE_DIR": str(tmp_path),
+                                                      "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    lines = [line for line in r.stderr.strip().splitlines() if not line.startswith("%")]  # librdkafka's own
+    assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], r.stderr[-2000:]
