@@ -190,3 +190,29 @@ def test_files_roll_by_size_and_sigterm_drains(settings, tmp_path: Path):
     table = read_log(out)
     assert set(table["request_id"].to_pylist()) == set(ids)
     assert lg.stats.orphan_requests == 0
+
+
+def test_two_members_split_the_partitions_and_a_rebalance_loses_nothing(settings, tmp_path: Path):
+    from live_log_support import dedup_impressions
+
+    ids, ts, reqs = _requests(8000, "e")
+    bodies, _ = _decisions(ids, ts)
+    _produce(settings, "requests", reqs[:4000], ids[:4000])
+    _produce(settings, "decisions", bodies[:4000], ids[:4000])
+    out = tmp_path / "log"
+    with logging_to(settings, out, roll_seconds=0.3, batch_wait_ms=20, batch_size=500) as a:
+        wait_for(lambda: a.stats.impressions > 0, 60, "the first member's rows")
+        with logging_to(settings, out, roll_seconds=0.3, batch_wait_ms=20, batch_size=500) as b:
+            wait_for(lambda: a.assignment and b.assignment, 60, "both members assigned")
+            # range assignment: a member owns partition p of requests and decisions together
+            for lg in (a, b):
+                parts = {role: {p for t, p in lg.assignment if t == settings.topic(role)}
+                         for role in ("requests", "decisions")}
+                assert parts["requests"] == parts["decisions"], parts
+            _produce(settings, "requests", reqs[4000:], ids[4000:])
+            _produce(settings, "decisions", bodies[4000:], ids[4000:])
+            wait_for(lambda: sum(committed(settings, "rta-logger").values()) == 8000, 60, "all committed")
+    assert a.stats.orphan_requests == b.stats.orphan_requests == 0
+    table = dedup_impressions(read_log(out))
+    assert table.num_rows == 8000 and table["decision"].null_count == 0
+    assert b.stats.impressions > 0
