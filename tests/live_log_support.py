@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 from worker_support import serving, worker_env
@@ -62,7 +62,6 @@ def duckdb_count(out: Path, kind: str, distinct: str = "request_id") -> tuple[in
 def world_bundle(model_dir: Path, version: str = "w1", rows: int = 4000, seed: int = 0) -> Path:
     """A published student bundle on the world's feature spec with untrained weights spread
     like a trained model's (scores over several logit units): what the live tests serve."""
-    import numpy as np
     import torch
 
     from model import bundle
@@ -108,8 +107,6 @@ def committed_offsets(settings: Settings, group: str, role: str) -> dict[int, in
 def dedup_impressions(table: pa.Table) -> pa.Table:
     """One row per request_id: a row with a decision wins over one without (a replay after a
     crash can write a request again after its decision was committed), else the first."""
-    import numpy as np
-
     order = np.lexsort((np.arange(table.num_rows), table["decision"].is_null().to_numpy(zero_copy_only=False)))
     table = table.take(pa.array(order))
     _, first_at = np.unique(table["request_id"].to_numpy(zero_copy_only=False), return_index=True)
@@ -126,68 +123,97 @@ class LiveLog:
     decisions: dict[str, dict]  # request_id -> the decision event the worker published
     outcomes_published: int
     logger_restarts: int
+    killed_mid_stream: bool
 
 
-def live_pipeline(settings: Settings, workdir: Path, n: int = 50_000, rate: float = 4000.0,
+def _assigned(log_glob: list[Path]) -> bool:
+    return any(b'"event":"assigned"' in p.read_bytes() for p in log_glob)
+
+
+def live_pipeline(settings: Settings, workdir: Path, n: int = 50_000, rate: float = 2500.0,
                   seed: int = 11, time_scale: float = 600.0, kill_logger: bool = True) -> LiveLog:
-    """`rta world stream` (n requests, truth chunks) -> Worker -> `rta world outcomes` (in
-    process) -> `rta log` (a process, `kill -9`ed mid-stream and restarted when `kill_logger`),
-    on the test's broker, topics and Redis. Returns once the logger committed everything."""
+    """The issue's pipeline, every stage its own `rta` process on the test's broker, topics and
+    Redis: `rta world stream --truth` (n requests) -> `rta serve` -> `rta world outcomes` ->
+    `rta log` (`kill -9`ed once it has renamed files, while the stream runs, and restarted,
+    when `kill_logger`). Returns once the logger committed every request and outcome and every
+    process exited 0 on SIGTERM."""
+    import json
     import signal
 
-    from worker_support import decisions, running, wait_for
+    from worker_support import decisions, read_topic, spawn_worker, wait_for
 
+    from stream.events import OUTCOME_EVENTS, decode_outcome
     from stream.policy import Targets
     from stream.window import RedisStore
-    from training.outcomes import Simulator, SimulatorConfig
-    from training.world_cli import stream_requests
 
     log_dir, truth_dir = workdir / "log", workdir / "truth"
     model_dir = Path(settings.model_dir)
     world_bundle(model_dir)
     RedisStore.from_url(settings.redis_url, settings.redis_prefix).set_targets(
         Targets(0.3, 0.05, 0.02), "test", "live log")
-    sim = Simulator(settings, SimulatorConfig(truth_dir=truth_dir, time_scale=time_scale, seed=seed))
+    rta = [sys.executable, "-c", "from infra.cli import main; main()"]
     logger_args = ("--roll-seconds", "1", "--batch-wait-ms", "20")
-    restarts = 0
-    sent: dict = {}
+    restarts, killed_mid_stream = 0, False
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        procs["worker"] = spawn_worker(settings, workdir, "--group", "live-worker")
+        procs["outcomes"] = subprocess.Popen(
+            [*rta, "world", "outcomes", "--truth", str(truth_dir), "--time-scale", str(time_scale),
+             "--seed", str(seed)], env=worker_env(settings), cwd=workdir, stdout=subprocess.PIPE,
+            stderr=open(workdir / "outcomes.log", "wb"), text=True)  # noqa: SIM115 - closed with the process
+        procs["logger"] = spawn_logger(settings, log_dir, workdir, *logger_args)
+        wait_for(lambda: _assigned(list(workdir.glob("worker-*.log")))
+                 and _assigned(list(workdir.glob("logger-*.log"))), 120, "worker and logger assigned", step=0.5)
+        procs["stream"] = subprocess.Popen(
+            [*rta, "world", "stream", "--count", str(n), "--rate", str(rate), "--seed", str(seed),
+             "--truth", str(truth_dir), "--quiet"], env=worker_env(settings), cwd=workdir,
+            stdout=subprocess.PIPE, stderr=open(workdir / "stream.log", "wb"), text=True)  # noqa: SIM115
+        if kill_logger:
+            # kill -9 once some files are renamed (and their offsets committed), mid-stream
+            wait_for(lambda: len(list((log_dir / "impressions").rglob("*.parquet"))) >= 2, 120,
+                     "the first logger's files", step=0.2)
+            killed_mid_stream = procs["stream"].poll() is None
+            procs["logger"].send_signal(signal.SIGKILL)
+            procs["logger"].wait(30)
+            restarts += 1
+            procs["logger"] = spawn_logger(settings, log_dir, workdir, *logger_args)
+        out, _ = procs["stream"].communicate(timeout=600)
+        assert procs["stream"].returncode == 0, (workdir / "stream.log").read_text()[-2000:]
+        assert json.loads(out.strip().splitlines()[-1])["delivered"] == n
+        got = decisions(settings, n, timeout=300, quiet=0.5)
+        by_id = {d["request_id"]: d for d in got}
+        # what the simulator must publish: the labels of passed requests, clipped to the funnel
+        t = read_truth(truth_dir)
+        passed = np.fromiter((by_id[r]["decision"] == "pass" for r in t["request_id"].to_pylist()), bool,
+                             t.num_rows)
+        lab = {e: t[e].to_numpy() > 0 for e in OUTCOME_EVENTS}
+        lab["online"] &= lab["click"]
+        lab["cart"] &= lab["online"]
+        lab["deal"] &= lab["online"]
+        expected = int(sum(np.count_nonzero(passed & lab[e]) for e in OUTCOME_EVENTS))
+        outcomes = read_topic(settings, "outcomes", expected, timeout=300, quiet=1.0)
+        assert len({(o["request_id"], o["event"]) for o in map(decode_outcome, (m.value() for m in outcomes))}) \
+            == expected
 
-    def stream() -> None:
-        sent.update(stream_requests(settings, n, rate=rate, seed=seed, truth_dir=truth_dir))
+        def logged_all() -> bool:
+            req = committed_offsets(settings, "rta-logger", "requests")
+            res = committed_offsets(settings, "rta-logger", "outcomes")
+            return sum(max(o, 0) for o in req.values()) >= n and sum(max(o, 0) for o in res.values()) >= len(outcomes)
 
-    with running(settings, group_id="live-worker", seed=seed) as worker, serving(sim, "outcomes"):
-        proc = spawn_logger(settings, log_dir, workdir, *logger_args)
-        try:
-            wait_for(lambda: len(worker.assignment) == settings.partitions, 60, "worker assignment")
-            feeder = threading.Thread(target=stream, daemon=True)
-            feeder.start()
-            if kill_logger:
-                # kill -9 once some files are renamed (and committed) but the stream is far from done
-                wait_for(lambda: len(list((log_dir / "impressions").rglob("*.parquet"))) >= 2
-                         and worker.stats.events >= n // 4, 120, "the first logger's files")
-                proc.send_signal(signal.SIGKILL)
-                proc.wait(30)
-                restarts += 1
-                proc = spawn_logger(settings, log_dir, workdir, *logger_args)
-            feeder.join(300)
-            assert sent.get("delivered") == n, sent
-            wait_for(lambda: worker.stats.events >= n, 120, "every request decided")
-            wait_for(lambda: sim.stats.decisions >= n and not sim._waiting and not sim._heap, 120,
-                     "every outcome published")
-            outcomes = sum(sim.stats.published.values())
-            sim._commit()
-
-            def logged_all() -> bool:
-                req = committed_offsets(settings, "rta-logger", "requests")
-                out = committed_offsets(settings, "rta-logger", "outcomes")
-                return sum(max(o, 0) for o in req.values()) >= n and sum(max(o, 0) for o in out.values()) >= outcomes
-
-            wait_for(logged_all, 120, "the logger committed every request and outcome", step=0.5)
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(60) == 0
-        finally:
+        wait_for(logged_all, 180, "the logger committed every request and outcome", step=0.5)
+        for name in ("logger", "outcomes", "worker"):
+            procs[name].send_signal(signal.SIGTERM)
+            procs[name].wait(60)
+            assert procs[name].returncode == 0, f"{name} exited {procs[name].returncode}"
+    finally:
+        for proc in procs.values():
             if proc.poll() is None:
                 proc.kill()
-    got = decisions(settings, n, quiet=0.5)
-    by_id = {d["request_id"]: d for d in got}
-    return LiveLog(log_dir, model_dir, truth_dir, by_id, outcomes, restarts)
+    return LiveLog(log_dir, model_dir, truth_dir, by_id, len(outcomes), restarts, killed_mid_stream)
+
+
+def read_truth(truth_dir: Path) -> pa.Table:
+    """Every truth chunk `rta world stream --truth` wrote (evaluation only)."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(truth_dir)

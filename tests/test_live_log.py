@@ -1,5 +1,6 @@
-"""Issue 10 acceptance, live: `rta world stream` -> worker -> `rta world outcomes` -> `rta log`
-on the real broker and Redis, with a `kill -9` of the logger mid-stream and a restart.
+"""Issue 10 acceptance, live: `rta world stream` -> `rta serve` -> `rta world outcomes` -> `rta log`,
+each a process, on the real broker and Redis, with a `kill -9` of the logger mid-stream and a
+restart (tests/live_log_support.py: `live_pipeline`, reusable by the replay acceptance).
 
 The log must hold exactly one impression per request after dedup, every decision field equal to
 the decision event's; outcome rows only for passed requests, and every label of every passed
@@ -13,9 +14,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import pytest
-from live_log_support import dedup_impressions, duckdb_count, live_pipeline, read_log
+from live_log_support import dedup_impressions, duckdb_count, live_pipeline, read_log, read_truth
 
 from stream.events import OUTCOME_EVENTS
 from stream.logschema import DECISION_COLUMNS
@@ -28,7 +28,7 @@ _FIELD = {c: c for c in DECISION_COLUMNS} | {"decision_ts_ms": "ts_ms"}
 
 def _expected_outcomes(truth_dir: Path, passed: set[str]) -> set[tuple[str, str]]:
     """(request_id, event) of every passed request's labels, clipped to the funnel."""
-    t = pq.read_table(truth_dir)
+    t = read_truth(truth_dir)
     ids = np.asarray(t["request_id"].to_pylist(), dtype=object)
     lab = {e: t[e].to_numpy() > 0 for e in OUTCOME_EVENTS}
     lab["online"] &= lab["click"]
@@ -41,7 +41,7 @@ def _expected_outcomes(truth_dir: Path, passed: set[str]) -> set[tuple[str, str]
 def test_live_log_has_every_request_once_with_its_decision_and_outcomes_only_when_passed(settings, tmp_path,
                                                                                         torch_one_thread):
     live = live_pipeline(settings, tmp_path, n=N)
-    assert live.logger_restarts == 1 and len(live.decisions) == N
+    assert live.logger_restarts == 1 and live.killed_mid_stream and len(live.decisions) == N
 
     raw = read_log(live.log_dir)
     assert raw.num_rows >= N  # duplicates after the kill are allowed, losses are not
