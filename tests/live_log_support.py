@@ -26,12 +26,14 @@ def logging_to(settings: Settings, out: Path, **config) -> Iterator[Logger]:
         yield lg
 
 
-def spawn_logger(settings: Settings, out: Path, cwd: Path, *args: str) -> subprocess.Popen:
-    """`rta log` as a subprocess (its log goes to cwd/logger-<n>.log)."""
+def spawn_logger(settings: Settings, out: Path, cwd: Path, *args: str,
+                 metrics_port: int | None = None) -> subprocess.Popen:
+    """`rta log` as a subprocess (its log goes to cwd/logger-<n>.log); metrics only on a port given."""
     cwd.mkdir(parents=True, exist_ok=True)
     log = open(cwd / f"logger-{time.monotonic_ns()}.log", "wb")  # noqa: SIM115 - closed with the process
+    metrics = ["--no-metrics"] if metrics_port is None else ["--metrics-port", str(metrics_port)]
     return subprocess.Popen(
-        [sys.executable, "-c", "from infra.cli import main; main()", "log", "--out", str(out), "--no-metrics",
+        [sys.executable, "-c", "from infra.cli import main; main()", "log", "--out", str(out), *metrics,
          *args], env=worker_env(settings), cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
 
 

@@ -216,3 +216,43 @@ def test_two_members_split_the_partitions_and_a_rebalance_loses_nothing(settings
     table = dedup_impressions(read_log(out))
     assert table.num_rows == 8000 and table["decision"].null_count == 0
     assert b.stats.impressions > 0
+
+
+def test_nothing_is_committed_before_its_file_is_renamed_and_kill_9_loses_nothing(settings, tmp_path: Path):
+    import socket
+    import urllib.error
+
+    ids, ts, reqs = _requests(2000, "k")
+    bodies, _ = _decisions(ids, ts)
+    _produce(settings, "requests", reqs, ids)
+    _produce(settings, "decisions", bodies, ids)
+    out = tmp_path / "log"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # every row joined but held in an open file: never rolled by size or time
+    proc = spawn_logger(settings, out, tmp_path, "--roll-mb", "1000", "--roll-seconds", "3600",
+                        "--batch-wait-ms", "20", metrics_port=port)
+
+    def buffered() -> float:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                text = r.read().decode()
+        except (urllib.error.URLError, ConnectionError):
+            return -1.0
+        line = [x for x in text.splitlines() if x.startswith('rta_log_buffered{side="open_files"}')]
+        return float(line[0].split()[-1]) if line else -1.0
+
+    try:
+        wait_for(lambda: buffered() == 2000, 60, "every row joined and buffered", step=0.3)
+        got = committed(settings, "rta-logger")
+        assert all(o <= 0 for o in got.values()), got  # nothing durable yet: nothing past offset 0
+        proc.kill()  # SIGKILL: the open file is lost, and so is nothing else
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not list(out.rglob("*.parquet"))
+    with logging_to(settings, out, roll_seconds=0.3, batch_wait_ms=20) as lg:
+        wait_for(lambda: sum(committed(settings, "rta-logger").values()) == 2000, 60, "all committed")
+    assert lg.stats.impressions == 2000 and set(read_log(out)["request_id"].to_pylist()) == set(ids)
