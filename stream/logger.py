@@ -60,7 +60,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from stream.config import Settings, load_settings
 from stream.errors import ConfigError, RtaError, StackError
 from stream.events import MAX_BYTES, decode_decision, decode_outcome
-from stream.features import DEFAULT_TASKS
+from stream.features import DEFAULT_TASKS, FeatureSpec
 from stream.kafka import make_consumer
 from stream.logschema import (
     DECISION_COLUMNS,
@@ -228,22 +228,38 @@ def _parse_all(values: list[bytes | None], parse: Any, max_bytes: int = MAX_BYTE
     return docs, at
 
 
+def _features(d: Any, positional: dict[str, tuple[str, ...]]) -> dict[str, Any] | None:
+    """The named features of a parsed request, or None if its envelope is not a valid request's.
+    A positional one (`fp` + `x`) is named by the spec of that fingerprint, if it is known."""
+    if not (type(d) is dict and d.get("v") == 1 and type(d.get("request_id")) is str
+            and 0 < len(d["request_id"]) <= 256 and type(d.get("ts_ms")) is int and d["ts_ms"] >= 0):
+        return None
+    f = d.get("features")
+    if type(f) is dict:
+        return f
+    x, names = d.get("x"), positional.get(d.get("fp"))  # type: ignore[arg-type]
+    if names is not None and type(x) is list and len(x) == len(names):
+        return dict(zip(names, x, strict=True))
+    return None
+
+
 def decode_requests_generic(values: list[bytes | None], offsets: np.ndarray, partition: int,
-                            reserved: frozenset[str], max_bytes: int = MAX_BYTES
+                            reserved: frozenset[str], max_bytes: int = MAX_BYTES,
+                            positional: dict[str, tuple[str, ...]] | None = None
                             ) -> tuple[_Decoded, int, int]:
-    """Canonical requests of one partition -> (rows, malformed count, reserved features dropped).
+    """Requests of one partition -> (rows, malformed count, reserved features dropped).
 
     Spec-free: every feature under its own name (the logger serves every model). A positional
-    request (`fp` + `x`) has no names to log and counts as malformed here.
+    request (`fp` + `x`) is named by `positional` (fingerprint -> feature names, from the
+    bundles); with an unknown fingerprint it has no names to log and counts as malformed.
     """
     docs, at = _parse_all(values, orjson.loads, max_bytes)
-    ok = [type(d) is dict and d.get("v") == 1 and type(d.get("request_id")) is str
-          and 0 < len(d["request_id"]) <= 256 and type(d.get("ts_ms")) is int and d["ts_ms"] >= 0
-          and type(d.get("features")) is dict for d in docs]
+    named = [_features(d, positional or {}) for d in docs]
+    ok = [f is not None for f in named]
     docs = [d for d, k in zip(docs, ok, strict=True) if k]
     at = [i for i, k in zip(at, ok, strict=True) if k]
     n = len(docs)
-    feats = [d["features"] for d in docs]
+    feats = [f for f in named if f is not None]
     ids = [d["request_id"] for d in docs]
     ts = np.fromiter((d["ts_ms"] for d in docs), np.int64, n)
     # Feature names: the first row's, when every row has exactly those in that order (what the
@@ -528,6 +544,19 @@ def _remove_stale_temps(root: Path) -> int:
     return removed
 
 
+def bundle_specs(model_dir: Path) -> dict[str, tuple[str, ...]]:
+    """Fingerprint -> feature names of every bundle under `model_dir` (and of model_dir itself
+    when it is a bundle): what names a positional request's values."""
+    out: dict[str, tuple[str, ...]] = {}
+    for manifest in [model_dir / "manifest.json", *model_dir.glob("*/manifest.json")]:
+        try:
+            spec = FeatureSpec.from_dict(orjson.loads(manifest.read_bytes())["feature_spec"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        out[spec.fingerprint()] = spec.names
+    return out
+
+
 # --------------------------------------------------------------------------- the logger
 
 
@@ -544,6 +573,8 @@ class Logger:
         self.tasks = cfg.tasks
         self._reserved = reserved_columns(cfg.tasks)
         self._dec_schema = decision_schema(cfg.tasks)
+        self._positional = bundle_specs(Path(settings.model_dir))
+        self._next_spec_scan = time.monotonic() + 10.0
         self._lineage_at = 2  # request tables: request_id, ts_ms, features..., lineage (2)
         cfg.out_dir.mkdir(parents=True, exist_ok=True)
         self.stats.temp_files_removed = _remove_stale_temps(cfg.out_dir)
@@ -625,7 +656,14 @@ class Logger:
             self.metrics.messages.labels(role).inc(len(group))
             if role == "requests":
                 rows, bad, reserved = decode_requests_generic(values, offsets, tp[1], self._reserved,
-                                                              self.config.max_bytes)
+                                                              self.config.max_bytes, self._positional)
+                if bad and now >= self._next_spec_scan:  # a bundle published since may name them
+                    self._next_spec_scan = now + 10.0
+                    specs = bundle_specs(Path(self.settings.model_dir))
+                    if specs.keys() - self._positional.keys():
+                        self._positional = specs
+                        rows, bad, reserved = decode_requests_generic(
+                            values, offsets, tp[1], self._reserved, self.config.max_bytes, specs)
                 if reserved:
                     self.stats.reserved_features += reserved
                     self.metrics.reserved.inc(reserved)
@@ -952,6 +990,8 @@ def check_topics(settings: Settings, roles: tuple[str, ...] = ROLES) -> None:
               help="Wall time anything waits for its pair, whatever the event times say.")
 @click.option("--max-buffered", type=click.IntRange(min=1), default=200_000, show_default=True,
               help="Most requests + decisions waiting; beyond it the oldest expire.")
+@click.option("--model-dir", type=click.Path(file_okay=False), default=None,
+              help="Bundles whose feature specs name positional requests [default: settings].")
 @click.option("--tasks", default=",".join(DEFAULT_TASKS), show_default=True,
               help="Tasks whose p_<task>, u_<task> columns to write.")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=9410, show_default=True,
@@ -962,12 +1002,12 @@ def check_topics(settings: Settings, roles: tuple[str, ...] = ROLES) -> None:
 def log_cmd(out_dir: Path, config_file: str | None, bootstrap: str | None, group_id: str, batch_size: int,
             batch_wait_ms: int, roll_mb: float, roll_seconds: float, join_timeout_s: float,
             max_wait_s: float, max_buffered: int, tasks: str, metrics_port: int, no_metrics: bool,
-            log_level: str) -> None:
+            log_level: str, model_dir: str | None = None) -> None:
     """Requests + decisions + outcomes -> logged traffic (Parquet by event hour); at-least-once."""
     from stream.logs import setup_json_logging
 
     setup_json_logging(log_level)
-    settings = load_settings(config_file, kafka_bootstrap=bootstrap)
+    settings = load_settings(config_file, kafka_bootstrap=bootstrap, model_dir=model_dir)
     check_topics(settings)
     cfg = LoggerConfig(out_dir=out_dir, group_id=group_id, batch_size=batch_size, batch_wait_ms=batch_wait_ms,
                        roll_bytes=max(1, int(roll_mb * (1 << 20))), roll_seconds=roll_seconds,

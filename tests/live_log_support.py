@@ -19,9 +19,16 @@ from stream.config import Settings
 from stream.logger import Logger, LoggerConfig
 
 
+def group_of(settings: Settings) -> str:
+    """The logger group of one test: its own (on the embedded Tansu, a group id reused by the
+    next test with other topics was seen to stall the join for over a minute)."""
+    return f"rta-logger.{settings.topic('requests')}"
+
+
 @contextmanager
 def logging_to(settings: Settings, out: Path, **config) -> Iterator[Logger]:
-    """A Logger in a thread (stopped, drained and joined on exit)."""
+    """A Logger in a thread (stopped, drained and joined on exit), in the test's group."""
+    config.setdefault("group_id", group_of(settings))
     with serving(Logger(settings, LoggerConfig(out_dir=out, **config)), "logger") as lg:
         yield lg
 
@@ -34,7 +41,8 @@ def spawn_logger(settings: Settings, out: Path, cwd: Path, *args: str,
     metrics = ["--no-metrics"] if metrics_port is None else ["--metrics-port", str(metrics_port)]
     return subprocess.Popen(
         [sys.executable, "-c", "from infra.cli import main; main()", "log", "--out", str(out), *metrics,
-         *args], env=worker_env(settings), cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+         "--group", group_of(settings), *args], env=worker_env(settings), cwd=cwd, stdout=log,
+        stderr=subprocess.STDOUT)
 
 
 def read_log(out: Path, kind: str = "impressions") -> pa.Table:
@@ -158,10 +166,10 @@ def live_pipeline(settings: Settings, workdir: Path, n: int = 50_000, rate: floa
     restarts, killed_mid_stream = 0, False
     procs: dict[str, subprocess.Popen] = {}
     try:
-        procs["worker"] = spawn_worker(settings, workdir, "--group", "live-worker")
+        procs["worker"] = spawn_worker(settings, workdir, "--group", f"live-worker.{settings.topic('requests')}")
         procs["outcomes"] = subprocess.Popen(
             [*rta, "world", "outcomes", "--truth", str(truth_dir), "--time-scale", str(time_scale),
-             "--seed", str(seed)], env=worker_env(settings), cwd=workdir, stdout=subprocess.PIPE,
+             "--seed", str(seed), "--group", f"rta-outcomes.{settings.topic('requests')}"], env=worker_env(settings), cwd=workdir, stdout=subprocess.PIPE,
             stderr=open(workdir / "outcomes.log", "wb"), text=True)  # noqa: SIM115 - closed with the process
         procs["logger"] = spawn_logger(settings, log_dir, workdir, *logger_args)
         wait_for(lambda: _assigned(list(workdir.glob("worker-*.log")))
@@ -198,8 +206,8 @@ def live_pipeline(settings: Settings, workdir: Path, n: int = 50_000, rate: floa
             == expected
 
         def logged_all() -> bool:
-            req = committed_offsets(settings, "rta-logger", "requests")
-            res = committed_offsets(settings, "rta-logger", "outcomes")
+            req = committed_offsets(settings, group_of(settings), "requests")
+            res = committed_offsets(settings, group_of(settings), "outcomes")
             return sum(max(o, 0) for o in req.values()) >= n and sum(max(o, 0) for o in res.values()) >= len(outcomes)
 
         wait_for(logged_all, 180, "the logger committed every request and outcome", step=0.5)

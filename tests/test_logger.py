@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from live_log_support import duckdb_count, logging_to, read_log, spawn_logger
+from live_log_support import duckdb_count, group_of, logging_to, read_log, spawn_logger
 from student_data import random_batch
 from worker_support import committed, wait_for
 
@@ -75,7 +75,7 @@ def test_requests_join_their_decisions_into_hourly_parquet_and_offsets_commit(se
     out = tmp_path / "log"
     with logging_to(settings, out, roll_seconds=0.5, batch_wait_ms=20, metrics_port=0) as lg:
         wait_for(lambda: lg.stats.impressions >= n and lg.stats.outcomes >= len(outcome_ids), 60, "rows written")
-        wait_for(lambda: sum(committed(settings, "rta-logger").values()) == n, 30, "requests committed")
+        wait_for(lambda: sum(committed(settings, group_of(settings)).values()) == n, 30, "requests committed")
         wait_for(lambda: 'rta_log_lag{topic="requests"} 0.0' in _metrics(lg), 30, "lag gauge at 0")
         text = _metrics(lg)
     assert 'rta_log_rows_total{kind="impressions"} 6000.0' in text
@@ -150,7 +150,7 @@ def test_a_waiting_request_holds_its_partition_commit_back(settings, tmp_path: P
     with logging_to(settings, out, roll_seconds=0.3, batch_wait_ms=20, join_timeout_s=3600) as lg:
         wait_for(lambda: lg.stats.impressions >= 599, 60, "599 rows durable")
         wait_for(lambda: lg.stats.commits >= 1, 30, "a commit")
-        got = committed(settings, "rta-logger")
+        got = committed(settings, group_of(settings))
         pending = lg._req_index[ids[hold]]
         held_partition, held_offset = pending[0].tp[1], int(pending[0].offsets[pending[1]])
         assert got[held_partition] == held_offset, (got, held_offset)  # not one past the waiting request
@@ -159,7 +159,7 @@ def test_a_waiting_request_holds_its_partition_commit_back(settings, tmp_path: P
         # its decision arrives: the row is written and the commit moves on
         _produce(settings, "decisions", [bodies[hold]], [ids[hold]])
         wait_for(lambda: lg.stats.impressions >= 600, 30, "the held row written")
-        wait_for(lambda: committed(settings, "rta-logger")[held_partition] > held_offset, 30, "commit moved")
+        wait_for(lambda: committed(settings, group_of(settings))[held_partition] > held_offset, 30, "commit moved")
     assert read_log(out).num_rows == 600
 
 
@@ -183,10 +183,10 @@ def test_files_roll_by_size_and_sigterm_drains(settings, tmp_path: Path):
     written = sum(pq.read_metadata(f).num_rows for f in files)
     assert not list(out.rglob("*.tmp"))
     # drained: nothing is committed that is not in a renamed file
-    assert sum(committed(settings, "rta-logger").values()) <= written
+    assert sum(committed(settings, group_of(settings)).values()) <= written
     # a second run picks up where the first committed: together they hold every request
     with logging_to(settings, out, roll_seconds=0.3, batch_wait_ms=20) as lg:
-        wait_for(lambda: sum(committed(settings, "rta-logger").values()) == 3000, 60, "all committed")
+        wait_for(lambda: sum(committed(settings, group_of(settings)).values()) == 3000, 60, "all committed")
     table = read_log(out)
     assert set(table["request_id"].to_pylist()) == set(ids)
     assert lg.stats.orphan_requests == 0
@@ -211,7 +211,7 @@ def test_two_members_split_the_partitions_and_a_rebalance_loses_nothing(settings
                 assert parts["requests"] == parts["decisions"], parts
             _produce(settings, "requests", reqs[4000:], ids[4000:])
             _produce(settings, "decisions", bodies[4000:], ids[4000:])
-            wait_for(lambda: sum(committed(settings, "rta-logger").values()) == 8000, 60, "all committed")
+            wait_for(lambda: sum(committed(settings, group_of(settings)).values()) == 8000, 60, "all committed")
     assert a.stats.orphan_requests == b.stats.orphan_requests == 0
     table = dedup_impressions(read_log(out))
     assert table.num_rows == 8000 and table["decision"].null_count == 0
@@ -245,7 +245,7 @@ def test_nothing_is_committed_before_its_file_is_renamed_and_kill_9_loses_nothin
 
     try:
         wait_for(lambda: buffered() == 2000, 60, "every row joined and buffered", step=0.3)
-        got = committed(settings, "rta-logger")
+        got = committed(settings, group_of(settings))
         assert all(o <= 0 for o in got.values()), got  # nothing durable yet: nothing past offset 0
         proc.kill()  # SIGKILL: the open file is lost, and so is nothing else
         proc.wait(30)
@@ -254,5 +254,5 @@ def test_nothing_is_committed_before_its_file_is_renamed_and_kill_9_loses_nothin
             proc.kill()
     assert not list(out.rglob("*.parquet"))
     with logging_to(settings, out, roll_seconds=0.3, batch_wait_ms=20) as lg:
-        wait_for(lambda: sum(committed(settings, "rta-logger").values()) == 2000, 60, "all committed")
+        wait_for(lambda: sum(committed(settings, group_of(settings)).values()) == 2000, 60, "all committed")
     assert lg.stats.impressions == 2000 and set(read_log(out)["request_id"].to_pylist()) == set(ids)

@@ -108,3 +108,24 @@ def test_bad_logger_and_simulator_args_are_one_line_errors(args, needle, tmp_pat
                                                       "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     lines = [line for line in r.stderr.strip().splitlines() if not line.startswith("%")]  # librdkafka's own
     assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], r.stderr[-2000:]
+
+
+def test_positional_requests_are_named_by_a_bundle_spec_and_equal_canonical_ones(tmp_path: Path):
+    from student_data import random_batch
+
+    from stream.events import encode_requests, encode_requests_positional
+    from stream.logger import bundle_specs
+
+    spec, num, cat = random_batch(300, seed=4)
+    ids, ts = [f"q{i}" for i in range(300)], np.arange(300, dtype=np.int64)
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1" / "manifest.json").write_bytes(orjson.dumps({"feature_spec": spec.to_dict()}))
+    specs = bundle_specs(tmp_path)
+    assert specs == {spec.fingerprint(): spec.names}
+    offs = np.arange(300)
+    canonical, bad_c, _ = decode_requests_generic(encode_requests(ids, ts, num, cat, spec), offs, 0, reserved_columns())
+    positional_values = encode_requests_positional(ids, ts, num, cat, spec)
+    named, bad_p, _ = decode_requests_generic(positional_values, offs, 0, reserved_columns(), positional=specs)
+    assert bad_c == bad_p == 0 and named.table.equals(canonical.table)
+    unknown, bad_u, _ = decode_requests_generic(positional_values, offs, 0, reserved_columns())
+    assert bad_u == 300 and unknown.table.num_rows == 0

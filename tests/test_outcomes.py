@@ -42,6 +42,7 @@ def test_outcomes_only_for_passed_requests_each_label_once(settings, tmp_path: P
                               rng.random((n, 4)), threshold=0.5, target_ratio=0.4, model="m", ts_ms=now,
                               latency_ms=1.0)
     truth_dir = tmp_path / "truth"
+    group = f"rta-outcomes.{settings.topic('requests')}"
     chunks = TruthChunks(truth_dir, seed=0, rows=10**9)
     chunks.add(truth.slice(0, 200))
     chunks.flush()  # the second half of the truth arrives after the decisions: they wait for it
@@ -50,7 +51,7 @@ def test_outcomes_only_for_passed_requests_each_label_once(settings, tmp_path: P
         produce_waiting(p, settings.topic("decisions"), v, k)
     assert p.flush(30) == 0
     proc = subprocess.Popen([sys.executable, "-m", "infra.cli", "world", "outcomes", "--truth", str(truth_dir),
-                             "--time-scale", "1000"], env=worker_env(settings), cwd=tmp_path,
+                             "--time-scale", "1000", "--group", group], env=worker_env(settings), cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         chunks.add(truth.slice(200))
@@ -59,7 +60,7 @@ def test_outcomes_only_for_passed_requests_each_label_once(settings, tmp_path: P
         expected = {(ids[i], t) for t in TASKS for i in np.flatnonzero(labels[t] & passed).tolist()}
         got = [decode_outcome(m.value()) for m in read_topic(settings, "outcomes", len(expected), timeout=90,
                                                              quiet=1.0)]
-        wait_for(lambda: sum(max(o, 0) for o in committed_offsets(settings, "rta-outcomes", "decisions").values())
+        wait_for(lambda: sum(max(o, 0) for o in committed_offsets(settings, group, "decisions").values())
                  == n, 30, "decisions committed")
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
