@@ -96,6 +96,7 @@ class LoggerConfig:
     join_timeout_s: float = 60.0  # event time
     max_wait_s: float = 300.0  # wall time
     max_buffered: int = 200_000
+    max_open_files: int = 48  # per kind: one per event hour being filled
     commit_interval_s: float = 1.0
     tasks: tuple[str, ...] = DEFAULT_TASKS
     max_bytes: int = MAX_BYTES
@@ -474,8 +475,15 @@ class _Sink:
             f.rows += part.num_rows
             _merge_holds(f.holds, holds)
 
-    def due(self, now: float, roll_bytes: int, roll_seconds: float) -> list[int]:
-        return [h for h, f in self.files.items() if f.nbytes >= roll_bytes or now - f.opened >= roll_seconds]
+    def due(self, now: float, roll_bytes: int, roll_seconds: float, max_open: int) -> list[int]:
+        """Hours whose file is big or old enough, plus the oldest beyond `max_open` open files
+        (traffic spread over many event hours must not hold many small files open)."""
+        due = [h for h, f in self.files.items() if f.nbytes >= roll_bytes or now - f.opened >= roll_seconds]
+        extra = len(self.files) - len(due) - max_open
+        if extra > 0:
+            rest = sorted((f.opened, h) for h, f in self.files.items() if h not in set(due))
+            due += [h for _, h in rest[:extra]]
+        return due
 
     def roll(self, hour: int) -> tuple[Path, int, int]:
         """Write one open file: temp name, fsync, rename, fsync the directory. (path, rows, bytes)."""
@@ -757,9 +765,19 @@ class Logger:
         return table.select(["request_id", "ts_ms", *feats, *tail])
 
     def _forget_done(self) -> None:
-        for store in (self._req, self._dec):
+        """Drop batches nobody waits in; compact big ones mostly resolved, so a few late rows do
+        not pin a whole batch (memory follows the rows waiting, which `max_buffered` bounds)."""
+        for store, index in ((self._req, self._req_index), (self._dec, self._dec_index)):
             for seq in [s for s, b in store.items() if not b.n_alive]:
                 del store[seq]
+            for b in store.values():
+                if len(b.ids) >= 1024 and b.n_alive * 4 < len(b.ids):
+                    keep = np.flatnonzero(b.alive)
+                    b.table = b.table.take(pa.array(keep))
+                    b.ids = [b.ids[i] for i in keep.tolist()]
+                    b.ts, b.offsets = b.ts[keep], b.offsets[keep]
+                    b.alive = np.ones(len(keep), bool)
+                    index.update(zip(b.ids, zip(repeat(b), range(len(keep))), strict=False))
 
     def expire(self, now: float) -> None:
         """Orphans: requests and decisions whose pair will not come (event-time rule), or that
@@ -817,7 +835,8 @@ class Logger:
         now = time.monotonic()
         n = 0
         for sink in (self.impressions, self.outcomes):
-            hours = sink.due(now, cfg.roll_bytes, cfg.roll_seconds) if due_only else list(sink.files)
+            hours = (sink.due(now, cfg.roll_bytes, cfg.roll_seconds, cfg.max_open_files) if due_only
+                     else list(sink.files))
             for hour in hours:
                 t0 = time.perf_counter()
                 path, rows, size = sink.roll(hour)

@@ -129,3 +129,56 @@ def test_positional_requests_are_named_by_a_bundle_spec_and_equal_canonical_ones
     assert bad_c == bad_p == 0 and named.table.equals(canonical.table)
     unknown, bad_u, _ = decode_requests_generic(positional_values, offs, 0, reserved_columns())
     assert bad_u == 300 and unknown.table.num_rows == 0
+
+
+def test_the_join_aligns_pairs_compacts_mostly_resolved_batches_and_holds_commits(tmp_path: Path):
+    """The join state machine driven directly (its consumer never connects: no broker needed)."""
+    from stream.config import Settings
+    from stream.logger import Logger, LoggerConfig
+
+    settings = Settings(kafka_bootstrap="127.0.0.1:1", model_dir=tmp_path / "models")
+    lg = Logger(settings, LoggerConfig(out_dir=tmp_path / "log", roll_seconds=3600))
+    rt, dt = settings.topic("requests"), settings.topic("decisions")
+    try:
+        n = 2000
+        ids = [f"j{i}" for i in range(n)]
+        reqs = [_req(r, {"x": i}, ts=10_000 + i) for i, r in enumerate(ids)]
+        score = np.arange(n) / n
+        decs = encode_decisions(ids, np.zeros(n, bool), ["score"] * n, score, score, np.zeros((n, 4)),
+                                threshold=0.5, target_ratio=0.3, model="m", ts_ms=20_000, latency_ms=0.0)
+        rows, _, _ = decode_requests_generic(reqs, np.arange(n), 0, reserved_columns())
+        lg._on_requests((rt, 0), rows, 0.0)
+        # decisions for all but the last ten, in reverse order and two batches
+        late = n - 10
+        order = np.arange(late)[::-1]
+        for part in np.array_split(order, 2):
+            d, _ = decode_decisions_generic([decs[i] for i in part], part + 100, TASKS)
+            lg._on_decisions((dt, 0), d, 0.0)
+        (b,) = lg._req.values()
+        assert len(b.ids) == 10 and b.n_alive == 10  # compacted: only the waiting rows are kept
+        assert all(lg._req_index[r][0] is b for r in ids[late:])
+        lg._next = {(rt, 0): n, (dt, 0): late + 100}
+        lg.assignment = {(rt, 0), (dt, 0)}
+        held = {(tp.topic, tp.partition): tp.offset for tp in lg.committable()}
+        assert held == {(rt, 0): 0, (dt, 0): 100}  # the open file holds everything from the first row
+        d, _ = decode_decisions_generic(decs[late:], np.arange(late, n) + 100, TASKS)
+        lg._on_decisions((dt, 0), d, 0.0)
+        lg._next[(dt, 0)] = n + 100
+        assert not lg._req and not lg._req_index and not lg._dec_index
+        lg.roll(due_only=False)
+        held = {(tp.topic, tp.partition): tp.offset for tp in lg.committable()}
+        assert held == {(rt, 0): n, (dt, 0): n + 100}  # renamed: everything may commit
+        t = pq.read_table(tmp_path / "log" / "impressions").sort_by("ts_ms")
+        assert t["request_id"].to_pylist() == ids
+        assert t["x"].to_pylist() == list(range(n)) and t["score"].to_pylist() == score.tolist()
+    finally:
+        lg.consumer.close()
+
+
+def test_open_files_beyond_the_cap_roll_oldest_first(tmp_path: Path):
+    from stream.logger import _Sink
+
+    sink = _Sink(tmp_path, "impressions", "p", lambda t: t)
+    for h in range(5):
+        sink.add(pa.table({"request_id": [f"r{h}"], "ts_ms": [h * 3_600_000]}), {})
+    assert sink.due(0.0, 1 << 30, 1e9, max_open=3) == [0, 1]
