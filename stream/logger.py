@@ -1009,6 +1009,8 @@ def check_topics(settings: Settings, roles: tuple[str, ...] = ROLES) -> None:
               help="Wall time anything waits for its pair, whatever the event times say.")
 @click.option("--max-buffered", type=click.IntRange(min=1), default=200_000, show_default=True,
               help="Most requests + decisions waiting; beyond it the oldest expire.")
+@click.option("--max-open-files", type=click.IntRange(min=1), default=48, show_default=True,
+              help="Most files filling at once per kind (one per event hour); beyond it the oldest rolls.")
 @click.option("--model-dir", type=click.Path(file_okay=False), default=None,
               help="Bundles whose feature specs name positional requests [default: settings].")
 @click.option("--tasks", default=",".join(DEFAULT_TASKS), show_default=True,
@@ -1021,7 +1023,7 @@ def check_topics(settings: Settings, roles: tuple[str, ...] = ROLES) -> None:
 def log_cmd(out_dir: Path, config_file: str | None, bootstrap: str | None, group_id: str, batch_size: int,
             batch_wait_ms: int, roll_mb: float, roll_seconds: float, join_timeout_s: float,
             max_wait_s: float, max_buffered: int, tasks: str, metrics_port: int, no_metrics: bool,
-            log_level: str, model_dir: str | None = None) -> None:
+            log_level: str, max_open_files: int = 48, model_dir: str | None = None) -> None:
     """Requests + decisions + outcomes -> logged traffic (Parquet by event hour); at-least-once."""
     from stream.logs import setup_json_logging
 
@@ -1031,7 +1033,7 @@ def log_cmd(out_dir: Path, config_file: str | None, bootstrap: str | None, group
     cfg = LoggerConfig(out_dir=out_dir, group_id=group_id, batch_size=batch_size, batch_wait_ms=batch_wait_ms,
                        roll_bytes=max(1, int(roll_mb * (1 << 20))), roll_seconds=roll_seconds,
                        join_timeout_s=join_timeout_s, max_wait_s=max_wait_s, max_buffered=max_buffered,
-                       tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()),
+                       max_open_files=max_open_files, tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()),
                        metrics_port=None if no_metrics else metrics_port)
     try:
         logger = Logger(settings, cfg)
