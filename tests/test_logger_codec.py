@@ -182,3 +182,43 @@ def test_open_files_beyond_the_cap_roll_oldest_first(tmp_path: Path):
     for h in range(5):
         sink.add(pa.table({"request_id": [f"r{h}"], "ts_ms": [h * 3_600_000]}), {})
     assert sink.due(0.0, 1 << 30, 1e9, max_open=3) == [0, 1]
+
+
+def test_the_one_call_arrow_path_equals_the_per_message_path(monkeypatch):
+    """A clean batch takes pyarrow's JSON reader; it must give exactly the per-message result."""
+    from student_data import random_batch
+
+    import stream.logger as lg
+    from stream.events import encode_requests
+
+    spec, num, cat = random_batch(500, seed=5)
+    ids, ts = [f"z{i}" for i in range(500)], np.arange(500, dtype=np.int64) + 7
+    reqs = encode_requests(ids, ts, num, cat, spec)
+    rng = np.random.default_rng(1)
+    reason = np.where(rng.random(500) < 0.05, "invalid", "score")  # invalid: null score, p, u
+    decs = encode_decisions(ids, rng.random(500) < 0.3, reason, rng.random(500), rng.random(500),
+                            rng.random((500, 4)), threshold=0.25, target_ratio=0.3, model="m", ts_ms=ts + 9,
+                            latency_ms=np.where(rng.random(500) < 0.05, np.nan, 2.0), propensity=0.98,
+                            tau_u=0.5, u_tasks=rng.random((500, 4)))
+    offs = np.arange(500)
+    fast_r = lg._decode_requests_arrow(reqs, offs, 1, reserved_columns(), 65536)
+    fast_d = lg._decode_decisions_arrow(decs, offs, TASKS)
+    assert fast_r is not None and fast_d is not None
+    monkeypatch.setattr(lg, "_decode_requests_arrow", lambda *a: None)
+    monkeypatch.setattr(lg, "_decode_decisions_arrow", lambda *a: None)
+    slow_r = decode_requests_generic(reqs, offs, 1, reserved_columns())
+    slow_d = decode_decisions_generic(decs, offs, TASKS)
+    for fast, slow in ((fast_r[0], slow_r[0]), (fast_d[0], slow_d[0])):
+        assert fast.table.equals(slow.table) and fast.ids == slow.ids
+        assert (fast.ts == slow.ts).all() and (fast.offsets == slow.offsets).all()
+
+
+def test_a_dirty_batch_is_refused_by_the_arrow_path():
+    import stream.logger as lg
+
+    clean = [_req(f"a{i}", {"x": i}) for i in range(3)]
+    assert lg._decode_requests_arrow(clean, np.arange(3), 0, reserved_columns(), 65536) is not None
+    for dirty in ([*clean, b"not json"], [*clean, None], [*clean, _req("b", {"x": "s"})],
+                  [*clean, _req("c", {"x": True})], [*clean, b'{"v": 2, "request_id": "d", "ts_ms": 1, "features": {}}'],
+                  [*clean, b'{"v": 1, "request_id": "e",\n "ts_ms": 1, "features": {}}']):
+        assert lg._decode_requests_arrow(dirty, np.arange(len(dirty)), 0, reserved_columns(), 65536) is None
