@@ -13,7 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from stream.events import encode_decisions
-from stream.logger import concat, decision_schema, decode_decisions_generic, decode_requests_generic
+from stream.logcodec import (
+    concat,
+    decision_schema,
+    decode_decisions_generic,
+    decode_requests_generic,
+)
 from stream.logschema import reserved_columns
 from training.outcomes import MEDIAN_DELAY_S, outcome_times
 
@@ -188,7 +193,7 @@ def test_the_one_call_arrow_path_equals_the_per_message_path(monkeypatch):
     """A clean batch takes pyarrow's JSON reader; it must give exactly the per-message result."""
     from student_data import random_batch
 
-    import stream.logger as lg
+    import stream.logcodec as lg
     from stream.events import encode_requests
 
     spec, num, cat = random_batch(500, seed=5)
@@ -214,7 +219,7 @@ def test_the_one_call_arrow_path_equals_the_per_message_path(monkeypatch):
 
 
 def test_a_dirty_batch_is_refused_by_the_arrow_path():
-    import stream.logger as lg
+    import stream.logcodec as lg
 
     clean = [_req(f"a{i}", {"x": i}) for i in range(3)]
     assert lg._decode_requests_arrow(clean, np.arange(3), 0, reserved_columns(), 65536) is not None
