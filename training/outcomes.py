@@ -21,6 +21,8 @@ second) up to `--truth-wait-s`, then is counted (`no_truth`) and skipped. Offset
 offset is committed only after every outcome it schedules was produced and flushed, so a crash
 republishes (at-least-once; the logger's readers drop duplicate (request_id, event) pairs).
 Only this simulator and the evaluation read the truth; the logger and the trainer never do.
+The truth of every request sent stays in memory (an id and a small int each, ~100 bytes), so a
+decision read again after a rebalance still finds it.
 """
 
 from __future__ import annotations
@@ -219,7 +221,8 @@ class Simulator:
             self._hold(tp, off, -1)
         if not found:
             return
-        bits = np.fromiter((truth.pop(w[0]) for w in found), np.int64, len(found))
+        # kept, not popped: a rebalance (or a replayed decision) reads a decision again
+        bits = np.fromiter((truth[w[0]] for w in found), np.int64, len(found))
         base = np.fromiter((w[1] for w in found), np.int64, len(found)).astype(np.float64)
         times = outcome_times(bits, base, self._rng, self.config.time_scale)
         for event, t in times.items():
