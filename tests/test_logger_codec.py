@@ -103,7 +103,8 @@ def test_truth_chunks_are_whole_files_with_every_true_column(tmp_path: Path):
 
 @pytest.mark.parametrize("args, needle", [
     (["log"], "--out"),
-    (["log", "--out", "x", "--bootstrap", "127.0.0.1:1"], "cannot reach Kafka"),
+    pytest.param(["log", "--out", "x", "--bootstrap", "127.0.0.1:1"], "cannot reach Kafka",
+                 marks=pytest.mark.slow),  # waits out the 10 s metadata timeout
     (["log", "--out", "x", "--roll-seconds", "0"], "--roll-seconds"),
     (["world", "outcomes", "--truth", "t", "--time-scale", "0"], "--time-scale"),
 ])
