@@ -256,3 +256,38 @@ def test_nothing_is_committed_before_its_file_is_renamed_and_kill_9_loses_nothin
     with logging_to(settings, out, roll_seconds=0.3, batch_wait_ms=20) as lg:
         wait_for(lambda: sum(committed(settings, group_of(settings)).values()) == 2000, 60, "all committed")
     assert lg.stats.impressions == 2000 and set(read_log(out)["request_id"].to_pylist()) == set(ids)
+
+
+def test_a_restart_can_write_a_decided_request_again_without_its_decision_and_dedup_keeps_the_decided_one(
+        settings, tmp_path: Path):
+    """The case stream.logschema's dedup rule is for: request 0 waits (no decision yet), so the
+    requests commit stays at it, while requests 1.. and their decisions are written and the
+    decisions commit moves past them. After a restart requests 1.. are read again, their
+    decisions are not: they expire without one, next to their decided copies."""
+    from live_log_support import dedup_impressions
+
+    ids, ts, reqs = _requests(50, "g")
+    bodies, _ = _decisions(ids, ts)
+
+    def put(role: str, values: list[bytes], keys: list[str]) -> None:
+        p = make_producer(settings)
+        for v, k in zip(values, keys, strict=True):
+            produce_waiting(p, settings.topic(role), v, k, partition=0)  # one partition: one order
+        assert p.flush(30) == 0
+
+    put("requests", reqs, ids)
+    put("decisions", bodies[1:], ids[1:])
+    out = tmp_path / "log"
+    with logging_to(settings, out, roll_seconds=0.3, batch_wait_ms=20, join_timeout_s=3600) as lg:
+        wait_for(lambda: lg.stats.impressions >= 49, 60, "49 decided rows written")
+        wait_for(lambda: committed(settings, group_of(settings)).get(0) == 0 and lg.stats.commits >= 1, 30,
+                 "requests held at the waiting one")
+    # request 0's decision arrives much later in event time (it also moves the decisions' clock)
+    late, _ = _decisions(ids[:1], ts[:1] + 3_600_000)
+    put("decisions", late, ids[:1])
+    with logging_to(settings, out, roll_seconds=0.3, batch_wait_ms=20, join_timeout_s=60) as lg:
+        wait_for(lambda: lg.stats.orphan_requests >= 49 and lg.stats.impressions >= 50, 60, "replayed rows")
+    raw = read_log(out)
+    assert raw.num_rows == 99 and raw["decision"].null_count == 49
+    table = dedup_impressions(raw)
+    assert table.num_rows == 50 and table["decision"].null_count == 0
