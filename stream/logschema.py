@@ -9,7 +9,9 @@ The date/hour of an impression is its request's `ts_ms`; of an outcome, the outc
 Files are written under a temporary name, fsynced and renamed into place before the Kafka
 offsets they hold are committed, so a reader sees only whole files; a crash between the rename
 and the commit replays those offsets, so readers must drop duplicate `request_id`s
-(impressions) and duplicate `(request_id, event)` pairs (outcomes).
+(impressions) and duplicate `(request_id, event)` pairs (outcomes). Among duplicate impressions
+keep one whose `decision` is not null: after a crash a request can be read again while its
+decision, already written and committed, is not, and the replayed copy then expires without one.
 
 Impression columns (names here; dtypes in the comments):
 
@@ -17,7 +19,8 @@ Impression columns (names here; dtypes in the comments):
 * every feature of the request under its own name: numbers as float64 (null = missing),
   strings as string (null = missing). A feature name that collides with a reserved column
   below is refused by the logger (it cannot be told apart from a decision field);
-* the decision: `DECISION_COLUMNS` plus `p_<task>` and `u_<task>` (float64) per task;
+* the decision: `DECISION_COLUMNS` plus `p_<task>` and `u_<task>` (float64) per task; all null
+  for a request whose decision never came (the logger's join timeout, docs/operations.md);
 * lineage: `kafka_partition` (int32), `kafka_offset` (int64) of the request message.
 
 Outcome columns: `request_id` (string), `event` (string: a task name), `ts_ms` (int64).

@@ -119,27 +119,35 @@ def wait_for(cond, timeout: float, what: str, step: float = 0.1) -> None:
 
 
 @contextmanager
-def running(settings: Settings, **config) -> Iterator[Worker]:
-    """A Worker in a thread (stopped, drained and joined on exit)."""
-    worker = Worker(settings, WorkerConfig(**config))
+def serving(service, name: str) -> Iterator:
+    """Any service with run()/stop() (worker, logger, simulator) in a thread; stopped, drained and
+    joined on exit, its exception re-raised in the test thread."""
     errors: list[BaseException] = []
 
     def target() -> None:
         try:
-            worker.run()
+            service.run()
         except BaseException as exc:  # surfaced in the test thread
             errors.append(exc)
 
-    t = threading.Thread(target=target, name=f"worker-{worker.config.worker_id}", daemon=True)
+    t = threading.Thread(target=target, name=name, daemon=True)
     t.start()
     try:
-        yield worker
+        yield service
     finally:
-        worker.stop()
+        service.stop()
         t.join(60)
-        assert not t.is_alive(), "worker did not stop within 60 s"
+        assert not t.is_alive(), f"{name} did not stop within 60 s"
         if errors:
             raise errors[0]
+
+
+@contextmanager
+def running(settings: Settings, **config) -> Iterator[Worker]:
+    """A Worker in a thread (stopped, drained and joined on exit)."""
+    worker = Worker(settings, WorkerConfig(**config))
+    with serving(worker, f"worker-{worker.config.worker_id}") as w:
+        yield w
 
 
 def assigned(worker: Worker) -> int:

@@ -102,15 +102,60 @@ def _bundle_spec(model_dir: Path) -> FeatureSpec:
         raise BundleError(f"cannot read the feature spec of the bundle in {model_dir}: {exc}") from None
 
 
+def truth_table(batch: pa.RecordBatch, ts_ms: np.ndarray) -> pa.Table:
+    """What the world knows about sent requests: request_id, the send ts_ms, the sampled labels,
+    and every `true_*` column the world has (whatever scenarios add)."""
+    cols: dict[str, Any] = {"request_id": batch.column("request_id"), "ts_ms": pa.array(ts_ms, pa.int64())}
+    cols.update({t: batch.column(t) for t in TASKS})
+    cols.update({c: batch.column(c) for c in batch.schema.names if c.startswith("true_")})
+    return pa.table(cols)
+
+
+class TruthChunks:
+    """Truth rows to `DIR/truth-<seed>-<start>-<n>.parquet`, one file per `rows` rows or
+    `seconds`, each written under a hidden temp name and renamed: a reader polling DIR only
+    ever sees whole files, in name order = send order."""
+
+    def __init__(self, directory: Path, seed: int, rows: int = 16_384, seconds: float = 1.0) -> None:
+        self.dir, self.rows, self.seconds = Path(directory), rows, seconds
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.prefix = f"truth-{seed}-{time.time_ns() // 1_000_000}"
+        self.tables: list[pa.Table] = []
+        self.n = 0
+        self.files = 0
+        self.since = time.monotonic()
+
+    def add(self, table: pa.Table) -> None:
+        self.tables.append(table)
+        self.n += table.num_rows
+        if self.n >= self.rows or time.monotonic() - self.since >= self.seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.tables:
+            final = self.dir / f"{self.prefix}-{self.files:06d}.parquet"
+            temp = self.dir / f".{final.name}.tmp"
+            pq.write_table(pa.concat_tables(self.tables), temp, compression="zstd")
+            temp.replace(final)
+            self.files += 1
+        self.tables, self.n, self.since = [], 0, time.monotonic()
+
+    def close(self) -> None:
+        self.flush()
+
+
 def stream_requests(settings: Settings, count: int, rate: float = 0.0, seed: int = 0,
                     config: WorldConfig | None = None, spec: FeatureSpec | None = None,
                     positional: bool = False, truth_out: Path | None = None,
-                    progress: bool = False) -> dict[str, Any]:
+                    progress: bool = False, truth_dir: Path | None = None) -> dict[str, Any]:
     """Publish `count` world rows as request events; returns what was sent.
 
     `spec` selects and orders features (a bundle's spec; required for positional). Events carry
-    the wall-clock send time as ts_ms. Raises StackError when the broker is unreachable, the
-    topic is missing, or events are not acknowledged.
+    the wall-clock send time as ts_ms. `truth_out` is one Parquet file written as the stream
+    goes; `truth_dir` gets the same rows in chunk files renamed into place as the stream runs
+    (`TruthChunks`), so a downstream simulator running meanwhile picks them up. Raises
+    StackError when the broker is unreachable, the topic is missing, or events are not
+    acknowledged.
     """
     from confluent_kafka import KafkaException
 
@@ -145,6 +190,7 @@ def stream_requests(settings: Settings, count: int, rate: float = 0.0, seed: int
 
     chunk = 2048 if rate <= 0 else max(1, min(512, int(rate / 50)))  # ~20 ms of traffic per chunk
     truth_writer: pq.ParquetWriter | None = None
+    chunks = TruthChunks(truth_dir, seed) if truth_dir is not None else None
     bar = None
     if progress:
         from tqdm import tqdm
@@ -166,6 +212,8 @@ def stream_requests(settings: Settings, count: int, rate: float = 0.0, seed: int
                 for rid, value in zip(ids, encode(ids, ts, num, cat, spec), strict=True):
                     produce_waiting(producer, topic, value, rid, on_delivery=on_delivery)
                 producer.poll(0)
+                if chunks is not None:
+                    chunks.add(truth_table(batch, ts))
                 if truth_out is not None:
                     cols = {"request_id": batch.column("request_id"), "ts_ms": pa.array(ts)}
                     cols.update({c: batch.column(c) for t in TASKS for c in (t, f"true_{t}")})
@@ -183,6 +231,8 @@ def stream_requests(settings: Settings, count: int, rate: float = 0.0, seed: int
     finally:
         if truth_writer is not None:
             truth_writer.close()
+        if chunks is not None:
+            chunks.close()
         if bar is not None:
             bar.close()
     elapsed = time.monotonic() - started
@@ -193,6 +243,8 @@ def stream_requests(settings: Settings, count: int, rate: float = 0.0, seed: int
         "seed": seed, "first_request_id": first_id, "last_request_id": last_id,
         "seconds": round(elapsed, 3), "events_per_s": round(sent / max(elapsed, 1e-9)),
         "truth_out": str(truth_out) if truth_out else None,
+        "truth_dir": str(truth_dir) if truth_dir else None,
+        "truth_files": chunks.files if chunks is not None else 0,
     }
     if remaining or stats["failed"]:
         why = stats["error"] or f"not acknowledged within {_FLUSH_TIMEOUT_S:.0f}s"
@@ -213,13 +265,16 @@ def stream_requests(settings: Settings, count: int, rate: float = 0.0, seed: int
               help="Bundle (or model dir whose `current` is followed) whose feature spec to send.")
 @click.option("--truth-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write request_id -> labels and true probabilities here (Parquet).")
+@click.option("--truth", "truth_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write the sent requests' labels and true_* columns here, in chunk files renamed "
+                   "into place as the stream runs (what `rta world outcomes` reads).")
 @click.option("--bootstrap", default=None, help="Kafka bootstrap servers (else env/config/dev stack).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="Config file (TOML/JSON).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def stream_cmd(rate: float, count: int, seed: int, drift: float, features: int, positional: bool,
                model_dir: Path | None, truth_out: Path | None, bootstrap: str | None,
-               config_file: str | None, quiet: bool) -> None:
+               config_file: str | None, quiet: bool, truth_dir: Path | None = None) -> None:
     """Publish synthetic request events to the requests topic, keyed by request_id."""
     if positional and model_dir is None:
         raise click.UsageError("--positional needs --model-dir (the fingerprint is the bundle's)")
@@ -227,5 +282,15 @@ def stream_cmd(rate: float, count: int, seed: int, drift: float, features: int, 
     spec = _bundle_spec(model_dir) if model_dir is not None else None
     cfg = WorldConfig(features=features, drift=drift)
     summary = stream_requests(settings, count, rate, seed, cfg, spec=spec, positional=positional,
-                              truth_out=truth_out, progress=not quiet)
+                              truth_out=truth_out, progress=not quiet, truth_dir=truth_dir)
     click.echo(json.dumps(summary))
+
+
+# ----------------------------------------------------------------------------- outcomes
+def _register_outcomes() -> None:
+    from training.outcomes import outcomes_cmd
+
+    world.add_command(outcomes_cmd)
+
+
+_register_outcomes()

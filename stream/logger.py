@@ -1,0 +1,831 @@
+"""`rta log`: requests + decisions + outcomes -> logged traffic (Parquet, stream.logschema).
+
+One consumer-group member (group `rta-logger`) reads the three topics and follows one path:
+
+    consume  ->  decode (stream.logcodec, columnar)  ->  join request + decision by request_id
+    ->  buffer rows per event hour (one open file per hour and kind)
+    ->  roll: write to a hidden temp file, fsync, rename, fsync the directory
+    ->  commit the offsets that are now durable
+
+The guarantee is at-least-once, and it is the commit rule's: the offset committed for a
+(topic, partition) is the smallest offset still held by a row that is not yet in a renamed file
+(a request waiting for its decision, a decision waiting for its request, a row in an open file),
+else the next offset to consume. A crash anywhere replays from there; rows already renamed are
+written again, so readers drop duplicates (stream.logschema says how).
+
+The join. Requests and decisions share the key (request_id) and the partition count, so the
+range assignor gives one member partition p of both topics. A request waits in a bounded buffer
+for its decision and the reverse (decisions can be read first). Expiry is in request event time,
+so a backlog replayed after a restart does not expire anything early:
+
+* a request whose decision has not come when the decisions of its partition have reached
+  request times `--join-timeout-s` past its own (a decision's request time is its `ts_ms` minus
+  its `latency_ms`), or after `--max-wait-s` of wall time, is written with null decision fields
+  (counted: `rta_log_orphans{side="request"}`);
+* a decision whose request has not come when the requests of its partition have passed its
+  request time by `--join-timeout-s` (or after `--max-wait-s`) is dropped and counted
+  (`rta_log_orphans{side="decision"}`): without features it is no impression;
+* when more than `--max-buffered` rows wait, the oldest batches are expired the same way
+  (`why="overflow"`), so memory stays bounded whatever the producers do.
+
+Malformed messages (any topic) are counted and skipped; a feature whose name is a reserved column
+of the layout is dropped from the row and counted; neither ever stops the logger. pyarrow is
+imported here only: the worker never imports this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections import Counter as Tally
+from dataclasses import dataclass, field
+from itertools import chain, repeat
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from stream.config import Settings, load_settings
+from stream.errors import ConfigError, RtaError, StackError
+from stream.events import MAX_BYTES
+from stream.features import DEFAULT_TASKS, FeatureSpec
+from stream.kafka import make_consumer
+from stream.logcodec import (
+    Decoded,
+    concat,
+    decision_schema,
+    decode_decisions_generic,
+    decode_outcomes_generic,
+    decode_requests_generic,
+)
+from stream.logschema import (
+    IMPRESSIONS_DIR,
+    OUTCOMES_DIR,
+    partition_dir,
+    reserved_columns,
+)
+from stream.metrics import MetricsServer
+
+log = logging.getLogger("rta.logger")
+
+HOUR_MS = 3_600_000
+ROLES = ("requests", "decisions", "outcomes")
+# Range assignment gives one member partition p of every topic (the join needs requests p and
+# decisions p together); the short session is the worker's (Tansu, killed members).
+GROUP_DEFAULTS: dict[str, Any] = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000,
+                                  "partition.assignment.strategy": "range"}
+_STRING_FIELDS = ("decision", "reason", "model")
+_TEMP_MAX_AGE_S = 60.0  # a temp file lives for one write; older ones are a crash's leftovers
+
+
+@dataclass
+class LoggerConfig:
+    """Knobs of one logger (the `rta log` flags)."""
+
+    out_dir: Path
+    group_id: str = "rta-logger"
+    batch_size: int = 5000
+    batch_wait_ms: int = 100
+    roll_bytes: int = 64 << 20  # in-memory Arrow bytes of one open file
+    roll_seconds: float = 60.0
+    join_timeout_s: float = 60.0  # event time
+    max_wait_s: float = 300.0  # wall time
+    max_buffered: int = 200_000
+    max_open_files: int = 48  # per kind: one per event hour being filled
+    commit_interval_s: float = 1.0
+    tasks: tuple[str, ...] = DEFAULT_TASKS
+    max_bytes: int = MAX_BYTES
+    metrics_port: int | None = None  # None: no HTTP server; 0: any free port
+    metrics_host: str = "127.0.0.1"
+    logger_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+
+    def __post_init__(self) -> None:
+        self.out_dir = Path(self.out_dir)
+        if self.batch_size < 1 or self.batch_wait_ms < 0:
+            raise ConfigError("batch size must be >= 1 and batch wait >= 0 ms")
+        if self.roll_bytes < 1 or self.roll_seconds <= 0:
+            raise ConfigError("--roll-mb and --roll-seconds must be positive")
+        if self.join_timeout_s < 0 or self.max_wait_s <= 0 or self.max_buffered < 1:
+            raise ConfigError("join timeout must be >= 0, max wait > 0 and max buffered >= 1")
+        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            raise ConfigError(f"tasks must be distinct and non-empty, got {self.tasks}")
+
+
+@dataclass
+class LoggerStats:
+    """Running totals (tests and the CLI summary read them)."""
+
+    consumed: Tally = field(default_factory=Tally)  # by topic role
+    malformed: Tally = field(default_factory=Tally)  # by topic role
+    impressions: int = 0  # rows in renamed files (incl. orphan requests)
+    outcomes: int = 0
+    orphan_requests: int = 0
+    orphan_decisions: int = 0
+    duplicates: int = 0  # a request or decision whose id was already waiting
+    reserved_features: int = 0
+    files: int = 0
+    commits: int = 0
+    commit_failures: int = 0
+    temp_files_removed: int = 0
+
+
+class LoggerMetrics:
+    """What an operator watches on one logger (same endpoint as the worker's)."""
+
+    def __init__(self, logger_id: str) -> None:
+        self.logger_id = logger_id
+        r = self.registry = CollectorRegistry()
+        self.messages = Counter("rta_log_messages", "Messages consumed by topic role.", ["topic"], registry=r)
+        self.malformed = Counter("rta_log_malformed", "Malformed messages skipped, by topic role.",
+                                 ["topic"], registry=r)
+        self.rows = Counter("rta_log_rows", "Rows in renamed (durable) files, by kind.", ["kind"], registry=r)
+        self.rows_per_s = Gauge("rta_log_rows_per_second", "Rows made durable per second (last interval).",
+                                ["kind"], registry=r)
+        self.files = Counter("rta_log_files", "Files renamed into place, by kind.", ["kind"], registry=r)
+        self.bytes = Counter("rta_log_bytes", "Parquet bytes written, by kind.", ["kind"], registry=r)
+        self.open_files = Gauge("rta_log_open_files", "Files being filled (one per event hour and kind).",
+                                registry=r)
+        self.buffered = Gauge("rta_log_buffered", "Rows held in memory: requests and decisions waiting "
+                              "for their pair, rows in open files.", ["side"], registry=r)
+        self.orphans = Counter("rta_log_orphans", "Requests written without a decision / decisions "
+                               "dropped without a request, by cause.", ["side", "why"], registry=r)
+        self.duplicates = Counter("rta_log_duplicates", "Ids already waiting (replays).", ["side"], registry=r)
+        self.reserved = Counter("rta_log_reserved_features", "Features dropped: the name is a reserved "
+                                "column of the layout.", registry=r)
+        self.lag = Gauge("rta_log_lag", "Messages behind the end of the assigned partitions.", ["topic"],
+                         registry=r)
+        self.commits = Counter("rta_log_commits", "Offset commits.", registry=r)
+        self.commit_failures = Counter("rta_log_commit_failures", "Failed offset commits.", registry=r)
+        self.write_seconds = Histogram("rta_log_write_seconds", "Wall time of one file: write, fsync, rename.",
+                                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+                                       registry=r)
+        self.last_loop = time.monotonic()
+        self.state = "starting"
+
+    def health(self, stall_s: float = 30.0) -> tuple[bool, dict[str, Any]]:
+        """Healthy = the loop turned within `stall_s` and the logger is running."""
+        since = time.monotonic() - self.last_loop
+        ok = self.state in ("starting", "running", "draining") and since < stall_s
+        return ok, {"logger": self.logger_id, "state": self.state, "loop_age_s": round(since, 3)}
+
+
+class _Pending:
+    """Rows of one (topic, partition) batch waiting for their pair."""
+
+    __slots__ = ("seq", "tp", "table", "ids", "ts", "offsets", "alive", "n_alive", "arrived")
+
+    def __init__(self, seq: int, tp: tuple[str, int], rows: Decoded, arrived: float) -> None:
+        self.seq, self.tp, self.table, self.ids = seq, tp, rows.table, rows.ids
+        self.ts, self.offsets = rows.ts, rows.offsets
+        self.alive = np.ones(len(rows.ids), bool)
+        self.n_alive = len(rows.ids)
+        self.arrived = arrived
+
+    def min_offset(self) -> int | None:
+        if not self.n_alive:
+            return None
+        return int(self.offsets[self.alive].min())
+
+
+Holds = dict[tuple[str, int], int]
+
+
+def _merge_holds(into: Holds, other: Holds) -> None:
+    for tp, o in other.items():
+        if o < into.get(tp, o + 1):
+            into[tp] = o
+
+
+def _take(pairs_batches: list[_Pending], rows: np.ndarray, holds: Holds) -> pa.Table:
+    """The rows (`pairs_batches[i]`, `rows[i]`) as one table in that order; they stop waiting."""
+    seqs = np.fromiter((b.seq for b in pairs_batches), np.int64, len(pairs_batches))
+    order = np.argsort(seqs, kind="stable")
+    sorted_seqs = seqs[order]
+    starts = np.flatnonzero(np.r_[True, sorted_seqs[1:] != sorted_seqs[:-1]])
+    ends = np.r_[starts[1:], len(order)]
+    parts = []
+    for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+        b = pairs_batches[order[s]]
+        idx = rows[order[s:e]]
+        parts.append(b.table.take(pa.array(idx)))
+        b.alive[idx] = False
+        b.n_alive -= len(idx)
+        _merge_holds(holds, {b.tp: int(b.offsets[idx].min())})
+    table = concat(parts)
+    if len(parts) > 1 or (order != np.arange(len(order))).any():
+        table = table.take(pa.array(np.argsort(order, kind="stable")))
+    return table
+
+
+@dataclass
+class _OpenFile:
+    tables: list[pa.Table] = field(default_factory=list)
+    nbytes: int = 0
+    rows: int = 0
+    opened: float = field(default_factory=time.monotonic)
+    holds: Holds = field(default_factory=dict)
+
+
+class _Sink:
+    """Open files of one kind (impressions or outcomes), one per event hour, rolled to disk."""
+
+    def __init__(self, root: Path, kind: str, prefix: str, order: Any) -> None:
+        self.root, self.kind, self.prefix, self.order = root / kind, kind, prefix, order
+        self.files: dict[int, _OpenFile] = {}
+        self.seq = 0
+
+    def add(self, table: pa.Table, holds: Holds) -> None:
+        """Rows to their event hour's open file; the file holds `holds` until it is renamed."""
+        if not table.num_rows:
+            return
+        hours = table.column("ts_ms").to_numpy() // HOUR_MS
+        uniq, inv = np.unique(hours, return_inverse=True)
+        for k, hour in enumerate(uniq.tolist()):
+            part = table if len(uniq) == 1 else table.filter(pa.array(inv == k))
+            f = self.files.setdefault(hour, _OpenFile())
+            f.tables.append(part)
+            f.nbytes += part.nbytes
+            f.rows += part.num_rows
+            _merge_holds(f.holds, holds)
+
+    def due(self, now: float, roll_bytes: int, roll_seconds: float, max_open: int) -> list[int]:
+        """Hours whose file is big or old enough, plus the oldest beyond `max_open` open files
+        (traffic spread over many event hours must not hold many small files open)."""
+        due = [h for h, f in self.files.items() if f.nbytes >= roll_bytes or now - f.opened >= roll_seconds]
+        extra = len(self.files) - len(due) - max_open
+        if extra > 0:
+            rest = sorted((f.opened, h) for h, f in self.files.items() if h not in set(due))
+            due += [h for _, h in rest[:extra]]
+        return due
+
+    def roll(self, hour: int) -> tuple[Path, int, int]:
+        """Write one open file: temp name, fsync, rename, fsync the directory. (path, rows, bytes)."""
+        f = self.files.pop(hour)
+        table = self.order(concat(f.tables))
+        directory = self.root / partition_dir(hour * HOUR_MS)
+        _makedirs(directory)
+        self.seq += 1
+        final = directory / f"part-{self.prefix}-{self.seq:06d}.parquet"
+        temp = directory / f".{final.name}.tmp"
+        pq.write_table(table, temp, compression="zstd")
+        fd = os.open(temp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, final)
+        _fsync_dir(directory)
+        return final, f.rows, final.stat().st_size
+
+    def holds(self) -> Holds:
+        out: Holds = {}
+        for f in self.files.values():
+            _merge_holds(out, f.holds)
+        return out
+
+    @property
+    def buffered_rows(self) -> int:
+        return sum(f.rows for f in self.files.values())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _makedirs(directory: Path) -> None:
+    """mkdir -p, fsyncing each parent whose entry was created (a renamed file must survive)."""
+    if directory.is_dir():
+        return
+    missing = []
+    d = directory
+    while not d.is_dir():
+        missing.append(d)
+        d = d.parent
+    for d in reversed(missing):
+        d.mkdir(exist_ok=True)
+        _fsync_dir(d.parent)
+
+
+def _remove_stale_temps(root: Path) -> int:
+    """Temp files of a crashed writer (never renamed, so no offset of theirs was committed)."""
+    removed = 0
+    now = time.time()
+    for kind in (IMPRESSIONS_DIR, OUTCOMES_DIR):
+        for p in (root / kind).glob("date=*/hour=*/.part-*.tmp"):
+            try:
+                if now - p.stat().st_mtime > _TEMP_MAX_AGE_S:
+                    p.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def bundle_specs(model_dir: Path) -> dict[str, tuple[str, ...]]:
+    """Fingerprint -> feature names of every bundle under `model_dir` (and of model_dir itself
+    when it is a bundle): what names a positional request's values."""
+    out: dict[str, tuple[str, ...]] = {}
+    for manifest in [model_dir / "manifest.json", *model_dir.glob("*/manifest.json")]:
+        try:
+            spec = FeatureSpec.from_dict(orjson.loads(manifest.read_bytes())["feature_spec"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        out[spec.fingerprint()] = spec.names
+    return out
+
+
+# --------------------------------------------------------------------------- the logger
+
+
+class Logger:
+    """One group member: `run()` until `stop()` (or a signal, from the CLI)."""
+
+    def __init__(self, settings: Settings, config: LoggerConfig) -> None:
+        self.settings = settings
+        self.config = cfg = config
+        self.stats = LoggerStats()
+        self.metrics = LoggerMetrics(cfg.logger_id)
+        self._stop = threading.Event()
+        self.topics = {settings.topic(r): r for r in ROLES}
+        self.tasks = cfg.tasks
+        self._reserved = reserved_columns(cfg.tasks)
+        self._dec_schema = decision_schema(cfg.tasks)
+        self._positional = bundle_specs(Path(settings.model_dir))
+        self._next_spec_scan = time.monotonic() + 10.0
+        cfg.out_dir.mkdir(parents=True, exist_ok=True)
+        self.stats.temp_files_removed = _remove_stale_temps(cfg.out_dir)
+        prefix = f"{int(time.time() * 1000):x}-{uuid.uuid4().hex[:6]}"
+        self.impressions = _Sink(cfg.out_dir, IMPRESSIONS_DIR, prefix, self._impression_order)
+        self.outcomes = _Sink(cfg.out_dir, OUTCOMES_DIR, prefix, lambda t: t)
+        self._seq = 0
+        self._req: dict[int, _Pending] = {}  # seq -> batch, in arrival order
+        self._dec: dict[int, _Pending] = {}
+        self._req_index: dict[str, tuple[_Pending, int]] = {}
+        self._dec_index: dict[str, tuple[_Pending, int]] = {}
+        self._req_wm: dict[int, int] = {}  # partition -> newest request event time seen
+        self._dec_wm: dict[int, int] = {}  # partition -> newest decided request time seen
+        self._next: dict[tuple[str, int], int] = {}  # next offset to consume
+        self._committed: dict[tuple[str, int], int] = {}
+        self.assignment: set[tuple[str, int]] = set()
+        self._last_commit = time.monotonic()
+        self._last_tick = time.monotonic()
+        self._tick_rows = {IMPRESSIONS_DIR: 0, OUTCOMES_DIR: 0}
+        self.consumer = make_consumer(settings, cfg.group_id, **{**GROUP_DEFAULTS, **settings.kafka})
+        self.server = (MetricsServer(self.metrics, cfg.metrics_host, cfg.metrics_port)  # type: ignore[arg-type]
+                       if cfg.metrics_port is not None else None)
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def run(self, install_signals: bool = False, max_seconds: float | None = None) -> LoggerStats:
+        """Consume, join, write and commit until `stop()`; then drain and leave."""
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.stop())
+        deadline = time.monotonic() + max_seconds if max_seconds else None
+        cfg = self.config
+        self.consumer.subscribe(list(self.topics), on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                on_lost=self._on_lost)
+        self.metrics.state = "running"
+        log.info("logger %s: %s -> %s", cfg.logger_id, ", ".join(self.topics), cfg.out_dir,
+                 extra={"event": "started"})
+        try:
+            while not self._stop.is_set():
+                self.metrics.last_loop = now = time.monotonic()
+                msgs = self.consumer.consume(cfg.batch_size, cfg.batch_wait_ms / 1000.0)
+                if msgs:
+                    self.process(msgs)
+                self.expire(now)
+                rolled = self.roll(due_only=True)
+                if rolled or now - self._last_commit >= cfg.commit_interval_s:
+                    self.commit()
+                if now - self._last_tick >= 2.0:
+                    self._tick(now)
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+        finally:
+            self._drain()
+        return self.stats
+
+    def stop(self) -> None:
+        """Ask the loop to finish, write what is joined, commit and leave (signal-safe)."""
+        self._stop.set()
+
+    def process(self, msgs: list[Message]) -> None:
+        """One consumed batch: split by (topic, partition), decode, join, buffer."""
+        groups: dict[tuple[str, int], list[Message]] = {}
+        for m in msgs:
+            err = m.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consumer error: %s", err.str(), extra={"event": "consumer_error"})
+                continue
+            groups.setdefault((m.topic(), m.partition()), []).append(m)
+        now = time.monotonic()
+        for tp, group in groups.items():
+            role = self.topics.get(tp[0])
+            if role is None:
+                continue
+            values = [m.value() for m in group]
+            offsets = np.fromiter((m.offset() for m in group), np.int64, len(group))
+            self._next[tp] = int(offsets.max()) + 1
+            self.stats.consumed[role] += len(group)
+            self.metrics.messages.labels(role).inc(len(group))
+            if role == "requests":
+                rows, bad, reserved = decode_requests_generic(values, offsets, tp[1], self._reserved,
+                                                              self.config.max_bytes, self._positional)
+                if bad and now >= self._next_spec_scan:  # a bundle published since may name them
+                    self._next_spec_scan = now + 10.0
+                    specs = bundle_specs(Path(self.settings.model_dir))
+                    if specs.keys() - self._positional.keys():
+                        self._positional = specs
+                        rows, bad, reserved = decode_requests_generic(
+                            values, offsets, tp[1], self._reserved, self.config.max_bytes, specs)
+                if reserved:
+                    self.stats.reserved_features += reserved
+                    self.metrics.reserved.inc(reserved)
+                    log.warning("%d feature values dropped: their names are reserved columns",
+                                reserved, extra={"event": "reserved_features"})
+                self._malformed(role, bad)
+                self._on_requests(tp, rows, now)
+            elif role == "decisions":
+                rows, bad = decode_decisions_generic(values, offsets, self.tasks)
+                self._malformed(role, bad)
+                self._on_decisions(tp, rows, now)
+            else:
+                rows, bad = decode_outcomes_generic(values, offsets)
+                self._malformed(role, bad)
+                if len(rows.ids):
+                    self.outcomes.add(rows.table, {tp: int(rows.offsets.min())})
+
+    def _malformed(self, role: str, n: int) -> None:
+        if n:
+            self.stats.malformed[role] += n
+            self.metrics.malformed.labels(role).inc(n)
+
+    # --- the join -------------------------------------------------------------------------
+
+    def _new_pending(self, tp: tuple[str, int], rows: Decoded, now: float,
+                     index: dict[str, tuple[_Pending, int]], side: str) -> _Pending:
+        """A batch that waits; ids already waiting on this side (replays) are dropped, counted."""
+        self._seq += 1
+        b = _Pending(self._seq, tp, rows, now)
+        dup = np.fromiter(map(index.__contains__, b.ids), bool, len(b.ids))
+        if len(set(b.ids)) != len(b.ids):
+            seen: set[str] = set()
+            for i, rid in enumerate(b.ids):
+                dup[i] |= rid in seen
+                seen.add(rid)
+        if dup.any():
+            b.alive[dup] = False
+            b.n_alive -= int(dup.sum())
+            self.stats.duplicates += int(dup.sum())
+            self.metrics.duplicates.labels(side).inc(int(dup.sum()))
+        return b
+
+    def _on_requests(self, tp: tuple[str, int], rows: Decoded, now: float) -> None:
+        self._arrive(tp, rows, now, is_req=True)
+
+    def _on_decisions(self, tp: tuple[str, int], rows: Decoded, now: float) -> None:
+        self._arrive(tp, rows, now, is_req=False)
+
+    def _arrive(self, tp: tuple[str, int], rows: Decoded, now: float, is_req: bool) -> None:
+        """A batch of one side: rows whose pair waits are joined now, the others wait."""
+        if not len(rows.ids):
+            return
+        wm, store = (self._req_wm, self._req) if is_req else (self._dec_wm, self._dec)
+        index, other = (self._req_index, self._dec_index) if is_req else (self._dec_index, self._req_index)
+        wm[tp[1]] = max(wm.get(tp[1], 0), int(rows.ts.max()))
+        b = self._new_pending(tp, rows, now, index, "request" if is_req else "decision")
+        live = np.flatnonzero(b.alive)
+        hits = list(map(other.pop, (b.ids[i] for i in live.tolist()), repeat(None)))
+        matched = np.fromiter((h is not None for h in hits), bool, len(hits))
+        if matched.any():
+            pairs = [h for h in hits if h is not None]
+            mine = ([b] * len(pairs), live[matched])
+            theirs = ([p[0] for p in pairs], np.fromiter((p[1] for p in pairs), np.int64, len(pairs)))
+            self._join(*(mine + theirs if is_req else theirs + mine))
+        waiting = live[~matched].tolist()
+        index.update(zip([b.ids[i] for i in waiting], zip(repeat(b), waiting), strict=False))
+        if b.n_alive:
+            store[b.seq] = b
+
+    def _join(self, req_b: list[_Pending], req_rows: np.ndarray, dec_b: list[_Pending],
+              dec_rows: np.ndarray) -> None:
+        """Matched (request, decision) rows -> impression rows in the open files."""
+        holds: Holds = {}
+        req = _take(req_b, req_rows, holds)
+        dec = _take(dec_b, dec_rows, holds)
+        self.impressions.add(self._impression(req, dec.drop_columns(["request_id"])), holds)
+        self._forget_done()
+
+    def _impression(self, req: pa.Table, dec: pa.Table) -> pa.Table:
+        """request columns (lineage last) + decision columns, aligned row by row."""
+        front = req.select(req.column_names[:-2])
+        cols = front.columns + dec.columns + req.columns[-2:]
+        names = front.column_names + dec.column_names + req.column_names[-2:]
+        return pa.Table.from_arrays(cols, names=names)
+
+    def _impression_order(self, table: pa.Table) -> pa.Table:
+        """File column order: request_id, ts_ms, features, decision, p/u, lineage."""
+        tail = list(self._dec_schema.names) + ["kafka_partition", "kafka_offset"]
+        tail_set = set(tail)
+        feats = [c for c in table.column_names[2:] if c not in tail_set]
+        return table.select(["request_id", "ts_ms", *feats, *tail])
+
+    def _forget_done(self) -> None:
+        """Drop batches nobody waits in; compact big ones mostly resolved, so a few late rows do
+        not pin a whole batch (memory follows the rows waiting, which `max_buffered` bounds)."""
+        for store, index in ((self._req, self._req_index), (self._dec, self._dec_index)):
+            for seq in [s for s, b in store.items() if not b.n_alive]:
+                del store[seq]
+            for b in store.values():
+                if len(b.ids) >= 1024 and b.n_alive * 4 < len(b.ids):
+                    keep = np.flatnonzero(b.alive)
+                    b.table = b.table.take(pa.array(keep))
+                    b.ids = [b.ids[i] for i in keep.tolist()]
+                    b.ts, b.offsets = b.ts[keep], b.offsets[keep]
+                    b.alive = np.ones(len(keep), bool)
+                    index.update(zip(b.ids, zip(repeat(b), range(len(keep))), strict=False))
+
+    def expire(self, now: float) -> None:
+        """Orphans: requests and decisions whose pair will not come (event-time rule), or that
+        waited `max_wait_s`, or the oldest beyond `max_buffered`."""
+        cfg = self.config
+        timeout_ms = int(cfg.join_timeout_s * 1000)
+        over = (sum(b.n_alive for b in self._req.values()) + sum(b.n_alive for b in self._dec.values())
+                - cfg.max_buffered)
+        # oldest first across both sides: an overflow expires whole batches until under the bound
+        for b in sorted(chain(self._req.values(), self._dec.values()), key=lambda b: b.arrived):
+            is_req = b.seq in self._req
+            if over > 0:
+                mask, why = b.alive.copy(), "overflow"
+                over -= b.n_alive
+            elif now - b.arrived >= cfg.max_wait_s:
+                mask, why = b.alive.copy(), "max_wait"
+            else:
+                wm = (self._dec_wm if is_req else self._req_wm).get(b.tp[1])
+                if wm is None:
+                    continue
+                mask, why = b.alive & (b.ts + timeout_ms < wm), "timeout"
+            if mask.any():
+                self._expire(b, np.flatnonzero(mask), is_req, why)
+        self._forget_done()
+
+    def _expire(self, b: _Pending, rows: np.ndarray, is_req: bool, why: str) -> None:
+        ids = [b.ids[i] for i in rows.tolist()]
+        n = len(ids)
+        if is_req:
+            for rid in ids:
+                self._req_index.pop(rid, None)
+            holds: Holds = {}
+            req = _take([b] * n, rows, holds)
+            nulls = pa.Table.from_arrays([pa.nulls(n, f.type) for f in self._dec_schema], schema=self._dec_schema)
+            self.impressions.add(self._impression(req, nulls), holds)
+            self.stats.orphan_requests += n
+            self.metrics.orphans.labels("request", why).inc(n)
+            log.warning("%d requests written without a decision (%s), e.g. %s", n, why, ids[0],
+                        extra={"event": "orphan_requests", "why": why, "rows": n})
+        else:
+            for rid in ids:
+                self._dec_index.pop(rid, None)
+            b.alive[rows] = False
+            b.n_alive -= n
+            self.stats.orphan_decisions += n
+            self.metrics.orphans.labels("decision", why).inc(n)
+            log.warning("%d decisions dropped without their request (%s), e.g. %s", n, why, ids[0],
+                        extra={"event": "orphan_decisions", "why": why, "rows": n})
+
+    # --- files and commits ----------------------------------------------------------------
+
+    def roll(self, due_only: bool) -> int:
+        """Write the open files that are due (or all); returns how many were renamed."""
+        cfg = self.config
+        now = time.monotonic()
+        n = 0
+        for sink in (self.impressions, self.outcomes):
+            hours = (sink.due(now, cfg.roll_bytes, cfg.roll_seconds, cfg.max_open_files) if due_only
+                     else list(sink.files))
+            for hour in hours:
+                t0 = time.perf_counter()
+                path, rows, size = sink.roll(hour)
+                self.metrics.write_seconds.observe(time.perf_counter() - t0)
+                self.metrics.rows.labels(sink.kind).inc(rows)
+                self.metrics.files.labels(sink.kind).inc()
+                self.metrics.bytes.labels(sink.kind).inc(size)
+                self._tick_rows[sink.kind] += rows
+                self.stats.files += 1
+                if sink.kind == IMPRESSIONS_DIR:
+                    self.stats.impressions += rows
+                else:
+                    self.stats.outcomes += rows
+                log.debug("wrote %s (%d rows)", path, rows, extra={"event": "file", "rows": rows})
+                n += 1
+        return n
+
+    def committable(self) -> list[TopicPartition]:
+        """Per assigned (topic, partition): the first offset a durable file does not cover."""
+        held: Holds = {}
+        for b in chain(self._req.values(), self._dec.values()):
+            o = b.min_offset()
+            if o is not None:
+                _merge_holds(held, {b.tp: o})
+        _merge_holds(held, self.impressions.holds())
+        _merge_holds(held, self.outcomes.holds())
+        out = []
+        for tp, nxt in self._next.items():
+            if tp not in self.assignment:
+                continue
+            c = min(held.get(tp, nxt), nxt)
+            if c > self._committed.get(tp, -1):
+                out.append(TopicPartition(tp[0], tp[1], c))
+        return out
+
+    def commit(self) -> bool:
+        """Commit what is durable. A failure leaves the offsets where they were (replay is safe)."""
+        self._last_commit = time.monotonic()
+        offsets = self.committable()
+        if not offsets:
+            return True
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            self.stats.commit_failures += 1
+            self.metrics.commit_failures.inc()
+            log.error("commit failed (will retry): %s", exc, extra={"event": "commit_failed"})
+            return False
+        for tp in offsets:
+            self._committed[(tp.topic, tp.partition)] = tp.offset
+        self.stats.commits += 1
+        self.metrics.commits.inc()
+        return True
+
+    def _tick(self, now: float) -> None:
+        """Gauges: rows/s since the last tick, buffers, open files, lag."""
+        dt = max(now - self._last_tick, 1e-9)
+        for kind, rows in self._tick_rows.items():
+            self.metrics.rows_per_s.labels(kind).set(rows / dt)
+            self._tick_rows[kind] = 0
+        self._last_tick = now
+        m = self.metrics
+        m.open_files.set(len(self.impressions.files) + len(self.outcomes.files))
+        m.buffered.labels("requests").set(sum(b.n_alive for b in self._req.values()))
+        m.buffered.labels("decisions").set(sum(b.n_alive for b in self._dec.values()))
+        m.buffered.labels("open_files").set(self.impressions.buffered_rows + self.outcomes.buffered_rows)
+        lag = dict.fromkeys(ROLES, 0)
+        try:
+            tps = [TopicPartition(t, p) for t, p in self.assignment]
+            for tp in self.consumer.position(tps):
+                _, hi = self.consumer.get_watermark_offsets(tp, cached=True)
+                if hi >= 0 and tp.offset >= 0:
+                    lag[self.topics[tp.topic]] += max(0, hi - tp.offset)
+        except KafkaException:
+            return
+        for role, n in lag.items():
+            m.lag.labels(role).set(n)
+
+    # --- group membership -----------------------------------------------------------------
+
+    def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        self.assignment |= {(tp.topic, tp.partition) for tp in partitions}
+        log.info("assigned %s", _tps(partitions), extra={"event": "assigned"})
+
+    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        # Write everything joined and commit before the partitions move; what still waits for
+        # its pair is dropped here uncommitted, so the next owner reads it again.
+        self.roll(due_only=False)
+        self.commit()
+        self._forget_partitions({(tp.topic, tp.partition) for tp in partitions})
+        log.info("revoked %s", _tps(partitions), extra={"event": "revoked"})
+
+    def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        # Another member may own these already: no commit for them; files stay (duplicates).
+        self._forget_partitions({(tp.topic, tp.partition) for tp in partitions})
+        log.warning("lost %s", _tps(partitions), extra={"event": "lost"})
+
+    def _forget_partitions(self, tps: set[tuple[str, int]]) -> None:
+        for store, index in ((self._req, self._req_index), (self._dec, self._dec_index)):
+            for seq in [s for s, b in store.items() if b.tp in tps]:
+                b = store.pop(seq)
+                for i in np.flatnonzero(b.alive).tolist():
+                    index.pop(b.ids[i], None)
+        for tp in tps:
+            self._next.pop(tp, None)
+            self._committed.pop(tp, None)
+        self.assignment -= tps
+
+    def _drain(self) -> None:
+        self.metrics.state = "draining"
+        try:
+            self.roll(due_only=False)
+            self.commit()
+            self.consumer.close()  # leaves the group (revoke -> roll + commit of anything left)
+        except (KafkaException, RuntimeError) as exc:
+            log.error("while leaving the group: %s", exc, extra={"event": "drain_error"})
+        finally:
+            self.metrics.state = "stopped"
+            if self.server is not None:
+                self.server.close()
+        st = self.stats
+        waiting = sum(b.n_alive for b in chain(self._req.values(), self._dec.values()))
+        log.info("logger %s stopped: %d impressions, %d outcomes in %d files; %d orphan requests, "
+                 "%d orphan decisions, %d left waiting (uncommitted)", self.config.logger_id, st.impressions,
+                 st.outcomes, st.files, st.orphan_requests, st.orphan_decisions, waiting,
+                 extra={"event": "stopped", "impressions": st.impressions, "outcomes": st.outcomes})
+
+
+def _tps(partitions: list[TopicPartition]) -> str:
+    return ",".join(f"{tp.topic}[{tp.partition}]" for tp in partitions)
+
+
+# --- CLI ----------------------------------------------------------------------------------
+
+
+def check_topics(settings: Settings, roles: tuple[str, ...] = ROLES) -> None:
+    """The broker answers and the topics of `roles` exist, else a one-line StackError."""
+    from stream.kafka import make_admin
+
+    try:
+        meta = make_admin(settings).list_topics(timeout=10)
+    except KafkaException as exc:
+        raise StackError(f"cannot reach Kafka at {settings.kafka_bootstrap}: {exc.args[0].str()}") from None
+    missing = [settings.topic(r) for r in roles if settings.topic(r) not in meta.topics]
+    if missing:
+        raise StackError(f"topic(s) {', '.join(missing)} do not exist on {settings.kafka_bootstrap}; "
+                         "run `rta topics create`")
+
+
+@click.command(name="log")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Root of the logged traffic (impressions/ and outcomes/ under it).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="Config file (TOML/JSON).")
+@click.option("--bootstrap", default=None, help="Kafka bootstrap servers [default: settings].")
+@click.option("--group", "group_id", default="rta-logger", show_default=True, help="Consumer group id.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=5000, show_default=True,
+              help="Most messages per consume call.")
+@click.option("--batch-wait-ms", type=click.IntRange(min=0), default=100, show_default=True,
+              help="Longest wait to fill a batch.")
+@click.option("--roll-mb", type=click.FloatRange(min=0, min_open=True), default=64.0, show_default=True,
+              help="Roll a file when its rows hold this many MiB in memory (Arrow, before compression).")
+@click.option("--roll-seconds", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+              help="Roll a file this long after its first row (bounds how stale the log and the "
+                   "committed offsets are).")
+@click.option("--join-timeout-s", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="Event time a request waits for its decision (and the reverse) once its partition "
+                   "has moved past it.")
+@click.option("--max-wait-s", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
+              help="Wall time anything waits for its pair, whatever the event times say.")
+@click.option("--max-buffered", type=click.IntRange(min=1), default=200_000, show_default=True,
+              help="Most requests + decisions waiting; beyond it the oldest expire.")
+@click.option("--max-open-files", type=click.IntRange(min=1), default=48, show_default=True,
+              help="Most files filling at once per kind (one per event hour); beyond it the oldest rolls.")
+@click.option("--model-dir", type=click.Path(file_okay=False), default=None,
+              help="Bundles whose feature specs name positional requests [default: settings].")
+@click.option("--tasks", default=",".join(DEFAULT_TASKS), show_default=True,
+              help="Tasks whose p_<task>, u_<task> columns to write.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=9410, show_default=True,
+              help="Port for /metrics and /healthz (0: any free port).")
+@click.option("--no-metrics", is_flag=True, help="Do not start the HTTP server.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True)
+def log_cmd(out_dir: Path, config_file: str | None, bootstrap: str | None, group_id: str, batch_size: int,
+            batch_wait_ms: int, roll_mb: float, roll_seconds: float, join_timeout_s: float,
+            max_wait_s: float, max_buffered: int, tasks: str, metrics_port: int, no_metrics: bool,
+            log_level: str, max_open_files: int = 48, model_dir: str | None = None) -> None:
+    """Requests + decisions + outcomes -> logged traffic (Parquet by event hour); at-least-once."""
+    from stream.logs import setup_json_logging
+
+    setup_json_logging(log_level)
+    settings = load_settings(config_file, kafka_bootstrap=bootstrap, model_dir=model_dir)
+    check_topics(settings)
+    cfg = LoggerConfig(out_dir=out_dir, group_id=group_id, batch_size=batch_size, batch_wait_ms=batch_wait_ms,
+                       roll_bytes=max(1, int(roll_mb * (1 << 20))), roll_seconds=roll_seconds,
+                       join_timeout_s=join_timeout_s, max_wait_s=max_wait_s, max_buffered=max_buffered,
+                       max_open_files=max_open_files, tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()),
+                       metrics_port=None if no_metrics else metrics_port)
+    try:
+        logger = Logger(settings, cfg)
+    except OSError as exc:  # the metrics port is taken, the output directory is not writable
+        raise RtaError(f"log: cannot start: {exc.strerror or exc}") from None
+    if logger.server is not None:
+        log.info("metrics on http://%s:%d/metrics", cfg.metrics_host, logger.server.port,
+                 extra={"event": "metrics", "port": logger.server.port})
+    try:
+        logger.run(install_signals=True)
+    except OSError as exc:  # disk full, permissions: offsets past the failed file stay uncommitted
+        raise RtaError(f"log: cannot write under {out_dir}: {exc.strerror or exc}") from None
