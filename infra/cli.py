@@ -24,6 +24,8 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "serve": ("stream.worker:serve", "The scoring worker (one consumer-group member).", "core"),
     "ratio": ("stream.operators:ratio", "Target interception ratio: get, set, history.", "core"),
     "bench": ("bench.cli:bench", "Benchmarks (inference, worker, controller); JSON out.", "train"),
+    "replay": ("training.replay:replay_cmd", "Analysts: logged traffic through the worker's engine, event time.",
+               "train"),
     "demo": ("infra.demo:demo", "The whole loop on the embedded default, one command.", "train"),
 }
 
