@@ -563,6 +563,9 @@ def replay(model: str | Path, logs: LogSet | str | Path, out: str | Path, cfg: R
     policy = ScorePolicy.from_manifest(scorer.manifest)
     if not isinstance(logs, LogSet):
         logs = load_logs(logs, tuple(scorer.tasks), attribution)
+    if cfg.thresholds == "logged" and logs.decisions is None:
+        raise DataError(f"{logs.source}: --thresholds logged needs a logged layout (decision columns); "
+                        "this is a world log")
     t_load = time.perf_counter() - t0
     say(f"{len(logs)} rows from {logs.source}" + (f" ({_counts_line(logs)})" if logs.info else ""))
     sc = score_logs(logs, scorer, policy, cfg.progress)
