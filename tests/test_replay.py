@@ -198,3 +198,11 @@ def test_train_on_the_logged_layout_uses_observed_labels_only(small, tmp_path):
     assert "observed labels only" in res.stderr
     assert "labels observed only where the outcome could be seen" in res.stderr
     assert (tmp_path / "models" / "t1" / "student.onnx").exists()
+    res = _rta("eval", "--model", str(tmp_path / "models" / "t1"), "--logs", str(small["log"]),
+               "--out", str(tmp_path / "report"), "--quiet", "--threads", "1",
+               "--attribution", "click=300,online=300,cart=300,deal=900",
+               "--as-of-ms", str(small["info"]["newest_event_ms"] + 86_400_000))
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert "with every label observed" in report["scope"]
+    assert report["rows"] < 0.2 * ROWS * 0.75  # the test split's passed rows only (r = 0.3)

@@ -195,6 +195,10 @@ def _strings(col: pa.ChunkedArray) -> np.ndarray:
         return np.full(len(col), "", dtype=object)
     parts = []
     for chunk in col.chunks:
+        if not pa.types.is_dictionary(chunk.type) and len(chunk) > 0:
+            # one str object per distinct value (then shared by reference): far cheaper than one
+            # per row for the low-cardinality columns categoricals are
+            chunk = pc.dictionary_encode(chunk.cast(pa.string()))
         if pa.types.is_dictionary(chunk.type):
             words = pc.fill_null(chunk.dictionary.cast(pa.string()), "").to_numpy(zero_copy_only=False)
             codes = pc.fill_null(chunk.indices, -1).to_numpy(zero_copy_only=False)

@@ -103,7 +103,7 @@ class ReplayConfig:
 
     thresholds: str = "live"  # "live" | "logged"
     steps: list[Step] = field(default_factory=lambda: [Step(0.3)])
-    sweep_mode: str = "steps"  # "steps": one after another over event time; "grid": one replay each
+    sweep_mode: str = "grid"  # "grid": one replay of the whole log each; "steps": one after another
     step_seconds: float | None = None  # steps mode: event-seconds per step (None: the span split evenly)
     batch_rows: int = 1000  # most rows per decide() call, like the worker's batch
     speedup: float = 1.0  # event time runs this much faster through the controller (sparse logs)
@@ -138,7 +138,6 @@ class Run:
     tau_u: np.ndarray  # float64[N]
     step: np.ndarray  # int16[N] index into `steps` (0 in logged mode)
     steps: list[Step]
-    step_start_s: list[float]  # event time each step began (seconds)
 
 
 @dataclass
@@ -249,8 +248,7 @@ def replay_logged(sc: Scored) -> Run:
     logged_p = pc.fill_null(col["propensity"], math.nan).to_numpy(zero_copy_only=False).astype(np.float32)
     prop = np.where(np.isfinite(logged_p), logged_p, dec.propensity).astype(np.float32)
     n = len(sc.e)
-    return Run("logged thresholds", dec.block, out_reason, prop, theta, tau_u, np.zeros(n, np.int16), [],
-               [float(sc.ts_ms[0]) / 1000.0])
+    return Run("logged thresholds", dec.block, out_reason, prop, theta, tau_u, np.zeros(n, np.int16), [])
 
 
 def _batches(t_s: np.ndarray, refresh_s: float, batch_rows: int, cuts: list[int]) -> np.ndarray:
@@ -305,9 +303,7 @@ def replay_live(sc: Scored, steps: list[Step], cfg: ReplayConfig, step_of_row: n
         theta[a:b], tau_u[a:b] = th.theta, th.tau_u
         bar.update(b - a)
     bar.close()
-    first = np.concatenate([[0], cuts]).astype(int)
-    return Run(name, block, reason, prop, theta, tau_u, step_of_row, list(steps),
-               [float(sc.ts_ms[i]) / 1000.0 for i in first])
+    return Run(name, block, reason, prop, theta, tau_u, step_of_row, list(steps))
 
 
 def step_rows(ts_ms: np.ndarray, n_steps: int, step_seconds: float | None) -> np.ndarray:
@@ -469,7 +465,7 @@ def summarize(sc: Scored, run: Run, truth: tuple[np.ndarray | None, np.ndarray |
         rows = run.step == k
         if not rows.any():
             continue
-        start = run.step_start_s[k] if k < len(run.step_start_s) else float(t_s[rows][0])
+        start = float(t_s[int(np.argmax(rows))])  # the step's first decision (rows are in event order)
         settled = rows & (t_s >= start + WARMUP_S * cfg.speedup)
         row = {"step": k, "targets": {"r": s.r, "p_u": s.p_u, "epsilon": s.epsilon}, "start_s": start,
                "rows": int(rows.sum()), "block_share": float(run.block[rows].mean())}

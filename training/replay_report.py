@@ -200,7 +200,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 def write_replay_report(report: dict[str, Any], sc: Any, runs: list[Any], out: Path) -> None:
     """The PNGs, report.md and a self-contained-enough report.html (PNGs beside it)."""
-    window = float(report["controller"]["window_seconds"])
+    window = float(report["controller"]["window_seconds"]) * float(report.get("speedup", 1.0))
     plot_block_share(sc, runs, window, out / PLOTS[0])
     plot_reason_mix(report, out / PLOTS[1])
     plot_task_kept(report, out / PLOTS[2])
