@@ -506,9 +506,12 @@ def summarize(sc: Scored, run: Run, truth: tuple[np.ndarray | None, np.ndarray |
         out["value"] = {t: value_kept(run.block, q_all[:, j]) for j, t in enumerate(tasks)}
         if labels is not None:
             out["labels_kept"] = {t: value_kept(run.block, labels[:, j]) for j, t in enumerate(tasks)}
-    est = ope(sc, run, seed=cfg.seed) if sc.logs.masked or sc.logs.decisions is not None else None
-    if est is not None:
-        out["ope"] = est
+    if sc.logs.decisions is not None and cfg.thresholds == "live":
+        out["ope"] = ope(sc, run, seed=cfg.seed)
+    elif sc.logs.decisions is not None:
+        # the logged filter's own value needs no estimate: its passed rows' labels were observed
+        lab = sc.logs.labels[sc.order]
+        out["observed_kept"] = {t: int(np.nansum(lab[~run.block, j])) for j, t in enumerate(tasks)}
     return out
 
 

@@ -167,6 +167,9 @@ def markdown(report: dict[str, Any]) -> str:
                       f"reason {_f(m['decision_and_reason_match'], 6)} of {m['decided_rows']} decided rows "
                       f"({m['undecided_rows']} undecided, {m['mismatched']} mismatched; largest |score - logged "
                       f"score| {_f(m['max_abs_score_diff'], 9)}).", ""]
+        if "observed_kept" in run:
+            lines += ["Positives the logged filter kept (observed on its passed rows, windows closed): "
+                      + ", ".join(f"{t} {v}" for t, v in run["observed_kept"].items()) + ".", ""]
         lines += ["| reason | pass | block |", "|---|---|---|"]
         lines += [f"| {r} | {v['pass']} | {v['block']} |" for r, v in run["reason_mix"].items()]
         lines.append("")
