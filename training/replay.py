@@ -491,12 +491,15 @@ def summarize(sc: Scored, run: Run, truth: tuple[np.ndarray | None, np.ndarray |
         score = pc.fill_null(d.column("score").take(take), math.nan).to_numpy(zero_copy_only=False)
         diff = np.abs(score - sc.e.astype(np.float64))
         bad = np.flatnonzero(decided & ~same)
+        logged_model = pc.fill_null(d.column("model").take(take), "").to_numpy(zero_copy_only=False)
         out["match"] = {"decided_rows": int(decided.sum()), "undecided_rows": int((~decided).sum()),
                         "decision_match": float((lb == run.block)[decided].mean()) if decided.any() else math.nan,
                         "decision_and_reason_match": float(same[decided].mean()) if decided.any() else math.nan,
                         "mismatched": int(len(bad)),
                         "mismatched_request_ids": sc.logs.request_id[sc.order][bad[:20]].tolist(),
-                        "max_abs_score_diff": float(np.nanmax(diff[decided])) if decided.any() else math.nan}
+                        "max_abs_score_diff": float(np.nanmax(diff[decided])) if decided.any() else math.nan,
+                        # a log spanning a model roll: rows another version decided cannot match
+                        "other_model_rows": int((decided & (logged_model != sc.model)).sum())}
     labels, true_p = truth
     tasks = sc.tasks
     q_source = "true probabilities" if true_p is not None else ("labels" if labels is not None else None)

@@ -120,7 +120,10 @@ def plot_operating_curve(report: dict[str, Any], png: Path) -> None:
                         fmt="s", capsize=3, label=f"{run['name']} (OPE, 95% CI)")
     ax.set(xlabel="block share", ylabel=f"{task} value kept", xlim=(0, 1), ylim=(0, 1.02),
            title="operating curve")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    else:  # logged thresholds without truth: nothing to place on the curve
+        ax.text(0.5, 0.5, "no truth and no estimate for this run", ha="center", va="center")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
