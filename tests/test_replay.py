@@ -90,6 +90,39 @@ def test_scores_do_not_depend_on_the_batch(small):
                 assert np.array_equal(x, y[a:a + size]), size
 
 
+def test_undecided_impressions_are_counted_not_matched(small, tmp_path):
+    """An impression whose decision never reached the logger (null decision) is undecided:
+    counted, unlabelled, and outside the reproduction check."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    log = tmp_path / "log"
+    shutil.copytree(small["log"], log)
+    f = sorted((log / IMPRESSIONS_DIR).rglob("*.parquet"))[0]
+    t = pq.read_table(f)
+    null = pa.array(np.arange(t.num_rows) < 10)
+    for c in ("decision", "reason"):
+        t = t.set_column(t.schema.get_field_index(c), c, pc.if_else(null, pa.scalar(None, pa.string()), t[c]))
+    pq.write_table(t, f)
+    logs = load_logs(log, attribution=_complete(small["info"]))
+    assert logs.info["counts"]["undecided"] == 10
+    rep = replay(small["bundle"], logs, tmp_path / "out", ReplayConfig(thresholds="logged"), write=False)
+    m = rep["runs"][0]["match"]
+    assert m["undecided_rows"] == 10 and m["decided_rows"] == ROWS - 10 and m["mismatched"] == 0
+
+
+def test_steps_split_event_time():
+    from training.replay import step_rows
+
+    ts = np.arange(0, 90_000, 10, dtype=np.int64) + 1_000_000
+    k = step_rows(ts, 3, None)
+    assert np.bincount(k).tolist() == [3000, 3000, 3000]
+    k = step_rows(ts, 3, 20.0)  # 20 s steps; the last one holds to the end
+    assert np.bincount(k).tolist() == [2000, 2000, 5000]
+
+
 def test_another_model_does_not_reproduce(small, tmp_path):
     other = world_bundle(tmp_path / "models", small["world"], version="other", seed=7)
     rep = replay(other, small["log"], tmp_path / "out", ReplayConfig(thresholds="logged"),
