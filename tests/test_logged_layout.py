@@ -94,6 +94,17 @@ def test_label_join_rule_window_open_closed_blocked_and_duplicates(tmp_path: Pat
     assert load_logs(tmp_path, attribution=WIN).info["as_of_ms"] == now - 30_000
 
 
+def test_duplicate_keeps_the_copy_with_a_decision(tmp_path: Path):
+    # after a crash the logger re-reads a request whose decision it already logged: the
+    # replayed copy expires undecided; the decided copy must win whichever file comes first
+    put(tmp_path, IMPRESSIONS_DIR, impressions(["a", "b"], [T0, T0], [None, None]), T0, "part-0.parquet")
+    put(tmp_path, IMPRESSIONS_DIR, impressions(["a"], [T0], ["block"]), T0, "part-1.parquet")
+    logs = load_logs(tmp_path)
+    got = dict(zip(logs.request_id, logs.decisions.column("decision").to_pylist(), strict=True))
+    assert got == {"a": "block", "b": None}
+    assert logs.info["counts"]["duplicate_impressions"] == 1 and logs.info["counts"]["undecided"] == 1
+
+
 def test_window_closes_later_as_of(tmp_path: Path):
     put(tmp_path, IMPRESSIONS_DIR, impressions(["a"], [T0], ["pass"]), T0)
     put(tmp_path, OUTCOMES_DIR, outcomes([("a", "click", T0 + 5_000)]), T0)

@@ -366,12 +366,17 @@ def _column(table: pa.Table, file: Path, name: str, dtype: pa.DataType) -> pa.Ch
         raise DataError(f"{file}: column {name!r} is {col.type}, expected {dtype}") from None
 
 
-def _first_rows(keys: list[pa.ChunkedArray | pa.Array], names: list[str]) -> np.ndarray:
-    """Sorted indices of the first row of every distinct key (pyarrow group-by, no Python loop)."""
+def _first_rows(keys: list[pa.ChunkedArray | pa.Array], names: list[str],
+                demote: np.ndarray | None = None) -> np.ndarray:
+    """Sorted indices of the first row of every distinct key (pyarrow group-by, no Python loop);
+    rows flagged in `demote` are kept only when their key has no other row."""
     n = len(keys[0])
-    t = pa.table({**dict(zip(names, keys, strict=True)), "__i": pa.array(np.arange(n, dtype=np.int64))})
+    rank = np.arange(n, dtype=np.int64)
+    if demote is not None:
+        rank = rank + n * demote.astype(np.int64)
+    t = pa.table({**dict(zip(names, keys, strict=True)), "__i": pa.array(rank)})
     first = t.group_by(names, use_threads=False).aggregate([("__i", "min")]).column("__i_min")
-    return np.sort(first.to_numpy())
+    return np.sort(first.to_numpy() % n)
 
 
 def load_logged(path: str | Path, tasks: tuple[str, ...] = DEFAULT_TASKS,
@@ -412,8 +417,10 @@ def load_logged(path: str | Path, tasks: tuple[str, ...] = DEFAULT_TASKS,
     num, cat = _matrices(tables, spec)
     counts["impression_rows_read"] = merged.num_rows
 
-    # at-least-once: the first copy of every request id stays
-    keep = _first_rows([merged.column("request_id")], ["request_id"])
+    # at-least-once: the first copy of every request id stays, preferring one with a decision (a
+    # request read again after a crash may expire undecided while its decision was logged before)
+    keep = _first_rows([merged.column("request_id")], ["request_id"],
+                       demote=pc.is_null(merged.column("decision")).to_numpy(zero_copy_only=False))
     counts["duplicate_impressions"] = merged.num_rows - len(keep)
     if len(keep) < merged.num_rows:
         merged, num, cat = merged.take(pa.array(keep)), num[keep], cat[keep]
