@@ -168,6 +168,19 @@ def test_grid_sweep_one_run_per_combination(small, tmp_path):
     assert pq.read_table(tmp_path / "decisions.parquet").num_rows == 4 * ROWS
 
 
+def test_speedup_lets_a_sparse_log_hold_its_target(small, tmp_path):
+    """2 rows per event-second: 60 per 30 s window, fewer than the controller's 200 minimum;
+    --speedup 20 runs event time 20x faster through it (window = 600 event-seconds, 1200 rows)
+    and the share holds again."""
+    sparse = load_logs(world_log(tmp_path / "sparse", 20_000, seed=4, rows_per_s=2.0))
+    slow = replay(small["bundle"], sparse, tmp_path / "a", ReplayConfig(steps=[Step(0.4)]), write=False)
+    fast = replay(small["bundle"], sparse, tmp_path / "b", ReplayConfig(steps=[Step(0.4)], speedup=20.0),
+                  write=False)
+    assert slow["runs"][0]["steps"][0]["settled_error_pp"] > 5  # the controller never gets min_rows
+    step = fast["runs"][0]["steps"][0]
+    assert step["settled_rows"] > 5000 and step["settled_error_pp"] < 1.5
+
+
 def test_cli_bad_arguments_are_one_line(small, tmp_path):
     base = ["replay", "--model", str(small["bundle"]), "--out", str(tmp_path / "o"), "--quiet"]
     cases = [

@@ -570,6 +570,13 @@ def replay(model: str | Path, logs: LogSet | str | Path, out: str | Path, cfg: R
                         "this is a world log")
     t_load = time.perf_counter() - t0
     say(f"{len(logs)} rows from {logs.source}" + (f" ({_counts_line(logs)})" if logs.info else ""))
+    if cfg.thresholds == "live":
+        span_s = max(float(logs.ts_ms.max() - logs.ts_ms.min()) / 1000.0, 1e-3)
+        per_window = len(logs) / span_s * cfg.controller.window_seconds * cfg.speedup
+        if per_window < 2 * cfg.controller.min_rows:
+            say(f"warning: only ~{per_window:.0f} rows per {cfg.controller.window_seconds} s controller window "
+                f"(the controller needs {cfg.controller.min_rows} to move); a sparse log needs --speedup "
+                f"~{5 * cfg.controller.min_rows / per_window * cfg.speedup:.0f}")
     sc = score_logs(logs, scorer, policy, cfg.progress)
     t1 = time.perf_counter()
     runs = run_replay(sc, cfg)
