@@ -44,7 +44,7 @@ def plot_block_share(sc: Any, runs: list[Any], window: float, png: Path) -> None
             target = np.array([s.r for s in run.steps])[run.step]
             ax.plot(t_s - t_s[0], target, "--", lw=1, color="k", alpha=0.6)
     ax.set(xlabel="event time since the first row (s)", ylabel="block share", title="block share vs target")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
@@ -92,9 +92,12 @@ def plot_task_kept(report: dict[str, Any], png: Path) -> None:
                 lo.append(0.0)
                 hi.append(0.0)
         ax.bar(xs, vals, width, yerr=[lo, hi], color=COLORS.get(t), label=t, capsize=2)
+        for x, v in zip(xs, vals, strict=True):
+            if not np.isfinite(v):  # no truth and no closed window: say so rather than draw nothing
+                ax.text(x, 0.02, "n/a", ha="center", fontsize=7, rotation=90)
     ax.set_xticks(range(len(runs)), [run["name"] for run in runs], rotation=20, fontsize=7, ha="right")
     ax.set(ylabel="share of positives kept (passed)", ylim=(0, 1.05), title="per-task kept share")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
@@ -121,7 +124,7 @@ def plot_operating_curve(report: dict[str, Any], png: Path) -> None:
     ax.set(xlabel="block share", ylabel=f"{task} value kept", xlim=(0, 1), ylim=(0, 1.02),
            title="operating curve")
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="lower left")
     else:  # logged thresholds without truth: nothing to place on the curve
         ax.text(0.5, 0.5, "no truth and no estimate for this run", ha="center", va="center")
     fig.tight_layout()
