@@ -218,6 +218,9 @@ def test_sweep_steps_hold_each_target_within_half_a_point(tmp_path):
     steps = parse_sweep("r=0.2,0.3,0.5;p_u=0.02")
     rep = replay(bundle, world, tmp_path / "out", ReplayConfig(steps=steps, sweep_mode="steps"))
     got = rep["runs"][0]["steps"]
+    print("\n".join(f"r={s['targets']['r']}: settled block share {s['settled_block_share']:.5f} "
+                    f"({s['settled_rows']} rows), error {s['settled_error_pp']:.3f} pp, uncertain error "
+                    f"{s['settled_uncertain_error_pp']:.3f} pp" for s in got))
     assert [s["targets"]["r"] for s in got] == [0.2, 0.3, 0.5]
     for s in got:
         assert s["settled_rows"] > 30_000
