@@ -172,7 +172,7 @@ def test_speedup_lets_a_sparse_log_hold_its_target(small, tmp_path):
     """2 rows per event-second: 60 per 30 s window, fewer than the controller's 200 minimum;
     --speedup 20 runs event time 20x faster through it (window = 600 event-seconds, 1200 rows)
     and the share holds again."""
-    sparse = load_logs(world_log(tmp_path / "sparse", 20_000, seed=4, rows_per_s=2.0))
+    sparse = load_logs(world_log(tmp_path / "sparse", 10_000, seed=4, rows_per_s=2.0))
     slow = replay(small["bundle"], sparse, tmp_path / "a", ReplayConfig(steps=[Step(0.4)]), write=False)
     fast = replay(small["bundle"], sparse, tmp_path / "b", ReplayConfig(steps=[Step(0.4)], speedup=20.0),
                   write=False)

@@ -613,8 +613,20 @@ def replay(model: str | Path, logs: LogSet | str | Path, out: str | Path, cfg: R
                         "decide_s": round(t_decide, 3), "write_s": round(t3 - t2, 3),
                         "total_s": round(t3 - t0, 3), "rows_per_s": round(len(logs) / max(t3 - t0, 1e-9))}
     if write:
-        (Path(out) / "report.json").write_text(json.dumps(report, indent=1, default=_json_default))
+        # strict JSON: NaN/inf (an estimate without data, tau_u with p_u = 0) become null
+        (Path(out) / "report.json").write_text(json.dumps(_finite(report), indent=1, default=_json_default,
+                                                          allow_nan=False))
     return report
+
+
+def _finite(o: Any) -> Any:
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_finite(v) for v in o]
+    if isinstance(o, float | np.floating) and not math.isfinite(float(o)):
+        return None
+    return o
 
 
 def _json_default(o: Any) -> Any:

@@ -63,8 +63,7 @@ def plot_reason_mix(report: dict[str, Any], png: Path) -> None:
     ax.set_xticks(range(len(runs)), [run["name"] for run in runs], rotation=20, fontsize=7, ha="right")
     ax.set(ylabel="share of rows", title="decisions by reason")
     ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    fig.savefig(png, dpi=110, bbox_inches="tight")  # the legend sits outside the axes
     plt.close(fig)
 
 
@@ -98,8 +97,7 @@ def plot_task_kept(report: dict[str, Any], png: Path) -> None:
     ax.set_xticks(range(len(runs)), [run["name"] for run in runs], rotation=20, fontsize=7, ha="right")
     ax.set(ylabel="share of positives kept (passed)", ylim=(0, 1.05), title="per-task kept share")
     ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    fig.savefig(png, dpi=110, bbox_inches="tight")  # the legend sits outside the axes
     plt.close(fig)
 
 
