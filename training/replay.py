@@ -391,7 +391,7 @@ def ope(sc: Scored, run: Run, boot: int = 1000, seed: int = 0) -> dict[str, Any]
     """Self-normalised IPS estimates, from the explore slice, of the positives each task's
     filter `run` keeps (and their share of all positives), with percentile-bootstrap 95% CIs.
 
-    Population: rows whose attribution window closed (labels could be seen had they passed).
+    Population: valid rows whose attribution window closed (labels could be seen had they passed).
     Explore rows are a uniform random sample of valid traffic with propensity epsilon, so
     weighting their observed labels by 1/propensity estimates totals over the population."""
     d = sc.logs.decisions
@@ -412,7 +412,8 @@ def ope(sc: Scored, run: Run, boot: int = 1000, seed: int = 0) -> dict[str, Any]
     out: dict[str, Any] = {"estimator": "self-normalised IPS on the explore slice", "bootstrap": boot,
                            "confidence": 0.95, "tasks": {}}
     for j, t in enumerate(sc.tasks):
-        closed = (as_of - sc.ts_ms) >= windows.get(t, 0.0) * 1000.0
+        # valid rows only: invalid ones are never explored (and pass under every filter)
+        closed = ((as_of - sc.ts_ms) >= windows.get(t, 0.0) * 1000.0) & sc.valid
         sample = explore & closed & np.isfinite(labels[:, j]) & (prop > 0) & np.isfinite(prop)
         n_pop = int(closed.sum())
         y = np.nan_to_num(labels[sample, j]).astype(np.float64)
