@@ -11,6 +11,7 @@ BENCHES = {
     "worker": ("bench.worker:worker", "Worker events/s vs a plain consume->produce passthrough."),
     "controller": ("bench.controller:controller", "Ratio controller settling after steps of r."),
     "codec": ("bench.codec:codec", "Request decode and decision encode rates (hot-path codecs)."),
+    "replay": ("bench.replay:replay", "rta replay rows/s end to end on a logged layout (200k rows)."),
 }
 
 

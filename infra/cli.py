@@ -25,6 +25,8 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "log": ("stream.logger:log_cmd", "Logger: requests + decisions + outcomes -> logged traffic (Parquet).", "log"),
     "ratio": ("stream.operators:ratio", "Target interception ratio: get, set, history.", "core"),
     "bench": ("bench.cli:bench", "Benchmarks (inference, worker, controller); JSON out.", "train"),
+    "replay": ("training.replay:replay_cmd", "Analysts: logged traffic through the worker's engine, event time.",
+               "train"),
     "demo": ("infra.demo:demo", "The whole loop on the embedded default, one command.", "train"),
 }
 

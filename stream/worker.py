@@ -39,6 +39,7 @@ from model.bundle import current_version
 from stream.checkpoint import Checkpoint, CheckpointError, DeliveryReports
 from stream.config import Settings, load_settings
 from stream.controller import ControllerConfig, RatioController
+from stream.engine import score_batch
 from stream.errors import BundleError, ConfigError, RtaError
 from stream.events import (
     MAX_BYTES,
@@ -257,10 +258,8 @@ class Worker:
         # decode
         batch = decode_requests(values, keys, self.scorer.spec, fingerprint=self._fingerprint,
                                 max_bytes=self.config.max_bytes)
-        # score
-        p, u_tasks = self.scorer.score(batch.num, batch.cat)
-        e = self.policy.score(p)
-        u = self.policy.uncertainty(u_tasks)
+        # score (the step replay shares: stream.engine)
+        p, u_tasks, e, u = score_batch(self.scorer, self.policy, batch.num, batch.cat)
         # decide
         th = self.controller.thresholds()
         d = decide(e, u, batch.valid, self._rng.random(n), th.theta, th.tau_u,

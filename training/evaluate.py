@@ -40,7 +40,7 @@ from torch.nn.utils import vector_to_parameters
 from model.ple import BASELINES, MultiTaskNet
 from model.uncertainty import MEASURES, TeacherPrediction
 from stream.errors import DataError
-from training.logs import LogSet, load_logs
+from training.logs import Attribution, LogSet, describe_labels, load_logs
 from training.metrics import (
     auc_roc,
     average_precision,
@@ -348,21 +348,32 @@ def evaluate_bundle(bundle_dir: str | Path, logs: LogSet, out_dir: str | Path, b
               show_default=True, help="Overall block share held fixed in the Fig. 2 analog.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Torch threads (default: every idle core; env RTA_TORCH_THREADS).")
+@click.option("--attribution", default=None,
+              help="Logged layout: attribution windows, e.g. 'click=15m,deal=7d'.")
+@click.option("--as-of-ms", type=int, default=None, help="Logged layout: labels as of [default: newest event].")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def eval_cmd(model_dir: Path, logs_path: Path, out: Path, baselines: bool, block_share: float,
-             threads: int | None, quiet: bool) -> None:
+             threads: int | None, attribution: str | None, as_of_ms: int | None, quiet: bool) -> None:
     """Paper-style tables and plots (Table I/II, Fig. 2, calibration, student fidelity) for a bundle."""
     from training.pipeline import load_teacher, make_splits, use_all_cores
 
     use_all_cores(threads)
     _, _, _, bundle = load_teacher(model_dir)
-    logs = load_logs(logs_path, tasks=tuple(bundle["meta"]["tasks"]))
+    logs = load_logs(logs_path, tasks=tuple(bundle["meta"]["tasks"]),
+                     attribution=Attribution.parse(attribution, as_of_ms))
+    _log(describe_labels(logs))
     splits = None
     if logs.fingerprint() == bundle["meta"]["logs_fingerprint"]:
         splits = make_splits(logs, bundle["profile"], bundle["meta"]["seed"])
         target, scope = splits.test, "held-out test split of the training logs"
     else:
         target, scope = logs, "all rows (logs not used in training)"
+    if target.masked:
+        n_all = len(target)
+        target = target.observed()
+        scope += f", {len(target)} of {n_all} rows with every label observed (passed traffic, windows closed)"
+        if len(target) == 0:
+            raise DataError(f"{logs_path}: no row has every label observed; nothing to evaluate")
     _log(f"evaluating {bundle['bundle_dir']} on {len(target)} rows: {scope}")
     report = evaluate_bundle(bundle["bundle_dir"], target, out, baselines=baselines, splits=splits,
                              block_share=block_share, eval_scope=scope, progress=not quiet)

@@ -5,14 +5,25 @@ request. Reserved columns are `request_id`, `ts_ms`, the task labels (0/1), opti
 `propensity` and, for synthetic data, `true_<task>`. Every other column is a feature whose
 dtype decides its kind: numbers (and booleans) numeric, strings / dictionaries categorical.
 
+Logged traffic from the live system (`rta log`, the layout of `stream/logschema.py`:
+`impressions/date=.../hour=.../*.parquet` + `outcomes/...`) is detected by its
+`impressions/` directory. Its labels come from joining impressions and outcomes within a
+per-task attribution window (`Attribution`): passed and an outcome within the window -> 1;
+passed, window closed, none -> 0; blocked, undecided, or window still open -> unobserved,
+which is NaN in `LogSet.labels` (a mask, never a silent 0). The decision columns stay on the
+LogSet (`decisions`) for replay. Duplicate request ids (an at-least-once logger replaying a
+file's offsets) and duplicate (request_id, event) outcomes are dropped and counted.
+
 Anything wrong with the input is a one-line `DataError` naming the file and the column.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, replace
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +33,15 @@ import pyarrow.parquet as pq
 
 from stream.errors import DataError
 from stream.features import CATEGORICAL, DEFAULT_TASKS, NUMERIC, RESERVED_COLUMNS, FeatureSpec
+from stream.logschema import (
+    DECISION_COLUMNS,
+    IMPRESSIONS_DIR,
+    LINEAGE_COLUMNS,
+    OUTCOME_COLUMNS,
+    OUTCOMES_DIR,
+    reserved_columns,
+    task_columns,
+)
 
 _PARQUET = (".parquet", ".pq")
 _JSONL = (".jsonl", ".json", ".ndjson")
@@ -34,12 +54,16 @@ class LogSet:
     spec: FeatureSpec
     num: np.ndarray  # float32[N, n_num], NaN = missing
     cat: np.ndarray  # object[N, n_cat] of str, "" = missing
-    labels: np.ndarray  # float32[N, T] of 0/1
+    labels: np.ndarray  # float32[N, T] of 0/1; NaN = unobserved (logged layout only)
     truth: np.ndarray | None  # float32[N, T] true probabilities (synthetic worlds only)
     request_id: np.ndarray  # object[N] of str
     ts_ms: np.ndarray  # int64[N]
     tasks: tuple[str, ...] = DEFAULT_TASKS
     source: str = ""
+    # logged layout only: the decision columns per row (DECISION_COLUMNS, p_/u_<task>, lineage)
+    decisions: pa.Table | None = None
+    # logged layout only: what loading dropped, joined and masked (counts, windows, as-of)
+    info: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -49,13 +73,34 @@ class LogSet:
             self, num=self.num[rows], cat=self.cat[rows], labels=self.labels[rows],
             truth=None if self.truth is None else self.truth[rows],
             request_id=self.request_id[rows], ts_ms=self.ts_ms[rows],
+            decisions=None if self.decisions is None else self.decisions.take(_indices(rows)),
         )
+
+    @property
+    def masked(self) -> bool:
+        """True when some label is unobserved (NaN): logged traffic, not a world log."""
+        return bool(np.isnan(self.labels).any())
+
+    def labelled(self) -> dict[str, int]:
+        """Rows with an observed label, per task."""
+        obs = ~np.isnan(self.labels)
+        return {t: int(obs[:, j].sum()) for j, t in enumerate(self.tasks)}
+
+    def observed(self) -> LogSet:
+        """The rows whose every task label is observed (all rows of a world log)."""
+        keep = ~np.isnan(self.labels).any(axis=1)
+        return self if keep.all() else self.take(np.flatnonzero(keep))
 
     def fingerprint(self) -> str:
         """Digest of row count and request ids: tells whether two loads are the same traffic."""
         h = hashlib.sha256(str(len(self)).encode())
         h.update("\x1f".join(self.request_id.astype(str).tolist()).encode())
         return h.hexdigest()[:16]
+
+
+def _indices(rows: np.ndarray) -> np.ndarray:
+    rows = np.asarray(rows)
+    return np.flatnonzero(rows) if rows.dtype == bool else rows
 
 
 def split(logs: LogSet, test_fraction: float = 0.2, seed: int = 0) -> tuple[LogSet, LogSet]:
@@ -109,9 +154,11 @@ def _kind(field: pa.Field, file: Path) -> str | None:
     raise DataError(f"{file}: column {field.name!r} has type {field.type}, neither numeric nor categorical")
 
 
-def _feature_kinds(tables: list[tuple[Path, pa.Table]], tasks: tuple[str, ...]) -> dict[str, str]:
+def _feature_kinds(tables: list[tuple[Path, pa.Table]], tasks: tuple[str, ...],
+                   reserved: frozenset[str] | None = None) -> dict[str, str]:
     """Feature name -> kind, checked to agree across files (else a schema-mismatch error)."""
-    reserved = RESERVED_COLUMNS | set(tasks) | {f"true_{t}" for t in tasks}
+    if reserved is None:
+        reserved = RESERVED_COLUMNS | set(tasks) | {f"true_{t}" for t in tasks}
     first_file, first = tables[0]
     kinds: dict[str, str | None] = {
         f.name: _kind(f, first_file) for f in first.schema if f.name not in reserved
@@ -148,6 +195,10 @@ def _strings(col: pa.ChunkedArray) -> np.ndarray:
         return np.full(len(col), "", dtype=object)
     parts = []
     for chunk in col.chunks:
+        if not pa.types.is_dictionary(chunk.type) and len(chunk) > 0:
+            # one str object per distinct value (then shared by reference): far cheaper than one
+            # per row for the low-cardinality columns categoricals are
+            chunk = pc.dictionary_encode(chunk.cast(pa.string()))
         if pa.types.is_dictionary(chunk.type):
             words = pc.fill_null(chunk.dictionary.cast(pa.string()), "").to_numpy(zero_copy_only=False)
             codes = pc.fill_null(chunk.indices, -1).to_numpy(zero_copy_only=False)
@@ -173,10 +224,26 @@ def _labels(table: pa.Table, file: Path, tasks: tuple[str, ...]) -> np.ndarray:
     return np.stack(cols, axis=1).astype(np.float32)
 
 
-def load_logs(path: str | Path, tasks: tuple[str, ...] = DEFAULT_TASKS) -> LogSet:
-    """Read logged traffic (a Parquet/JSONL file or a directory of them) into a LogSet."""
+def _matrices(tables: list[tuple[Path, pa.Table]], spec: FeatureSpec) -> tuple[np.ndarray, np.ndarray]:
+    """The (num, cat) matrices of `stream.features` (NaN / "" = missing), files concatenated."""
+    num, cat = [], []
+    for _, table in tables:
+        n = table.num_rows
+        num.append(np.stack([_numeric(table.column(c)) for c in spec.numeric], axis=1)
+                   if spec.numeric else np.zeros((n, 0), np.float32))
+        cat.append(np.stack([_strings(table.column(c)) for c in spec.categorical], axis=1)
+                   if spec.categorical else np.zeros((n, 0), object))
+    return np.concatenate(num), np.concatenate(cat)
+
+
+def load_logs(path: str | Path, tasks: tuple[str, ...] = DEFAULT_TASKS,
+              attribution: Attribution | None = None) -> LogSet:
+    """Read logged traffic (a Parquet/JSONL file, a directory of them, or the logged layout of
+    `rta log`) into a LogSet; `attribution` applies to the logged layout only."""
     path = Path(path)
     tasks = tuple(tasks)
+    if is_logged_layout(path):
+        return load_logged(path, tasks, attribution)
     tables = [(f, _read(f)) for f in _files(path)]
     for file, table in tables:
         present = [t for t in tasks if t in table.schema.names]
@@ -192,13 +259,10 @@ def load_logs(path: str | Path, tasks: tuple[str, ...] = DEFAULT_TASKS) -> LogSe
         raise DataError(f"{tables[0][0]}: no feature columns besides the reserved ones")
     has_truth = all(f"true_{t}" in table.schema.names for _, table in tables for t in tasks)
 
-    num, cat, labels, truth, rid, ts = [], [], [], [], [], []
+    num, cat = _matrices(tables, spec)
+    labels, truth, rid, ts = [], [], [], []
     for file, table in tables:
         n = table.num_rows
-        num.append(np.stack([_numeric(table.column(c)) for c in spec.numeric], axis=1)
-                   if spec.numeric else np.zeros((n, 0), np.float32))
-        cat.append(np.stack([_strings(table.column(c)) for c in spec.categorical], axis=1)
-                   if spec.categorical else np.zeros((n, 0), object))
         labels.append(_labels(table, file, tasks))
         if has_truth:
             truth.append(np.stack([_numeric(table.column(f"true_{t}")) for t in tasks], axis=1))
@@ -208,7 +272,226 @@ def load_logs(path: str | Path, tasks: tuple[str, ...] = DEFAULT_TASKS) -> LogSe
         ts.append(pc.cast(table.column("ts_ms"), pa.int64()).to_numpy(zero_copy_only=False)
                   if "ts_ms" in names else np.zeros(n, np.int64))
     return LogSet(
-        spec=spec, num=np.concatenate(num), cat=np.concatenate(cat), labels=np.concatenate(labels),
+        spec=spec, num=num, cat=cat, labels=np.concatenate(labels),
         truth=np.concatenate(truth) if has_truth else None, request_id=np.concatenate(rid),
         ts_ms=np.concatenate(ts).astype(np.int64), tasks=tasks, source=str(path),
     )
+
+
+# ---- the logged layout of `rta log` ---------------------------------------------------------
+# Attribution windows: how long after a request its outcome still counts. An ad click comes in
+# seconds to minutes, a deal within days; a task's label is only final once its window closed.
+DEFAULT_WINDOWS_S: dict[str, float] = {"click": 900.0, "online": 3600.0, "cart": 86_400.0,
+                                       "deal": 7 * 86_400.0}
+_FALLBACK_WINDOW_S = 86_400.0  # a task outside the four defaults
+_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86_400.0}
+# contract dtypes of the decision columns (stream/logschema.py); anything castable is accepted
+_DECISION_TYPES: dict[str, pa.DataType] = {
+    "decision": pa.string(), "reason": pa.string(), "score": pa.float64(), "uncertainty": pa.float64(),
+    "threshold": pa.float64(), "tau_u": pa.float64(), "target_ratio": pa.float64(),
+    "propensity": pa.float64(), "model": pa.string(), "decision_ts_ms": pa.int64(),
+    "latency_ms": pa.float64(),
+}
+assert tuple(_DECISION_TYPES) == DECISION_COLUMNS, "stream/logschema.py changed: update _DECISION_TYPES"
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """Per-task attribution windows (seconds) and the time labels are read "as of" (epoch ms;
+    None = the newest event time in the log)."""
+
+    windows_s: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WINDOWS_S))
+    as_of_ms: int | None = None
+
+    def window(self, task: str) -> float:
+        return float(self.windows_s.get(task, DEFAULT_WINDOWS_S.get(task, _FALLBACK_WINDOW_S)))
+
+    @classmethod
+    def parse(cls, text: str | None, as_of_ms: int | None = None) -> Attribution:
+        """From "click=15m,deal=7d" (units s, m, h, d; plain numbers are seconds)."""
+        windows = dict(DEFAULT_WINDOWS_S)
+        for part in filter(None, (p.strip() for p in (text or "").split(","))):
+            m = re.fullmatch(r"([A-Za-z_][\w-]*)\s*=\s*([0-9]*\.?[0-9]+)\s*([smhd]?)", part)
+            if not m:
+                raise DataError(f"attribution window {part!r}: expected TASK=DURATION, e.g. click=15m or deal=7d")
+            windows[m.group(1)] = float(m.group(2)) * _UNITS[m.group(3)]
+        return cls(windows, as_of_ms)
+
+
+def is_logged_layout(path: str | Path) -> bool:
+    """A directory holding `impressions/` (what `rta log --out` writes)."""
+    return (Path(path) / IMPRESSIONS_DIR).is_dir()
+
+
+def _layout_files(root: Path, counts: dict[str, int], what: str) -> list[Path]:
+    """Parquet files under date=/hour= partitions (temporary/hidden names skipped); an hour
+    directory without a file is counted, not an error."""
+    if not root.is_dir():
+        return []
+    files = sorted(p for p in root.rglob("*.parquet") if p.is_file() and not p.name.startswith((".", "_")))
+    hours = {p.parent for p in files}
+    empty = [d for d in root.glob("date=*/hour=*") if d.is_dir() and d not in hours]
+    counts[f"{what}_empty_hours"] = len(empty)
+    return files
+
+
+def _read_layout(files: list[Path], counts: dict[str, int], what: str) -> list[tuple[Path, pa.Table]]:
+    out = []
+    counts[f"{what}_empty_files"] = 0
+    for file in files:
+        try:
+            table = pq.read_table(file)
+        except (pa.ArrowInvalid, OSError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DataError(f"{file}: unreadable ({first})") from None
+        if table.num_rows == 0:
+            counts[f"{what}_empty_files"] += 1
+            continue
+        out.append((file, table))
+    return out
+
+
+def _column(table: pa.Table, file: Path, name: str, dtype: pa.DataType) -> pa.ChunkedArray:
+    """A contract column cast to its dtype, or a one-line error naming the file and column."""
+    if name not in table.schema.names:
+        raise DataError(f"{file}: column {name!r} is missing (the logged layout needs it; see stream/logschema.py)")
+    col = table.column(name)
+    if pa.types.is_dictionary(col.type):
+        col = col.cast(col.type.value_type)
+    if col.type == dtype:
+        return col
+    try:
+        return pc.cast(col, dtype)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raise DataError(f"{file}: column {name!r} is {col.type}, expected {dtype}") from None
+
+
+def _first_rows(keys: list[pa.ChunkedArray | pa.Array], names: list[str],
+                demote: np.ndarray | None = None) -> np.ndarray:
+    """Sorted indices of the first row of every distinct key (pyarrow group-by, no Python loop);
+    rows flagged in `demote` are kept only when their key has no other row."""
+    n = len(keys[0])
+    rank = np.arange(n, dtype=np.int64)
+    if demote is not None:
+        rank = rank + n * demote.astype(np.int64)
+    t = pa.table({**dict(zip(names, keys, strict=True)), "__i": pa.array(rank)})
+    first = t.group_by(names, use_threads=False).aggregate([("__i", "min")]).column("__i_min")
+    return np.sort(first.to_numpy() % n)
+
+
+def load_logged(path: str | Path, tasks: tuple[str, ...] = DEFAULT_TASKS,
+                attribution: Attribution | None = None) -> LogSet:
+    """Read `rta log`'s layout: deduplicated impressions, labels joined from outcomes."""
+    path = Path(path)
+    tasks = tuple(tasks)
+    att = attribution or Attribution()
+    counts: dict[str, int] = {}
+    imp_files = _layout_files(path / IMPRESSIONS_DIR, counts, "impression")
+    if not imp_files:
+        raise DataError(f"{path / IMPRESSIONS_DIR}: no Parquet files (date=YYYY-MM-DD/hour=HH/*.parquet)")
+    tables = _read_layout(imp_files, counts, "impression")
+    if not tables:
+        raise DataError(f"{path / IMPRESSIONS_DIR}: every file is empty ({len(imp_files)} files, no rows)")
+    decision_types = {**_DECISION_TYPES, **{c: pa.float64() for c in task_columns(tasks)}}
+    contract = {"request_id": pa.string(), "ts_ms": pa.int64(), **decision_types}
+    cols: dict[str, list[pa.ChunkedArray]] = {c: [] for c in contract}
+    lineage = all(c in t.schema.names for _, t in tables for c in LINEAGE_COLUMNS)
+    for c in LINEAGE_COLUMNS if lineage else ():
+        cols[c] = []
+    for file, table in tables:
+        for name, dtype in contract.items():
+            cols[name].append(_column(table, file, name, dtype))
+        if lineage:
+            cols["kafka_partition"].append(_column(table, file, "kafka_partition", pa.int32()))
+            cols["kafka_offset"].append(_column(table, file, "kafka_offset", pa.int64()))
+        rid = table.column("request_id")
+        if rid.null_count:
+            raise DataError(f"{file}: column 'request_id' has {rid.null_count} missing values")
+    kinds = _feature_kinds(tables, tasks, reserved=reserved_columns(tasks))
+    spec = FeatureSpec(tuple(n for n, k in kinds.items() if k == NUMERIC),
+                       tuple(n for n, k in kinds.items() if k == CATEGORICAL))
+    if not spec.names:
+        raise DataError(f"{tables[0][0]}: no feature columns besides the reserved ones")
+    merged = pa.table({c: pa.chunked_array([ch for part in parts for ch in part.chunks], type=parts[0].type)
+                       for c, parts in cols.items()})
+    num, cat = _matrices(tables, spec)
+    counts["impression_rows_read"] = merged.num_rows
+
+    # at-least-once: the first copy of every request id stays, preferring one with a decision (a
+    # request read again after a crash may expire undecided while its decision was logged before)
+    keep = _first_rows([merged.column("request_id")], ["request_id"],
+                       demote=pc.is_null(merged.column("decision")).to_numpy(zero_copy_only=False))
+    counts["duplicate_impressions"] = merged.num_rows - len(keep)
+    if len(keep) < merged.num_rows:
+        merged, num, cat = merged.take(pa.array(keep)), num[keep], cat[keep]
+    n = merged.num_rows
+    rid = merged.column("request_id")
+    ts = merged.column("ts_ms").to_numpy().astype(np.int64)
+    decision = merged.column("decision")
+    passed = pc.fill_null(pc.equal(decision, "pass"), False).to_numpy(zero_copy_only=False)
+    blocked = pc.fill_null(pc.equal(decision, "block"), False).to_numpy(zero_copy_only=False)
+    counts["undecided"] = int(decision.null_count)
+    counts["unknown_decisions"] = int(n - passed.sum() - blocked.sum() - decision.null_count)
+
+    # outcomes: deduplicated (request_id, event), earliest time kept
+    out_tables = _read_layout(_layout_files(path / OUTCOMES_DIR, counts, "outcome"), counts, "outcome")
+    o_rid, o_event, o_ts = [], [], []
+    for file, table in out_tables:
+        o_rid.append(_column(table, file, OUTCOME_COLUMNS[0], pa.string()))
+        o_event.append(_column(table, file, OUTCOME_COLUMNS[1], pa.string()))
+        o_ts.append(_column(table, file, OUTCOME_COLUMNS[2], pa.int64()))
+    first_ts = np.full((n, len(tasks)), -1, dtype=np.int64)  # earliest outcome per (row, task); -1: none
+    newest = int(ts.max())
+    counts.update(outcome_rows_read=0, duplicate_outcomes=0, orphan_outcomes=0, unknown_events=0,
+                  outcomes_for_blocked=0, outcomes_before_request=0)
+    if o_rid:
+        outcomes = pa.table({"request_id": pa.chunked_array([c for a in o_rid for c in a.chunks], pa.string()),
+                             "event": pa.chunked_array([c for a in o_event for c in a.chunks], pa.string()),
+                             "ts_ms": pa.chunked_array([c for a in o_ts for c in a.chunks], pa.int64())})
+        outcomes = outcomes.filter(pc.and_(pc.is_valid(outcomes["request_id"]), pc.is_valid(outcomes["event"])))
+        counts["outcome_rows_read"] = outcomes.num_rows
+        agg = outcomes.group_by(["request_id", "event"], use_threads=False).aggregate([("ts_ms", "min")])
+        counts["duplicate_outcomes"] = outcomes.num_rows - agg.num_rows
+        if agg.num_rows:
+            newest = max(newest, int(pc.max(agg["ts_ms_min"]).as_py()))
+        pos = pc.index_in(agg["request_id"], value_set=rid.combine_chunks())
+        task_of = pc.index_in(agg["event"], value_set=pa.array(list(tasks), pa.string()))
+        counts["orphan_outcomes"] = int(pos.null_count)
+        counts["unknown_events"] = int(pc.sum(pc.and_(pc.is_valid(pos), pc.is_null(task_of))).as_py() or 0)
+        ok = pc.and_(pc.is_valid(pos), pc.is_valid(task_of)).to_numpy(zero_copy_only=False)
+        rows = pos.to_numpy(zero_copy_only=False)[ok].astype(np.int64)
+        cols_t = task_of.to_numpy(zero_copy_only=False)[ok].astype(np.int64)
+        first_ts[rows, cols_t] = agg["ts_ms_min"].to_numpy()[ok]
+        counts["outcomes_for_blocked"] = int((~passed[rows]).sum())
+        counts["outcomes_before_request"] = int((first_ts[rows, cols_t] < ts[rows]).sum())
+
+    # the join's rule, per task
+    as_of = int(att.as_of_ms) if att.as_of_ms is not None else newest
+    labels = np.full((n, len(tasks)), np.nan, dtype=np.float32)
+    windows = {}
+    for j, t in enumerate(tasks):
+        w_ms = att.window(t) * 1000.0
+        windows[t] = att.window(t)
+        has = first_ts[:, j] >= 0
+        hit = has & (first_ts[:, j] - ts <= w_ms)
+        closed = (as_of - ts) >= w_ms
+        labels[:, j] = np.where(passed & hit, 1.0, np.where(passed & closed, 0.0, np.nan))
+    obs = ~np.isnan(labels)
+    counts["window_open"] = {t: int((passed & ~obs[:, j]).sum()) for j, t in enumerate(tasks)}
+    info = {"layout": "logged", "rows": n, "counts": counts, "attribution_windows_s": windows,
+            "as_of_ms": as_of, "passed": int(passed.sum()), "blocked": int(blocked.sum()),
+            "labelled": {t: int(obs[:, j].sum()) for j, t in enumerate(tasks)},
+            "positives": {t: int(np.nansum(labels[:, j])) for j, t in enumerate(tasks)}}
+    return LogSet(spec=spec, num=num, cat=cat, labels=labels, truth=None,
+                  request_id=_strings(rid), ts_ms=ts, tasks=tasks, source=str(path),
+                  decisions=merged.drop_columns(["request_id", "ts_ms"]), info=info)
+
+
+def describe_labels(logs: LogSet) -> str:
+    """One line: how many rows carry an observed label per task (what train/eval used)."""
+    lab = logs.labelled()
+    per = ", ".join(f"{t} {lab[t]}" for t in logs.tasks)
+    if not logs.masked:
+        return f"labels observed on all {len(logs)} rows"
+    return (f"labels observed only where the outcome could be seen (passed, window closed): "
+            f"{per} of {len(logs)} rows")

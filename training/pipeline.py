@@ -37,7 +37,7 @@ from model.student import StudentConfig
 from model.swag import SWAG
 from model.uncertainty import TeacherPrediction
 from stream.errors import BundleError, DataError
-from training.logs import LogSet, load_logs, split
+from training.logs import Attribution, LogSet, describe_labels, load_logs, split
 from training.profiles import PROFILES, Profile, get_profile
 
 TEACHER_FILE = "teacher.pt"
@@ -130,7 +130,12 @@ def learning_rate(profile: Profile, progress: float, collecting: bool) -> float:
 
 
 def task_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean BCE per task, shape [T]."""
+    """Mean BCE per task, shape [T]; unobserved labels (NaN: logged traffic, blocked or window
+    open) carry no loss: the mean is over each task's observed rows."""
+    if torch.isnan(y).any():
+        obs = ~torch.isnan(y)
+        bce = F.binary_cross_entropy_with_logits(logits, torch.nan_to_num(y), reduction="none") * obs
+        return bce.sum(dim=0) / obs.sum(dim=0).clamp(min=1)
     return F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(dim=0)
 
 
@@ -214,7 +219,7 @@ def train_teacher(profile: Profile, pre: Preprocessor, splits: Splits, seed: int
     cfg = net_config(profile, pre, tasks)
     fit, valid = Batch.of(pre, splits.fit), Batch.of(pre, splits.valid)
     swag = SWAG(count_parameters(MultiTaskNet(cfg)), max_rank=profile.max_rank, diag_only=profile.diag_only)
-    swag.base_rate = splits.fit.labels.mean(axis=0).astype(np.float64)
+    swag.base_rate = np.nanmean(splits.fit.labels, axis=0).astype(np.float64)
     model, history = fit_network(cfg, profile, fit, valid, seed, swag=swag, progress=progress)
     return model, swag, history
 
@@ -282,7 +287,8 @@ def load_teacher(bundle_dir: str | Path) -> tuple[MultiTaskNet, SWAG, Preprocess
 # ---- the whole run ------------------------------------------------------------------------
 def run_training(logs_path: str | Path, out: str | Path, profile: Profile, seed: int = 0,
                  version: str | None = None, teacher_only: bool = False, report: bool = True,
-                 progress: bool = True, threads: int | None = None) -> Path:
+                 progress: bool = True, threads: int | None = None,
+                 attribution: Attribution | None = None) -> Path:
     """Every stage of `rta train`; returns the bundle directory."""
     from training.report import plot_loss
 
@@ -293,13 +299,17 @@ def run_training(logs_path: str | Path, out: str | Path, profile: Profile, seed:
     if bundle_dir.exists() and any(bundle_dir.iterdir()):
         raise BundleError(f"{bundle_dir} already exists; pick another --version")
 
-    logs = load_logs(logs_path)
+    logs = load_logs(logs_path, attribution=attribution)
     splits = make_splits(logs, profile, seed)
     log(f"loaded {len(logs)} rows ({len(logs.spec.numeric)} numeric + {len(logs.spec.categorical)} "
         f"categorical features) from {logs_path}; fit {len(splits.fit)} / valid {len(splits.valid)} / "
         f"test {len(splits.test)}; profile {profile.name}, seed {seed}, {threads} threads")
-    if splits.fit.labels.sum(axis=0).min() == 0:
-        empty = splits.fit.tasks[int(np.argmin(splits.fit.labels.sum(axis=0)))]
+    log(f"training split: {describe_labels(splits.fit)}")
+    if logs.masked:
+        log("logged traffic: the teacher learns from observed labels only (blocked rows and open "
+            "windows carry no loss); passed traffic is not a random sample, the explore slice is")
+    if np.nansum(splits.fit.labels, axis=0).min() == 0:
+        empty = splits.fit.tasks[int(np.argmin(np.nansum(splits.fit.labels, axis=0)))]
         raise DataError(f"{logs_path}: label column {empty!r} has no positive in the training split")
 
     pre = Preprocessor.fit(splits.fit.spec, splits.fit.num, splits.fit.cat, seed=seed)
@@ -333,14 +343,22 @@ def run_training(logs_path: str | Path, out: str | Path, profile: Profile, seed:
                               f"{bundle_dir}; rerun with --teacher-only to skip the student") from None
         m_distill = profile.distill_samples or profile.n_samples
         log(f"teacher targets for the student: M = {m_distill} SWAG samples (seed {seed})")
-        pred_fit = teacher_predict(model, swag, pre, splits.fit, profile, seed, n_samples=m_distill)
-        pred_valid = teacher_predict(model, swag, pre, splits.valid, profile, seed, n_samples=m_distill)
+        s_fit, s_valid = splits.fit, splits.valid.observed()
+        pred_fit = teacher_predict(model, swag, pre, s_fit, profile, seed, n_samples=m_distill)
+        pred_valid = teacher_predict(model, swag, pre, s_valid, profile, seed, n_samples=m_distill)
+        if s_fit.masked:  # the student's label head: the teacher's mean where no label was observed
+            from dataclasses import replace
+
+            s_fit = replace(s_fit, labels=np.where(np.isnan(s_fit.labels), pred_fit.mean, s_fit.labels)
+                            .astype(np.float32))
+            log(f"student: unobserved labels replaced by the teacher's mean (soft); validation on "
+                f"{len(s_valid)} fully labelled rows")
         label = functools.partial(teacher_predict_inputs, model, swag, profile, seed=seed, n_samples=m_distill)
         copies = StudentConfig.from_any(profile.student).augment_copies
         if copies:
             log(f"student inputs: {len(splits.fit)} logged + {copies * len(splits.fit)} new rows "
                 f"({copies} swapped-feature copies), the new ones labelled by the teacher now")
-        metrics = distill_and_export(bundle_dir, pre, pred_fit, splits.fit, pred_valid, splits.valid, profile,
+        metrics = distill_and_export(bundle_dir, pre, pred_fit, s_fit, pred_valid, s_valid, profile,
                                      progress=progress, teacher=label)
         (bundle_dir / "student_metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
         log(f"student distilled and exported ({time.perf_counter() - t0:.0f}s so far)")
@@ -349,7 +367,11 @@ def run_training(logs_path: str | Path, out: str | Path, profile: Profile, seed:
     if report:
         from training.evaluate import evaluate_bundle
 
-        evaluate_bundle(bundle_dir, splits.test, bundle_dir / "report", progress=progress)
+        test = splits.test.observed()
+        if test is not splits.test:
+            log(f"report on the {len(test)} of {len(splits.test)} test rows with every label observed "
+                "(passed traffic: biased toward what the filter kept)")
+        evaluate_bundle(bundle_dir, test, bundle_dir / "report", progress=progress)
         log(f"report written to {bundle_dir / 'report'}")
     log(f"done in {time.perf_counter() - t0:.0f}s: {bundle_dir}")
     return bundle_dir
@@ -357,7 +379,7 @@ def run_training(logs_path: str | Path, out: str | Path, profile: Profile, seed:
 
 @click.command("train")
 @click.option("--logs", "logs_path", required=True, type=click.Path(path_type=Path),
-              help="Logged traffic: a Parquet/JSONL file or a directory of them.")
+              help="Logged traffic: a Parquet/JSONL file, a directory of them, or `rta log`'s layout.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Model directory; the bundle goes to <out>/<version>/.")
 @click.option("--profile", "profile_name", type=click.Choice(sorted(PROFILES)), default="demo",
@@ -369,12 +391,17 @@ def run_training(logs_path: str | Path, out: str | Path, profile: Profile, seed:
 @click.option("--no-report", is_flag=True, help="Skip the evaluation report (run `rta eval` later).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Torch threads (default: every idle core; env RTA_TORCH_THREADS).")
+@click.option("--attribution", default=None,
+              help="Logged layout: attribution windows, e.g. 'click=15m,deal=7d' [default: click 15m, "
+                   "online 1h, cart 1d, deal 7d].")
+@click.option("--as-of-ms", type=int, default=None, help="Logged layout: labels as of [default: newest event].")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train(logs_path: Path, out: Path, profile_name: str, seed: int, version: str | None,
-          teacher_only: bool, no_report: bool, threads: int | None, quiet: bool) -> None:
+          teacher_only: bool, no_report: bool, threads: int | None, attribution: str | None,
+          as_of_ms: int | None, quiet: bool) -> None:
     """Train the PLE teacher with SWAG (+ student and ONNX) and write the model bundle."""
     profile = get_profile(profile_name)
     bundle_dir = run_training(logs_path, out, profile, seed=seed, version=version,
                               teacher_only=teacher_only, report=not no_report, progress=not quiet,
-                              threads=threads)
+                              threads=threads, attribution=Attribution.parse(attribution, as_of_ms))
     click.echo(json.dumps({"bundle": str(bundle_dir), "profile": profile_name, "seed": seed}))

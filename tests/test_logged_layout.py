@@ -1,0 +1,190 @@
+"""Reading `rta log`'s layout: the label join's rule, deduplication, and bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from stream.errors import DataError
+from stream.logschema import (
+    DECISION_COLUMNS,
+    IMPRESSIONS_DIR,
+    OUTCOMES_DIR,
+    partition_dir,
+    task_columns,
+)
+from training.logs import Attribution, load_logs
+
+TASKS = ("click", "online", "cart", "deal")
+T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+WIN = Attribution({"click": 60, "online": 60, "cart": 60, "deal": 600})
+
+
+def impressions(rids: list[str], ts: list[int], decision: list[str | None], **override) -> pa.Table:
+    n = len(rids)
+    rng = np.random.default_rng(len(rids))
+    reason = ["score" if d == "block" else ("uncertain" if d == "pass" else None) for d in decision]
+    cols = {
+        "request_id": pa.array(rids, pa.string()), "ts_ms": pa.array(ts, pa.int64()),
+        "age": pa.array(rng.normal(30, 5, n)), "city": pa.array(rng.choice(["a", "b", None], n).tolist(), pa.string()),
+        "decision": pa.array(decision, pa.string()), "reason": pa.array(reason, pa.string()),
+        **{c: pa.array(rng.random(n)) for c in ("score", "uncertainty", "threshold", "tau_u")},
+        "target_ratio": pa.array(np.full(n, 0.3)), "propensity": pa.array(np.full(n, 1.0)),
+        "model": pa.array(["v1"] * n), "decision_ts_ms": pa.array(np.asarray(ts) + 3, pa.int64()),
+        "latency_ms": pa.array(np.full(n, 3.0)),
+        **{c: pa.array(rng.random(n)) for c in task_columns(TASKS)},
+        "kafka_partition": pa.array(np.zeros(n, np.int32)), "kafka_offset": pa.array(np.arange(n, dtype=np.int64)),
+    }
+    cols.update(override)
+    return pa.table({k: v for k, v in cols.items() if v is not None})
+
+
+def outcomes(rows: list[tuple[str, str, int]]) -> pa.Table:
+    rid, event, ts = zip(*rows, strict=True) if rows else ([], [], [])
+    return pa.table({"request_id": pa.array(list(rid), pa.string()), "event": pa.array(list(event), pa.string()),
+                     "ts_ms": pa.array(list(ts), pa.int64())})
+
+
+def put(root: Path, kind: str, table: pa.Table, ts_ms: int, name: str = "part-0.parquet") -> Path:
+    d = root / kind / partition_dir(ts_ms)
+    d.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, d / name)
+    return d / name
+
+
+def test_contract_columns_are_what_the_fixture_writes():
+    t = impressions(["a"], [T0], ["pass"])
+    assert set(DECISION_COLUMNS) <= set(t.schema.names)
+
+
+def test_label_join_rule_window_open_closed_blocked_and_duplicates(tmp_path: Path):
+    # a: passed, click after 10 s (in window), deal after 100 s (in its 600 s window)
+    # b: passed, click after 90 s (after the 60 s window) -> 0 once closed
+    # c: blocked -> every task unobserved, even with a stray outcome
+    # d: passed at the end: click window still open -> unobserved; e: undecided -> unobserved
+    now = T0 + 700_000
+    rids = ["a", "b", "c", "d", "e"]
+    ts = [T0, T0, T0, now - 30_000, T0]
+    put(tmp_path, IMPRESSIONS_DIR, impressions(rids, ts, ["pass", "pass", "block", "pass", None]), T0)
+    # the logger replayed a file: the same impressions again, and a duplicate outcome
+    put(tmp_path, IMPRESSIONS_DIR, impressions(["a", "b"], [T0, T0], ["pass", "pass"]), T0, "part-1.parquet")
+    put(tmp_path, OUTCOMES_DIR, outcomes([("a", "click", T0 + 10_000), ("a", "click", T0 + 10_000),
+                                          ("a", "online", T0 + 20_000), ("a", "deal", T0 + 100_000),
+                                          ("b", "click", T0 + 90_000), ("c", "click", T0 + 5_000),
+                                          ("zz", "click", T0), ("a", "wishlist", T0 + 1)]), T0)
+    logs = load_logs(tmp_path, attribution=Attribution(WIN.windows_s, as_of_ms=now))
+    assert len(logs) == 5 and logs.masked
+    row = {r: i for i, r in enumerate(logs.request_id)}
+    lab = logs.labels
+    np.testing.assert_array_equal(lab[row["a"]], [1, 1, 0, 1])
+    np.testing.assert_array_equal(lab[row["b"]], [0, 0, 0, 0])  # click too late; windows closed
+    assert np.isnan(lab[row["c"]]).all() and np.isnan(lab[row["e"]]).all()
+    assert np.isnan(lab[row["d"]]).all()  # 30 s after: every window still open
+    c = logs.info["counts"]
+    assert c["duplicate_impressions"] == 2 and c["duplicate_outcomes"] == 1
+    assert c["orphan_outcomes"] == 1 and c["unknown_events"] == 1 and c["outcomes_for_blocked"] == 1
+    assert c["undecided"] == 1
+    assert logs.labelled() == {"click": 2, "online": 2, "cart": 2, "deal": 2}
+    assert logs.decisions is not None and logs.decisions.column("decision").to_pylist()[row["c"]] == "block"
+    # the default "as of" is the newest event in the log: the same here (d's ts is the newest)
+    assert load_logs(tmp_path, attribution=WIN).info["as_of_ms"] == now - 30_000
+
+
+def test_duplicate_keeps_the_copy_with_a_decision(tmp_path: Path):
+    # after a crash the logger re-reads a request whose decision it already logged: the
+    # replayed copy expires undecided; the decided copy must win whichever file comes first
+    put(tmp_path, IMPRESSIONS_DIR, impressions(["a", "b"], [T0, T0], [None, None]), T0, "part-0.parquet")
+    put(tmp_path, IMPRESSIONS_DIR, impressions(["a"], [T0], ["block"]), T0, "part-1.parquet")
+    logs = load_logs(tmp_path)
+    got = dict(zip(logs.request_id, logs.decisions.column("decision").to_pylist(), strict=True))
+    assert got == {"a": "block", "b": None}
+    assert logs.info["counts"]["duplicate_impressions"] == 1 and logs.info["counts"]["undecided"] == 1
+
+
+def test_window_closes_later_as_of(tmp_path: Path):
+    put(tmp_path, IMPRESSIONS_DIR, impressions(["a"], [T0], ["pass"]), T0)
+    put(tmp_path, OUTCOMES_DIR, outcomes([("a", "click", T0 + 5_000)]), T0)
+    early = load_logs(tmp_path, attribution=Attribution(WIN.windows_s, as_of_ms=T0 + 30_000))
+    late = load_logs(tmp_path, attribution=Attribution(WIN.windows_s, as_of_ms=T0 + 10 * 60_000))
+    np.testing.assert_array_equal(early.labels[0], [1, np.nan, np.nan, np.nan])
+    np.testing.assert_array_equal(late.labels[0], [1, 0, 0, 0])
+
+
+def test_features_and_flat_layout_untouched(tmp_path: Path):
+    put(tmp_path, IMPRESSIONS_DIR, impressions(["a", "b"], [T0, T0 + 1], ["pass", "block"]), T0)
+    logs = load_logs(tmp_path)
+    assert logs.spec.numeric == ("age",) and logs.spec.categorical == ("city",)
+    assert logs.cat.dtype == object and set(logs.cat[:, 0]) <= {"a", "b", ""}
+
+
+def test_attribution_parse():
+    a = Attribution.parse("click=90s, deal=2d,cart=1.5h")
+    assert a.window("click") == 90 and a.window("deal") == 172_800 and a.window("cart") == 5400
+    assert a.window("online") == 3600
+    with pytest.raises(DataError, match="expected TASK=DURATION"):
+        Attribution.parse("click:5m")
+
+
+# ---- bad input: one line naming the file and the column, or handled and counted -------------
+def test_missing_decision_column_names_file_and_column(tmp_path: Path):
+    f = put(tmp_path, IMPRESSIONS_DIR, impressions(["a"], [T0], ["pass"], tau_u=None), T0)
+    with pytest.raises(DataError, match=rf"{f}: column 'tau_u' is missing") as exc:
+        load_logs(tmp_path)
+    assert "\n" not in str(exc.value)
+
+
+def test_missing_outcome_column(tmp_path: Path):
+    put(tmp_path, IMPRESSIONS_DIR, impressions(["a"], [T0], ["pass"]), T0)
+    f = put(tmp_path, OUTCOMES_DIR, outcomes([("a", "click", T0)]).drop_columns(["event"]), T0)
+    with pytest.raises(DataError, match=rf"{f}: column 'event' is missing"):
+        load_logs(tmp_path)
+
+
+def test_mixed_schemas_across_hours(tmp_path: Path):
+    put(tmp_path, IMPRESSIONS_DIR, impressions(["a"], [T0], ["pass"]), T0)
+    later = T0 + 3_600_000
+    f = put(tmp_path, IMPRESSIONS_DIR, impressions(["b"], [later], ["pass"], age=None), later)
+    with pytest.raises(DataError, match=rf"schema mismatch: {f} lacks column 'age'"):
+        load_logs(tmp_path)
+    # a feature whose kind changes between hours
+    f.unlink()
+    f = put(tmp_path, IMPRESSIONS_DIR, impressions(["b"], [later], ["pass"], age=pa.array(["old"])), later)
+    with pytest.raises(DataError, match=r"column 'age' is categorical in .* but numeric in"):
+        load_logs(tmp_path)
+    # a decision column of another type: cast when possible, else named
+    f.unlink()
+    f = put(tmp_path, IMPRESSIONS_DIR, impressions(["b"], [later], ["pass"], threshold=pa.array(["x"])), later)
+    with pytest.raises(DataError, match=rf"{f}: column 'threshold' is string, expected double"):
+        load_logs(tmp_path)
+
+
+def test_empty_hour_and_empty_file_are_counted(tmp_path: Path):
+    put(tmp_path, IMPRESSIONS_DIR, impressions(["a"], [T0], ["pass"]), T0)
+    later = T0 + 3_600_000
+    (tmp_path / IMPRESSIONS_DIR / partition_dir(later + 3_600_000)).mkdir(parents=True)  # an hour, no file
+    put(tmp_path, IMPRESSIONS_DIR, impressions(["a"], [T0], ["pass"]).slice(0, 0), later)  # a file, no row
+    (tmp_path / IMPRESSIONS_DIR / partition_dir(later) / ".part-9.parquet.tmp").write_bytes(b"partial")
+    logs = load_logs(tmp_path)
+    c = logs.info["counts"]
+    assert len(logs) == 1 and c["impression_empty_hours"] == 1 and c["impression_empty_files"] == 1
+
+
+def test_no_impressions_and_unreadable_file(tmp_path: Path):
+    (tmp_path / IMPRESSIONS_DIR).mkdir()
+    with pytest.raises(DataError, match="impressions: no Parquet files"):
+        load_logs(tmp_path)
+    d = tmp_path / IMPRESSIONS_DIR / partition_dir(T0)
+    d.mkdir(parents=True)
+    (d / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DataError, match=r"bad.parquet: unreadable"):
+        load_logs(tmp_path)
+
+
+def test_null_request_id_is_named(tmp_path: Path):
+    f = put(tmp_path, IMPRESSIONS_DIR, impressions(["a", None], [T0, T0], ["pass", "pass"]), T0)
+    with pytest.raises(DataError, match=rf"{f}: column 'request_id' has 1 missing values"):
+        load_logs(tmp_path)
