@@ -4,7 +4,9 @@ restart (tests/live_log_support.py: `live_pipeline`, reusable by the replay acce
 
 The log must hold exactly one impression per request after dedup, every decision field equal to
 the decision event's; outcome rows only for passed requests, and every label of every passed
-request as an outcome once the delays elapsed. Read back with pyarrow.dataset and DuckDB.
+request as an outcome once the delays elapsed. Read back with pyarrow.dataset and DuckDB. Then
+the analysts' replay of that very log with the served bundle and the logged thresholds
+(`rta replay --thresholds logged`) must reproduce every live decision and its reason.
 """
 
 from __future__ import annotations
@@ -88,3 +90,19 @@ def test_live_log_has_every_request_once_with_its_decision_and_outcomes_only_whe
     assert distinct_duck == N and rows_duck == raw.num_rows
     _, distinct_pairs = duckdb_count(live.log_dir, "outcomes", distinct="request_id || '/' || event")
     assert distinct_pairs == len(expected)
+
+    # the analysts' replay: the same engine on the logged thresholds reproduces every decision
+    from training.replay import ReplayConfig, replay
+
+    rep = replay(live.model_dir, live.log_dir, tmp_path / "replay", ReplayConfig(thresholds="logged"))
+    m = rep["runs"][0]["match"]
+    assert m["decided_rows"] == N and m["undecided_rows"] == 0 and m["other_model_rows"] == 0, m
+    assert m["mismatched"] == 0 and m["decision_and_reason_match"] == 1.0, m
+    # ... and so says its decisions.parquet, read by DuckDB against the decision events themselves
+    import duckdb
+
+    got = duckdb.connect().execute(
+        f"SELECT request_id, decision, reason FROM read_parquet('{tmp_path / 'replay' / 'decisions.parquet'}')"
+    ).fetchall()
+    assert len(got) == N
+    assert all((live.decisions[r]["decision"], live.decisions[r]["reason"]) == (d, why) for r, d, why in got)
