@@ -67,15 +67,26 @@ def probe_cluster(bootstrap: str, kafka_conf: dict[str, Any] | None, timeout: fl
 
     A plain TCP connect comes first (plaintext only): librdkafka logs every failed connection
     to stderr, so asking it before anything listens prints a line per retry."""
-    first = bootstrap.split(",")[0].strip().split("://")[-1]
-    host, _, port = first.rpartition(":")
     if not (kafka_conf or {}).get("security.protocol"):
-        with socket.create_connection(((host or first).strip("[]"), int(port) if port.isdigit() else 9092),
-                                      timeout=timeout):
-            pass
+        _any_connects([a.strip().split("://")[-1] for a in bootstrap.split(",") if a.strip()], timeout)
     md = AdminClient({"bootstrap.servers": bootstrap, **(kafka_conf or {})}).list_topics(timeout=max(timeout, 1.0))
     if not md.brokers:
         raise StackError("no brokers in metadata")
+
+
+def _any_connects(addresses: list[str], timeout: float) -> None:
+    """A TCP connect to any one bootstrap address (one broker down in a rolling restart is not
+    an unreachable cluster); raises the last address's error when none answers."""
+    last: OSError = OSError("no bootstrap address")
+    for address in addresses:
+        host, _, port = address.rpartition(":")
+        try:
+            with socket.create_connection(((host or address).strip("[]"), int(port) if port.isdigit() else 9092),
+                                          timeout=timeout):
+                return
+        except OSError as exc:
+            last = exc
+    raise last
 
 
 def wait_reachable(settings: Settings, timeout: float) -> None:

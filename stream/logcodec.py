@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.json as pajson
 
 from stream.events import DECISIONS, MAX_BYTES, decode_decision, decode_outcome
-from stream.logschema import DECISION_COLUMNS
+from stream.logschema import DECISION_COLUMNS, MAX_LOG_TS_MS
 from stream.policy import REASONS
 
 _STRING_FIELDS = ("decision", "reason", "model")
@@ -85,7 +85,8 @@ def _features(d: Any, positional: dict[str, tuple[str, ...]]) -> dict[str, Any] 
     """The named features of a parsed request, or None if its envelope is not a valid request's.
     A positional one (`fp` + `x`) is named by the spec of that fingerprint, if it is known."""
     if not (type(d) is dict and d.get("v") == 1 and type(d.get("request_id")) is str
-            and 0 < len(d["request_id"]) <= 256 and type(d.get("ts_ms")) is int and d["ts_ms"] >= 0):
+            and 0 < len(d["request_id"]) <= 256 and type(d.get("ts_ms")) is int
+            and 0 <= d["ts_ms"] <= MAX_LOG_TS_MS):
         return None
     f = d.get("features")
     if type(f) is dict:
@@ -124,7 +125,8 @@ def _envelope_ok(t: pa.Table) -> bool:
         return False
     lens = pc.utf8_length(t.column("request_id"))
     return bool(pc.all(pc.equal(t.column("v"), 1)).as_py() and pc.min(lens).as_py() > 0
-                and pc.max(lens).as_py() <= 256 and pc.min(t.column("ts_ms")).as_py() >= 0)
+                and pc.max(lens).as_py() <= 256 and pc.min(t.column("ts_ms")).as_py() >= 0
+                and pc.max(t.column("ts_ms")).as_py() <= MAX_LOG_TS_MS)
 
 
 def _decode_requests_arrow(values: list[bytes | None], offsets: np.ndarray, partition: int,
@@ -331,9 +333,16 @@ def decode_decisions_generic(values: list[bytes | None], offsets: np.ndarray, ta
     return _decided(table, ids, offs), len(values) - len(ids)
 
 
+def _decode_loggable_outcome(raw: bytes) -> dict[str, Any]:
+    doc = decode_outcome(raw)
+    if doc["ts_ms"] > MAX_LOG_TS_MS:
+        raise ValueError(f"outcome ts_ms {doc['ts_ms']} is past year 9999 (microseconds?)")
+    return doc
+
+
 def decode_outcomes_generic(values: list[bytes | None], offsets: np.ndarray) -> tuple[Decoded, int]:
     """Outcome events of one partition -> (rows: request_id, event, ts_ms; malformed count)."""
-    docs, at = _parse_all(values, decode_outcome)
+    docs, at = _parse_all(values, _decode_loggable_outcome)
     n = len(docs)
     ids = [d["request_id"] for d in docs]
     ts = np.fromiter((d["ts_ms"] for d in docs), np.int64, n)

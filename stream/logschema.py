@@ -53,6 +53,9 @@ DECISION_COLUMNS: tuple[str, ...] = (
 )
 LINEAGE_COLUMNS: tuple[str, ...] = ("kafka_partition", "kafka_offset")
 OUTCOME_COLUMNS: tuple[str, ...] = ("request_id", "event", "ts_ms")
+# The latest event time an hour partition can name (9999-12-31T23:59:59.999Z): a later ts_ms
+# (a producer sending microseconds, say) is malformed for the logger, not a crash.
+MAX_LOG_TS_MS = 253_402_300_799_999
 
 
 def task_columns(tasks: tuple[str, ...] = DEFAULT_TASKS) -> tuple[str, ...]:

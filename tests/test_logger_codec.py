@@ -12,14 +12,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stream.events import encode_decisions
+from stream.events import encode_decisions, encode_outcome
 from stream.logcodec import (
     concat,
     decision_schema,
     decode_decisions_generic,
+    decode_outcomes_generic,
     decode_requests_generic,
 )
-from stream.logschema import reserved_columns
+from stream.logschema import MAX_LOG_TS_MS, partition_dir, reserved_columns
 from training.outcomes import MEDIAN_DELAY_S, outcome_times
 
 TASKS = ("click", "online", "cart", "deal")
@@ -45,6 +46,20 @@ def test_request_features_are_typed_per_column_and_bad_rows_counted():
     assert t["x"].to_pylist() == [1.0, 2.5, None] and t["city"].to_pylist() == ["c1", "7", None]
     assert t["new"].to_pylist() == [None, None, "n"] and "score" not in t.column_names
     assert t["kafka_partition"].to_pylist() == [2, 2, 2] and rows.offsets.tolist() == [0, 1, 2]
+
+
+def test_event_times_no_hour_partition_can_name_are_malformed_not_fatal():
+    # a producer sending microseconds (year ~55,000): counted as bad rows, on both decode paths
+    micro = 1_735_660_800_000_000
+    assert partition_dir(MAX_LOG_TS_MS) == "date=9999-12-31/hour=23"
+    clean = [_req("a", {"x": 1.0}), _req("b", {"x": 2.0}, ts=micro)]  # one schema: the arrow path
+    mixed = [*clean, _req("c", {"y": "s"})]  # other keys: the per-message path
+    for values in (clean, mixed):
+        rows, bad, _ = decode_requests_generic(values, np.arange(len(values)), 0, reserved_columns())
+        assert "b" not in rows.ids and "a" in rows.ids and bad == 1
+    rows, bad = decode_outcomes_generic([encode_outcome("a", "click", 5), encode_outcome("b", "deal", micro)],
+                                        np.arange(2))
+    assert rows.ids == ["a"] and bad == 1
 
 
 def test_decisions_decode_to_the_fixed_schema_and_bad_types_are_refused():

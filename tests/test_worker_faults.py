@@ -121,8 +121,8 @@ def test_kill_9_mid_stream_then_restart_leaves_no_request_undecided(settings, bu
         wait_for(lambda: any('"event":"assigned"' in f.read_text(errors="replace")
                              for f in tmp_path.glob("worker-*.log")), 60, "the first worker's assignment")
         with feeding(settings, values, ids, rate=5000) as feeder:
-            # long enough (~4 s at this rate) that replaying more than one commit interval shows
-            wait_for(lambda: len(read_topic(settings, "decisions", 20_000, timeout=2)) >= 20_000, 60,
+            # long enough (~6 s at this rate) that replaying more than one commit interval shows
+            wait_for(lambda: len(read_topic(settings, "decisions", 30_000, timeout=2)) >= 30_000, 60,
                      "the first worker deciding", step=0.5)
             os.kill(procs[0].pid, signal.SIGKILL)
             killed_ms = time.time() * 1000
@@ -154,7 +154,9 @@ def test_kill_9_mid_stream_then_restart_leaves_no_request_undecided(settings, bu
     for d in got:  # per partition in topic order: the killed worker's decision comes first
         first.setdefault(d["request_id"], d["ts_ms"])
     oldest = min((first[rid] for rid in dups), default=killed_ms)
-    assert killed_ms - oldest <= interval_ms + 2000, (len(dups), killed_ms - oldest)
+    # (3.5 s of slack for a loaded machine's slow commits; a worker that never commits would
+    # replay all ~6 s it decided)
+    assert killed_ms - oldest <= interval_ms + 3500, (len(dups), killed_ms - oldest)
 
 
 def test_redis_outage_degrades_then_recovers(settings, bundle, store, redis_server):
@@ -171,8 +173,8 @@ def test_redis_outage_degrades_then_recovers(settings, bundle, store, redis_serv
                 before = w.stats.events
                 wait_for(lambda: w.stats.events >= before + 5 * rate, 60, "deciding on through the outage")
             finally:  # a failed assert must not leave Redis down for every later test
+                t_start = time.time() * 1000  # before start(): the worker may rejoin while it returns
                 redis_server.start()
-            t_start = time.time() * 1000
             # a Redis without persistence comes back empty: the operator sets targets again
             store.set_targets(Targets(R, P_U, EPS), "test", "after restart")
             wait_for(lambda: not w.controller.degraded, 60, "the controller rejoining")

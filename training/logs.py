@@ -154,6 +154,27 @@ def _kind(field: pa.Field, file: Path) -> str | None:
     raise DataError(f"{file}: column {field.name!r} has type {field.type}, neither numeric nor categorical")
 
 
+def _lenient_kinds(tables: list[tuple[Path, pa.Table]], reserved: frozenset[str],
+                   counts: dict[str, int]) -> dict[str, str]:
+    """The logger's files, hour by hour, need not agree: a feature absent from a whole file, or
+    all-missing in it (written as nulls of any type), is missing there; a feature that is a
+    number in one file and a string in another is a string (as the logger's own concat does)."""
+    kinds: dict[str, str | None] = {}
+    for file, table in tables:
+        for f in table.schema:
+            if f.name in reserved:
+                continue
+            k = None if table.column(f.name).null_count == table.num_rows else _kind(f, file)
+            old = kinds.get(f.name)
+            if old is None:
+                kinds[f.name] = k
+            elif k is not None and k != old:
+                kinds[f.name] = CATEGORICAL
+                counts["kind_conflicts"] = counts.get("kind_conflicts", 0) + 1
+    counts["files_missing_a_feature"] = sum(any(n not in t.schema.names for n in kinds) for _, t in tables)
+    return {name: (k or NUMERIC) for name, k in kinds.items()}
+
+
 def _feature_kinds(tables: list[tuple[Path, pa.Table]], tasks: tuple[str, ...],
                    reserved: frozenset[str] | None = None) -> dict[str, str]:
     """Feature name -> kind, checked to agree across files (else a schema-mismatch error)."""
@@ -229,9 +250,22 @@ def _matrices(tables: list[tuple[Path, pa.Table]], spec: FeatureSpec) -> tuple[n
     num, cat = [], []
     for _, table in tables:
         n = table.num_rows
-        num.append(np.stack([_numeric(table.column(c)) for c in spec.numeric], axis=1)
+        names = set(table.schema.names)
+
+        def column(c: str, n: int = n, table: pa.Table = table, names: set[str] = names) -> pa.ChunkedArray:
+            # a feature this file lacks is missing on its rows (lenient logged layouts only)
+            return table.column(c) if c in names else pa.chunked_array([pa.nulls(n)])
+
+        def strings(c: str) -> np.ndarray:
+            col = column(c)
+            t = col.type.value_type if pa.types.is_dictionary(col.type) else col.type
+            if not (pa.types.is_null(t) or pa.types.is_string(t) or pa.types.is_large_string(t)):
+                col = pc.cast(col, pa.string())  # a number where other files have strings
+            return _strings(col)
+
+        num.append(np.stack([_numeric(column(c)) for c in spec.numeric], axis=1)
                    if spec.numeric else np.zeros((n, 0), np.float32))
-        cat.append(np.stack([_strings(table.column(c)) for c in spec.categorical], axis=1)
+        cat.append(np.stack([strings(c) for c in spec.categorical], axis=1)
                    if spec.categorical else np.zeros((n, 0), object))
     return np.concatenate(num), np.concatenate(cat)
 
@@ -407,7 +441,7 @@ def load_logged(path: str | Path, tasks: tuple[str, ...] = DEFAULT_TASKS,
         rid = table.column("request_id")
         if rid.null_count:
             raise DataError(f"{file}: column 'request_id' has {rid.null_count} missing values")
-    kinds = _feature_kinds(tables, tasks, reserved=reserved_columns(tasks))
+    kinds = _lenient_kinds(tables, reserved_columns(tasks), counts)
     spec = FeatureSpec(tuple(n for n, k in kinds.items() if k == NUMERIC),
                        tuple(n for n, k in kinds.items() if k == CATEGORICAL))
     if not spec.names:
