@@ -420,3 +420,18 @@ def test_generate_cli_with_a_new_source_reports_sources(tmp_path: Path) -> None:
     assert out["rows"] == 10_000 and 0.03 < out["sources"]["new"] < 0.07
     t = pq.read_table(tmp_path / "w")
     assert set(t["true_source"].cast(pa.string()).to_pylist()) == {"known", "new"}
+
+
+def test_new_source_in_smaller_units_changes_only_its_own_rows(shifted: pa.Table) -> None:
+    from training.world import NEW_SOURCE_UNITS_SMALLER
+
+    small = generate_table(80_000, seed=12, config=WorldConfig(new_source_from=0.5, drift_source_from=0.5,
+                                                               new_source_units="smaller"))
+    src = _sources(small)
+    new, known = src == "new", src == "known"
+    assert np.array_equal(src, _sources(shifted))
+    assert small["true_deal"].equals(shifted["true_deal"]) and small["deal"].equals(shifted["deal"])
+    for name, factor in NEW_SOURCE_UNITS_SMALLER.items():
+        x = small[name].to_numpy(zero_copy_only=False)
+        assert np.nanmean(x[new]) < 2 * factor * np.nanmean(x[known]), name
+        np.testing.assert_array_equal(x[~new], shifted[name].to_numpy(zero_copy_only=False)[~new])

@@ -122,6 +122,7 @@ class WorldConfig:
     # order, so "from row i on" is "from ts_ms of row i on"); None = the shift is off.
     new_source_from: float | None = None
     new_source_share: float = 0.05  # share of ALL traffic from the new source once it starts
+    new_source_units: str = "larger"  # "larger" (cents, ms, ...) | "smaller" (thousands, minutes, years, ...)
     drift_source_from: float | None = None
     drift_source_share: float = 0.10  # share of the known traffic on the drifting client
     drift_source_scale: float = 10.0  # the drifting features' unit factor at the end of the span
@@ -158,6 +159,9 @@ class WorldConfig:
             v = getattr(self, name)
             if not (0 < v < 1):
                 raise ConfigError(f"{name} must be in (0, 1), got {v!r}")
+        if self.new_source_units not in NEW_SOURCE_UNIT_SETS:
+            raise ConfigError(f"new_source_units must be one of {', '.join(NEW_SOURCE_UNIT_SETS)}, "
+                              f"got {self.new_source_units!r}")
         if not (np.isfinite(self.drift_source_scale) and 1 <= self.drift_source_scale <= 1e4):
             raise ConfigError(f"drift_source_scale must be in [1, 10000], got {self.drift_source_scale!r}")
 
@@ -611,6 +615,15 @@ NEW_SOURCE_UNITS: dict[str, float] = {  # logged value = canonical value x facto
     "screen_width": 3.0, "screen_height": 3.0,  # physical pixels
     "storage_free_gb": 1024.0,  # MB
 }
+# The same partner logging in coarser units: its users then look like new, low-value, idle ones
+# (the failure mode the issue describes: a high-intent source a model scores low and blocks).
+NEW_SOURCE_UNITS_SMALLER: dict[str, float] = {
+    "device_price": 1e-3, "avg_order_value": 1e-3, "bid_floor": 1e-3,  # thousands of yuan
+    "dwell_sec_avg": 1 / 60, "hours_since_last_visit": 1 / 24, "tenure_days": 1 / 365,  # min, days, years
+    "screen_width": 1 / 3, "screen_height": 1 / 3, "storage_free_gb": 1 / 1024,  # points, TB
+    "session_min_7d": 1 / 60, "session_min_30d": 1 / 60,  # hours
+}
+NEW_SOURCE_UNIT_SETS = {"larger": NEW_SOURCE_UNITS, "smaller": NEW_SOURCE_UNITS_SMALLER}
 # categorical columns whose values the new source names in its own id space (never seen before)
 NEW_SOURCE_IDS = ("device_model", "city", "province", "app_version", "ip_asn", "carrier",
                   "referral_source", "browser")
@@ -652,7 +665,7 @@ def _logged_features(f: dict[str, np.ndarray], src: np.ndarray, cfg: WorldConfig
     out = dict(f)
     new, drift = src == 1, src == 2
     if new.any():
-        for name, factor in NEW_SOURCE_UNITS.items():
+        for name, factor in NEW_SOURCE_UNIT_SETS[cfg.new_source_units].items():
             if name in out:
                 out[name] = np.where(new, out[name] * factor, out[name])
     if drift.any():

@@ -35,6 +35,9 @@ def shift_options(fn: Any) -> Any:
                           "features (other units, unseen categories) appears (default: never)."),
         click.option("--new-source-share", type=click.FloatRange(0, 1, min_open=True, max_open=True),
                      default=0.05, show_default=True, help="Share of all traffic from the new source once it starts."),
+        click.option("--new-source-units", type=click.Choice(["larger", "smaller"]), default="larger",
+                     show_default=True, help="The new source's units: larger (cents, ms, ...) or smaller "
+                                             "(thousands, minutes, years, ...) than the known traffic's."),
         click.option("--drift-source-from", type=click.FloatRange(0, 1, max_open=True), default=None,
                      help="Fraction of the rows from which a known client's time features drift in scale "
                           "(default: never)."),
@@ -50,7 +53,8 @@ def shift_options(fn: Any) -> Any:
 
 def _shift_config(kw: dict[str, Any]) -> dict[str, Any]:
     """WorldConfig fields from the shift flags (popped from the command's kwargs)."""
-    return {name: kw.pop(name) for name in ("new_source_from", "new_source_share", "drift_source_from",
+    return {name: kw.pop(name) for name in ("new_source_from", "new_source_share", "new_source_units",
+                                            "drift_source_from",
                                             "drift_source_share", "drift_source_scale")}
 
 
