@@ -435,3 +435,22 @@ def test_new_source_in_smaller_units_changes_only_its_own_rows(shifted: pa.Table
         x = small[name].to_numpy(zero_copy_only=False)
         assert np.nanmean(x[new]) < 2 * factor * np.nanmean(x[known]), name
         np.testing.assert_array_equal(x[~new], shifted[name].to_numpy(zero_copy_only=False)[~new])
+
+
+def test_stream_with_a_new_source_marks_it_in_the_truth(settings, tmp_path: Path) -> None:
+    from stream.events import decode_requests
+    from training.world_cli import stream_requests
+
+    cfg = WorldConfig(new_source_from=0.0, new_source_share=0.5)
+    truth = tmp_path / "truth.parquet"
+    summary = stream_requests(settings, count=200, rate=0, seed=6, config=cfg, truth_out=truth)
+    assert summary["delivered"] == 200
+    t = pq.read_table(truth)
+    src = t["true_source"].cast(pa.string()).to_numpy(zero_copy_only=False)
+    assert 0.3 < (src == "new").mean() < 0.7 and set(src) == {"known", "new"}
+    msgs = _consume(settings, 200)
+    batch = decode_requests([m.value() for m in msgs], [m.key() for m in msgs], cfg.feature_spec())
+    j = cfg.feature_spec().categorical.index("device_model")
+    by_id = dict(zip(t["request_id"].to_pylist(), src, strict=True))
+    new_dm = [dm for rid, dm in zip(batch.request_id, batch.cat[:, j], strict=True) if by_id[rid] == "new" and dm]
+    assert new_dm and all(v.startswith("nx-") for v in new_dm)

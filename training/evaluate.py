@@ -431,7 +431,7 @@ def _training_splits(bundle: dict[str, Any]) -> Any:
               help="Also train MLP, Transformer, PLE-MLP, PLE-Transformer and a per-task LightGBM on the "
                    "bundle's training split.")
 @click.option("--baseline", "only", multiple=True, type=click.Choice(BASELINE_NAMES),
-              help="With --baselines: train only these (repeatable).")
+              help="Train only these baselines (repeatable; implies --baselines).")
 @click.option("--block-share", type=click.FloatRange(0.0, 0.8), default=DEFAULT_BLOCK_SHARE,
               show_default=True, help="Overall block share held fixed in the Fig. 2 analog.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
@@ -443,6 +443,7 @@ def eval_cmd(model_dir: Path, logs_path: Path, out: Path, baselines: bool, only:
     from training.pipeline import load_teacher, make_splits, use_all_cores
 
     use_all_cores(threads)
+    baselines = baselines or bool(only)
     _, _, _, bundle = load_teacher(model_dir)
     logs = load_logs(logs_path, tasks=tuple(bundle["meta"]["tasks"]))
     splits = None
