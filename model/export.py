@@ -23,6 +23,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from model.bundle import STUDENT_ONNX, build_manifest, write_manifest
+from model.novelty import Novelty
 from model.preprocess import FIRST_VOCAB_INDEX, MISSING_INDEX, UNKNOWN_INDEX, Preprocessor
 from model.student import Student
 
@@ -54,8 +55,9 @@ class _Graph:
         return out
 
 
-def _numeric(g: _Graph, pre: Preprocessor, num: str) -> str:
-    """x = [clip((log?(num) - center) / scale) with NaN -> 0, isnan(num)] -> float32[N, 2*n_num]."""
+def _numeric(g: _Graph, pre: Preprocessor, num: str) -> tuple[str, str]:
+    """x = [clip((log?(num) - center) / scale) with NaN -> 0, isnan(num)] -> float32[N, 2*n_num],
+    and v = log?(num) before centring (what the novelty ranges are on)."""
     missing = g.op("IsNaN", [num], "missing")
     logged = g.op("Mul", [g.op("Sign", [num]),
                           g.op("Log", [g.op("Add", [g.op("Abs", [num]), g.const("one", np.float32(1.0))])])],
@@ -66,7 +68,7 @@ def _numeric(g: _Graph, pre: Preprocessor, num: str) -> str:
     z = g.op("Clip", [z, g.const("lo", np.float32(-pre.clip)), g.const("hi", np.float32(pre.clip))])
     z = g.op("Where", [missing, g.const("zero", np.float32(0.0)), z], "z")
     ind = g.op("Cast", [missing], "missing_f", to=TensorProto.FLOAT)
-    return g.op("Concat", [z, ind], "x", axis=1)
+    return g.op("Concat", [z, ind], "x", axis=1), v
 
 
 def _categorical(g: _Graph, pre: Preprocessor, student: Student, cat: str) -> str:
@@ -177,21 +179,64 @@ def _model(g: _Graph, pre: Preprocessor, outputs: dict[str, tuple[str, int]], na
     return model
 
 
-def _preprocessing(g: _Graph, pre: Preprocessor, student: Student) -> str:
+def _front(g: _Graph, pre: Preprocessor, student: Student) -> tuple[str, str, str | None]:
+    """(network input h0, numeric values v, embedding rows or None)."""
     if student.n_inputs != pre.n_inputs or student.cardinalities != pre.cardinalities:
         raise ValueError("student was built for a different preprocessor (input width or vocab sizes)")
-    x = _numeric(g, pre, "num")
+    x, v = _numeric(g, pre, "num")
     rows = _categorical(g, pre, student, "cat") if pre.spec.categorical else None
-    return _network_input(g, student, x, rows)
+    return _network_input(g, student, x, rows), v, rows
 
 
-def build_onnx(pre: Preprocessor, student: Student) -> onnx.ModelProto:
-    """The complete serving graph: raw batch -> preprocessing -> student -> (p, u)."""
+def _preprocessing(g: _Graph, pre: Preprocessor, student: Student) -> str:
+    return _front(g, pre, student)[0]
+
+
+def _novelty(g: _Graph, student: Student, novelty: Novelty, v: str, rows: str | None) -> str:
+    """`Novelty.score` in the graph: weighted out-of-range and unseen-category events -> float32[N, 1]."""
+    out = g.op("Or", [g.op("Less", [v, g.const("nov_lo", novelty.lo)]),
+                      g.op("Greater", [v, g.const("nov_hi", novelty.hi)])], "out_of_range")
+    score = g.op("MatMul", [g.op("Cast", [out], to=TensorProto.FLOAT),
+                            g.const("nov_w_num", novelty.w_num.reshape(-1, 1))], "nov_num")
+    if rows is not None:
+        unknown_row = student.offsets.numpy().astype(np.int64) + UNKNOWN_INDEX
+        unseen = g.op("Equal", [rows, g.const("unknown_row", unknown_row)], "unseen")
+        score = g.op("Add", [score, g.op("MatMul", [g.op("Cast", [unseen], to=TensorProto.FLOAT),
+                                                    g.const("nov_w_cat", novelty.w_cat.reshape(-1, 1))])])
+    return g.op("Identity", [score], "novelty_score")
+
+
+def _combine(g: _Graph, a: str, n: str, combine: dict[str, Any]) -> str:
+    """`stream.policy.combine_uncertainty` in the graph: a + [n > gate] * ceiling * (1 + n / max(gate, 1))."""
+    gate = float(combine["gate"])
+    on = g.op("Cast", [g.op("Greater", [n, g.const("gate", np.float32(gate))])], to=TensorProto.FLOAT)
+    grow = g.op("Add", [g.const("one", np.float32(1.0)),
+                        g.op("Div", [n, g.const("gate_scale", np.float32(max(gate, 1.0)))])])
+    ceiling = g.const("ceiling", np.asarray(combine["ceiling"], np.float32))
+    return g.op("Add", [a, g.op("Mul", [g.op("Mul", [on, grow]), ceiling])], "u_served")
+
+
+def build_onnx(pre: Preprocessor, student: Student, novelty: Novelty | None = None,
+               combine: dict[str, Any] | None = None) -> onnx.ModelProto:
+    """The complete serving graph: raw batch -> preprocessing -> student -> (p, u).
+
+    With `novelty` and `combine` ({"gate", "ceiling"}), `u` is the served combination of the
+    student's ambiguity and the input novelty (`stream.policy.combine_uncertainty`), and the graph
+    also outputs `u_ambiguity` (the distilled head alone) and `novelty` [N, 1].
+    """
     student = student.eval()
     g = _Graph()
-    p, u = _network(g, student, _preprocessing(g, pre, student))
+    h0, v, rows = _front(g, pre, student)
+    p, u = _network(g, student, h0)
     n_tasks = len(student.tasks)
-    model = _model(g, pre, {"p": (p, n_tasks), "u": (u, n_tasks)}, "rta_student")
+    outputs = {"p": (p, n_tasks), "u": (u, n_tasks)}
+    if novelty is not None:
+        if combine is None:
+            raise ValueError("a novelty graph needs its combination (gate, ceiling)")
+        n = _novelty(g, student, novelty, v, rows)
+        outputs = {"p": (p, n_tasks), "u": (_combine(g, u, n, combine), n_tasks),
+                   "u_ambiguity": (u, n_tasks), "novelty": (n, 1)}
+    model = _model(g, pre, outputs, "rta_student")
     helper.set_model_props(model, {"tasks": ",".join(student.tasks),
                                    "feature_fingerprint": pre.spec.fingerprint(),
                                    "target_mode": student.target_mode})
@@ -213,11 +258,12 @@ def build_preprocessing_onnx(pre: Preprocessor, student: Student) -> onnx.ModelP
     return model
 
 
-def export_onnx(pre: Preprocessor, student: Student, path: str | Path) -> Path:
+def export_onnx(pre: Preprocessor, student: Student, path: str | Path, novelty: Novelty | None = None,
+                combine: dict[str, Any] | None = None) -> Path:
     """Write `student.onnx` (temp file + rename, so a reader never sees half a graph)."""
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_bytes(build_onnx(pre, student).SerializeToString())
+    tmp.write_bytes(build_onnx(pre, student, novelty, combine).SerializeToString())
     os.replace(tmp, path)
     return path
 
@@ -233,8 +279,15 @@ def export_bundle(
     metrics: dict[str, Any] | None = None,
     thresholds: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    novelty: Novelty | None = None,
+    combine: dict[str, Any] | None = None,
+    selection: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the student part of a bundle (student.onnx, student.pt, preprocess.json) + manifest.
+
+    With `novelty` + `combine` the served u combines ambiguity and novelty (`build_onnx`); the
+    manifest's `uncertainty.novelty` records both, `uncertainty.selection` how the measure and
+    source map were chosen.
 
     The teacher part (teacher.pt, preprocess.json, ...) may already be there; a preprocess.json
     that disagrees with `pre` is refused, since the ONNX graph embeds `pre`. Returns the manifest.
@@ -247,13 +300,23 @@ def export_bundle(
             raise ValueError(f"{pre_path} differs from the preprocessor the student was trained with")
     else:
         pre_path.write_text(json.dumps(pre.to_dict()))
-    export_onnx(pre, student, bundle_dir / STUDENT_ONNX)
+    export_onnx(pre, student, bundle_dir / STUDENT_ONNX, novelty, combine)
     torch.save(student.to_checkpoint(), bundle_dir / "student.pt")
+    uncertainty: dict[str, Any] = {
+        "measure": measure, "rescale": student.target_map(),
+        "note": "u[:, t] is task t's own uncertainty on the teacher's scale; "
+                "the decision reads u[:, uncertainty_source[task]]"}
+    if novelty is not None:
+        uncertainty["note"] = ("u[:, t] = ambiguity (task t's own uncertainty on the teacher's scale) "
+                               "combined with input novelty (stream.policy.combine_uncertainty); "
+                               "the decision reads u[:, uncertainty_source[task]]")
+        uncertainty["novelty"] = {**{k: v for k, v in combine.items()}, "model": novelty.to_dict(),
+                                  "outputs": ["u_ambiguity", "novelty"]}
+    if selection is not None:
+        uncertainty["selection"] = selection
     manifest = build_manifest(
         bundle_dir, pre.spec, student.tasks,
-        uncertainty={"measure": measure, "rescale": student.target_map(),
-                     "note": "u[:, t] is task t's own uncertainty on the teacher's scale; "
-                             "the decision reads u[:, uncertainty_source[task]]"},
+        uncertainty=uncertainty,
         source_map=source_map, score_function=score_function, metrics=metrics,
         thresholds=thresholds, extra=extra,
     )

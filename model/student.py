@@ -55,6 +55,12 @@ class StudentConfig:
     soft_label_weight: float = 0.5  # share of BCE on the teacher's mean instead of the label
     quantile_points: int = 1025  # size of the stored u-quantile table (quantile mode)
     uncertainty_measure: str = "prob_var"  # prob_var | logit_var | base_rate_relative
+    # Choose the measure and the per-task source map on validation (training.ood.select_uncertainty);
+    # the default above and the profile's source map stand unless a choice is clearly better.
+    select_uncertainty: bool = True
+    # Serve u = ambiguity combined with input novelty (model/novelty.py, stream.policy.combine_uncertainty).
+    novelty: bool = True
+    novelty_gate_share: float = 0.001  # share of validation traffic past the novelty gate
     patience: int = 3  # epochs without validation improvement before stopping
     # Distillation inputs beyond the logged rows: `augment_copies` x the training rows, each a
     # logged row with every feature swapped, with probability `augment_swap`, for the same

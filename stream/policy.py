@@ -45,6 +45,17 @@ Default: weighted in logit space, ``click 0.1, online 0.2, cart 0.3, deal 0.4`` 
 deal). Uncertainty: ``u = unc[:, source]``; ``source`` is the manifest's
 ``uncertainty_source`` entry for the primary task (deal if present, else the last task),
 default ``click`` guides deal (the paper's cross-task transfer).
+
+Ambiguity and novelty (``combine_uncertainty``): a bundle whose manifest has an
+``uncertainty.novelty`` section serves, per task, ``unc = a + [n > gate] * ceiling * (1 + n /
+max(gate, 1))``: ``a`` the distilled ambiguity (the teacher's SWAG measure), ``n`` the request's
+input novelty (``model/novelty.py``, nats), ``gate`` the novelty that at most a small share of
+validation traffic exceeds and ``ceiling`` the largest ambiguity on validation. A request the
+training traffic never looked like outranks every merely ambiguous one, more novel first, so
+the pass share ``p_u`` goes first where the model's score means least (a model cannot be
+trusted to block what it has never seen) and what is left goes to the most ambiguous known
+requests. The student's ONNX graph computes exactly this (one pass); this function is its
+reference, and the rule below reads the result like any other ``u``.
 """
 
 from __future__ import annotations
@@ -157,6 +168,17 @@ def decide(
     propensity = np.where(explore, np.float32(epsilon), np.float32(1.0 - epsilon)).astype(np.float32)
     propensity[~ok] = 1.0
     return Decisions(block=block, reason=reason, stage=stage, propensity=propensity)
+
+
+def combine_uncertainty(ambiguity: np.ndarray, novelty: np.ndarray, gate: float,
+                        ceiling: np.ndarray) -> np.ndarray:
+    """Served per-task uncertainty from ambiguity float32[N, T] and novelty float32[N] (module
+    docstring); ``ceiling`` float32[T]. float32 math, as the graph does it."""
+    a = np.asarray(ambiguity, np.float32)
+    n = np.asarray(novelty, np.float32).reshape(-1, 1)
+    on = (n > np.float32(gate)).astype(np.float32)
+    boost = on * np.asarray(ceiling, np.float32) * (np.float32(1.0) + n / np.float32(max(gate, 1.0)))
+    return (a + boost).astype(np.float32)
 
 
 def _logit(p: np.ndarray) -> np.ndarray:

@@ -296,3 +296,161 @@ def test_bad_stream_args_are_one_line_errors(args: list[str], needle: str) -> No
     assert r.returncode == 2, r
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr, r.stderr
+
+
+# ----------------------------------------------------------------------------- shifts
+SHIFTED = WorldConfig(new_source_from=0.5, drift_source_from=0.5)
+
+
+@pytest.fixture(scope="module")
+def shifted() -> pa.Table:
+    return generate_table(80_000, seed=12, config=SHIFTED)
+
+
+def _sources(t: pa.Table) -> np.ndarray:
+    return t["true_source"].cast(pa.string()).to_numpy(zero_copy_only=False)
+
+
+def test_shifts_start_at_their_row_with_their_shares(shifted: pa.Table) -> None:
+    src = _sources(shifted)
+    before, after = src[:40_000], src[40_000:]
+    assert set(before) == {"known"}
+    new, drift = (after == "new").mean(), (after == "drift").mean()
+    assert abs(new - 0.05) < 0.006, new
+    assert abs(drift / (1 - new) - 0.10) < 0.01, drift
+    # the rows before the shift are the unshifted world's rows (the shift has its own stream)
+    plain = generate_table(80_000, seed=12).slice(0, 40_000)
+    for name in plain.column_names:
+        a, b = plain[name], shifted[name].slice(0, 40_000)
+        if pa.types.is_dictionary(a.type):
+            a, b = a.cast(pa.string()), b.cast(pa.string())
+        assert a.equals(b), name
+    assert "true_source" not in plain.column_names
+    share = generate_table(80_000, seed=12, config=WorldConfig(new_source_from=0.5, new_source_share=0.2))
+    assert abs((_sources(share)[40_000:] == "new").mean() - 0.2) < 0.01
+
+
+def test_new_source_has_high_intent(shifted: pa.Table) -> None:
+    src = _sources(shifted)
+    new, known = src == "new", (src == "known") & (np.arange(len(src)) >= 40_000)
+    for task, factor in (("click", 1.1), ("cart", 1.5), ("deal", 2.5)):
+        truth = shifted[f"true_{task}"].to_numpy()
+        assert truth[new].mean() > factor * truth[known].mean(), task
+    deal = shifted["deal"].to_numpy()
+    assert deal[new].mean() > 2.5 * deal[known].mean()
+    # the funnel still holds for the new source
+    y = _labels(shifted)
+    assert np.all(y["online"][new] <= y["click"][new]) and np.all(y["deal"][new] <= y["online"][new])
+
+
+def test_new_source_is_out_of_distribution(shifted: pa.Table) -> None:
+    from training.world import NEW_ID_PREFIX, NEW_SOURCE_IDS, NEW_SOURCE_UNITS
+
+    src = _sources(shifted)
+    new, known = src == "new", src == "known"
+    for name in NEW_SOURCE_IDS:
+        values = shifted[name].cast(pa.string()).to_numpy(zero_copy_only=False)
+        seen = set(values[known]) - {None}
+        fresh = values[new]
+        fresh = fresh[fresh != None]  # noqa: E711 (object array of str/None)
+        assert len(fresh) and all(v.startswith(NEW_ID_PREFIX) and v not in seen for v in fresh), name
+    for name, factor in NEW_SOURCE_UNITS.items():
+        x = shifted[name].to_numpy(zero_copy_only=False)
+        mean_new, mean_known = np.nanmean(x[new]), np.nanmean(x[known])
+        assert mean_new > 0.5 * factor * mean_known, (name, mean_new, mean_known)
+        # most of the new source's non-zero values lie above what 99 % of known rows log
+        logged = x[new][~np.isnan(x[new]) & (x[new] != 0)]
+        assert np.mean(logged > np.nanquantile(x[known], 0.99)) > 0.5, name
+
+
+def test_drifting_source_scales_up_over_time_with_known_labels(shifted: pa.Table) -> None:
+    from training.world import DRIFT_SOURCE_COLUMNS
+
+    src = _sources(shifted)
+    rows = np.arange(len(src))
+    drift = src == "drift"
+    dwell = shifted[DRIFT_SOURCE_COLUMNS[0]].to_numpy()
+    early, late = drift & (rows < 50_000), drift & (rows >= 70_000)
+    known = src == "known"
+    ratio_late = np.median(dwell[late]) / np.median(dwell[known])
+    ratio_early = np.median(dwell[early]) / np.median(dwell[known])
+    assert ratio_early < 3 < 7 < ratio_late, (ratio_early, ratio_late)
+    # same users as known traffic: its categories are known ones and its rates those of known rows
+    dm = shifted["device_model"].cast(pa.string()).to_numpy(zero_copy_only=False)
+    assert not any(str(v).startswith("nx-") for v in dm[drift])
+    deal = shifted["true_deal"].to_numpy()
+    assert abs(deal[drift].mean() - deal[known].mean()) < 0.3 * deal[known].mean()
+
+
+def test_periods_split_in_time_and_are_deterministic(tmp_path: Path) -> None:
+    cfg = WorldConfig(new_source_from=0.6)
+    write(tmp_path / "all", 30_000, seed=4, config=cfg, progress=False)
+    b = write(tmp_path / "before", 30_000, seed=4, config=cfg, progress=False, period="before")
+    a = write(tmp_path / "after", 30_000, seed=4, config=cfg, progress=False, period="after", shards=2)
+    assert (b["rows"], a["rows"]) == (18_000, 12_000)
+    assert b["sources"]["new"] == 0 and 0.03 < a["sources"]["new"] < 0.07
+    whole = pq.read_table(tmp_path / "all")
+    both = pa.concat_tables([pq.read_table(tmp_path / "before"), pq.read_table(tmp_path / "after")])
+    assert both.equals(whole)
+    assert pq.read_table(tmp_path / "before")["ts_ms"].to_numpy().max() <= whole["ts_ms"].to_numpy()[18_000]
+    write(tmp_path / "again", 30_000, seed=4, config=cfg, progress=False, period="after", shards=2)
+    assert _digest(tmp_path / "again") == _digest(tmp_path / "after")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--rows", "100", "--period", "after"], "needs a shift"),
+    (["--rows", "100", "--new-source-from", "1.5"], "--new-source-from"),
+    (["--rows", "100", "--new-source-from", "0.5", "--new-source-share", "0"], "--new-source-share"),
+    (["--rows", "100", "--drift-source-from", "0.5", "--drift-source-scale", "0.5"], "--drift-source-scale"),
+])
+def test_bad_shift_args_are_one_line_errors(args: list[str], needle: str, tmp_path: Path) -> None:
+    r = _rta("world", "generate", "--out", str(tmp_path / "w"), *args)
+    assert r.returncode != 0, r
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr, r.stderr
+
+
+def test_generate_cli_with_a_new_source_reports_sources(tmp_path: Path) -> None:
+    import json
+
+    r = _rta("world", "generate", "--rows", "20000", "--seed", "2", "--new-source-from", "0.5",
+             "--period", "after", "--out", str(tmp_path / "w"), "--quiet")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["rows"] == 10_000 and 0.03 < out["sources"]["new"] < 0.07
+    t = pq.read_table(tmp_path / "w")
+    assert set(t["true_source"].cast(pa.string()).to_pylist()) == {"known", "new"}
+
+
+def test_new_source_in_smaller_units_changes_only_its_own_rows(shifted: pa.Table) -> None:
+    from training.world import NEW_SOURCE_UNITS_SMALLER
+
+    small = generate_table(80_000, seed=12, config=WorldConfig(new_source_from=0.5, drift_source_from=0.5,
+                                                               new_source_units="smaller"))
+    src = _sources(small)
+    new, known = src == "new", src == "known"
+    assert np.array_equal(src, _sources(shifted))
+    assert small["true_deal"].equals(shifted["true_deal"]) and small["deal"].equals(shifted["deal"])
+    for name, factor in NEW_SOURCE_UNITS_SMALLER.items():
+        x = small[name].to_numpy(zero_copy_only=False)
+        assert np.nanmean(x[new]) < 2 * factor * np.nanmean(x[known]), name
+        np.testing.assert_array_equal(x[~new], shifted[name].to_numpy(zero_copy_only=False)[~new])
+
+
+def test_stream_with_a_new_source_marks_it_in_the_truth(settings, tmp_path: Path) -> None:
+    from stream.events import decode_requests
+    from training.world_cli import stream_requests
+
+    cfg = WorldConfig(new_source_from=0.0, new_source_share=0.5)
+    truth = tmp_path / "truth.parquet"
+    summary = stream_requests(settings, count=200, rate=0, seed=6, config=cfg, truth_out=truth)
+    assert summary["delivered"] == 200
+    t = pq.read_table(truth)
+    src = t["true_source"].cast(pa.string()).to_numpy(zero_copy_only=False)
+    assert 0.3 < (src == "new").mean() < 0.7 and set(src) == {"known", "new"}
+    msgs = _consume(settings, 200)
+    batch = decode_requests([m.value() for m in msgs], [m.key() for m in msgs], cfg.feature_spec())
+    j = cfg.feature_spec().categorical.index("device_model")
+    by_id = dict(zip(t["request_id"].to_pylist(), src, strict=True))
+    new_dm = [dm for rid, dm in zip(batch.request_id, batch.cat[:, j], strict=True) if by_id[rid] == "new" and dm]
+    assert new_dm and all(v.startswith("nx-") for v in new_dm)

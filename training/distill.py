@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from model import bundle
 from model.export import export_bundle
+from model.novelty import Novelty
 from model.preprocess import Preprocessor
 from model.student import LOG_FLOOR, TARGET_MODES, Student, StudentConfig
 from stream.features import DEFAULT_TASKS
@@ -213,6 +214,24 @@ def compare_target_modes(pre: Preprocessor, train: tuple[np.ndarray, ...], valid
     return u, {"rows": len(rows), "epochs": cfg.compare_epochs, "modes": info}
 
 
+def fit_novelty(pre: Preprocessor, train: Any, valid: Any, u_valid: np.ndarray, gate_share: float
+                ) -> tuple[Novelty, dict[str, Any]]:
+    """Novelty ranges/weights from the training rows; the gate and ceiling from validation.
+
+    gate: the novelty at most `gate_share` of validation traffic exceeds, so known traffic
+    rarely takes the novel path; ceiling: the student's largest validation ambiguity per task,
+    so every request past the gate outranks every known ambiguous one.
+    """
+    novelty = Novelty.fit(pre, train.num, train.cat)
+    n_valid = novelty.score(pre, valid.num, valid.cat)
+    gate = float(np.quantile(n_valid, 1.0 - gate_share)) if len(n_valid) else 0.0
+    ceiling = np.asarray(u_valid, np.float64).max(axis=0) if len(u_valid) else np.ones(u_valid.shape[1])
+    combine = {"gate": gate, "ceiling": [float(c) for c in ceiling], "gate_share": gate_share,
+               "valid_share_past_gate": float((n_valid > gate).mean()) if len(n_valid) else 0.0,
+               "fitted_on": "training rows (ranges, weights), validation (gate, ceiling)"}
+    return novelty, combine
+
+
 def distill_and_export(
     bundle_dir: str | Path,
     pre: Preprocessor,
@@ -237,6 +256,13 @@ def distill_and_export(
     tasks = _tasks_of(train)
     source_map = getattr(profile_cfg, "source_map", None) or {
         t: bundle.DEFAULT_SOURCE_MAP.get(t, t) for t in tasks}
+    selection = None
+    if cfg.select_uncertainty and hasattr(teacher_pred_valid, "measure"):
+        from training.ood import select_uncertainty
+
+        measure, source_map, selection = select_uncertainty(teacher_pred_valid, valid.labels, tasks,
+                                                            cfg.uncertainty_measure, source_map)
+        cfg = dataclasses.replace(cfg, uncertainty_measure=measure)
     x, idx = pre.transform(train.num, train.cat)
     vx, vidx = pre.transform(valid.num, valid.cat)
     logged = (x, idx, train.labels, teacher_pred_train.mean, _measure(teacher_pred_train, cfg.uncertainty_measure))
@@ -262,12 +288,25 @@ def distill_and_export(
     if cfg.compare_target_modes:
         comparison, comparison_info = compare_target_modes(pre, logged, va, tasks, cfg, progress)
 
-    export_bundle(bundle_dir, pre, student, measure=cfg.uncertainty_measure, source_map=source_map)
-    sess = ort.InferenceSession(str(bundle_dir / bundle.STUDENT_ONNX), providers=["CPUExecutionProvider"])
-    s_p, s_u = sess.run(["p", "u"], {"num": np.asarray(valid.num, np.float32),
-                                     "cat": np.asarray(valid.cat, dtype=object)})
     t_p, t_u = student.predict(vx, vidx)
+    novelty, combine = None, None
+    if cfg.novelty:
+        novelty, combine = fit_novelty(pre, train, valid, t_u, cfg.novelty_gate_share)
+    export_bundle(bundle_dir, pre, student, measure=cfg.uncertainty_measure, source_map=source_map,
+                  novelty=novelty, combine=combine, selection=selection)
+    sess = ort.InferenceSession(str(bundle_dir / bundle.STUDENT_ONNX), providers=["CPUExecutionProvider"])
+    feeds = {"num": np.asarray(valid.num, np.float32), "cat": np.asarray(valid.cat, dtype=object)}
+    s_p, s_served = sess.run(["p", "u"], feeds)
+    # the distilled head alone is what the fidelity report compares with the teacher's measure
+    s_u = sess.run(["u_ambiguity"], feeds)[0] if novelty is not None else s_served
     parity = {"p": float(np.abs(s_p - t_p).max(initial=0.0)), "u": float(np.abs(s_u - t_u).max(initial=0.0))}
+    if novelty is not None:
+        from stream.policy import combine_uncertainty
+
+        ref_n = novelty.score(pre, valid.num, valid.cat)
+        ref = combine_uncertainty(t_u, ref_n, combine["gate"], np.asarray(combine["ceiling"]))
+        parity["novelty"] = float(np.abs(sess.run(["novelty"], feeds)[0][:, 0] - ref_n).max(initial=0.0))
+        parity["u_served_rel"] = float((np.abs(s_served - ref) / np.maximum(np.abs(ref), 1e-12)).max(initial=0.0))
 
     fid = fidelity_report(teacher_pred_valid.mean, t_u_valid, s_p, s_u, valid.labels, tasks,
                           out_dir=bundle_dir / "fidelity", source_map=source_map,
@@ -284,7 +323,7 @@ def distill_and_export(
         },
     }
     (bundle_dir / "student_train_log.json").write_text(json.dumps(info["history"], indent=2))
-    thresholds = default_thresholds(bundle.read_manifest(bundle_dir), s_p, s_u)
+    thresholds = default_thresholds(bundle.read_manifest(bundle_dir), s_p, s_served)
     manifest = bundle.update_manifest(bundle_dir, metrics=metrics, thresholds=thresholds)
     if publish:
         bundle.publish(bundle_dir)

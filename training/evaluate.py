@@ -71,15 +71,57 @@ def predict_probs(model: MultiTaskNet, x: np.ndarray, idx: np.ndarray, batch_siz
     return torch.cat(out).numpy().astype(np.float32)
 
 
+LIGHTGBM = "LightGBM (per task)"
+BASELINE_NAMES = (*BASELINES, LIGHTGBM)
+
+
+def train_lightgbm(pre: Any, splits: Any, logs: LogSet, seed: int, threads: int = 1) -> dict[str, Any]:
+    """One gradient-boosted tree model per task (what an ad team would pick instead of a deep
+    multi-task net): raw numeric features (NaN = missing) + the bundle's categorical codes as
+    LightGBM categoricals, early-stopped on the validation split, trained on the fit split."""
+    import lightgbm as lgb
+
+    def inputs(ls: LogSet) -> np.ndarray:
+        _, codes = pre.transform(ls.num, ls.cat)
+        return np.concatenate([ls.num.astype(np.float32), codes.astype(np.float32)], axis=1)
+
+    started = time.perf_counter()
+    n_num = len(pre.spec.numeric)
+    cats = list(range(n_num, n_num + len(pre.spec.categorical)))
+    xf, xv, xe = inputs(splits.fit), inputs(splits.valid), inputs(logs)
+    params = {"objective": "binary", "learning_rate": 0.05, "num_leaves": 31, "min_data_in_leaf": 50,
+              "feature_fraction": 0.8, "bagging_fraction": 0.8, "bagging_freq": 1, "cat_smooth": 10,
+              "max_cat_to_onehot": 8, "num_threads": threads, "seed": seed, "verbose": -1}
+    p, trees = [], {}
+    for j, t in enumerate(splits.fit.tasks):
+        fit_set = lgb.Dataset(xf, np.ascontiguousarray(splits.fit.labels[:, j]), categorical_feature=cats,
+                              free_raw_data=False)
+        valid_set = lgb.Dataset(xv, np.ascontiguousarray(splits.valid.labels[:, j]), categorical_feature=cats,
+                                reference=fit_set)
+        booster = lgb.train(params, fit_set, num_boost_round=400, valid_sets=[valid_set],
+                            callbacks=[lgb.early_stopping(30, verbose=False)])
+        trees[t] = int(booster.best_iteration or booster.current_iteration())
+        p.append(booster.predict(xe, num_iteration=booster.best_iteration or None))
+    return {"p": np.stack(p, axis=1).astype(np.float32), "seconds": round(time.perf_counter() - started, 1),
+            "n_params": None, "trees": trees, "history": []}
+
+
 def train_baselines(bundle: dict[str, Any], pre: Any, splits: Any, x: np.ndarray, idx: np.ndarray,
-                    progress: bool = True) -> dict[str, dict[str, Any]]:
-    """The four Table I baselines, trained on the bundle's fit split with its profile's schedule."""
+                    progress: bool = True, logs: LogSet | None = None,
+                    only: tuple[str, ...] | None = None) -> dict[str, dict[str, Any]]:
+    """The Table I baselines (+ a per-task LightGBM when `logs`, the evaluated rows, are given),
+    trained on the bundle's fit split with its profile's schedule; `only` picks some of them."""
     from training.pipeline import Batch, fit_network, net_config
 
     profile, seed = bundle["profile"], bundle["meta"]["seed"]
     fit, valid = Batch.of(pre, splits.fit), Batch.of(pre, splits.valid)
     out = {}
+    if logs is not None and (only is None or LIGHTGBM in only):
+        out[LIGHTGBM] = train_lightgbm(pre, splits, logs, seed, threads=torch.get_num_threads())
+        _log(f"baseline {LIGHTGBM}: {out[LIGHTGBM]['seconds']}s, trees {out[LIGHTGBM]['trees']}")
     for name, fields in BASELINES.items():
+        if only is not None and name not in only:
+            continue
         started = time.perf_counter()
         sizes = profile.transformer_net if fields["expert"] == "transformer" else {}
         cfg = net_config(profile, pre, splits.fit.tasks, **{**sizes, **fields})
@@ -216,6 +258,11 @@ def student_fidelity(bundle_dir: Path, pred: TeacherPrediction, logs: LogSet, ou
     chunks = [scorer.score(logs.num[i:i + 65536], logs.cat[i:i + 65536]) for i in range(0, len(logs), 65536)]
     s_p = np.concatenate([c[0] for c in chunks])
     s_u = np.concatenate([c[1] for c in chunks])
+    if "u_ambiguity" in [o.name for o in scorer.session.get_outputs()]:
+        # a novelty bundle serves ambiguity + novelty; the distillation is the ambiguity head's
+        s_u = np.concatenate([scorer.session.run(["u_ambiguity"], {
+            "num": np.ascontiguousarray(logs.num[i:i + 65536], np.float32),
+            "cat": np.asarray(logs.cat[i:i + 65536], dtype=object)})[0] for i in range(0, len(logs), 65536)])
     measure = scorer.manifest.get("uncertainty", {}).get("measure", "prob_var")
     mode = scorer.manifest.get("uncertainty", {}).get("rescale", {}).get("mode")
     source_map = scorer.manifest.get("uncertainty_source") or {}
@@ -267,8 +314,11 @@ def teacher_references(model: MultiTaskNet, swag: Any, pre: Any, logs: LogSet, p
 # ---- the whole report ---------------------------------------------------------------------
 def evaluate_bundle(bundle_dir: str | Path, logs: LogSet, out_dir: str | Path, baselines: bool = False,
                     splits: Any = None, block_share: float = DEFAULT_BLOCK_SHARE, eval_scope: str = "test split",
-                    progress: bool = True) -> dict[str, Any]:
-    """Compute every table and figure for `logs` and write them into `out_dir`."""
+                    progress: bool = True, only_baselines: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Compute every table and figure for `logs` and write them into `out_dir`.
+
+    Logs with the world's `true_source` column (docs/world.md "Shifts") also get the shift
+    section (training/ood.py): OOD AUROC of every signal, deals kept per source."""
     from training.pipeline import load_teacher, teacher_predict
     from training.report import write_report
 
@@ -296,7 +346,7 @@ def evaluate_bundle(bundle_dir: str | Path, logs: LogSet, out_dir: str | Path, b
     if baselines:
         if splits is None:
             raise DataError("--baselines needs the logs the bundle was trained on (to train on the same split)")
-        trained = train_baselines(bundle, pre, splits, x, idx, progress)
+        trained = train_baselines(bundle, pre, splits, x, idx, progress, logs=logs, only=only_baselines)
         for name, b in trained.items():
             probs[name] = b["p"]
         timing["baselines_s"] = {name: b["seconds"] for name, b in trained.items()}
@@ -329,10 +379,45 @@ def evaluate_bundle(bundle_dir: str | Path, logs: LogSet, out_dir: str | Path, b
             report["student"]["measure"])
         del report["student"]["u"]
         timing["student_s"] = round(time.perf_counter() - started, 1)
+    source = _sources(logs)
+    if source is not None and (Path(bundle["bundle_dir"]) / "student.onnx").exists():
+        from training.ood import shift_section
+
+        started = time.perf_counter()
+        fit = splits.fit if splits is not None else _training_splits(bundle).fit
+        base = {n: probs[n] for n in probs if n in BASELINE_NAMES}
+        report["shift"] = shift_section(Path(bundle["bundle_dir"]), model, swag, pre, profile, meta["seed"],
+                                        fit, logs, pred, source, base, Path(out_dir))
+        timing["shift_s"] = round(time.perf_counter() - started, 1)
     timing["total_s"] = round(time.perf_counter() - t0, 1)
     report["timing"] = timing
     write_report(report, Path(out_dir), train_log=Path(bundle["bundle_dir"]) / "train_log.json")
+    if "shift" in report:
+        from training.ood import shift_markdown
+
+        with open(Path(out_dir) / "report.md", "a") as f:
+            f.write(shift_markdown(report["shift"], tasks))
     return report
+
+
+def _sources(logs: LogSet) -> np.ndarray | None:
+    """The world's `true_source` per row, when the logs carry it (truth: evaluation only)."""
+    from training.ood import read_sources
+
+    try:
+        return read_sources(logs.source, logs.request_id) if logs.source else None
+    except (OSError, ValueError):
+        return None
+
+
+def _training_splits(bundle: dict[str, Any]) -> Any:
+    """The splits of the logs the bundle was trained on (baselines train on its fit split)."""
+    from training.pipeline import make_splits
+
+    train_logs = load_logs(bundle["meta"]["logs"], tasks=tuple(bundle["meta"]["tasks"]))
+    if train_logs.fingerprint() != bundle["meta"]["logs_fingerprint"]:
+        raise DataError(f"{bundle['meta']['logs']}: not the logs the bundle was trained on (fingerprint differs)")
+    return make_splits(train_logs, bundle["profile"], bundle["meta"]["seed"])
 
 
 @click.command("eval")
@@ -343,7 +428,10 @@ def evaluate_bundle(bundle_dir: str | Path, logs: LogSet, out_dir: str | Path, b
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Report directory (report.json, report.md, PNGs).")
 @click.option("--baselines", is_flag=True,
-              help="Also train MLP, Transformer, PLE-MLP, PLE-Transformer on the bundle's training split.")
+              help="Also train MLP, Transformer, PLE-MLP, PLE-Transformer and a per-task LightGBM on the "
+                   "bundle's training split.")
+@click.option("--baseline", "only", multiple=True, type=click.Choice(BASELINE_NAMES),
+              help="Train only these baselines (repeatable; implies --baselines).")
 @click.option("--block-share", type=click.FloatRange(0.0, 0.8), default=DEFAULT_BLOCK_SHARE,
               show_default=True, help="Overall block share held fixed in the Fig. 2 analog.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
@@ -352,12 +440,14 @@ def evaluate_bundle(bundle_dir: str | Path, logs: LogSet, out_dir: str | Path, b
               help="Logged layout: attribution windows, e.g. 'click=15m,deal=7d'.")
 @click.option("--as-of-ms", type=int, default=None, help="Logged layout: labels as of [default: newest event].")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def eval_cmd(model_dir: Path, logs_path: Path, out: Path, baselines: bool, block_share: float,
-             threads: int | None, attribution: str | None, as_of_ms: int | None, quiet: bool) -> None:
+def eval_cmd(model_dir: Path, logs_path: Path, out: Path, baselines: bool, only: tuple[str, ...],
+             block_share: float, threads: int | None, attribution: str | None, as_of_ms: int | None,
+             quiet: bool) -> None:
     """Paper-style tables and plots (Table I/II, Fig. 2, calibration, student fidelity) for a bundle."""
     from training.pipeline import load_teacher, make_splits, use_all_cores
 
     use_all_cores(threads)
+    baselines = baselines or bool(only)
     _, _, _, bundle = load_teacher(model_dir)
     logs = load_logs(logs_path, tasks=tuple(bundle["meta"]["tasks"]),
                      attribution=Attribution.parse(attribution, as_of_ms))
@@ -368,6 +458,8 @@ def eval_cmd(model_dir: Path, logs_path: Path, out: Path, baselines: bool, block
         target, scope = splits.test, "held-out test split of the training logs"
     else:
         target, scope = logs, "all rows (logs not used in training)"
+        if baselines:  # the baselines train on the bundle's own training split, as the bundle did
+            splits = _training_splits(bundle)
     if target.masked:
         n_all = len(target)
         target = target.observed()
@@ -376,6 +468,7 @@ def eval_cmd(model_dir: Path, logs_path: Path, out: Path, baselines: bool, block
             raise DataError(f"{logs_path}: no row has every label observed; nothing to evaluate")
     _log(f"evaluating {bundle['bundle_dir']} on {len(target)} rows: {scope}")
     report = evaluate_bundle(bundle["bundle_dir"], target, out, baselines=baselines, splits=splits,
-                             block_share=block_share, eval_scope=scope, progress=not quiet)
+                             block_share=block_share, eval_scope=scope, progress=not quiet,
+                             only_baselines=only or None)
     click.echo(json.dumps({"report": str(out / "report.md"), "rows": report["rows"],
                            "seconds": report["timing"]["total_s"]}))

@@ -14,7 +14,10 @@ oracle. The world makes the paper's phenomena possible without hard-coding them:
   device models / cities / categories with their own random effects, a 0.4% `b2b` segment
   and a luxury-device tail that convert very differently), non-linear interactions
   (channel x hour, coupon x price sensitivity, tenure inverted-U, luxury x order value);
-* optional drift: intent and click propensity move linearly with `ts_ms`.
+* optional drift: intent and click propensity move linearly with `ts_ms`;
+* optional shifts (`true_source` marks each row): from a given row on, a NEW traffic source of
+  high-intent users whose features are out of distribution (other units, categories never seen
+  before), and a known client release whose time features drift in scale (see `_SHIFTS`).
 
 True probabilities. For observed features x (and ts, which only matters with drift):
 
@@ -34,6 +37,9 @@ Determinism: rows are made in fixed blocks of `BLOCK_ROWS`; block b draws from
 `SeedSequence(seed, spawn_key=(b,))`, so output depends on (rows, seed, config) only, never on
 shards or row-group sizes. The world's structure (random effects, vocabularies) comes from
 `structure_seed`, independent of `seed`: different seeds are different samples of one world.
+Shifts draw from their own stream `SeedSequence(seed, spawn_key=(b, 1))`, so the Parquet of a world
+without shifts is byte-identical to one made before shifts existed, and the rows before a shift
+starts are the same with and without it (but for the `true_source` column).
 """
 
 from __future__ import annotations
@@ -112,6 +118,24 @@ class WorldConfig:
     base_rates: tuple[float, float, float, float] = (0.50, 0.30, 0.04, 0.011)
     structure_seed: int = 2511
     signal: float = 1.0  # scales every feature effect: 0 -> labels independent of features
+    # Shifts (docs/world.md "Shifts"): a start is a fraction of the rows (rows are in time
+    # order, so "from row i on" is "from ts_ms of row i on"); None = the shift is off.
+    new_source_from: float | None = None
+    new_source_share: float = 0.05  # share of ALL traffic from the new source once it starts
+    new_source_units: str = "larger"  # "larger" (cents, ms, ...) | "smaller" (thousands, minutes, years, ...)
+    drift_source_from: float | None = None
+    drift_source_share: float = 0.10  # share of the known traffic on the drifting client
+    drift_source_scale: float = 10.0  # the drifting features' unit factor at the end of the span
+
+    @property
+    def shifted(self) -> bool:
+        """True when any shift is on (the output then has a `true_source` column)."""
+        return self.new_source_from is not None or self.drift_source_from is not None
+
+    def shift_row(self, rows: int) -> int:
+        """Index of the first row any shift may touch (`rows` when none is on)."""
+        starts = [f for f in (self.new_source_from, self.drift_source_from) if f is not None]
+        return min(int(round(f * rows)) for f in starts) if starts else rows
 
     def validate(self) -> None:
         if not isinstance(self.features, int) or self.features < _LABEL_FEATURE_COUNT:
@@ -127,6 +151,19 @@ class WorldConfig:
                               f"(click >= online >= cart, deal), got {r!r}")
         if not (0 <= self.signal <= 5):
             raise ConfigError(f"signal must be in [0, 5], got {self.signal!r}")
+        for name in ("new_source_from", "drift_source_from"):
+            v = getattr(self, name)
+            if v is not None and not (0 <= v < 1):
+                raise ConfigError(f"{name} must be a fraction of the rows in [0, 1), got {v!r}")
+        for name in ("new_source_share", "drift_source_share"):
+            v = getattr(self, name)
+            if not (0 < v < 1):
+                raise ConfigError(f"{name} must be in (0, 1), got {v!r}")
+        if self.new_source_units not in NEW_SOURCE_UNIT_SETS:
+            raise ConfigError(f"new_source_units must be one of {', '.join(NEW_SOURCE_UNIT_SETS)}, "
+                              f"got {self.new_source_units!r}")
+        if not (np.isfinite(self.drift_source_scale) and 1 <= self.drift_source_scale <= 1e4):
+            raise ConfigError(f"drift_source_scale must be in [1, 10000], got {self.drift_source_scale!r}")
 
     def feature_names(self) -> list[tuple[str, str]]:
         """(name, kind) of every feature in output order."""
@@ -524,7 +561,8 @@ def _truth(pi, c, o, k, q0, q1) -> np.ndarray:
 def _intercepts(cfg: WorldConfig) -> np.ndarray:
     """Per-task intercepts making the base rates hit `cfg.base_rates` on a calibration sample."""
     # Only what the label model reads matters; drift is measured from the span's middle.
-    return _solve_intercepts(replace(cfg, features=_LABEL_FEATURE_COUNT, drift=0.0))
+    return _solve_intercepts(replace(cfg, features=_LABEL_FEATURE_COUNT, drift=0.0, new_source_from=None,
+                                     drift_source_from=None))
 
 
 @lru_cache(maxsize=16)
@@ -559,6 +597,84 @@ def _solve_intercepts(cfg: WorldConfig) -> np.ndarray:
     return np.array([b_c, b_o, b_k, b_d])
 
 
+
+# ----------------------------------------------------------------------------- shifts
+# The new source: a partner integration whose users come to buy and whose client logs in other
+# units with its own id spaces. Labels come from the canonical (known-unit, known-id) features
+# plus the intent boost; only the LOGGED features are transformed, by a bijection per source, so
+# true_<task> stays the exact P(task | logged features): the source is recognisable from them.
+NEW_SOURCE_INTENT = np.array([0.0, 1.0, 3.0])  # added to the (browse, consider, buy) intent logits
+NEW_SOURCE_DEAL = 0.8  # added to the deal logit: high intent shows most at the bottom of the funnel
+NEW_SOURCE_UNITS: dict[str, float] = {  # logged value = canonical value x factor
+    "device_price": 100.0, "avg_order_value": 100.0, "bid_floor": 100.0,  # cents, not yuan
+    "dwell_sec_avg": 1000.0,  # milliseconds
+    "hours_since_last_visit": 60.0,  # minutes
+    "tenure_days": 24.0,  # hours
+    "ctr_30d": 100.0, "coupon_use_rate": 100.0, "price_sensitivity": 100.0,  # percent
+    "bounce_rate": 100.0, "push_open_rate": 100.0, "email_open_rate": 100.0, "refund_rate": 100.0,
+    "screen_width": 3.0, "screen_height": 3.0,  # physical pixels
+    "storage_free_gb": 1024.0,  # MB
+}
+# The same partner logging in coarser units: its users then look like new, low-value, idle ones
+# (the failure mode the issue describes: a high-intent source a model scores low and blocks).
+NEW_SOURCE_UNITS_SMALLER: dict[str, float] = {
+    "device_price": 1e-3, "avg_order_value": 1e-3, "bid_floor": 1e-3,  # thousands of yuan
+    "dwell_sec_avg": 1 / 60, "hours_since_last_visit": 1 / 24, "tenure_days": 1 / 365,  # min, days, years
+    "screen_width": 1 / 3, "screen_height": 1 / 3, "storage_free_gb": 1 / 1024,  # points, TB
+    "session_min_7d": 1 / 60, "session_min_30d": 1 / 60,  # hours
+}
+NEW_SOURCE_UNIT_SETS = {"larger": NEW_SOURCE_UNITS, "smaller": NEW_SOURCE_UNITS_SMALLER}
+# categorical columns whose values the new source names in its own id space (never seen before)
+NEW_SOURCE_IDS = ("device_model", "city", "province", "app_version", "ip_asn", "carrier",
+                  "referral_source", "browser")
+NEW_ID_PREFIX = "nx-"
+# The drifting client: a known release whose time features drift from seconds toward another
+# unit: logged = canonical x (1 + (scale - 1) x progress), progress 0 -> 1 from the start to the
+# end of the rows. Labels and categories stay those of known traffic.
+DRIFT_SOURCE_COLUMNS = ("dwell_sec_avg", "hours_since_last_visit", "session_min_7d", "session_min_30d",
+                        "pages_per_session")
+SOURCES = ("known", "new", "drift")
+
+
+def _shift_sources(cfg: WorldConfig, rows: int, seed: int, b: int, idx: np.ndarray) -> np.ndarray:
+    """Source code per row of block b (0 known, 1 new, 2 drift), from the shifts' own stream."""
+    n = len(idx)
+    src = np.zeros(n, np.int8)
+    if not cfg.shifted:
+        return src
+    draw = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(b, 1))).random((n, 2))
+    if cfg.new_source_from is not None:
+        src[(idx >= round(cfg.new_source_from * rows)) & (draw[:, 0] < cfg.new_source_share)] = 1
+    if cfg.drift_source_from is not None:
+        start = round(cfg.drift_source_from * rows)
+        src[(src == 0) & (idx >= start) & (draw[:, 1] < cfg.drift_source_share)] = 2
+    return src
+
+
+def _drift_factor(cfg: WorldConfig, rows: int, idx: np.ndarray) -> np.ndarray:
+    start = round(cfg.drift_source_from * rows)
+    progress = np.clip((idx - start) / max(rows - 1 - start, 1), 0.0, 1.0)
+    return 1.0 + (cfg.drift_source_scale - 1.0) * progress
+
+
+def _logged_features(f: dict[str, np.ndarray], src: np.ndarray, cfg: WorldConfig, rows: int,
+                     idx: np.ndarray) -> dict[str, np.ndarray]:
+    """What the shifted sources log: canonical features with their units and id spaces changed.
+    New-source categorical codes are offset by the vocabulary size (the `nx-` half of the
+    dictionary `_block` writes)."""
+    out = dict(f)
+    new, drift = src == 1, src == 2
+    if new.any():
+        for name, factor in NEW_SOURCE_UNIT_SETS[cfg.new_source_units].items():
+            if name in out:
+                out[name] = np.where(new, out[name] * factor, out[name])
+    if drift.any():
+        k = _drift_factor(cfg, rows, idx)
+        for name in DRIFT_SOURCE_COLUMNS:
+            if name in out:
+                out[name] = np.where(drift, out[name] * k, out[name])
+    return out
+
 # ----------------------------------------------------------------------------- blocks
 def _block(cfg: WorldConfig, rows: int, seed: int, b: int) -> pa.RecordBatch:
     s = _structure(cfg.structure_seed)
@@ -570,6 +686,11 @@ def _block(cfg: WorldConfig, rows: int, seed: int, b: int) -> pa.RecordBatch:
     ts = cfg.start_ms + np.floor((idx + rng.random(n)) * (span_ms / rows)).astype(np.int64)
     f = _features(rng, n, ts, s)
     intent, *a = _logits(f, ts, cfg, s)
+    src = _shift_sources(cfg, rows, seed, b, idx)
+    new = src == 1
+    if new.any():
+        intent = intent + np.where(new[:, None], NEW_SOURCE_INTENT, 0.0)
+        a[3] = a[3] + np.where(new, NEW_SOURCE_DEAL, 0.0)
     pi, c, o, k, q0, q1 = _task_probs(intent, tuple(a), _intercepts(cfg))
     truth = _truth(pi, c, o, k, q0, q1)
     # Sample intent, then walk the funnel with the same per-intent conditionals.
@@ -588,31 +709,69 @@ def _block(cfg: WorldConfig, rows: int, seed: int, b: int) -> pa.RecordBatch:
         cols[name] = pa.array(lab.astype(np.int8))
     for j, name in enumerate(TASKS):
         cols[f"true_{name}"] = pa.array(truth[:, j].astype(np.float32))
+    if cfg.shifted:
+        cols["true_source"] = pa.DictionaryArray.from_arrays(pa.array(src.astype(np.int32)),
+                                                             pa.array(SOURCES, pa.string()))
+    logged = _logged_features(f, src, cfg, rows, idx) if src.any() else f
     for name, kind in cfg.feature_names():
         if kind == _N:
-            x = f[name] if name in f else rng.standard_normal(n)
+            x = logged[name] if name in logged else rng.standard_normal(n)
             cols[name] = pa.array(x.astype(np.float32), pa.float32(), from_pandas=True)
         else:
-            code = f[name]
+            code = logged[name]
+            vocab = s.vocab[name]
+            if cfg.new_source_from is not None and name in NEW_SOURCE_IDS:
+                # one dictionary for every block: known names, then the new source's own names
+                code = np.where(new & (code >= 0), code + len(vocab), code)
+                vocab = np.concatenate([vocab, np.array([NEW_ID_PREFIX + v for v in vocab], dtype=object)])
             cols[name] = pa.DictionaryArray.from_arrays(
-                pa.array(code, pa.int32(), mask=code < 0), pa.array(s.vocab[name], pa.string()))
+                pa.array(code, pa.int32(), mask=code < 0), pa.array(vocab, pa.string()))
     return pa.RecordBatch.from_pydict(cols)
 
 
+PERIODS = ("all", "before", "after")
+
+
+def period_rows(rows: int, config: WorldConfig, period: str = "all") -> tuple[int, int]:
+    """Row index range [lo, hi) of a period: `before` / `after` the first shift's start row.
+
+    Rows are in time order, so this is the time-ordered split the shift experiments need: train
+    on the traffic before the new source, test on the traffic after (same ids and content as
+    the whole world's rows).
+    """
+    if period not in PERIODS:
+        raise ConfigError(f"period must be one of {', '.join(PERIODS)}, got {period!r}")
+    if period == "all":
+        return 0, rows
+    if not config.shifted:
+        raise ConfigError(f"period {period!r} needs a shift (a new source or a drifting source) to split at")
+    cut = config.shift_row(rows)
+    lo, hi = (0, cut) if period == "before" else (cut, rows)
+    if hi <= lo:
+        raise ConfigError(f"period {period!r} of {rows} rows split at row {cut} is empty")
+    return lo, hi
+
+
 def generate(rows: int, seed: int = 0, config: WorldConfig | None = None,
-             progress: bool = False) -> Iterator[pa.RecordBatch]:
-    """Logged traffic in blocks of `BLOCK_ROWS` (the DESIGN.md log format)."""
+             progress: bool = False, period: str = "all") -> Iterator[pa.RecordBatch]:
+    """Logged traffic in blocks of `BLOCK_ROWS` (the DESIGN.md log format); `period` keeps the
+    rows before / after the first shift (blocks outside it are never made)."""
     cfg = config or WorldConfig()
     cfg.validate()
     _check_rows_seed(rows, seed)
+    lo, hi = period_rows(rows, cfg, period)
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=rows, unit="rows", unit_scale=True, file=sys.stderr, desc="world")
+        bar = tqdm(total=hi - lo, unit="rows", unit_scale=True, file=sys.stderr, desc="world")
     try:
-        for b in range((rows + BLOCK_ROWS - 1) // BLOCK_ROWS):
+        for b in range(lo // BLOCK_ROWS, (hi + BLOCK_ROWS - 1) // BLOCK_ROWS):
             batch = _block(cfg, rows, seed, b)
+            row0 = b * BLOCK_ROWS
+            start, stop = max(lo - row0, 0), min(hi - row0, batch.num_rows)
+            if (start, stop) != (0, batch.num_rows):
+                batch = batch.slice(start, stop - start)
             if bar is not None:
                 bar.update(batch.num_rows)
             yield batch
@@ -621,9 +780,10 @@ def generate(rows: int, seed: int = 0, config: WorldConfig | None = None,
             bar.close()
 
 
-def generate_table(rows: int, seed: int = 0, config: WorldConfig | None = None) -> pa.Table:
-    """The whole sample as one table (tests, small sizes)."""
-    return pa.Table.from_batches(list(generate(rows, seed, config)))
+def generate_table(rows: int, seed: int = 0, config: WorldConfig | None = None,
+                   period: str = "all") -> pa.Table:
+    """The whole sample (or one period of it) as one table (tests, small sizes)."""
+    return pa.Table.from_batches(list(generate(rows, seed, config, period=period)))
 
 
 def feature_kinds(schema: pa.Schema) -> dict[str, str]:
@@ -645,8 +805,10 @@ def feature_kinds(schema: pa.Schema) -> dict[str, str]:
 
 
 def write(out_dir: str | Path, rows: int, seed: int = 0, config: WorldConfig | None = None,
-          shards: int = 1, progress: bool = True) -> dict[str, Any]:
+          shards: int = 1, progress: bool = True, period: str = "all") -> dict[str, Any]:
     """Write `part-XXXXX.parquet` shards and `_world.json`; returns the `_world.json` content.
+
+    `rows` is the world's size; `period` writes only the rows before / after its first shift.
 
     The metadata file starts with "_" so Parquet readers given the directory skip it
     (`pyarrow.parquet.read_table(out_dir)` reads exactly the shards).
@@ -654,8 +816,10 @@ def write(out_dir: str | Path, rows: int, seed: int = 0, config: WorldConfig | N
     cfg = config or WorldConfig()
     cfg.validate()
     _check_rows_seed(rows, seed)
-    if not isinstance(shards, int) or not 1 <= shards <= rows:
-        raise ConfigError(f"shards must be an integer in [1, rows], got {shards!r}")
+    lo, hi = period_rows(rows, cfg, period)
+    count = hi - lo
+    if not isinstance(shards, int) or not 1 <= shards <= count:
+        raise ConfigError(f"shards must be an integer in [1, rows written], got {shards!r}")
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -663,10 +827,11 @@ def write(out_dir: str | Path, rows: int, seed: int = 0, config: WorldConfig | N
         raise ConfigError(f"cannot create output directory {out}: {exc.strerror}") from None
     for old in out.glob("part-*.parquet"):
         old.unlink()
-    bounds = [rows * k // shards for k in range(shards + 1)]
+    bounds = [count * k // shards for k in range(shards + 1)]
     files: list[dict[str, Any]] = []
     label_sum = np.zeros(4)
     true_sum = np.zeros(4)
+    source_sum = np.zeros(len(SOURCES))
     started = time.perf_counter()
     writer: pq.ParquetWriter | None = None
     pending: list[pa.RecordBatch] = []
@@ -678,10 +843,12 @@ def write(out_dir: str | Path, rows: int, seed: int = 0, config: WorldConfig | N
             pending.clear()
 
     try:
-        for batch in generate(rows, seed, cfg, progress=progress):
+        for batch in generate(rows, seed, cfg, progress=progress, period=period):
             for j, t in enumerate(TASKS):
                 label_sum[j] += pc.sum(batch.column(t)).as_py()
                 true_sum[j] += pc.sum(pc.cast(batch.column(f"true_{t}"), pa.float64())).as_py()
+            if cfg.shifted:
+                source_sum += np.bincount(batch.column("true_source").indices.to_numpy(), minlength=len(SOURCES))
             while batch.num_rows:
                 if writer is None:
                     name = f"part-{shard:05d}.parquet"
@@ -704,18 +871,22 @@ def write(out_dir: str | Path, rows: int, seed: int = 0, config: WorldConfig | N
     elapsed = time.perf_counter() - started
     info = {
         "generator": GENERATOR_VERSION,
-        "rows": rows,
+        "rows": count,
         "seed": seed,
         "config": asdict(cfg),
         "tasks": list(TASKS),
-        "base_rates": {t: round(label_sum[j] / rows, 6) for j, t in enumerate(TASKS)},
-        "true_rates": {t: round(true_sum[j] / rows, 6) for j, t in enumerate(TASKS)},
+        "base_rates": {t: round(label_sum[j] / count, 6) for j, t in enumerate(TASKS)},
+        "true_rates": {t: round(true_sum[j] / count, 6) for j, t in enumerate(TASKS)},
         "features": [{"name": n, "kind": k} for n, k in cfg.feature_names()],
         "feature_spec": cfg.feature_spec().to_dict(),
         "files": files,
         "truth": "true_<task> = P(task=1 | logged features, ts_ms) under the generative model "
                  "(latent intent integrated out exactly); see docs/world.md",
     }
+    if cfg.shifted:
+        info["world_rows"] = rows
+        info["period"] = {"name": period, "first_row": lo, "end_row": hi, "shift_row": cfg.shift_row(rows)}
+        info["sources"] = {name: round(float(v) / count, 6) for name, v in zip(SOURCES, source_sum, strict=True)}
     (out / META_FILE).write_text(json.dumps(info, indent=2) + "\n")
     info["seconds"] = round(elapsed, 2)  # not in the file: it is deterministic
     return info

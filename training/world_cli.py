@@ -22,9 +22,40 @@ from stream.config import Settings, load_settings
 from stream.errors import BundleError, StackError
 from stream.events import encode_requests, encode_requests_positional
 from stream.features import FeatureSpec
-from training.world import DEFAULT_FEATURES, TASKS, WorldConfig, generate, write
+from training.world import DEFAULT_FEATURES, PERIODS, TASKS, WorldConfig, generate, write
 
 _FLUSH_TIMEOUT_S = 30.0
+
+
+def shift_options(fn: Any) -> Any:
+    """The shift flags of `generate` and `stream` (docs/world.md "Shifts"), as one decorator."""
+    opts = [
+        click.option("--new-source-from", type=click.FloatRange(0, 1, max_open=True), default=None,
+                     help="Fraction of the rows from which a new high-intent source with out-of-distribution "
+                          "features (other units, unseen categories) appears (default: never)."),
+        click.option("--new-source-share", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+                     default=0.05, show_default=True, help="Share of all traffic from the new source once it starts."),
+        click.option("--new-source-units", type=click.Choice(["larger", "smaller"]), default="larger",
+                     show_default=True, help="The new source's units: larger (cents, ms, ...) or smaller "
+                                             "(thousands, minutes, years, ...) than the known traffic's."),
+        click.option("--drift-source-from", type=click.FloatRange(0, 1, max_open=True), default=None,
+                     help="Fraction of the rows from which a known client's time features drift in scale "
+                          "(default: never)."),
+        click.option("--drift-source-share", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+                     default=0.10, show_default=True, help="Share of known traffic on the drifting client."),
+        click.option("--drift-source-scale", type=click.FloatRange(1, 10_000), default=10.0, show_default=True,
+                     help="Unit factor the drifting features reach at the end of the rows."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _shift_config(kw: dict[str, Any]) -> dict[str, Any]:
+    """WorldConfig fields from the shift flags (popped from the command's kwargs)."""
+    return {name: kw.pop(name) for name in ("new_source_from", "new_source_share", "new_source_units",
+                                            "drift_source_from",
+                                            "drift_source_share", "drift_source_scale")}
 
 
 @click.group()
@@ -46,19 +77,23 @@ def world() -> None:
               help="Number of Parquet files (content does not depend on it).")
 @click.option("--span-days", type=click.FloatRange(min=0, min_open=True), default=7.0, show_default=True,
               help="Time the requests' ts_ms cover.")
+@shift_options
+@click.option("--period", type=click.Choice(PERIODS), default="all", show_default=True,
+              help="Write only the rows before / after the first shift starts (a time-ordered split).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def generate_cmd(rows: int, seed: int, out: Path, drift: float, features: int, shards: int,
-                 span_days: float, quiet: bool) -> None:
+                 span_days: float, period: str, quiet: bool, **shifts: Any) -> None:
     """Write logged traffic (DESIGN.md log format) with true probabilities."""
     if shards > rows:
         raise click.BadParameter(f"{shards} shards for {rows} rows; use at most one shard per row",
                                  param_hint="'--shards'")
-    cfg = WorldConfig(features=features, drift=drift, span_days=span_days)
-    info = write(out, rows, seed, cfg, shards=shards, progress=not quiet)
+    cfg = WorldConfig(features=features, drift=drift, span_days=span_days, **_shift_config(shifts))
+    info = write(out, rows, seed, cfg, shards=shards, progress=not quiet, period=period)
     click.echo(json.dumps({
-        "out": str(out), "rows": rows, "seed": seed, "features": features,
+        "out": str(out), "rows": info["rows"], "seed": seed, "features": features, "period": period,
+        **({"sources": info["sources"]} if "sources" in info else {}),
         "files": [f["file"] for f in info["files"]], "base_rates": info["base_rates"],
-        "seconds": info["seconds"], "rows_per_s": round(rows / max(info["seconds"], 1e-9)),
+        "seconds": info["seconds"], "rows_per_s": round(info["rows"] / max(info["seconds"], 1e-9)),
     }))
 
 
@@ -217,6 +252,8 @@ def stream_requests(settings: Settings, count: int, rate: float = 0.0, seed: int
                 if truth_out is not None:
                     cols = {"request_id": batch.column("request_id"), "ts_ms": pa.array(ts)}
                     cols.update({c: batch.column(c) for t in TASKS for c in (t, f"true_{t}")})
+                    if cfg.shifted:
+                        cols["true_source"] = batch.column("true_source")
                     table = pa.table(cols)
                     if truth_writer is None:
                         truth_out.parent.mkdir(parents=True, exist_ok=True)
@@ -271,16 +308,17 @@ def stream_requests(settings: Settings, count: int, rate: float = 0.0, seed: int
 @click.option("--bootstrap", default=None, help="Kafka bootstrap servers (else env/config/dev stack).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="Config file (TOML/JSON).")
+@shift_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def stream_cmd(rate: float, count: int, seed: int, drift: float, features: int, positional: bool,
                model_dir: Path | None, truth_out: Path | None, bootstrap: str | None,
-               config_file: str | None, quiet: bool, truth_dir: Path | None = None) -> None:
+               config_file: str | None, quiet: bool, truth_dir: Path | None = None, **shifts: Any) -> None:
     """Publish synthetic request events to the requests topic, keyed by request_id."""
     if positional and model_dir is None:
         raise click.UsageError("--positional needs --model-dir (the fingerprint is the bundle's)")
     settings = load_settings(config_file, kafka_bootstrap=bootstrap)
     spec = _bundle_spec(model_dir) if model_dir is not None else None
-    cfg = WorldConfig(features=features, drift=drift)
+    cfg = WorldConfig(features=features, drift=drift, **_shift_config(shifts))
     summary = stream_requests(settings, count, rate, seed, cfg, spec=spec, positional=positional,
                               truth_out=truth_out, progress=not quiet, truth_dir=truth_dir)
     click.echo(json.dumps(summary))
