@@ -90,8 +90,13 @@ def test_label_join_rule_window_open_closed_blocked_and_duplicates(tmp_path: Pat
     assert c["undecided"] == 1
     assert logs.labelled() == {"click": 2, "online": 2, "cart": 2, "deal": 2}
     assert logs.decisions is not None and logs.decisions.column("decision").to_pylist()[row["c"]] == "block"
-    # the default "as of" is the newest event in the log: the same here (d's ts is the newest)
-    assert load_logs(tmp_path, attribution=WIN).info["as_of_ms"] == now - 30_000
+    # the default "as of" is the time both kinds are logged up to: the newest outcome here (the
+    # outcome files lag the impressions), not d's newer impression
+    assert load_logs(tmp_path, attribution=WIN).info["as_of_ms"] == T0 + 100_000
+    # as of an earlier time, a later outcome is not known yet: a's deal is unobserved, not a 1
+    early = load_logs(tmp_path, attribution=Attribution(WIN.windows_s, as_of_ms=T0 + 50_000))
+    row = {r: i for i, r in enumerate(early.request_id)}
+    assert early.labels[row["a"], 0] == 1 and np.isnan(early.labels[row["a"], 3])
 
 
 def test_duplicate_keeps_the_copy_with_a_decision(tmp_path: Path):

@@ -476,6 +476,7 @@ def load_logged(path: str | Path, tasks: tuple[str, ...] = DEFAULT_TASKS,
         o_ts.append(_column(table, file, OUTCOME_COLUMNS[2], pa.int64()))
     first_ts = np.full((n, len(tasks)), -1, dtype=np.int64)  # earliest outcome per (row, task); -1: none
     newest = int(ts.max())
+    newest_outcome: int | None = None
     counts.update(outcome_rows_read=0, duplicate_outcomes=0, orphan_outcomes=0, unknown_events=0,
                   outcomes_for_blocked=0, outcomes_before_request=0)
     if o_rid:
@@ -487,7 +488,7 @@ def load_logged(path: str | Path, tasks: tuple[str, ...] = DEFAULT_TASKS,
         agg = outcomes.group_by(["request_id", "event"], use_threads=False).aggregate([("ts_ms", "min")])
         counts["duplicate_outcomes"] = outcomes.num_rows - agg.num_rows
         if agg.num_rows:
-            newest = max(newest, int(pc.max(agg["ts_ms_min"]).as_py()))
+            newest_outcome = int(pc.max(outcomes["ts_ms"]).as_py())
         pos = pc.index_in(agg["request_id"], value_set=rid.combine_chunks())
         task_of = pc.index_in(agg["event"], value_set=pa.array(list(tasks), pa.string()))
         counts["orphan_outcomes"] = int(pos.null_count)
@@ -499,15 +500,21 @@ def load_logged(path: str | Path, tasks: tuple[str, ...] = DEFAULT_TASKS,
         counts["outcomes_for_blocked"] = int((~passed[rows]).sum())
         counts["outcomes_before_request"] = int((first_ts[rows, cols_t] < ts[rows]).sum())
 
-    # the join's rule, per task
-    as_of = int(att.as_of_ms) if att.as_of_ms is not None else newest
+    # the join's rule, per task. "As of" defaults to the time both streams are logged up to: the
+    # outcome files lag the impressions (they roll on their own), and a window declared closed
+    # past the newest logged outcome would turn not-yet-logged outcomes into 0s. Outcomes after
+    # the as-of time do not count (what was known then, for a backtest with --as-of-ms).
+    if att.as_of_ms is not None:
+        as_of = int(att.as_of_ms)
+    else:
+        as_of = newest if newest_outcome is None else min(newest, newest_outcome)
     labels = np.full((n, len(tasks)), np.nan, dtype=np.float32)
     windows = {}
     for j, t in enumerate(tasks):
         w_ms = att.window(t) * 1000.0
         windows[t] = att.window(t)
         has = first_ts[:, j] >= 0
-        hit = has & (first_ts[:, j] - ts <= w_ms)
+        hit = has & (first_ts[:, j] - ts <= w_ms) & (first_ts[:, j] <= as_of)
         closed = (as_of - ts) >= w_ms
         labels[:, j] = np.where(passed & hit, 1.0, np.where(passed & closed, 0.0, np.nan))
     obs = ~np.isnan(labels)

@@ -27,6 +27,7 @@ decision read again after a rebalance still finds it.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import json
 import logging
@@ -84,6 +85,7 @@ class SimulatorStats:
     no_truth: int = 0
     scheduled: int = 0
     published: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOME_EVENTS, 0))
+    redelivered: int = 0  # outcomes the broker did not acknowledge, sent again
     truth_rows: int = 0
     truth_files: int = 0
 
@@ -241,11 +243,23 @@ class Simulator:
         now_ms = time.time_ns() // 1_000_000
         heap = self._heap
         while heap and heap[0][0] <= now_ms:
-            due, _, rid, event, tp, off = heapq.heappop(heap)
-            produce_waiting(self.producer, self.outcomes_topic, encode_outcome(rid, event, due), rid)
+            item = heapq.heappop(heap)
+            due, _, rid, event, _, _ = item
+            # the decision's offset stays held until the broker acknowledged this outcome
+            produce_waiting(self.producer, self.outcomes_topic, encode_outcome(rid, event, due), rid,
+                            on_delivery=functools.partial(self._delivered, item))
+        self.producer.poll(0)
+
+    def _delivered(self, item: tuple[int, int, str, str, tuple[str, int], int], err: Any, _msg: Any) -> None:
+        """Delivery report: an acknowledged outcome releases its decision's offset; a refused or
+        timed-out one goes back on the heap (sent again, its offset still held)."""
+        _, _, _, event, tp, off = item
+        if err is None:
             self.stats.published[event] += 1
             self._hold(tp, off, -1)
-        self.producer.poll(0)
+        else:
+            self.stats.redelivered += 1
+            heapq.heappush(self._heap, item)
 
     def _hold(self, tp: tuple[str, int], offset: int, delta: int) -> None:
         per = self._outstanding.setdefault(tp, {})
