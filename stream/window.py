@@ -33,7 +33,9 @@ Two stores share this layout (``WindowStore``):
   controllers drop their caches of closed seconds.
 - ``MemoryStore``: the same in a dict (replay, unit tests, the controller's local fallback).
 
-Every Redis failure surfaces as ``StoreUnavailable`` so callers need not import redis.
+Every Redis failure (unreachable, or a refusal such as READONLY / OOM / NOPERM) surfaces as
+``StoreUnavailable`` so callers need not import redis, and the controller degrades instead of
+raising into the hot path.
 """
 
 from __future__ import annotations
@@ -161,6 +163,7 @@ class Snapshot:
     targets_version: int = 0
     epoch: int = 0
     meta: dict[str, str] = field(default_factory=dict)
+    server_time: float | None = None  # the store's clock (Redis TIME), when asked for
 
 
 class WindowStore(Protocol):
@@ -171,8 +174,9 @@ class WindowStore(Protocol):
     def put(self, writer: str, buckets: Mapping[int, np.ndarray], bump_epoch: bool = False) -> None:
         """Set ``writer``'s cumulative bucket for each second (idempotent, TTL'd)."""
 
-    def read(self, seconds: Sequence[int], status: Mapping[str, Any] | None = None) -> Snapshot:
-        """Read buckets + targets (+ publish this controller's status)."""
+    def read(self, seconds: Sequence[int], status: Mapping[str, Any] | None = None,
+             server_time: bool = False) -> Snapshot:
+        """Read buckets + targets (+ publish this controller's status, + the store's clock)."""
 
     def set_targets(self, targets: Targets, who: str, reason: str) -> dict[str, Any]:
         """Write targets atomically with an audit entry; returns the entry."""
@@ -186,6 +190,10 @@ class WindowStore(Protocol):
 
     def controllers(self) -> list[dict[str, Any]]:
         """Last published status of each live controller."""
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _targets_from_hash(h: Mapping[str, str]) -> tuple[Targets | None, int]:
@@ -241,7 +249,8 @@ class MemoryStore:
             for sec in [s for s in self.buckets if s <= newest - self.keep_seconds]:
                 del self.buckets[sec]
 
-    def read(self, seconds: Sequence[int], status: Mapping[str, Any] | None = None) -> Snapshot:
+    def read(self, seconds: Sequence[int], status: Mapping[str, Any] | None = None,
+             server_time: bool = False) -> Snapshot:
         if status is not None:
             self.status[str(status.get("id", "local"))] = dict(status)
         got = {s: _sum_fields(self.buckets[s].values(), self.spec.size) for s in seconds if s in self.buckets}
@@ -302,12 +311,17 @@ class RedisStore:
         return f"{self.prefix}:win:{sec}"
 
     def _call(self, fn: Any) -> Any:
+        """Run one round trip; EVERY Redis failure becomes StoreUnavailable: a lost connection,
+        and also the server refusing (READONLY after a failover, OOM under noeviction, NOPERM
+        for an ACL user), which would otherwise kill every worker at once."""
         import redis
 
         try:
             return fn()
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
-            raise StoreUnavailable(f"redis unreachable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+            raise StoreUnavailable(f"redis unreachable: {_first_line(exc)}") from None
+        except redis.exceptions.RedisError as exc:  # ResponseError (READONLY, OOM, NOPERM, ...)
+            raise StoreUnavailable(f"redis refused: {_first_line(exc)}") from None
 
     def put(self, writer: str, buckets: Mapping[int, np.ndarray], bump_epoch: bool = False) -> None:
         def run() -> None:
@@ -322,7 +336,8 @@ class RedisStore:
 
         self._call(run)
 
-    def read(self, seconds: Sequence[int], status: Mapping[str, Any] | None = None) -> Snapshot:
+    def read(self, seconds: Sequence[int], status: Mapping[str, Any] | None = None,
+             server_time: bool = False) -> Snapshot:
         seconds = list(seconds)
 
         def run() -> list[Any]:
@@ -333,9 +348,12 @@ class RedisStore:
             pipe.get(self.k_epoch)
             if status is not None:
                 pipe.set(f"{self.prefix}:ctl:{status.get('id', 'ctl')}", json.dumps(status), ex=self.STATUS_TTL)
+            if server_time:
+                pipe.time()
             return pipe.execute()
 
         replies = self._call(run)
+        clock = float(replies[-1][0]) + float(replies[-1][1]) / 1e6 if server_time else None
         raw, (h, epoch) = replies[: len(seconds)], replies[len(seconds): len(seconds) + 2]
         size = self.spec.size
         buckets: dict[int, np.ndarray] = {}
@@ -345,7 +363,7 @@ class RedisStore:
         hd = {k.decode() if isinstance(k, bytes) else k: v.decode() if isinstance(v, bytes) else v
               for k, v in (h or {}).items()}
         targets, version = _targets_from_hash(hd)
-        return Snapshot(buckets, targets, version, int(epoch or 0), hd)
+        return Snapshot(buckets, targets, version, int(epoch or 0), hd, clock)
 
     def set_targets(self, targets: Targets, who: str, reason: str) -> dict[str, Any]:
         return self.update_targets(who, reason, targets.r, targets.p_u, targets.epsilon)
