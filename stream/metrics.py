@@ -67,12 +67,23 @@ class WorkerMetrics:
                                    "(passed, reason nan_output): a model fault.", registry=r)
         self.unknown_features = Counter("rta_unknown_features", "Request feature names the bundle does not "
                                         "know (a producer on another feature schema?).", registry=r)
-        self.clock_skew = Gauge("rta_clock_skew_seconds", "This host's clock minus Redis TIME.", registry=r)
+        self.clock_skew = Gauge("rta_clock_skew_seconds", "This host's clock minus Redis TIME (buckets of "
+                                "the shared window are misaligned by this much).", registry=r)
+        self.targets_source = Gauge("rta_targets_source", "1 for where the targets in force come from: redis, "
+                                    "last (Redis lost them), peers (adopted), default (none known).",
+                                    ["source"], registry=r)
+        self._targets_source = ""
         self.last_loop = time.monotonic()  # liveness: updated every loop iteration
         self.last_nan = -float("inf")  # monotonic time of the last NaN output
         self.unhealthy_after_failures = 3
         self.state = "starting"
         self.set_redis(False)
+
+    def set_targets_source(self, source: str) -> None:
+        if source != self._targets_source:
+            self._targets_source = source
+            for s in ("redis", "last", "peers", "default"):
+                self.targets_source.labels(s).set(1.0 if s == source else 0.0)
 
     def set_redis(self, degraded: bool) -> None:
         for s in REDIS_STATES:
@@ -92,6 +103,8 @@ class WorkerMetrics:
             alerts.append("checkpoint_failing")
         if now - self.last_nan < alert_s:
             alerts.append("nan_outputs")
+        if self._targets_source == "default":
+            alerts.append("targets_default")
         return ok, {"worker": self.worker_id, "state": self.state, "loop_age_s": round(since, 3),
                     "checkpoint_failing": failing, "nan_outputs": int(self.nan_outputs._value.get()),
                     "alerts": alerts}

@@ -402,6 +402,9 @@ class Worker:
         m.tau_u.set(th.tau_u)
         m.target_ratio.set(th.targets.r)
         m.set_redis(th.degraded)
+        m.set_targets_source(self.controller.targets_source)
+        if self.controller.clock_skew is not None:
+            m.clock_skew.set(self.controller.clock_skew)
         m.lag_ms.set(age_ms)
         blocked_by = np.bincount(d.reason[d.block], minlength=len(REASONS))
         for k in np.flatnonzero(by_reason).tolist():

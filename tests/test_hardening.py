@@ -8,16 +8,26 @@ Fault tests restore what they break in try/finally and poll for states with dead
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import logging
+import os
+import shutil
+import subprocess
 import time
+import urllib.request
+import uuid
+from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
-from student_data import make_bundle
+from student_data import make_bundle, random_batch
 from worker_support import (
     MALFORMED,
+    RTA,
     committed,
     decisions,
     produce,
@@ -25,16 +35,21 @@ from worker_support import (
     request_values,
     running,
     wait_for,
+    worker_env,
 )
 
+from infra.stack import free_port
+from model.bundle import publish, update_manifest
 from stream.checkpoint import (
     Checkpoint,
     CheckpointDeliveryError,
     CheckpointRewindError,
     DeliveryReports,
 )
+from stream.controller import ControllerConfig, RatioController
+from stream.events import encode_requests
 from stream.kafka import make_producer
-from stream.policy import Targets
+from stream.policy import Targets, decide
 from stream.window import RedisStore
 from stream.worker import DLQ_MAX_BYTES
 
@@ -166,3 +181,262 @@ def test_failed_seek_during_rewind_refuses_every_later_commit(settings):
         assert got < 0, f"committed {got}: decisions of offsets 0..19 were never delivered"
     finally:
         consumer.close()
+
+
+# --- 4. Redis refusing (not unreachable) degrades, never raises ---------------------------
+
+
+def _batch(n: int = 400, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    e, u = rng.random(n), rng.random(n) * 0.1
+    return e, u, decide(e, u, None, rng.random(n), 0.5, 0.09, 0.0)
+
+
+def _drive(ctl: RatioController, until, what: str, timeout: float = 30.0) -> None:
+    """Observe batches until `until(ctl)` holds (the hot path must never raise meanwhile)."""
+    e, u, d = _batch()
+    wait_for(lambda: (ctl.observe(e, u, d), ctl.thresholds(), until(ctl))[-1], timeout, what, step=0.05)
+
+
+@contextlib.contextmanager
+def _refusing(redis_client, kind: str, url: str):
+    """Make the session's Redis refuse writes the way production does; always undo it."""
+    if kind == "OOM":
+        before = redis_client.config_get("maxmemory*")
+        redis_client.config_set("maxmemory-policy", "noeviction")
+        redis_client.config_set("maxmemory", 1)
+        try:
+            yield url
+        finally:
+            redis_client.config_set("maxmemory", before["maxmemory"])
+            redis_client.config_set("maxmemory-policy", before["maxmemory-policy"])
+    elif kind == "READONLY":  # a failover demoted this server to a replica (of a dead master)
+        redis_client.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
+        try:
+            yield url
+        finally:
+            redis_client.execute_command("REPLICAOF", "NO", "ONE")
+    else:  # NOPERM: the worker's ACL user lost its write permission
+        user = f"h13-{uuid.uuid4().hex[:6]}"
+        redis_client.execute_command("ACL", "SETUSER", user, "on", ">pw", "~*", "+@all", "-hset", "-set")
+        try:
+            yield url.replace("redis://", f"redis://{user}:pw@", 1)
+        finally:
+            redis_client.execute_command("ACL", "DELUSER", user)
+
+
+@pytest.mark.parametrize("kind", ["OOM", "READONLY", "NOPERM"])
+def test_redis_refusing_writes_degrades_the_controller_and_it_rejoins(settings, redis_client, kind):
+    RedisStore.from_url(settings.redis_url, settings.redis_prefix).set_targets(Targets(0.3), "test", kind)
+    cfg = ControllerConfig(refresh_interval=0.05, backoff_initial=0.05, backoff_max=0.2)
+    with _refusing(redis_client, kind, settings.redis_url) as url:
+        ctl = RatioController.from_settings(dataclasses.replace(settings, redis_url=url), cfg)
+        _drive(ctl, lambda c: c.degraded, f"degraded under {kind}")
+        assert ctl.thresholds().degraded and ctl.last_error.startswith("redis refused")
+        if kind == "NOPERM":  # the user stays refused: rejoining is the next block's job
+            return
+    _drive(ctl, lambda c: not c.degraded, "rejoined")
+    assert ctl.thresholds().targets.r == 0.3
+
+
+# --- 5. a bad bundle is refused, never a crash --------------------------------------------
+
+
+def _edit_graph(bundle_dir: Path, build) -> Path:
+    """Rename the graph's `p` output to `p_raw`, let `build(graph)` add nodes producing `p`, and
+    re-hash the manifest: a bundle that passes every static check."""
+    import onnx
+
+    model = onnx.load(str(bundle_dir / "student.onnx"))
+    for node in model.graph.node:
+        node.output[:] = ["p_raw" if o == "p" else o for o in node.output]
+    build(model.graph)
+    onnx.save(model, str(bundle_dir / "student.onnx"))
+    update_manifest(bundle_dir)
+    return bundle_dir
+
+
+def _fails_at_run_time(graph) -> None:
+    """p reshaped to 5 rows: loads fine, onnxruntime fails on any other batch size."""
+    from onnx import helper, numpy_helper
+
+    graph.initializer.append(numpy_helper.from_array(np.array([5, 4], np.int64), "h13_shape"))
+    graph.node.append(helper.make_node("Reshape", ["p_raw", "h13_shape"], ["p"]))
+
+
+def _nan_when_huge(graph) -> None:
+    """p = NaN for rows whose first numeric feature is > 1e30 (a model fault on odd input)."""
+    from onnx import helper, numpy_helper
+
+    for name, arr in {"s0": np.array([0], np.int64), "s1": np.array([1], np.int64),
+                      "big": np.array(1e30, np.float32), "nan": np.array(np.nan, np.float32)}.items():
+        graph.initializer.append(numpy_helper.from_array(arr, f"h13_{name}"))
+    graph.node.extend([helper.make_node("Slice", ["num", "h13_s0", "h13_s1", "h13_s1"], ["h13_x"]),
+                       helper.make_node("Greater", ["h13_x", "h13_big"], ["h13_mask"]),
+                       helper.make_node("Where", ["h13_mask", "h13_nan", "p_raw"], ["p"])])
+
+
+def _variant(model_dir: Path, name: str, edit) -> Path:
+    """A copy of v1 named `name`, changed by `edit(dir, manifest)` (manifest written after)."""
+    out = model_dir / name
+    shutil.copytree(model_dir / "v1", out)
+    m = json.loads((out / "manifest.json").read_text())
+    m["version"] = name
+    edit(out, m)
+    (out / "manifest.json").write_text(json.dumps(m))
+    return out
+
+
+def _point_current(model_dir: Path, version: str) -> None:
+    """Swap `current` as any tool could (publish() itself refuses a bad manifest)."""
+    tmp = model_dir / f".tmp-{uuid.uuid4().hex[:6]}"
+    os.symlink(version, tmp)
+    os.replace(tmp, model_dir / "current")
+
+
+def _bad_bundles(model_dir: Path) -> list[tuple[str, str]]:
+    """(version, what its refusal must say) for each way a bundle is bad."""
+    def types(d, m):
+        m["tasks"] = "click,online"
+
+    def dev_zero(d, m):  # would hang the hash
+        m["files"]["/dev/zero"] = "0" * 64
+
+    def escape(d, m):
+        m["files"]["../v1/student.onnx"] = m["files"]["student.onnx"]
+
+    def directory(d, m):  # read_bytes -> IsADirectoryError (PermissionError takes the same path)
+        (d / "student.onnx").unlink()
+        (d / "student.onnx").mkdir()
+
+    def ort(d, m):
+        _edit_graph(d, _fails_at_run_time)
+        m.clear()
+        m.update(json.loads((d / "manifest.json").read_text()), version=d.name)
+
+    out = []
+    for name, edit, says in (("bad-types", types, "'tasks'"), ("bad-devzero", dev_zero, "/dev/zero"),
+                             ("bad-escape", escape, "../v1/student.onnx"), ("bad-dir", directory, "student.onnx"),
+                             ("bad-ort", ort, "smoke-test")):
+        _variant(model_dir, name, edit)
+        out.append((name, says))
+    return out
+
+
+@pytest.mark.slow
+def test_bad_bundles_are_refused_while_the_old_one_serves_and_training_files_are_not_read(
+        settings, bundle, targets, caplog):
+    caplog.set_level(logging.ERROR, logger="rta.worker")
+    model_dir = Path(settings.model_dir)
+    bad = _bad_bundles(model_dir)
+
+    def fifo_teacher(d, m):  # a serving-only bundle whose listed teacher would block any reader
+        os.mkfifo(d / "teacher.pt")
+        m["files"]["teacher.pt"] = "0" * 64
+        (d / "student.pt").unlink()
+    _variant(model_dir, "v2", fifo_teacher)
+    ids, values = request_values(200)
+    with running(settings, group_id="h-bundle", seed=0, reload_interval_s=0.1) as w:
+        for k, (version, says) in enumerate(bad, start=1):
+            _point_current(model_dir, version)
+            wait_for(lambda k=k: w.stats.refused_reloads >= k, 30, f"{version} refused")
+            assert w.scorer.version == "v1"
+            line = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()][-1]
+            assert version in line and says in line and len(line.splitlines()) == 1, line
+        produce(settings, values, ids)
+        wait_for(lambda: w.stats.events >= 200, 60, "decided by the old model")
+        publish(model_dir / "v2")
+        wait_for(lambda: w.scorer.version == "v2", 30, "the serving-only bundle served")
+    got = decisions(settings, 200, quiet=0.5)
+    assert {d["model"] for d in got} == {"v1"} and len(got) == 200
+
+
+@pytest.mark.slow
+def test_a_worker_whose_current_bundle_is_bad_says_so_and_exits_nonzero(settings, bundle, tmp_path):
+    _bad_bundles(Path(settings.model_dir))
+    _point_current(Path(settings.model_dir), "bad-ort")
+    r = subprocess.run([*RTA, "serve", "--no-metrics"], env=worker_env(settings), cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    last = [line for line in r.stderr.splitlines() if line.strip()][-1]
+    assert "bad-ort" in last and "smoke-test" in last
+
+
+# --- 6. NaN outputs have their own reason, metric and alert; unknown features are counted --
+
+
+@pytest.mark.slow
+def test_nan_outputs_are_counted_apart_from_invalid_and_unknown_features_exported(settings, bundle, targets):
+    _variant(Path(settings.model_dir), "vnan", lambda d, m: None)
+    _edit_graph(Path(settings.model_dir) / "vnan", _nan_when_huge)
+    publish(Path(settings.model_dir) / "vnan")
+    n = 600
+    spec, num, cat = random_batch(n, seed=3)
+    num[::12, 0] = 1e35  # 50 requests the model scores NaN
+    ids = [f"r{i}" for i in range(n)]
+    values = encode_requests(ids, np.full(n, int(time.time() * 1000)), num, cat, spec)
+    odd = [orjson.dumps({"v": 1, "request_id": f"odd{i}", "ts_ms": 1, "features": {"n1": 1.0, "other_schema": 2}})
+           for i in range(20)]
+    produce(settings, values + odd, ids + [f"odd{i}" for i in range(20)])
+    with running(settings, group_id="h-nan", seed=0, metrics_port=0) as w:
+        wait_for(lambda: w.stats.events >= n + 20, 60, "all decided")
+        port = w.server.port
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10).read())
+    got = {d["request_id"]: d for d in decisions(settings, n + 20, quiet=0.5)}
+    nan_ids = {f"r{i}" for i in range(0, n, 12)}
+    assert {rid for rid, d in got.items() if d["reason"] == "nan_output"} == nan_ids
+    assert all(got[rid]["decision"] == "pass" and got[rid]["score"] is None for rid in nan_ids)
+    assert not any(d["reason"] == "invalid" for d in got.values())
+    assert read_topic(settings, "dlq", 1, timeout=2) == []  # a model fault is not bad input
+    assert "rta_nan_outputs_total 50.0" in text and "rta_unknown_features_total 20.0" in text
+    assert 'rta_decisions_total{decision="pass",reason="nan_output"} 50.0' in text
+    assert "nan_outputs" in health["alerts"] and health["nan_outputs"] == 50
+
+
+# --- 7. targets survive a Redis that restarts empty ---------------------------------------
+
+
+def test_a_worker_started_after_redis_restarted_empty_takes_the_fleets_targets(settings, redis_server):
+    RedisStore.from_url(settings.redis_url, settings.redis_prefix).set_targets(Targets(0.3, 0.05, 0.01), "op", "t")
+    cfg = ControllerConfig(refresh_interval=0.05, backoff_initial=0.05, backoff_max=0.2)
+    old = RatioController.from_settings(settings, cfg, controller_id="old")
+    _drive(old, lambda c: c.thresholds().targets.r == 0.3, "the old worker reads r")
+    try:
+        redis_server.restart()  # no persistence: comes back empty
+    finally:
+        if not redis_server.running:
+            redis_server.start()
+    assert RedisStore.from_url(settings.redis_url, settings.redis_prefix).get_targets()[0] is None
+    _drive(old, lambda c: not c.degraded and c.refreshes > 0 and c.targets_source == "last", "old worker back")
+    new = RatioController.from_settings(settings, cfg, controller_id="new")
+    _drive(new, lambda c: c.targets_source == "peers", "the new worker adopted the fleet's targets")
+    assert new.thresholds().targets == old.thresholds().targets == Targets(0.3, 0.05, 0.01)
+    # and an operator's set (the record) wins again
+    RedisStore.from_url(settings.redis_url, settings.redis_prefix).set_targets(Targets(0.2), "op", "restore")
+    _drive(new, lambda c: c.thresholds().targets == Targets(0.2) and c.targets_source == "redis", "restored")
+
+
+# --- 8. a wall-clock step does not freeze the thresholds; skew against Redis TIME -----------
+
+
+def test_a_clock_step_back_keeps_refreshing_and_skew_is_measured(settings):
+    store = RedisStore.from_url(settings.redis_url, settings.redis_prefix)
+    store.set_targets(Targets(0.3), "op", "t")
+    assert RatioController.from_settings(settings).timer is time.monotonic  # production default
+    step = [0.0]
+
+    def wall() -> float:  # the host clock, stepped back by NTP or an operator
+        return time.time() + step[0]
+
+    cfg = ControllerConfig(refresh_interval=0.05, skew_interval=0.05)
+    ctl = RatioController.from_settings(settings, cfg, clock=wall, timer=time.monotonic)
+    _drive(ctl, lambda c: c.thresholds().targets.r == 0.3 and c.clock_skew is not None, "first refresh")
+    assert abs(ctl.clock_skew) < 1.0
+    step[0] = -3600.0
+    before = ctl.refreshes
+    store.set_targets(Targets(0.1), "op", "after the step")
+    _drive(ctl, lambda c: c.thresholds().targets.r == 0.1 and c.refreshes > before + 3, "refreshing on")
+    wait_for(lambda: (ctl.thresholds(), ctl.clock_skew < -3590)[-1], 10, "skew seen")
+    assert ctl.status()["clock_skew_s"] == pytest.approx(-3600, abs=5)
