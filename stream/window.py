@@ -42,13 +42,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
-from stream.errors import RtaError
+from stream.errors import InfeasibleTargets, RtaError
 from stream.policy import DEGRADED, EXPLORE, INVALID, SCORE, UNCERTAIN, Decisions, Targets
 
 COUNTS = ("total", "blocked", "uncertain", "explore", "invalid", "degraded", "scored", "spare")
@@ -182,8 +182,11 @@ class WindowStore(Protocol):
         """Write targets atomically with an audit entry; returns the entry."""
 
     def update_targets(self, who: str, reason: str, r: float | None = None, p_u: float | None = None,
-                       epsilon: float | None = None) -> dict[str, Any]:
-        """Like set_targets, None keeping the current value; validated before writing."""
+                       epsilon: float | None = None, max_step: float | None = None,
+                       before_write: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Like set_targets, None keeping the current value; validated before writing (``r`` may
+        move by at most ``max_step``); ``before_write(entry)`` runs before anything is written
+        (the durable audit record) and aborts the change by raising."""
 
     def history(self, n: int = 20) -> list[dict[str, Any]]:
         """Newest-first audit entries."""
@@ -210,6 +213,15 @@ def _merge(old: Targets | None, r: float | None, p_u: float | None, epsilon: flo
     old = old or Targets()
     return Targets(old.r if r is None else r, old.p_u if p_u is None else p_u,
                    old.epsilon if epsilon is None else epsilon)
+
+
+def _check_step(old: Targets | None, new: Targets, max_step: float | None) -> None:
+    """A fat-fingered `rta ratio set 0.9` (for 0.09) must not block most traffic at once."""
+    if max_step is None or old is None:
+        return
+    if abs(new.r - old.r) > max_step + 1e-12:
+        raise InfeasibleTargets(f"r would move from {old.r:g} to {new.r:g}, more than the max step {max_step:g} "
+                                "per change; change it in steps, or raise --max-step")
 
 
 def _audit_entry(old: Targets | None, new: Targets, who: str, reason: str, version: int) -> dict[str, Any]:
@@ -260,10 +272,14 @@ class MemoryStore:
         return self.update_targets(who, reason, targets.r, targets.p_u, targets.epsilon)
 
     def update_targets(self, who: str, reason: str, r: float | None = None, p_u: float | None = None,
-                       epsilon: float | None = None) -> dict[str, Any]:
+                       epsilon: float | None = None, max_step: float | None = None,
+                       before_write: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         targets = _merge(self.targets, r, p_u, epsilon)
+        _check_step(self.targets, targets, max_step)
+        entry = _audit_entry(self.targets, targets, who, reason, self.version + 1)
+        if before_write is not None:
+            before_write(entry)
         self.version += 1
-        entry = _audit_entry(self.targets, targets, who, reason, self.version)
         self.targets = targets
         self.audit.insert(0, entry)
         del self.audit[AUDIT_CAP:]
@@ -369,9 +385,12 @@ class RedisStore:
         return self.update_targets(who, reason, targets.r, targets.p_u, targets.epsilon)
 
     def update_targets(self, who: str, reason: str, r: float | None = None, p_u: float | None = None,
-                       epsilon: float | None = None) -> dict[str, Any]:
-        """WATCH/MULTI: read old, merge (None = keep), validate, write new + audit entry
-        atomically (retried on a race). Raises InfeasibleTargets before writing anything."""
+                       epsilon: float | None = None, max_step: float | None = None,
+                       before_write: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """WATCH/MULTI: read old, merge (None = keep), validate (``r`` moves by at most
+        ``max_step``), call ``before_write(entry)`` (the durable audit record: raising aborts),
+        then write new + audit entry atomically (retried on a race). Raises InfeasibleTargets
+        before writing anything."""
         import redis
 
         def run() -> dict[str, Any]:
@@ -382,7 +401,10 @@ class RedisStore:
                         h = {k.decode(): v.decode() for k, v in pipe.hgetall(self.k_targets).items()}
                         old, version = _targets_from_hash(h)
                         targets = _merge(old, r, p_u, epsilon)
+                        _check_step(old, targets, max_step)
                         entry = _audit_entry(old, targets, who, reason, version + 1)
+                        if before_write is not None:
+                            before_write(entry)
                         pipe.multi()
                         pipe.hset(self.k_targets, mapping={
                             "r": repr(float(targets.r)), "p_u": repr(float(targets.p_u)),
@@ -424,3 +446,32 @@ class RedisStore:
             return self.r.delete(*keys) if keys else 0
 
         return int(self._call(run))
+
+
+# --- least privilege: Redis ACL users -----------------------------------------------------------
+
+_CONNECT = "+ping +hello +select +client|setinfo +auth"
+ACL_ROLES = ("worker", "operator")
+
+
+def acl_rules(prefix: str, role: str) -> list[str]:
+    """`ACL SETUSER <name> on ><password> <rules...>` rules for a role (DESIGN.md, security):
+
+    - worker: write its window buckets, the window epoch and its status; READ the targets (never
+      write them or the audit list);
+    - operator: write targets and append the audit list; read the window and statuses.
+    Needs Redis >= 7 (read-only key selectors ``%R~``)."""
+    if role == "worker":
+        keys = [f"~{prefix}:win:*", f"~{prefix}:ctl:*", f"%R~{prefix}:ratio:targets"]
+        cmds = "+hset +hgetall +expire +incr +get +set +mget +scan +time"
+    elif role == "operator":
+        keys = [f"~{prefix}:ratio:*", f"%R~{prefix}:win:*", f"%R~{prefix}:ctl:*"]
+        cmds = "+hgetall +hset +lpush +ltrim +lrange +watch +unwatch +multi +exec +discard +get +mget +scan +ttl"
+    else:
+        raise ValueError(f"unknown role {role!r}; known: {', '.join(ACL_ROLES)}")
+    return ["resetkeys", *keys, "resetchannels", "-@all", *_CONNECT.split(), *cmds.split()]
+
+
+def apply_acl(client: Any, prefix: str, role: str, user: str, password: str) -> None:
+    """Create or reset `user` with the role's rules (an admin connection)."""
+    client.execute_command("ACL", "SETUSER", user, "reset", "on", f">{password}", *acl_rules(prefix, role))

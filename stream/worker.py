@@ -164,7 +164,7 @@ class Worker:
                 self.producer.init_transactions(cfg.flush_timeout_s)
             except KafkaException as exc:
                 raise ConfigError(f"--exactly-once: the cluster refused transactions ({exc.args[0].str()})") from None
-        self.consumer = make_consumer(settings, cfg.group_id, **{**GROUP_DEFAULTS, **settings.kafka})
+        self.consumer = make_consumer(settings, cfg.group_id, GROUP_DEFAULTS)
         self.checkpoint = Checkpoint(
             self.consumer, self.producer, self.reports, exactly_once=cfg.exactly_once,
             commit_interval_s=cfg.commit_interval_s, commit_every=cfg.commit_every,
