@@ -254,8 +254,11 @@ def verify_files(bundle_dir: str | Path, manifest: dict[str, Any],
     files = manifest["files"]
     if not isinstance(files, dict):
         raise BundleError(f"{bundle_dir / MANIFEST}: manifest 'files' must be a mapping")
-    if STUDENT_ONNX not in files:
+    if (only is None or STUDENT_ONNX in only) and STUDENT_ONNX not in files:
         raise BundleError(f"{bundle_dir / MANIFEST}: lists no {STUDENT_ONNX}")
+    missing = sorted((only or set()) - set(files) - set(preloaded))
+    if missing:
+        raise BundleError(f"{bundle_dir / MANIFEST}: lists no hash for {', '.join(missing)}")
     for rel in files:
         _entry(bundle_dir, rel)
     for rel, expected in files.items():

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import time
 import urllib.request
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
+import redis
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from student_data import make_bundle, random_batch
 from worker_support import (
@@ -34,6 +36,7 @@ from worker_support import (
     read_topic,
     request_values,
     running,
+    spawn_worker,
     wait_for,
     worker_env,
 )
@@ -47,10 +50,11 @@ from stream.checkpoint import (
     DeliveryReports,
 )
 from stream.controller import ControllerConfig, RatioController
+from stream.errors import InfeasibleTargets
 from stream.events import encode_requests
-from stream.kafka import make_producer
+from stream.kafka import make_consumer, make_producer
 from stream.policy import Targets, decide
-from stream.window import RedisStore
+from stream.window import ACL_ROLES, RedisStore, StoreUnavailable, apply_acl
 from stream.worker import DLQ_MAX_BYTES
 
 
@@ -440,3 +444,179 @@ def test_a_clock_step_back_keeps_refreshing_and_skew_is_measured(settings):
     _drive(ctl, lambda c: c.thresholds().targets.r == 0.1 and c.refreshes > before + 3, "refreshing on")
     wait_for(lambda: (ctl.thresholds(), ctl.clock_skew < -3590)[-1], 10, "skew seen")
     assert ctl.status()["clock_skew_s"] == pytest.approx(-3600, abs=5)
+
+
+# --- 9. exactly-once: a replacement fences its crashed predecessor --------------------------
+
+
+def _ids_seen(settings, isolation: str, expect: set[str], timeout: float) -> set[str]:
+    """Request ids on the decisions topic as a reader with this isolation level sees them."""
+    c = make_consumer(settings, f"iso-{uuid.uuid4().hex[:6]}", **{"isolation.level": isolation})
+    c.assign([TopicPartition(settings.topic("decisions"), p, 0) for p in range(settings.partitions)])
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and not expect <= seen:
+            seen |= {orjson.loads(m.value())["request_id"] for m in c.consume(5000, 0.2) if m.error() is None}
+    finally:
+        c.close()
+    return seen
+
+
+@pytest.mark.slow
+def test_exactly_once_replacement_fences_the_crashed_worker_so_readers_do_not_stall(settings, bundle, targets,
+                                                                                    tmp_path):
+    ids, values = request_values(3000)
+    produce(settings, values, ids)
+    want = set(ids)
+    # the first worker decides everything inside one open transaction (commit due in 40 s) ...
+    first = spawn_worker(settings, tmp_path, "--group", "h-eos", "--exactly-once", "--commit-interval-ms", "40000")
+    second = None
+    try:
+        assert _ids_seen(settings, "read_uncommitted", want, 90) == want
+        os.kill(first.pid, signal.SIGKILL)  # ... and dies before committing it
+        first.wait(10)
+        # same host, same default slot id (<group>-<hostname>): init_transactions aborts the
+        # predecessor's transaction, so read_committed readers move on at once
+        second = spawn_worker(settings, tmp_path, "--group", "h-eos", "--exactly-once", "--commit-interval-ms", "200")
+        seen = _ids_seen(settings, "read_committed", want, 45)
+        assert seen == want, f"{len(want - seen)} decisions still hidden behind the dead transaction"
+    finally:
+        for p in (first, second):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+# --- 10. the user's librdkafka settings win; no secret in any output ------------------------
+
+
+def test_user_librdkafka_settings_beat_the_producer_defaults(settings):
+    user = dataclasses.replace(settings, kafka={**settings.kafka, "queue.buffering.max.messages": "10"})
+    p = make_producer(user)  # our default is 500,000: with the user's 10, the 11th does not fit
+    with pytest.raises(BufferError):
+        for i in range(11):
+            p.produce(settings.topic("requests"), f"m{i}".encode())
+    assert p.flush(15) == 0
+
+
+def test_passwords_never_printed_or_recorded(kafka, redis_server, tmp_path, clean_env):
+    secret = f"s3cret-{uuid.uuid4().hex[:6]}"
+    dead = f"redis://rta:{secret}@127.0.0.1:{free_port()}/0"
+    r = subprocess.run([*RTA, "ratio", "--redis-url", dead, "get"], env=clean_env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and secret not in r.stdout + r.stderr and "rta:***@" in r.stderr
+    # an external Redis with a password: `rta dev up` records it redacted, `status` still probes it
+    user = f"h13-{uuid.uuid4().hex[:6]}"
+    admin = redis.Redis.from_url(redis_server.url)
+    admin.execute_command("ACL", "SETUSER", user, "on", f">{secret}", "~*", "+@all")
+    try:
+        url = redis_server.url.replace("redis://", f"redis://{user}:{secret}@", 1)
+        env = {**clean_env, "RTA_REDIS_URL": url, "RTA_KAFKA_BOOTSTRAP": kafka.bootstrap}
+        for verb in ("up", "status"):
+            done = subprocess.run([*RTA, "dev", verb], env=env, capture_output=True, text=True,
+                                  timeout=120, cwd=tmp_path)
+            assert done.returncode == 0, done.stderr[-1000:]
+            assert secret not in done.stdout + done.stderr and f"{user}:***@" in done.stdout
+        assert secret not in (Path(env["RTA_STATE_DIR"]) / "stack.json").read_text()
+    finally:
+        admin.execute_command("ACL", "DELUSER", user)
+        admin.close()
+
+
+# --- 11. least privilege: a worker's Redis user cannot change r -----------------------------
+
+
+def test_worker_credentials_cannot_change_targets_and_operators_cannot_write_the_window(settings, redis_client):
+    prefix = settings.redis_prefix
+    users = {role: f"h13-{role}-{uuid.uuid4().hex[:6]}" for role in ACL_ROLES}
+    for role, user in users.items():
+        apply_acl(redis_client, prefix, role, user, "pw-" + role)
+
+    def url(role: str) -> str:
+        return settings.redis_url.replace("redis://", f"redis://{users[role]}:pw-{role}@", 1)
+
+    try:
+        operator = RedisStore.from_url(url("operator"), prefix)
+        operator.set_targets(Targets(0.3), "alice", "start")
+        worker = RedisStore.from_url(url("worker"), prefix)
+        # the worker's whole job works with its user: window, epoch, status, targets read, TIME
+        ctl = RatioController(worker, ControllerConfig(refresh_interval=0.05), controller_id="w1")
+        _drive(ctl, lambda c: c.refreshes > 2 and not c.degraded and c.thresholds().targets.r == 0.3, "worker ok")
+        ctl.refresh()
+        assert ctl.clock_skew is not None and [c["id"] for c in operator.controllers()] == ["w1"]
+        # ... but it cannot change r, nor rewrite the audit trail
+        with pytest.raises(StoreUnavailable, match="refused"):
+            worker.update_targets("mallory", "take over", r=0.9)
+        raw = redis.Redis.from_url(url("worker"))
+        for cmd in (("HSET", f"{prefix}:ratio:targets", "r", "0.9"), ("DEL", f"{prefix}:ratio:targets"),
+                    ("LPUSH", f"{prefix}:ratio:audit", "{}"), ("DEL", f"{prefix}:ratio:audit"),
+                    ("FLUSHDB",), ("CONFIG", "SET", "maxmemory", "1")):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                raw.execute_command(*cmd)
+        raw.close()
+        assert operator.get_targets()[0] == Targets(0.3) and len(operator.history()) == 1
+        # the operator writes targets (step-limited) but not the window
+        with pytest.raises(InfeasibleTargets, match="max step"):
+            operator.update_targets("alice", "fat finger", r=0.9, max_step=0.25)
+        operator.update_targets("alice", "step", r=0.5, max_step=0.25)
+        assert operator.get_targets()[0].r == 0.5
+        with pytest.raises(StoreUnavailable, match="refused"):
+            operator.put("op", {1: np.zeros(operator.spec.size, np.int64)})
+    finally:
+        for user in users.values():
+            redis_client.execute_command("ACL", "DELUSER", user)
+
+
+def test_audit_topic_holds_every_change_before_redis_does(settings, capsys, monkeypatch):
+    from test_operators import rta
+
+    monkeypatch.setenv("RTA_KAFKA_BOOTSTRAP", settings.kafka_bootstrap)
+    monkeypatch.setenv("RTA_TOPIC_AUDIT", settings.topic("audit"))
+    base = ("ratio", "--redis-url", settings.redis_url, "--redis-prefix", settings.redis_prefix)
+    for r in ("0.2", "0.4"):
+        code, _, err = rta(capsys, *base, "set", r, "--reason", f"to {r}", "--who", "carol")
+        assert code == 0, err
+    code, _, err = rta(capsys, *base, "set", "0.9", "--reason", "fat finger")  # beyond the step limit
+    assert code == 2 and "max step" in err and len(err.strip().splitlines()) == 1
+    got = [orjson.loads(m.value()) for m in read_topic(settings, "audit", 2, quiet=0.5)]
+    assert sorted(e["new"]["r"] for e in got) == [0.2, 0.4] and {e["who"] for e in got} == {"carol"}
+    store = RedisStore.from_url(settings.redis_url, settings.redis_prefix)
+    assert [h["version"] for h in store.history()] == sorted((e["version"] for e in got), reverse=True)
+
+
+# --- 12. teacher weights: verified first, tensors only --------------------------------------
+
+
+class _Payload:
+    """A pickle that runs code when loaded (what a planted teacher.pt would carry)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_teacher_weights_are_verified_before_loading_and_never_run_code(tmp_path, torch_one_thread):
+    import torch
+
+    from model.bundle import sha256_file
+    from stream.errors import BundleError
+    from training.pipeline import load_teacher
+
+    b, marker = tmp_path / "t1", tmp_path / "code-ran"
+    b.mkdir()
+    torch.save({"format": 1, "evil": _Payload(marker)}, b / "teacher.pt")
+    (b / "preprocess.json").write_text("{}")
+    manifest = {"format": 1, "version": "t1", "feature_spec": {}, "tasks": ["click"], "uncertainty": {},
+                "files": {"teacher.pt": "0" * 64, "preprocess.json": sha256_file(b / "preprocess.json")}}
+    (b / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="sha256 mismatch"):  # planted after the manifest: refused
+        load_teacher(b)
+    assert not marker.exists()
+    manifest["files"]["teacher.pt"] = sha256_file(b / "teacher.pt")  # the manifest rewritten too
+    (b / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="unreadable"):  # weights only: no code runs
+        load_teacher(b)
+    assert not marker.exists()
