@@ -620,3 +620,62 @@ def test_teacher_weights_are_verified_before_loading_and_never_run_code(tmp_path
     with pytest.raises(BundleError, match="unreadable"):  # weights only: no code runs
         load_teacher(b)
     assert not marker.exists()
+
+
+# --- 13. an independent client (aiokafka) talks to the embedded broker and the worker --------
+
+
+@pytest.mark.slow
+def test_aiokafka_produces_requests_and_reads_decisions_from_a_served_worker(settings, bundle, targets, tmp_path):
+    import asyncio
+
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+    from aiokafka import TopicPartition as AioTP
+
+    ids, values = request_values(500)
+    want = set(ids)
+
+    async def send() -> None:
+        p = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, compression_type="gzip")
+        await p.start()
+        try:
+            for rid, v in zip(ids, values, strict=True):
+                await p.send(settings.topic("requests"), v, key=rid.encode())
+            await p.flush()
+        finally:
+            await p.stop()
+
+    async def receive(timeout: float) -> dict[str, dict]:
+        c = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
+                             isolation_level="read_committed")
+        await c.start()
+        got: dict[str, dict] = {}
+        try:
+            c.assign([AioTP(settings.topic("decisions"), p) for p in range(settings.partitions)])
+            await c.seek_to_beginning()
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and not want <= set(got):
+                for msgs in (await c.getmany(timeout_ms=500)).values():
+                    for m in msgs:
+                        doc = orjson.loads(m.value)
+                        got[doc["request_id"]] = {**doc, "_headers": dict(m.headers), "_key": m.key}
+        finally:
+            await c.stop()
+        return got
+
+    port = free_port()  # `rta serve` with a scrapable metrics address (compose needs --metrics-host)
+    cmd = [*RTA, "serve", "--group", "h-aio", "--batch-wait-ms", "20", "--metrics-host", "127.0.0.1",
+           "--metrics-port", str(port)]
+    log = open(tmp_path / "aio-worker.log", "wb")  # noqa: SIM115 - closed below
+    worker = subprocess.Popen(cmd, env=worker_env(settings), cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        asyncio.run(send())
+        got = asyncio.run(receive(90))
+        assert set(got) == want
+        assert all(d["_key"] == d["request_id"].encode() and d["_headers"]["rta-model"] == b"v1" for d in got.values())
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        assert "rta_events_total 500.0" in text
+    finally:
+        worker.terminate()
+        worker.wait(30)
+        log.close()
