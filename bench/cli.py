@@ -11,6 +11,7 @@ BENCHES = {
     "worker": ("bench.worker:worker", "Worker events/s vs a plain consume->produce passthrough."),
     "controller": ("bench.controller:controller", "Ratio controller settling after steps of r."),
     "codec": ("bench.codec:codec", "Request decode and decision encode rates (hot-path codecs)."),
+    "soak": ("bench.soak:soak", "Worker fleet under kill -9, Redis restarts and malformed input."),
 }
 
 

@@ -47,8 +47,17 @@ class CheckpointCommitError(CheckpointError):
     """Every decision was delivered but committing the input offsets failed."""
 
 
-class CheckpointRewindError(CheckpointError):
+class CheckpointFatalError(CheckpointError):
+    """Nothing can be committed safely any more: the worker must stop (its successor replays)."""
+
+
+class CheckpointRewindError(CheckpointFatalError):
     """A rewind could not seek back: committing anything now could skip undelivered decisions."""
+
+
+class CheckpointFencedError(CheckpointFatalError):
+    """Exactly-once: another producer with this transactional.id took over (or the producer hit
+    another fatal error); this one can never commit again."""
 
 
 class InvalidStoredOffset(CheckpointError):
@@ -310,9 +319,7 @@ class Checkpoint:
                         time.sleep(min(0.1 * 2**attempt, 1.0))
                         continue
                     if err.fatal():
-                        raise CheckpointCommitError(
-                            f"transaction commit failed fatally ({err.str()}); another worker with the "
-                            "same transactional.id has probably fenced this one") from None
+                        raise CheckpointFencedError(_fenced(err)) from None
                     raise CheckpointCommitError(f"transaction commit failed: {err.str()}") from None
 
 
@@ -324,7 +331,10 @@ class Checkpoint:
         self._in_txn = False
 
     def _begin(self) -> None:
-        self._producer.begin_transaction()
+        try:
+            self._producer.begin_transaction()
+        except KafkaException as exc:
+            raise CheckpointFencedError(_fenced(exc.args[0])) from None
         self._in_txn = True
 
     def _reset(self) -> None:
@@ -332,6 +342,11 @@ class Checkpoint:
         self._first.clear()
         self._count = 0
         self._started = time.monotonic()
+
+
+def _fenced(err: KafkaError) -> str:
+    return (f"transactional producer failed fatally ({err.str()}); another worker with the same "
+            "transactional.id has probably fenced this one: give each worker slot its own --transactional-id")
 
 
 def _kafka_str(exc: BaseException) -> str:

@@ -42,7 +42,7 @@ import numpy as np
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
 from model.bundle import current_version
-from stream.checkpoint import Checkpoint, CheckpointError, CheckpointRewindError, DeliveryReports
+from stream.checkpoint import Checkpoint, CheckpointError, CheckpointFatalError, DeliveryReports
 from stream.config import Settings, load_settings
 from stream.controller import ControllerConfig, RatioController
 from stream.errors import BundleError, ConfigError, RtaError, WorkerError
@@ -154,6 +154,7 @@ class Worker:
 
         self.controller = controller or RatioController.from_settings(
             settings, cfg.controller, controller_id=cfg.worker_id)
+        self.controller.refresh()  # read the live targets now, before the first batch
 
         self.reports = DeliveryReports()
         self.transactional_id = cfg.transactional_id or f"{cfg.group_id}-{socket.gethostname()}"
@@ -172,7 +173,7 @@ class Worker:
         self.server = (MetricsServer(self.metrics, cfg.metrics_host, cfg.metrics_port)
                        if cfg.metrics_port is not None else None)
         self._hold_until = 0.0  # consumption paused (checkpoint backoff) until this monotonic time
-        self._fatal: CheckpointRewindError | None = None
+        self._fatal: CheckpointFatalError | None = None
 
     # --- model ----------------------------------------------------------------------------
 
@@ -255,8 +256,9 @@ class Worker:
                 msgs = self.consumer.consume(cfg.batch_size, wait_s)
                 if msgs:
                     self.process(msgs)
-                else:
-                    self.producer.poll(0)
+                else:  # idle (or rebalancing): keep targets, thresholds and our status fresh,
+                    self.producer.poll(0)  # so a peer started meanwhile finds the fleet's targets
+                    self.controller.thresholds()
                 if self.checkpoint.expired():
                     self._commit()
                 self.maybe_reload()
@@ -431,12 +433,12 @@ class Worker:
         try:
             try:
                 self.checkpoint.commit()
-            except CheckpointRewindError:
+            except CheckpointFatalError:
                 raise
             except CheckpointError as exc:
                 self._checkpoint_failed(exc)
                 return False
-        except CheckpointRewindError as exc:
+        except CheckpointFatalError as exc:
             self._fatal = exc
             self._stop.set()
             self.metrics.state = "failed"
@@ -467,7 +469,7 @@ class Worker:
         backoff = min(cfg.checkpoint_backoff_s * 2 ** (st.failing_checkpoints - 1), cfg.checkpoint_backoff_max_s)
         log.error("checkpoint failed (%d in a row), replaying it in %.1f s: %s", st.failing_checkpoints,
                   backoff, exc, extra={"event": "checkpoint_failed", "in_a_row": st.failing_checkpoints})
-        self.checkpoint.rewind()  # may raise CheckpointRewindError (handled by _commit)
+        self.checkpoint.rewind()  # may raise CheckpointFatalError (handled by _commit)
         self._hold_until = time.monotonic() + backoff
         try:
             self.consumer.pause(self.consumer.assignment())
@@ -489,7 +491,7 @@ class Worker:
         if self.config.exactly_once:
             try:
                 self.checkpoint.rewind()
-            except CheckpointRewindError as exc:
+            except CheckpointFatalError as exc:
                 self._fatal = exc
                 self._stop.set()
         else:

@@ -679,3 +679,29 @@ def test_aiokafka_produces_requests_and_reads_decisions_from_a_served_worker(set
         worker.terminate()
         worker.wait(30)
         log.close()
+
+
+# --- the soak, scaled down (`rta bench soak` runs the full one) -----------------------------
+
+
+@pytest.mark.slow
+def test_soak_kill_redis_restart_and_malformed_input_lose_nothing(settings, redis_server, tmp_path):
+    from bench.soak import SoakConfig, run_soak
+
+    # disturbances 14 s apart: a kill costs a group rebalance (one session timeout, 6 s) before
+    # the share can settle; 6 s x 4000/s after each settle: the share's noise is ~0.3 pp
+    cfg = SoakConfig(requests=168_000, rate=4000, workers=2, kills=1, redis_restarts=1, malformed=200,
+                     oversized=5, settle_s=8.0, timeout_s=120, partitions=settings.partitions)
+    try:
+        out = run_soak(cfg, settings, redis_server, tmp_path / "soak")
+    finally:
+        if not redis_server.running:
+            redis_server.start()
+    assert out["missing"] == 0 and out["decided"] == 168_000
+    assert out["workers_alive_at_end"] and out["worker_exit_codes"] == [0, 0]
+    assert out["malformed_decided_invalid"] == 200 and out["dlq_truncated"] >= 5
+    assert [e["kind"] for e in out["disturbances"]] == ["kill", "redis"]
+    judged = [s for s in out["segments"][1:] if s["decisions"] >= 2000]
+    assert len(judged) == 2, out["segments"]
+    assert out["max_block_share_error_pp"] <= 1.0, out["segments"]
+    assert (tmp_path / "soak" / "soak.png").stat().st_size > 0
