@@ -168,6 +168,7 @@ class RatioController:
         self.refreshes = 0
         self.last_error = ""
         self.targets_source = "default"  # "redis" | "last" | "peers" | "default" (module docstring)
+        self._joined = False  # took the peers' feedback integrals (first global read)
         self.clock_skew: float | None = None  # clock() - Redis TIME, seconds
         self._next_skew = -math.inf
 
@@ -270,6 +271,19 @@ class RatioController:
         self.targets_source = "peers"
         return adopted, int(best.get("targets_version") or 0)
 
+    def _adopt_feedback(self) -> None:
+        """A controller joining a running fleet starts from the peers' feedback integrals (their
+        median), not 0: the integrals of controllers sharing a window move identically, so a
+        late joiner at 0 would hold the global share off target until the leak evens them out
+        (a replacement after kill -9 cost ~1 pp for a minute)."""
+        peers = [c.get("feedback") for c in self.store.controllers() if c.get("id") != self.id]
+        vals = [(float(f["block"]), float(f["pass"])) for f in peers
+                if isinstance(f, dict) and isinstance(f.get("block"), int | float) and isinstance(f.get("pass"), int | float)]
+        if vals:
+            lim = self.config.feedback_limit
+            self._i_block = float(np.clip(np.median([v[0] for v in vals]), -lim, lim))
+            self._i_pass = float(np.clip(np.median([v[1] for v in vals]), -lim, lim))
+
     def _read_global(self, sec: int, first: int, now: float,
                      t: float) -> tuple[dict[int, np.ndarray], Targets | None, int]:
         cfg = self.config
@@ -282,6 +296,9 @@ class RatioController:
         if with_time and snap.server_time is not None:
             self._next_skew = t + cfg.skew_interval
             self.clock_skew = now - snap.server_time
+        if not self._joined:
+            self._joined = True
+            self._adopt_feedback()
         if self._epoch is not None and snap.epoch != self._epoch:
             self._cache.clear()  # someone wrote into past seconds: read them all again
             snap = self.store.read(list(range(first, sec + 1)))
