@@ -488,6 +488,24 @@ def test_exactly_once_replacement_fences_the_crashed_worker_so_readers_do_not_st
                 p.wait()
 
 
+@pytest.mark.slow
+def test_a_fenced_exactly_once_worker_stops_with_one_line_instead_of_looping(settings, bundle, targets):
+    from stream.errors import WorkerError
+
+    ids, values = request_values(400)
+    with pytest.raises(WorkerError, match="fenced"), running(
+            settings, group_id="h-fence", exactly_once=True, transactional_id="slot-0",
+            commit_interval_s=0.2) as w:
+        produce(settings, values[:200], ids[:200])
+        wait_for(lambda: w.stats.commits >= 1, 60, "a first transaction committed")
+        # a second process takes the same slot: its init_transactions fences the first
+        twin = make_producer(settings, **{"transactional.id": "slot-0"})
+        twin.init_transactions(30)
+        produce(settings, values[200:], ids[200:])
+        wait_for(lambda: w._stop.is_set(), 60, "the fenced worker stopping itself")
+    assert w.metrics.state == "failed"
+
+
 # --- 10. the user's librdkafka settings win; no secret in any output ------------------------
 
 
