@@ -218,7 +218,7 @@ class Checkpoint:
             self._started = time.monotonic()
             return
         # Step 1. Flush the producer.
-        remaining = self._producer.flush(self.flush_timeout_s)
+        remaining = self.serve(self._producer.flush, self.flush_timeout_s)
         if remaining > 0:
             raise CheckpointProducerTimeout(
                 f"{remaining} decisions not acknowledged within {self.flush_timeout_s:g}s; "
@@ -260,7 +260,7 @@ class Checkpoint:
             self._abort()
         else:
             # Let in-flight messages settle so their reports do not leak into the next checkpoint.
-            self._producer.flush(self.flush_timeout_s)
+            self.serve(self._producer.flush, self.flush_timeout_s)
         self._reports.take()
         try:
             assigned = {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
@@ -279,6 +279,25 @@ class Checkpoint:
         self._reset()
         if self.exactly_once:
             self._begin()
+
+    def poll(self, timeout: float = 0.0) -> int:
+        """Serve the producer's delivery reports (the worker's poll; fatal errors named)."""
+        return self.serve(self._producer.poll, timeout)
+
+    def serve(self, call: Any, timeout: float) -> int:
+        """`producer.poll/flush`: a FATAL producer error (a fenced transactional producer)
+        surfaces there as a KafkaException, or as a SystemError wrapping it when it is pending
+        while a delivery callback runs (confluent-kafka 2.x): both become CheckpointFencedError."""
+        try:
+            return call(timeout)
+        except (KafkaException, SystemError) as exc:
+            err = next((e.args[0] for e in (exc, exc.__context__) if isinstance(e, KafkaException)
+                        and e.args and isinstance(e.args[0], KafkaError)), None)
+            if err is None:
+                raise
+            if err.fatal():
+                raise CheckpointFencedError(_fenced(err)) from None
+            raise CheckpointDeliveryError(f"producer error: {err.str()}; offsets not committed") from None
 
     def forget(self, partitions: list[TopicPartition]) -> None:
         """Drop tracked offsets of partitions this member no longer owns (lost, not revoked)."""

@@ -26,6 +26,7 @@ code 2) rather than commit over undelivered decisions.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -257,13 +258,15 @@ class Worker:
                 if msgs:
                     self.process(msgs)
                 else:  # idle (or rebalancing): keep targets, thresholds and our status fresh,
-                    self.producer.poll(0)  # so a peer started meanwhile finds the fleet's targets
+                    self.checkpoint.poll(0)  # so a peer started meanwhile finds the fleet's targets
                     self.controller.thresholds()
                 if self.checkpoint.expired():
                     self._commit()
                 self.maybe_reload()
                 if deadline is not None and time.monotonic() >= deadline:
                     break
+        except CheckpointFatalError as exc:  # e.g. fenced while serving delivery reports
+            self._fail_fatal(exc)
         finally:
             self._drain()
         if self._fatal is not None:
@@ -318,7 +321,7 @@ class Worker:
                 self._produce(self.dlq_topic, [value], [dl.key], headers)
             for err in batch.errors:
                 self.metrics.dlq.labels(err.code).inc()
-        self.producer.poll(0)  # serve delivery reports (failures only)
+        self.checkpoint.poll(0)  # serve delivery reports (failures only)
         # checkpoint: these offsets are now processed (committed later, after delivery)
         self.checkpoint.store_offsets(self.requests_topic, partitions, offsets)
         # window: one round trip to the controller's store
@@ -340,7 +343,7 @@ class Worker:
                 return
             except BufferError:  # local queue full: let librdkafka drain, then go on from j
                 i = j
-                self.producer.poll(0.05)
+                self.checkpoint.poll(0.05)
             except KafkaException as exc:  # refused locally (e.g. MSG_SIZE_TOO_LARGE): this one only
                 self._refused_message(topic, values[j], keys[j], headers, exc.args[0])
                 i = j + 1
@@ -439,10 +442,7 @@ class Worker:
                 self._checkpoint_failed(exc)
                 return False
         except CheckpointFatalError as exc:
-            self._fatal = exc
-            self._stop.set()
-            self.metrics.state = "failed"
-            log.critical("%s", exc, extra={"event": "rewind_failed"})
+            self._fail_fatal(exc)
             return False
         if self.checkpoint.commits == commits:  # nothing to commit
             return True
@@ -458,6 +458,13 @@ class Worker:
         self.metrics.commits.inc()
         self.metrics.commit_seconds.observe(took)
         return True
+
+    def _fail_fatal(self, exc: CheckpointFatalError) -> None:
+        """Nothing can be committed safely any more: stop; run() raises WorkerError (exit 2)."""
+        self._fatal = exc
+        self._stop.set()
+        self.metrics.state = "failed"
+        log.critical("%s", exc, extra={"event": "checkpoint_fatal"})
 
     def _checkpoint_failed(self, exc: CheckpointError) -> None:
         """Count, log (naming the topic), rewind, and pause consuming for the backoff."""
@@ -492,8 +499,7 @@ class Worker:
             try:
                 self.checkpoint.rewind()
             except CheckpointFatalError as exc:
-                self._fatal = exc
-                self._stop.set()
+                self._fail_fatal(exc)
         else:
             self.checkpoint.forget(partitions)
         self.assignment -= {(tp.topic, tp.partition) for tp in partitions}
@@ -508,7 +514,8 @@ class Worker:
             log.error("while leaving the group: %s", exc, extra={"event": "drain_error"})
         finally:
             self.checkpoint.close()
-            self.producer.flush(self.config.flush_timeout_s)
+            with contextlib.suppress(CheckpointError):  # a fatal producer: nothing left to deliver
+                self.checkpoint.serve(self.producer.flush, self.config.flush_timeout_s)
             self.metrics.state = "failed" if self._fatal is not None else "stopped"
             if self.server is not None:
                 self.server.close()
