@@ -169,6 +169,7 @@ class RatioController:
         self.last_error = ""
         self.targets_source = "default"  # "redis" | "last" | "peers" | "default" (module docstring)
         self._joined = False  # took the peers' feedback integrals (first global read)
+        self._next_peer_check = -math.inf
         self.clock_skew: float | None = None  # clock() - Redis TIME, seconds
         self._next_skew = -math.inf
 
@@ -252,11 +253,15 @@ class RatioController:
 
     def _without_stored_targets(self, targets: Targets, version: int) -> tuple[Targets, int]:
         """No targets in the store: keep the last known; a controller that never saw any takes
-        the newest its live peers hold (one SCAN, only while it knows none)."""
+        the newest its live peers hold (one SCAN a second at most, only while it knows none)."""
         if self.targets_source in ("redis", "last", "peers"):
             if self.targets_source == "redis":
                 self.targets_source = "last"
             return targets, version
+        t = self.timer()
+        if t < self._next_peer_check:  # a SCAN: at most once a second while none is known
+            return targets, version
+        self._next_peer_check = t + 1.0
         known = [c for c in self.store.controllers()
                  if c.get("id") != self.id and c.get("targets_source") in ("redis", "last", "peers")
                  and isinstance(c.get("targets"), dict)]
