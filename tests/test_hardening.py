@@ -54,7 +54,7 @@ from stream.errors import InfeasibleTargets
 from stream.events import encode_requests
 from stream.kafka import make_consumer, make_producer
 from stream.policy import Targets, decide
-from stream.window import ACL_ROLES, RedisStore, StoreUnavailable, apply_acl
+from stream.window import ACL_ROLES, RedisStore, StoreUnavailable
 from stream.worker import DLQ_MAX_BYTES
 
 
@@ -545,11 +545,17 @@ def test_passwords_never_printed_or_recorded(kafka, redis_server, tmp_path, clea
 # --- 11. least privilege: a worker's Redis user cannot change r -----------------------------
 
 
-def test_worker_credentials_cannot_change_targets_and_operators_cannot_write_the_window(settings, redis_client):
+def test_worker_credentials_cannot_change_targets_and_operators_cannot_write_the_window(
+        settings, redis_client, capsys, monkeypatch):
+    from test_operators import rta
+
     prefix = settings.redis_prefix
     users = {role: f"h13-{role}-{uuid.uuid4().hex[:6]}" for role in ACL_ROLES}
-    for role, user in users.items():
-        apply_acl(redis_client, prefix, role, user, "pw-" + role)
+    for role in ACL_ROLES:
+        monkeypatch.setenv(f"RTA_{role.upper()}_REDIS_PASSWORD", f"pw-{role}")
+    code, out, err = rta(capsys, "ratio", "--redis-url", settings.redis_url, "--redis-prefix", prefix, "acl",
+                         "--apply", "--worker-user", users["worker"], "--operator-user", users["operator"])
+    assert code == 0 and "pw-" not in out + err, err
 
     def url(role: str) -> str:
         return settings.redis_url.replace("redis://", f"redis://{users[role]}:pw-{role}@", 1)
