@@ -245,6 +245,10 @@ class RatioController:
         if targets != self._th.targets:
             self._changed_sec = sec
         self._window = _sum(present.values(), self.spec.size)
+        if self._window[0] < cfg.min_rows:
+            # not controlling yet (cold start, idle, an emptied Redis): the seconds decided with
+            # the initial thresholds must not wind the feedback integral up
+            self._changed_sec = sec
         self._feedback(present, targets, sec - cfg.closed_after)
         theta, tau_u = self._compute(self._recent_span(present, sec), targets)
         self._th = Thresholds(theta, tau_u, targets, self.degraded, version)
