@@ -26,7 +26,7 @@ import click
 import numpy as np
 import orjson
 
-from stream.config import Settings, load_settings
+from stream.config import Settings, load_settings, redact
 from stream.errors import RtaError, StackError
 
 
@@ -59,7 +59,7 @@ def _answers(settings: Settings) -> bool:
 def _stack(settings: Settings, state_dir: Path):
     """Use the configured stack when it answers; else start an embedded one owned by the demo."""
     if _answers(settings):
-        _say(f"using the running stack: kafka {settings.kafka_bootstrap}, redis {settings.redis_url}")
+        _say(f"using the running stack: kafka {settings.kafka_bootstrap}, redis {redact(settings.redis_url)}")
         yield settings
         return
     from infra.stack import Embedded

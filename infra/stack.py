@@ -24,7 +24,7 @@ from typing import Any
 
 import click
 
-from stream.config import Settings, load_settings
+from stream.config import Settings, load_settings, redact
 from stream.errors import StackError
 
 HOST = "127.0.0.1"
@@ -270,7 +270,7 @@ def wait_redis(url: str, timeout: float = 30.0, proc: Proc | None = None) -> Non
         finally:
             client.close()
 
-    _wait(f"redis at {url}", probe, timeout, proc)
+    _wait(f"redis at {redact(url)}", probe, timeout, proc)
 
 
 # --- a restartable embedded server (tests, demo) -------------------------------------------
@@ -416,10 +416,11 @@ def up(kafka_port: int, redis_port: int, partitions: int | None, timeout: float)
             if _external(settings, key):
                 address = getattr(settings, key)
                 if not _answers(kind, address, settings, timeout):
-                    raise StackError(f"{kind}: external {address} (from ${'RTA_KAFKA_BOOTSTRAP' if kind == 'kafka' else 'RTA_REDIS_URL'} or config) does not answer")
-                state[kind] = {"kind": kind, "address": address, "external": True,
-                               **({"bootstrap": address} if kind == "kafka" else {"url": address})}
-                click.echo(f"{kind}: using external {address}")
+                    raise StackError(f"{kind}: external {redact(address)} (from ${'RTA_KAFKA_BOOTSTRAP' if kind == 'kafka' else 'RTA_REDIS_URL'} or config) does not answer")
+                shown = redact(address)  # never a password in the state file or on screen
+                state[kind] = {"kind": kind, "address": shown, "external": True,
+                               **({"bootstrap": shown} if kind == "kafka" else {"url": shown})}
+                click.echo(f"{kind}: using external {shown}")
                 continue
             proc = _recorded_proc(entry)
             if proc is not None and alive(proc.pid) and _is_ours(proc):
@@ -478,7 +479,9 @@ def status(ctx: click.Context) -> None:
             continue
         proc = _recorded_proc(entry)
         running = proc is None or (alive(proc.pid) and _is_ours(proc))
-        up_ = running and _answers(kind, entry["address"], settings, 3.0)
+        redacted = entry.get("external") and ":***@" in entry["address"]  # probe the configured one
+        probe = getattr(settings, "kafka_bootstrap" if kind == "kafka" else "redis_url") if redacted else entry["address"]
+        up_ = running and _answers(kind, probe, settings, 3.0)
         all_up &= up_
         who = "external" if entry.get("external") else f"pid {entry['pid']}"
         click.echo(f"{kind:6} {'up' if up_ else 'DOWN':4}  {entry['address']}  ({who})")

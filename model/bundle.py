@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -149,7 +150,25 @@ def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
     for key in ("version", "feature_spec", "tasks", "files", "uncertainty"):
         if key not in data:
             raise BundleError(f"{path}: manifest lacks {key!r}")
+    _check_types(path, data)
     return data
+
+
+_MANIFEST_TYPES = {"version": str, "feature_spec": dict, "files": dict, "uncertainty": dict,
+                   "uncertainty_source": (dict, str), "score_function": dict, "thresholds": dict,
+                   "metrics": dict}
+
+
+def _check_types(path: Path, data: dict[str, Any]) -> None:
+    """Wrong JSON types are a refusal naming the key, not a TypeError deep in the scorer."""
+    for key, kind in _MANIFEST_TYPES.items():
+        if key in data and not isinstance(data[key], kind):
+            raise BundleError(f"{path}: manifest {key!r} has the wrong type ({type(data[key]).__name__})")
+    tasks = data["tasks"]
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) and t for t in tasks):
+        raise BundleError(f"{path}: manifest 'tasks' must be a non-empty list of names, got {tasks!r:.80}")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in data["files"].items()):
+        raise BundleError(f"{path}: manifest 'files' must map file names to sha256 strings")
 
 
 def publish(bundle_dir: str | Path) -> Path:
@@ -198,21 +217,61 @@ def resolve_bundle(path: str | Path) -> Path:
     raise BundleError(f"{path}: neither a bundle (no {MANIFEST}) nor a model directory (no {CURRENT})")
 
 
+def _entry(bundle_dir: Path, rel: str) -> Path:
+    pure = Path(rel)
+    if not rel or pure.is_absolute() or ".." in pure.parts or "\\" in rel:
+        raise BundleError(f"{bundle_dir / MANIFEST}: file entry {rel!r} is not a path inside the bundle")
+    return pure
+
+
+def bundle_file(bundle_dir: str | Path, rel: str) -> Path:
+    """The path of a manifest file entry, refused unless it is a regular file INSIDE the bundle:
+    an entry like `/dev/zero` would hang the hash, `../x` would read outside the bundle."""
+    bundle_dir = Path(bundle_dir)
+    path = bundle_dir / _entry(bundle_dir, rel)
+    try:
+        real = path.resolve(strict=True)
+        inside = real.is_relative_to(bundle_dir.resolve(strict=True))
+        mode = os.stat(real).st_mode
+    except FileNotFoundError:
+        raise BundleError(f"{path}: listed in the manifest but missing") from None
+    except OSError as exc:
+        raise BundleError(f"{path}: unreadable ({exc.strerror or exc})") from None
+    if not inside:
+        raise BundleError(f"{path}: resolves outside the bundle ({real})")
+    if not stat.S_ISREG(mode):
+        raise BundleError(f"{path}: not a regular file")
+    return path
+
+
 def verify_files(bundle_dir: str | Path, manifest: dict[str, Any],
-                 preloaded: dict[str, bytes] | None = None) -> None:
-    """Check the sha256 of every file the manifest lists; `preloaded` bytes are checked as given."""
+                 preloaded: dict[str, bytes] | None = None, only: set[str] | None = None) -> None:
+    """Check the sha256 of the files the manifest lists (`only`: just these, e.g. what serving
+    reads; every entry's path is still checked to lie inside the bundle); `preloaded` bytes are
+    checked as given. Serving passes `only={STUDENT_ONNX}`: it never hashes training files."""
     bundle_dir = Path(bundle_dir)
     preloaded = preloaded or {}
-    if STUDENT_ONNX not in manifest["files"]:
+    files = manifest["files"]
+    if not isinstance(files, dict):
+        raise BundleError(f"{bundle_dir / MANIFEST}: manifest 'files' must be a mapping")
+    if (only is None or STUDENT_ONNX in only) and STUDENT_ONNX not in files:
         raise BundleError(f"{bundle_dir / MANIFEST}: lists no {STUDENT_ONNX}")
-    for rel, expected in manifest["files"].items():
+    missing = sorted((only or set()) - set(files) - set(preloaded))
+    if missing:
+        raise BundleError(f"{bundle_dir / MANIFEST}: lists no hash for {', '.join(missing)}")
+    for rel in files:
+        _entry(bundle_dir, rel)
+    for rel, expected in files.items():
+        if only is not None and rel not in only:
+            continue
         if rel in preloaded:
             got = sha256_bytes(preloaded[rel])
         else:
+            path = bundle_file(bundle_dir, rel)
             try:
-                got = sha256_file(bundle_dir / rel)
-            except FileNotFoundError:
-                raise BundleError(f"{bundle_dir / rel}: listed in the manifest but missing") from None
+                got = sha256_file(path)
+            except OSError as exc:
+                raise BundleError(f"{path}: unreadable ({exc.strerror or exc})") from None
         if got != expected:
             raise BundleError(f"{bundle_dir / rel}: sha256 mismatch (manifest {expected[:12]}..., "
                               f"file {got[:12]}...); the file is corrupt or was modified")

@@ -9,7 +9,11 @@ offsets become visible together (`send_offsets_to_transaction`), or not at all.
 
 Failures have names, so the worker can react to each (`CheckpointProducerTimeout`,
 `CheckpointDeliveryError`, `CheckpointCommitError`); after any of them `rewind()` seeks the
-consumer back to the first offset of the failed checkpoint, so nothing is skipped.
+consumer back to the first offset of the failed checkpoint, so nothing is skipped. If that
+seek cannot be made (a failed `seek`, an unreadable assignment), the consumer's position is
+past decisions that were never delivered: the checkpoint turns `broken`, refuses every later
+commit (`CheckpointRewindError`) and the worker exits, so its successor replays from the last
+committed offset instead of committing over the gap.
 """
 
 from __future__ import annotations
@@ -43,6 +47,19 @@ class CheckpointCommitError(CheckpointError):
     """Every decision was delivered but committing the input offsets failed."""
 
 
+class CheckpointFatalError(CheckpointError):
+    """Nothing can be committed safely any more: the worker must stop (its successor replays)."""
+
+
+class CheckpointRewindError(CheckpointFatalError):
+    """A rewind could not seek back: committing anything now could skip undelivered decisions."""
+
+
+class CheckpointFencedError(CheckpointFatalError):
+    """Exactly-once: another producer with this transactional.id took over (or the producer hit
+    another fatal error); this one can never commit again."""
+
+
 class InvalidStoredOffset(CheckpointError):
     """An offset at or below one already processed in this checkpoint: a bug, never data."""
 
@@ -57,21 +74,27 @@ class DeliveryReports:
     def __init__(self) -> None:
         self.failed = 0
         self.first_errors: list[str] = []
+        self.topics: set[str] = set()  # topics with a failure since the last take()
         self._lock = threading.Lock()
 
     def __call__(self, err: KafkaError | None, msg: Any) -> None:
         if err is None:
             return
+        self.record(str(msg.topic()), f"{msg.topic()}[{msg.partition()}]: {err.str()}")
+
+    def record(self, topic: str, error: str) -> None:
+        """A message that will not be delivered (also produce() errors the worker caught)."""
         with self._lock:
             self.failed += 1
+            self.topics.add(topic)
             if len(self.first_errors) < 5:
-                self.first_errors.append(f"{msg.topic()}[{msg.partition()}]: {err.str()}")
+                self.first_errors.append(error)
 
     def take(self) -> tuple[int, list[str]]:
         """Failures since the last call, and reset."""
         with self._lock:
             out = self.failed, self.first_errors
-            self.failed, self.first_errors = 0, []
+            self.failed, self.first_errors, self.topics = 0, [], set()
         return out
 
     def producer_config(self) -> dict[str, Any]:
@@ -85,6 +108,8 @@ class Checkpoint:
     `commit_interval_s` / `commit_every` bound how much is replayed after a crash: the worker
     asks `expired()` between batches. Both 0 commits after every batch.
     """
+
+    TXN_RETRIES = 3  # retriable transaction-commit errors are retried this often
 
     def __init__(
         self,
@@ -111,6 +136,7 @@ class Checkpoint:
         self._started = time.monotonic()
         self._in_txn = False
         self.commits = 0  # successful commits (metrics, tests)
+        self.broken: str | None = None  # set by a rewind that could not seek back
         if exactly_once:
             self._begin()
 
@@ -183,31 +209,31 @@ class Checkpoint:
            A failure -> CheckpointCommitError.
         4. Start the next checkpoint: forget the committed offsets, restart the clock.
 
-        With nothing processed this is a no-op (an open transaction stays open).
+        With nothing processed this is a no-op (an open transaction stays open). After a
+        rewind that could not seek back (`broken`) every commit raises CheckpointRewindError.
         """
+        if self.broken:
+            raise CheckpointRewindError(self.broken)
         if self.empty():
             self._started = time.monotonic()
             return
         # Step 1. Flush the producer.
-        remaining = self._producer.flush(self.flush_timeout_s)
+        remaining = self.serve(self._producer.flush, self.flush_timeout_s)
         if remaining > 0:
             raise CheckpointProducerTimeout(
                 f"{remaining} decisions not acknowledged within {self.flush_timeout_s:g}s; "
                 "offsets not committed (is the broker reachable?)")
         # Step 2. Delivery reports.
+        topics = sorted(self._reports.topics)
         failed, errors = self._reports.take()
         if failed:
             raise CheckpointDeliveryError(
-                f"{failed} decisions were not delivered ({'; '.join(errors)}); offsets not committed")
+                f"{failed} messages to {', '.join(topics)} were not delivered ({'; '.join(errors)}); "
+                "offsets not committed")
         # Step 3. Commit offsets.
         offsets = [TopicPartition(t, p, o + 1) for (t, p), o in self._offsets.items()]
         if self.exactly_once:
-            try:
-                self._producer.send_offsets_to_transaction(
-                    offsets, self._consumer.consumer_group_metadata(), self.flush_timeout_s)
-                self._producer.commit_transaction(self.flush_timeout_s)
-            except KafkaException as exc:
-                raise CheckpointCommitError(f"transaction commit failed: {exc.args[0].str()}") from None
+            self._commit_transaction(offsets)
             self._in_txn = False
         else:
             try:
@@ -234,19 +260,44 @@ class Checkpoint:
             self._abort()
         else:
             # Let in-flight messages settle so their reports do not leak into the next checkpoint.
-            self._producer.flush(self.flush_timeout_s)
+            self.serve(self._producer.flush, self.flush_timeout_s)
         self._reports.take()
-        assigned = {(tp.topic, tp.partition) for tp in self._safe_assignment()}
+        try:
+            assigned = {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+        except (KafkaException, RuntimeError) as exc:
+            self._break(f"rewind: cannot read the assignment ({_kafka_str(exc)})")
+        failed = []
         for (t, p), first in self._first.items():
             if (t, p) not in assigned:
                 continue  # revoked: the group's committed offset decides where the next owner starts
             try:
                 self._consumer.seek(TopicPartition(t, p, first))
-            except KafkaException as exc:
-                log.warning("seek %s[%d] to %d failed: %s", t, p, first, exc.args[0].str())
+            except (KafkaException, RuntimeError) as exc:
+                failed.append(f"{t}[{p}] to {first}: {_kafka_str(exc)}")
+        if failed:
+            self._break(f"rewind: seek failed ({'; '.join(failed)})")
         self._reset()
         if self.exactly_once:
             self._begin()
+
+    def poll(self, timeout: float = 0.0) -> int:
+        """Serve the producer's delivery reports (the worker's poll; fatal errors named)."""
+        return self.serve(self._producer.poll, timeout)
+
+    def serve(self, call: Any, timeout: float) -> int:
+        """`producer.poll/flush`: a FATAL producer error (a fenced transactional producer)
+        surfaces there as a KafkaException, or as a SystemError wrapping it when it is pending
+        while a delivery callback runs (confluent-kafka 2.x): both become CheckpointFencedError."""
+        try:
+            return call(timeout)
+        except (KafkaException, SystemError) as exc:
+            err = next((e.args[0] for e in (exc, exc.__context__) if isinstance(e, KafkaException)
+                        and e.args and isinstance(e.args[0], KafkaError)), None)
+            if err is None:
+                raise
+            if err.fatal():
+                raise CheckpointFencedError(_fenced(err)) from None
+            raise CheckpointDeliveryError(f"producer error: {err.str()}; offsets not committed") from None
 
     def forget(self, partitions: list[TopicPartition]) -> None:
         """Drop tracked offsets of partitions this member no longer owns (lost, not revoked)."""
@@ -261,6 +312,36 @@ class Checkpoint:
 
     # --- internals ------------------------------------------------------------------------
 
+    def _break(self, why: str) -> None:
+        """The consumer may be past undelivered decisions: never commit again (see module doc)."""
+        self.broken = (f"{why}; decisions after the last commit may be undelivered, so nothing more "
+                       "is committed: restart the worker to replay from the committed offsets")
+        if self.exactly_once and self._in_txn:
+            self._abort()
+        raise CheckpointRewindError(self.broken)
+
+    def _commit_transaction(self, offsets: list[TopicPartition]) -> None:
+        """send_offsets + commit, each retried on a retriable error (librdkafka's advice);
+        an abortable error -> CheckpointCommitError (the caller rewinds, which aborts)."""
+        p, timeout = self._producer, self.flush_timeout_s
+        steps = (lambda: p.send_offsets_to_transaction(offsets, self._consumer.consumer_group_metadata(), timeout),
+                 lambda: p.commit_transaction(timeout))
+        for step in steps:
+            for attempt in range(self.TXN_RETRIES + 1):
+                try:
+                    step()
+                    break
+                except KafkaException as exc:
+                    err: KafkaError = exc.args[0]
+                    if err.retriable() and attempt < self.TXN_RETRIES:
+                        log.warning("transaction commit: retriable error, retrying: %s", err.str())
+                        time.sleep(min(0.1 * 2**attempt, 1.0))
+                        continue
+                    if err.fatal():
+                        raise CheckpointFencedError(_fenced(err)) from None
+                    raise CheckpointCommitError(f"transaction commit failed: {err.str()}") from None
+
+
     def _abort(self) -> None:
         try:
             self._producer.abort_transaction(self.flush_timeout_s)
@@ -269,7 +350,10 @@ class Checkpoint:
         self._in_txn = False
 
     def _begin(self) -> None:
-        self._producer.begin_transaction()
+        try:
+            self._producer.begin_transaction()
+        except KafkaException as exc:
+            raise CheckpointFencedError(_fenced(exc.args[0])) from None
         self._in_txn = True
 
     def _reset(self) -> None:
@@ -278,8 +362,12 @@ class Checkpoint:
         self._count = 0
         self._started = time.monotonic()
 
-    def _safe_assignment(self) -> list[TopicPartition]:
-        try:
-            return self._consumer.assignment()
-        except KafkaException:
-            return []
+
+def _fenced(err: KafkaError) -> str:
+    return (f"transactional producer failed fatally ({err.str()}); another worker with the same "
+            "transactional.id has probably fenced this one: give each worker slot its own --transactional-id")
+
+
+def _kafka_str(exc: BaseException) -> str:
+    arg = exc.args[0] if exc.args else None
+    return arg.str() if isinstance(arg, KafkaError) else str(exc)

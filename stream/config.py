@@ -1,13 +1,18 @@
 """Settings: flags, then environment, then a config file, then the running dev stack, then defaults.
 
 librdkafka settings pass through unchanged: `RTA_KAFKA_SECURITY_PROTOCOL=SSL` becomes
-`security.protocol=SSL`, and a `[kafka]` table in the config file is copied as is.
+`security.protocol=SSL`, and a `[kafka]` table in the config file is copied as is; they win
+over the data plane's defaults (`Settings.kafka_config`), as Kafka users expect.
+
+Secrets never reach an output or a state file: `redact()` masks the password of a URL
+(`redis://user:***@host:6379/0`) wherever one is printed or recorded.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -38,6 +43,7 @@ class Settings:
     state_dir: Path = Path(".rta")
     redis_prefix: str = "rta"
     partitions: int = 3
+    ratio_max_step: float = 0.25  # largest change of r one `rta ratio set` may make
     topics: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_TOPICS))
     kafka: dict[str, str] = field(default_factory=dict)  # librdkafka pass-through
     # Where each value came from ("flag", "env", "file", "dev-stack", "default"), for `status`.
@@ -50,9 +56,12 @@ class Settings:
         except KeyError:
             raise ConfigError(f"unknown topic role {role!r}; known: {', '.join(TOPIC_ROLES)}") from None
 
-    def kafka_config(self, **overrides: Any) -> dict[str, Any]:
-        """librdkafka configuration: bootstrap + pass-through + per-client overrides."""
+    def kafka_config(self, defaults: dict[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
+        """librdkafka configuration, later wins: bootstrap, our `defaults` (throughput, group
+        timing), the user's pass-through, then per-client `overrides` (what the code needs to
+        work, e.g. on_delivery, transactional.id)."""
         conf: dict[str, Any] = {"bootstrap.servers": self.kafka_bootstrap}
+        conf.update(defaults or {})
         conf.update(self.kafka)
         conf.update(overrides)
         return conf
@@ -60,6 +69,14 @@ class Settings:
     def with_topic_prefix(self, prefix: str) -> Settings:
         """Same settings with every topic renamed `<prefix>.<name>` (tests, side-by-side runs)."""
         return replace(self, topics={k: f"{prefix}.{v}" for k, v in self.topics.items()})
+
+
+_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)(?P<pw>[^@\s]+)(?P<at>@)")
+
+
+def redact(text: str) -> str:
+    """Mask every URL password in `text` ("redis://u:pw@h" -> "redis://u:***@h")."""
+    return _URL_PASSWORD.sub(lambda m: f"{m['head']}***{m['at']}", str(text))
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -93,8 +110,9 @@ def _dev_stack_addresses(state_dir: Path) -> dict[str, str]:
     out = {}
     if state.get("kafka", {}).get("bootstrap"):
         out["kafka_bootstrap"] = state["kafka"]["bootstrap"]
-    if state.get("redis", {}).get("url"):
-        out["redis_url"] = state["redis"]["url"]
+    url = state.get("redis", {}).get("url")
+    if url and ":***@" not in url:  # a redacted (external, with a password) URL is no address
+        out["redis_url"] = url
     return out
 
 
@@ -130,6 +148,7 @@ def load_settings(
         "RTA_STATE_DIR": "state_dir",
         "RTA_REDIS_PREFIX": "redis_prefix",
         "RTA_PARTITIONS": "partitions",
+        "RTA_RATIO_MAX_STEP": "ratio_max_step",
     }
     for var, key in env_map.items():
         if env.get(var):
@@ -174,6 +193,13 @@ def load_settings(
                 raise ValueError
     except ValueError:
         raise ConfigError(f"partitions must be a positive integer, got {values['partitions']!r}") from None
+    try:
+        if "ratio_max_step" in values:
+            values["ratio_max_step"] = float(values["ratio_max_step"])
+            if not 0 < values["ratio_max_step"] <= 1:
+                raise ValueError
+    except ValueError:
+        raise ConfigError(f"ratio_max_step must be a number in (0, 1], got {values['ratio_max_step']!r}") from None
     for key in ("model_dir", "state_dir"):
         if key in values:
             values[key] = Path(values[key])

@@ -51,10 +51,23 @@ idempotent per writer, so nothing is counted twice) and bumps the window epoch s
 controllers drop cached seconds: the global window then counts every decision made, even if
 Redis came back empty.
 
-Clock: ``clock()`` gives seconds (default ``time.time``; buckets of all workers must align,
-so use wall-clock time in production). Tests and benchmarks inject a simulated clock; Redis
-TTLs are still real seconds (``window_seconds + 60``), which is safe whenever the simulated
-clock runs at least as fast as real time.
+Clocks: ``clock()`` gives the BUCKET time in seconds (default ``time.time``; buckets of all
+workers must align, so use wall-clock time in production); ``timer()`` gives the CADENCE time
+of refreshes and the Redis retry backoff (default ``time.monotonic`` with the wall clock, the
+injected clock otherwise), so a wall-clock step back cannot freeze the thresholds. A replay
+drives both from event time. Every
+``skew_interval`` the controller reads Redis ``TIME`` with its refresh and keeps
+``clock_skew`` = clock() - Redis time (published in its status, exported by the worker): a
+worker whose clock is off writes into the wrong seconds of the shared window. Tests and
+benchmarks inject a simulated clock; Redis TTLs are still real seconds (``window_seconds +
+60``), which is safe whenever the simulated clock runs at least as fast as real time.
+
+Targets after Redis restarts empty: a controller that saw targets keeps its last ones
+(``targets_source`` "last"); one that never saw any (a worker started after the restart)
+adopts the newest targets its live peers publish in their status (``"peers"``), so workers
+never split between the last ``r`` and a default ``r = 0``. Only when no peer knows any does
+it serve the defaults, with ``targets_source`` "default" (the worker exports it and alerts on
+``/healthz``). Workers cannot write targets (least privilege): `rta ratio set` restores them.
 """
 
 from __future__ import annotations
@@ -70,6 +83,7 @@ from typing import Any
 
 import numpy as np
 
+from stream.errors import RtaError
 from stream.policy import Decisions, Targets
 from stream.window import (
     N_COUNTS,
@@ -102,6 +116,7 @@ class ControllerConfig:
     backoff_initial: float = 0.25
     backoff_max: float = 8.0
     socket_timeout: float = 0.25
+    skew_interval: float = 10.0  # how often (timer seconds) Redis TIME is read for clock skew
     spec: HistSpec = field(default_factory=HistSpec)
     default_targets: Targets = field(default_factory=Targets)
     initial_theta: float = 0.0
@@ -127,10 +142,13 @@ class RatioController:
     """One per worker (or replay); many share one Redis window. See the module docstring."""
 
     def __init__(self, store: WindowStore, config: ControllerConfig | None = None,
-                 clock: Callable[[], float] = time.time, controller_id: str | None = None) -> None:
+                 clock: Callable[[], float] = time.time, controller_id: str | None = None,
+                 timer: Callable[[], float] | None = None) -> None:
         self.store = store
         self.config = cfg = config or ControllerConfig()
-        self.clock = clock
+        self.clock = clock  # bucket time
+        # refresh cadence and backoff: monotonic with the wall clock, else the injected clock
+        self.timer = timer or (time.monotonic if clock is time.time else clock)
         self.id = controller_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.spec = store.spec
         self.own: dict[int, np.ndarray] = {}  # this worker's cumulative bucket per second
@@ -149,26 +167,31 @@ class RatioController:
         self.store_errors = 0
         self.refreshes = 0
         self.last_error = ""
+        self.targets_source = "default"  # "redis" | "last" | "peers" | "default" (module docstring)
+        self._joined = False  # took the peers' feedback integrals (first global read)
+        self._next_peer_check = -math.inf
+        self.clock_skew: float | None = None  # clock() - Redis TIME, seconds
+        self._next_skew = -math.inf
 
     @classmethod
     def from_settings(cls, settings: Any, config: ControllerConfig | None = None,
                       clock: Callable[[], float] = time.time,
-                      controller_id: str | None = None) -> RatioController:
+                      controller_id: str | None = None,
+                      timer: Callable[[], float] | None = None) -> RatioController:
         """A controller on the settings' Redis (``redis_url``, ``redis_prefix``)."""
         cfg = config or ControllerConfig()
         store = RedisStore.from_url(
             settings.redis_url, settings.redis_prefix, cfg.spec, ttl_seconds=cfg.window_seconds + 60,
             socket_timeout=cfg.socket_timeout, connect_timeout=cfg.socket_timeout,
         )
-        return cls(store, cfg, clock, controller_id)
+        return cls(store, cfg, clock, controller_id, timer)
 
     # --- hot path -------------------------------------------------------------------------
 
     def thresholds(self) -> Thresholds:
         """Current thresholds (refreshes first when due)."""
-        now = self.clock()
-        if now >= self._next_refresh:
-            self.refresh(now)
+        if self.timer() >= self._next_refresh:
+            self.refresh()
         return self._th
 
     def observe(self, e: np.ndarray, u: np.ndarray, decisions: Decisions) -> None:
@@ -185,51 +208,106 @@ class RatioController:
             try:
                 self.store.put(self.id, {sec: self.own[sec]})
             except StoreUnavailable as exc:
-                self._fail(now, exc)
-        if now >= self._next_refresh:
+                self._fail(exc)
+        if self.timer() >= self._next_refresh:
             self.refresh(now)
 
     # --- refresh ----------------------------------------------------------------------------
 
     def refresh(self, now: float | None = None) -> Thresholds:
-        """Recompute thresholds from the window (global if reachable, else local)."""
+        """Recompute thresholds from the window (global if reachable, else local). ``now`` is
+        bucket time (default ``clock()``); the next refresh is due ``refresh_interval`` later
+        by ``timer()``."""
         now = self.clock() if now is None else now
         cfg = self.config
-        self._next_refresh = now + cfg.refresh_interval
+        t = self.timer()
+        self._next_refresh = t + cfg.refresh_interval
         sec = int(now)
         first = sec - cfg.window_seconds + 1
         targets = self._th.targets
         version = self._th.version
         present: dict[int, np.ndarray] | None = None
 
-        if self.degraded and now >= self._retry_at:
-            self._rejoin(now, first)
+        if self.degraded and t >= self._retry_at:
+            self._rejoin(first)
         if not self.degraded:
             try:
-                present, snap_targets, version = self._read_global(sec, first)
-                if snap_targets is not None:  # none stored (or a Redis restarted empty): keep last
-                    targets = snap_targets
+                present, snap_targets, version = self._read_global(sec, first, now, t)
+                if snap_targets is not None:
+                    targets, self.targets_source = snap_targets, "redis"
+                else:  # none stored (or a Redis restarted empty): keep the last, else the peers'
+                    targets, version = self._without_stored_targets(targets, version)
             except StoreUnavailable as exc:
-                self._fail(now, exc)
+                self._fail(exc)
         if present is None:  # degraded: this worker's own recent traffic
             present = {s: v for s, v in self.own.items() if first <= s <= sec}
 
         if targets != self._th.targets:
             self._changed_sec = sec
         self._window = _sum(present.values(), self.spec.size)
+        if self._window[0] < cfg.min_rows:
+            # not controlling yet (cold start, idle, an emptied Redis): the seconds decided with
+            # the initial thresholds must not wind the feedback integral up
+            self._changed_sec = sec
         self._feedback(present, targets, sec - cfg.closed_after)
         theta, tau_u = self._compute(self._recent_span(present, sec), targets)
         self._th = Thresholds(theta, tau_u, targets, self.degraded, version)
         self.refreshes += 1
         return self._th
 
-    def _read_global(self, sec: int, first: int) -> tuple[dict[int, np.ndarray], Targets | None, int]:
+    def _without_stored_targets(self, targets: Targets, version: int) -> tuple[Targets, int]:
+        """No targets in the store: keep the last known; a controller that never saw any takes
+        the newest its live peers hold (one SCAN a second at most, only while it knows none)."""
+        if self.targets_source in ("redis", "last", "peers"):
+            if self.targets_source == "redis":
+                self.targets_source = "last"
+            return targets, version
+        t = self.timer()
+        if t < self._next_peer_check:  # a SCAN: at most once a second while none is known
+            return targets, version
+        self._next_peer_check = t + 1.0
+        known = [c for c in self.store.controllers()
+                 if c.get("id") != self.id and c.get("targets_source") in ("redis", "last", "peers")
+                 and isinstance(c.get("targets"), dict)]
+        if not known:
+            return targets, version
+        best = max(known, key=lambda c: (int(c.get("targets_version") or 0), int(c.get("ts_ms") or 0)))
+        try:
+            t = best["targets"]
+            adopted = Targets(float(t["r"]), float(t["p_u"]), float(t["epsilon"]))
+        except (KeyError, TypeError, ValueError, RtaError):
+            return targets, version
+        self.targets_source = "peers"
+        return adopted, int(best.get("targets_version") or 0)
+
+    def _adopt_feedback(self) -> None:
+        """A controller joining a running fleet starts from the peers' feedback integrals (their
+        median), not 0: the integrals of controllers sharing a window move identically, so a
+        late joiner at 0 would hold the global share off target until the leak evens them out
+        (a replacement after kill -9 cost ~1 pp for a minute)."""
+        peers = [c.get("feedback") for c in self.store.controllers() if c.get("id") != self.id]
+        vals = [(float(f["block"]), float(f["pass"])) for f in peers
+                if isinstance(f, dict) and isinstance(f.get("block"), int | float) and isinstance(f.get("pass"), int | float)]
+        if vals:
+            lim = self.config.feedback_limit
+            self._i_block = float(np.clip(np.median([v[0] for v in vals]), -lim, lim))
+            self._i_pass = float(np.clip(np.median([v[1] for v in vals]), -lim, lim))
+
+    def _read_global(self, sec: int, first: int, now: float,
+                     t: float) -> tuple[dict[int, np.ndarray], Targets | None, int]:
         cfg = self.config
         closed = sec - cfg.closed_after
         for s in [s for s in self._cache if s < first]:
             del self._cache[s]
         wanted = [s for s in range(first, sec + 1) if s > closed or s not in self._cache]
-        snap = self.store.read(wanted, self.status())
+        with_time = t >= self._next_skew
+        snap = self.store.read(wanted, self.status(), server_time=with_time)
+        if with_time and snap.server_time is not None:
+            self._next_skew = t + cfg.skew_interval
+            self.clock_skew = now - snap.server_time
+        if not self._joined:
+            self._joined = True
+            self._adopt_feedback()
         if self._epoch is not None and snap.epoch != self._epoch:
             self._cache.clear()  # someone wrote into past seconds: read them all again
             snap = self.store.read(list(range(first, sec + 1)))
@@ -311,7 +389,7 @@ class RatioController:
 
     # --- failure and rejoin -----------------------------------------------------------------
 
-    def _fail(self, now: float, exc: Exception) -> None:
+    def _fail(self, exc: Exception) -> None:
         self.store_errors += 1
         self.last_error = str(exc)
         if not self.degraded:
@@ -320,14 +398,14 @@ class RatioController:
             self._cache.clear()
         else:
             self._backoff = min(self._backoff * 2, self.config.backoff_max)
-        self._retry_at = now + self._backoff
+        self._retry_at = self.timer() + self._backoff
         self._th = Thresholds(self._th.theta, self._th.tau_u, self._th.targets, True, self._th.version)
 
-    def _rejoin(self, now: float, first: int) -> None:
+    def _rejoin(self, first: int) -> None:
         try:  # rewrite our own seconds of the window: idempotent, fills what the outage missed
             self.store.put(self.id, {s: v for s, v in self.own.items() if s >= first}, bump_epoch=True)
         except StoreUnavailable as exc:
-            self._fail(now, exc)
+            self._fail(exc)
             return
         self.degraded = False
         self._epoch = None
@@ -350,6 +428,8 @@ class RatioController:
             "tau_u": th.tau_u if math.isfinite(th.tau_u) else None,
             "targets": th.targets.to_dict(),
             "targets_version": th.version,
+            "targets_source": self.targets_source,
+            "clock_skew_s": self.clock_skew,
             "window_seconds": self.config.window_seconds,
             "window": c,
             "shares": {

@@ -25,3 +25,7 @@ class DataError(RtaError):
 
 class InfeasibleTargets(RtaError):
     """Ratio targets that cannot hold together (e.g. r + p_u + epsilon > 1)."""
+
+
+class WorkerError(RtaError):
+    """The worker stopped itself because going on could break the delivery guarantee."""

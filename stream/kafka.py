@@ -37,8 +37,9 @@ CONSUMER_DEFAULTS: dict[str, Any] = {
 
 
 def make_producer(settings: Settings, **overrides: Any) -> Producer:
-    """A producer with data-plane defaults; `overrides` win (e.g. transactional.id)."""
-    return Producer(settings.kafka_config(**{**PRODUCER_DEFAULTS, **overrides}))
+    """A producer: data-plane defaults < the user's librdkafka settings < `overrides` (what the
+    caller needs to work, e.g. transactional.id, on_delivery)."""
+    return Producer(settings.kafka_config(PRODUCER_DEFAULTS, **overrides))
 
 
 def produce_waiting(producer: Producer, topic: str, value: bytes, key: str | bytes | None = None,
@@ -53,9 +54,12 @@ def produce_waiting(producer: Producer, topic: str, value: bytes, key: str | byt
             producer.poll(0.05)
 
 
-def make_consumer(settings: Settings, group_id: str, **overrides: Any) -> Consumer:
-    """A manually-committing group consumer."""
-    return Consumer(settings.kafka_config(**{**CONSUMER_DEFAULTS, "group.id": group_id, **overrides}))
+def make_consumer(settings: Settings, group_id: str, defaults: dict[str, Any] | None = None,
+                  **overrides: Any) -> Consumer:
+    """A manually-committing group consumer: defaults (ours + `defaults`) < the user's settings
+    < `overrides`."""
+    return Consumer(settings.kafka_config({**CONSUMER_DEFAULTS, **(defaults or {})}, **{"group.id": group_id,
+                                                                                   **overrides}))
 
 
 def make_admin(settings: Settings, **overrides: Any) -> AdminClient:

@@ -59,19 +59,55 @@ class WorkerMetrics:
                                            ["kind"], registry=r)
         self.lag_ms = Gauge("rta_request_age_ms", "Age of the newest request of the last batch at decision.",
                             registry=r)
+        self.produce_errors = Counter("rta_produce_errors", "Messages produce() refused (each cost only "
+                                      "itself), by topic and librdkafka error.", ["topic", "code"], registry=r)
+        self.failing_checkpoints = Gauge("rta_checkpoint_failing", "Consecutive failed checkpoints (0: the "
+                                         "last one committed); replays back off while > 0.", registry=r)
+        self.nan_outputs = Counter("rta_nan_outputs", "Valid requests the model scored NaN/inf "
+                                   "(passed, reason nan_output): a model fault.", registry=r)
+        self.unknown_features = Counter("rta_unknown_features", "Request feature names the bundle does not "
+                                        "know (a producer on another feature schema?).", registry=r)
+        self.clock_skew = Gauge("rta_clock_skew_seconds", "This host's clock minus Redis TIME (buckets of "
+                                "the shared window are misaligned by this much).", registry=r)
+        self.targets_source = Gauge("rta_targets_source", "1 for where the targets in force come from: redis, "
+                                    "last (Redis lost them), peers (adopted), default (none known).",
+                                    ["source"], registry=r)
+        self._targets_source = ""
         self.last_loop = time.monotonic()  # liveness: updated every loop iteration
+        self.last_nan = -float("inf")  # monotonic time of the last NaN output
+        self.unhealthy_after_failures = 3
         self.state = "starting"
         self.set_redis(False)
+
+    def set_targets_source(self, source: str) -> None:
+        if source != self._targets_source:
+            self._targets_source = source
+            for s in ("redis", "last", "peers", "default"):
+                self.targets_source.labels(s).set(1.0 if s == source else 0.0)
 
     def set_redis(self, degraded: bool) -> None:
         for s in REDIS_STATES:
             self.redis_state.labels(s).set(1.0 if (s == "degraded") == degraded else 0.0)
 
-    def health(self, stall_s: float = 30.0) -> tuple[bool, dict[str, Any]]:
-        """Healthy = the loop turned within `stall_s` and the worker is running."""
-        since = time.monotonic() - self.last_loop
-        ok = self.state in ("starting", "running", "draining") and since < stall_s
-        return ok, {"worker": self.worker_id, "state": self.state, "loop_age_s": round(since, 3)}
+    def health(self, stall_s: float = 30.0, alert_s: float = 300.0) -> tuple[bool, dict[str, Any]]:
+        """Healthy = the loop turned within `stall_s`, the worker is running and checkpoints
+        commit (fewer than `unhealthy_after_failures` failures in a row). `alerts` lists what an
+        operator should look at without restarting the worker (NaN outputs in the last `alert_s`)."""
+        now = time.monotonic()
+        since = now - self.last_loop
+        failing = int(self.failing_checkpoints._value.get())
+        ok = (self.state in ("starting", "running", "draining") and since < stall_s
+              and failing < self.unhealthy_after_failures)
+        alerts = []
+        if failing:
+            alerts.append("checkpoint_failing")
+        if now - self.last_nan < alert_s:
+            alerts.append("nan_outputs")
+        if self._targets_source == "default":
+            alerts.append("targets_default")
+        return ok, {"worker": self.worker_id, "state": self.state, "loop_age_s": round(since, 3),
+                    "checkpoint_failing": failing, "nan_outputs": int(self.nan_outputs._value.get()),
+                    "alerts": alerts}
 
 
 class MetricsServer:

@@ -3,10 +3,14 @@
 Targets (``r`` block share, ``p_u`` direct-pass share, ``epsilon`` explore share) live in the
 Redis hash ``<redis_prefix>:ratio:targets``; every worker's controller reads them at each
 refresh (a few times a second), so a `set` takes effect within a second. `set` validates
-(0 <= r < 1, 0 <= p_u, epsilon, r + p_u + epsilon <= 1), then writes the targets and an audit
-entry {who, when, old, new, reason} atomically (WATCH/MULTI) to the capped list
-``<redis_prefix>:ratio:audit``; the entry is also produced to the audit topic when Kafka
-answers within a few seconds (Redis stays the record if it does not).
+(0 <= r < 1, 0 <= p_u, epsilon, r + p_u + epsilon <= 1, r moves by at most ``--max-step``),
+produces the audit entry {who, when, old, new, reason, version} to the Kafka audit topic and
+waits for the broker's acknowledgement (the DURABLE record: no acknowledgement, no change),
+then writes the targets and the entry atomically (WATCH/MULTI) to the capped list
+``<redis_prefix>:ratio:audit`` (the 1,000 newest, for `history`).
+
+`rta ratio acl` prints (or applies) the Redis ACL users of least privilege: workers write
+window buckets and read targets; operators write targets and append the audit list.
 """
 
 from __future__ import annotations
@@ -21,10 +25,19 @@ from typing import Any
 
 import click
 
-from stream.config import Settings, load_settings
+from stream.config import Settings, load_settings, redact
 from stream.errors import RtaError
 from stream.policy import check_targets
-from stream.window import COUNTS, N_COUNTS, RedisStore, StoreUnavailable, counts_dict
+from stream.window import (
+    ACL_ROLES,
+    COUNTS,
+    N_COUNTS,
+    RedisStore,
+    StoreUnavailable,
+    acl_rules,
+    apply_acl,
+    counts_dict,
+)
 
 AUDIT_TOPIC_TIMEOUT = 3.0
 
@@ -38,7 +51,7 @@ def _store(settings: Settings) -> RedisStore:
 
 
 def _unreachable(settings: Settings, exc: StoreUnavailable) -> RtaError:
-    return RtaError(f"redis at {settings.redis_url} unreachable ({exc}); start it (rta dev up) or set RTA_REDIS_URL")
+    return RtaError(f"redis at {redact(settings.redis_url)}: {exc}; start it (rta dev up) or set RTA_REDIS_URL")
 
 
 @click.group()
@@ -62,36 +75,51 @@ def ratio(ctx: click.Context, config_file: str | None, redis_url: str | None, re
 @click.option("--reason", required=True, help="Why (kept in the audit trail).")
 @click.option("--who", default=None, help="Who is changing it (default: $USER).")
 @click.option("--audit-topic/--no-audit-topic", default=True, show_default=True,
-              help="Also produce the audit entry to the audit topic if Kafka answers.")
+              help="Record the change on the audit topic first (the durable record; no change without it). "
+                   "--no-audit-topic: Redis audit list only.")
+@click.option("--max-step", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Largest change of r allowed [default: ratio_max_step setting, 0.25].")
 @click.pass_context
 def set_cmd(ctx: click.Context, r: float, p_u: float | None, epsilon: float | None, reason: str,
-            who: str | None, audit_topic: bool) -> None:
+            who: str | None, audit_topic: bool, max_step: float | None) -> None:
     """Set the target block share R (0 <= R < 1), live for every worker."""
     settings = _settings(ctx)
     if not reason.strip():
         raise click.BadParameter("must not be empty", param_hint="--reason")
     who = who or os.environ.get("USER") or getpass.getuser()
     store = _store(settings)
+    record = _AuditRecord(settings) if audit_topic else None
     try:
         check_targets(r, p_u or 0.0, epsilon or 0.0)  # a clear message before touching Redis
-        entry = store.update_targets(who, reason, r, p_u, epsilon)
+        entry = store.update_targets(who, reason, r, p_u, epsilon,
+                                     max_step=settings.ratio_max_step if max_step is None else max_step,
+                                     before_write=record)
     except StoreUnavailable as exc:
         raise _unreachable(settings, exc) from None
     old = entry["old"] or {}
     changes = ", ".join(f"{k}: {_fmt(old.get(k))} -> {_fmt(v)}" for k, v in entry["new"].items())
     click.echo(f"{changes} (version {entry['version']}, by {who})")
-    if audit_topic:
-        sent = _produce_audit(settings, entry)
-        if sent is not None:
-            click.echo(f"rta: audit topic not written ({sent}); the Redis audit list has the entry", err=True)
 
 
 def _fmt(v: Any) -> str:
     return "-" if v is None else f"{v:g}"
 
 
+class _AuditRecord:
+    """`before_write` of a target change: the entry on the audit topic, acknowledged, or no change."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def __call__(self, entry: dict[str, Any]) -> None:
+        why = _produce_audit(self.settings, entry)
+        if why is not None:
+            raise RtaError(f"audit topic {self.settings.topic('audit')} not written ({redact(why)}); targets NOT "
+                           "changed (the audit topic is the durable record; --no-audit-topic skips it)")
+
+
 def _produce_audit(settings: Settings, entry: dict[str, Any]) -> str | None:
-    """Best effort: None when delivered, else why not."""
+    """None when the broker acknowledged the entry, else why not."""
     try:
         from stream.kafka import make_producer
 
@@ -102,6 +130,7 @@ def _produce_audit(settings: Settings, entry: dict[str, Any]) -> str | None:
         producer = make_producer(
             settings, **{"message.timeout.ms": int(AUDIT_TOPIC_TIMEOUT * 1000), "linger.ms": 0,
                          "socket.connection.setup.timeout.ms": 1000, "logger": quiet,
+                         "enable.idempotence": True, "acks": "all",
                          "error_cb": lambda err: errors.append(str(err))},
         )
         delivered: list[Any] = []
@@ -111,8 +140,36 @@ def _produce_audit(settings: Settings, entry: dict[str, Any]) -> str | None:
         if delivered and delivered[0] is None:
             return None
         return str(delivered[0]) if delivered else (errors[0] if errors else "no answer from Kafka")
-    except Exception as exc:  # never fail a target change because Kafka is away
+    except Exception as exc:  # any failure is reported as "not recorded"
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+@ratio.command("acl")
+@click.option("--worker-user", default="rta-worker", show_default=True, help="Redis user of the workers.")
+@click.option("--operator-user", default="rta-operator", show_default=True, help="Redis user of operators.")
+@click.option("--apply", "apply_", is_flag=True,
+              help="Create/reset both users on the configured Redis (an admin URL), passwords from "
+                   "$RTA_WORKER_REDIS_PASSWORD and $RTA_OPERATOR_REDIS_PASSWORD.")
+@click.pass_context
+def acl_cmd(ctx: click.Context, worker_user: str, operator_user: str, apply_: bool) -> None:
+    """Least-privilege Redis users: print the ACL SETUSER commands (passwords elided) or apply them."""
+    settings = _settings(ctx)
+    users = {"worker": worker_user, "operator": operator_user}
+    if not apply_:
+        for role in ACL_ROLES:
+            click.echo(f"ACL SETUSER {users[role]} reset on ><password> {' '.join(acl_rules(settings.redis_prefix, role))}")
+        return
+    secrets = {role: os.environ.get(f"RTA_{role.upper()}_REDIS_PASSWORD") for role in ACL_ROLES}
+    missing = [f"RTA_{role.upper()}_REDIS_PASSWORD" for role, pw in secrets.items() if not pw]
+    if missing:
+        raise RtaError(f"ratio acl --apply: set {' and '.join(missing)} (passwords are never taken as flags)")
+    store = _store(settings)
+    try:
+        for role in ACL_ROLES:
+            store._call(lambda role=role: apply_acl(store.r, settings.redis_prefix, role, users[role], secrets[role]))
+    except StoreUnavailable as exc:
+        raise _unreachable(settings, exc) from None
+    click.echo(f"redis users {worker_user} (worker) and {operator_user} (operator) set for prefix {settings.redis_prefix}")
 
 
 @ratio.command("get")

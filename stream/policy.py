@@ -14,7 +14,9 @@ decision per row. Typical use (the worker and replay do exactly this)::
 The rule, row by row, in this order (exactly one decision per row):
 
 1. invalid (``valid`` false, or ``e``/``u`` not finite) -> pass, reason ``invalid``,
-   propensity 1 (forced).
+   propensity 1 (forced). A valid request whose ``e``/``u`` is not finite (the model
+   returned NaN/inf) takes the same path with its own reason ``nan_output``, so a model fault
+   is never mistaken for bad input.
 2. exploration (``explore_draw < epsilon``) -> pass, reason ``explore``, propensity
    ``epsilon``: the explore set is a uniform random ``epsilon``-sample of valid traffic, so
    weighting its labels by ``1/propensity`` estimates anything over all valid traffic.
@@ -69,8 +71,9 @@ import numpy as np
 
 from stream.errors import ConfigError, InfeasibleTargets
 
-REASONS: tuple[str, ...] = ("score", "uncertain", "explore", "invalid", "degraded")
-SCORE, UNCERTAIN, EXPLORE, INVALID, DEGRADED = range(len(REASONS))
+REASONS: tuple[str, ...] = ("score", "uncertain", "explore", "invalid", "degraded", "nan_output")
+SCORE, UNCERTAIN, EXPLORE, INVALID, DEGRADED = range(5)
+NAN_OUTPUT = REASONS.index("nan_output")  # valid request, the model returned NaN/inf: pass
 
 DEFAULT_TASKS = ("click", "online", "cart", "deal")
 DEFAULT_WEIGHTS = {"click": 0.1, "online": 0.2, "cart": 0.3, "deal": 0.4}
@@ -165,6 +168,10 @@ def decide(
     stage[uncertain] = UNCERTAIN
     stage[scored] = SCORE
     reason = np.where(rule, np.uint8(DEGRADED), stage).astype(np.uint8) if degraded else stage.copy()
+    nan_out = ~(np.isfinite(e) & np.isfinite(u))
+    if valid is not None:
+        nan_out &= np.asarray(valid, dtype=bool)
+    reason[nan_out] = NAN_OUTPUT
     propensity = np.where(explore, np.float32(epsilon), np.float32(1.0 - epsilon)).astype(np.float32)
     propensity[~ok] = 1.0
     return Decisions(block=block, reason=reason, stage=stage, propensity=propensity)

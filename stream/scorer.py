@@ -1,7 +1,8 @@
 """Score a raw feature batch with the bundle's student: onnxruntime only, never torch.
 
-`Scorer.load` verifies the bundle before anything is served: every file's sha256 against the
-manifest, the feature spec against its fingerprint (and the caller's, when given), and the ONNX
+`Scorer.load` verifies the bundle before anything is served: the sha256 of the student graph
+against the manifest (every entry's path checked to lie inside the bundle; training files are
+neither hashed nor required, so a serving-only bundle is valid), the feature spec against its fingerprint (and the caller's, when given), and the ONNX
 graph's inputs/outputs against the spec and tasks. A bundle that fails any check is refused with
 a `BundleError` naming the file and what was expected, so a worker keeps its old model.
 """
@@ -17,6 +18,7 @@ import onnxruntime as ort
 
 from model.bundle import (
     STUDENT_ONNX,
+    bundle_file,
     read_manifest,
     resolve_bundle,
     verify_files,
@@ -45,11 +47,12 @@ class Scorer:
         manifest = read_manifest(bundle)
         onnx_path = bundle / STUDENT_ONNX
         try:
-            onnx_bytes = onnx_path.read_bytes()
-        except FileNotFoundError:
-            raise BundleError(f"{onnx_path}: missing") from None
-        # Hash exactly the bytes we load, so a swap between check and load cannot slip through.
-        verify_files(bundle, manifest, preloaded={STUDENT_ONNX: onnx_bytes})
+            onnx_bytes = bundle_file(bundle, STUDENT_ONNX).read_bytes()
+        except OSError as exc:  # PermissionError, a directory, ...
+            raise BundleError(f"{onnx_path}: unreadable ({exc.strerror or exc})") from None
+        # Hash exactly the bytes we load, so a swap between check and load cannot slip through;
+        # only what serving reads (training files such as teacher.pt are neither hashed nor needed).
+        verify_files(bundle, manifest, preloaded={STUDENT_ONNX: onnx_bytes}, only={STUDENT_ONNX})
         spec = verify_spec(bundle, manifest, expected_fingerprint)
         tasks = [str(t) for t in manifest["tasks"]]
         try:

@@ -33,20 +33,22 @@ Two stores share this layout (``WindowStore``):
   controllers drop their caches of closed seconds.
 - ``MemoryStore``: the same in a dict (replay, unit tests, the controller's local fallback).
 
-Every Redis failure surfaces as ``StoreUnavailable`` so callers need not import redis.
+Every Redis failure (unreachable, or a refusal such as READONLY / OOM / NOPERM) surfaces as
+``StoreUnavailable`` so callers need not import redis, and the controller degrades instead of
+raising into the hot path.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
-from stream.errors import RtaError
+from stream.errors import InfeasibleTargets, RtaError
 from stream.policy import DEGRADED, EXPLORE, INVALID, SCORE, UNCERTAIN, Decisions, Targets
 
 COUNTS = ("total", "blocked", "uncertain", "explore", "invalid", "degraded", "scored", "spare")
@@ -161,6 +163,7 @@ class Snapshot:
     targets_version: int = 0
     epoch: int = 0
     meta: dict[str, str] = field(default_factory=dict)
+    server_time: float | None = None  # the store's clock (Redis TIME), when asked for
 
 
 class WindowStore(Protocol):
@@ -171,21 +174,29 @@ class WindowStore(Protocol):
     def put(self, writer: str, buckets: Mapping[int, np.ndarray], bump_epoch: bool = False) -> None:
         """Set ``writer``'s cumulative bucket for each second (idempotent, TTL'd)."""
 
-    def read(self, seconds: Sequence[int], status: Mapping[str, Any] | None = None) -> Snapshot:
-        """Read buckets + targets (+ publish this controller's status)."""
+    def read(self, seconds: Sequence[int], status: Mapping[str, Any] | None = None,
+             server_time: bool = False) -> Snapshot:
+        """Read buckets + targets (+ publish this controller's status, + the store's clock)."""
 
     def set_targets(self, targets: Targets, who: str, reason: str) -> dict[str, Any]:
         """Write targets atomically with an audit entry; returns the entry."""
 
     def update_targets(self, who: str, reason: str, r: float | None = None, p_u: float | None = None,
-                       epsilon: float | None = None) -> dict[str, Any]:
-        """Like set_targets, None keeping the current value; validated before writing."""
+                       epsilon: float | None = None, max_step: float | None = None,
+                       before_write: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Like set_targets, None keeping the current value; validated before writing (``r`` may
+        move by at most ``max_step``); ``before_write(entry)`` runs before anything is written
+        (the durable audit record) and aborts the change by raising."""
 
     def history(self, n: int = 20) -> list[dict[str, Any]]:
         """Newest-first audit entries."""
 
     def controllers(self) -> list[dict[str, Any]]:
         """Last published status of each live controller."""
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _targets_from_hash(h: Mapping[str, str]) -> tuple[Targets | None, int]:
@@ -202,6 +213,15 @@ def _merge(old: Targets | None, r: float | None, p_u: float | None, epsilon: flo
     old = old or Targets()
     return Targets(old.r if r is None else r, old.p_u if p_u is None else p_u,
                    old.epsilon if epsilon is None else epsilon)
+
+
+def _check_step(old: Targets | None, new: Targets, max_step: float | None) -> None:
+    """A fat-fingered `rta ratio set 0.9` (for 0.09) must not block most traffic at once."""
+    if max_step is None or old is None:
+        return
+    if abs(new.r - old.r) > max_step + 1e-12:
+        raise InfeasibleTargets(f"r would move from {old.r:g} to {new.r:g}, more than the max step {max_step:g} "
+                                "per change; change it in steps, or raise --max-step")
 
 
 def _audit_entry(old: Targets | None, new: Targets, who: str, reason: str, version: int) -> dict[str, Any]:
@@ -241,7 +261,8 @@ class MemoryStore:
             for sec in [s for s in self.buckets if s <= newest - self.keep_seconds]:
                 del self.buckets[sec]
 
-    def read(self, seconds: Sequence[int], status: Mapping[str, Any] | None = None) -> Snapshot:
+    def read(self, seconds: Sequence[int], status: Mapping[str, Any] | None = None,
+             server_time: bool = False) -> Snapshot:
         if status is not None:
             self.status[str(status.get("id", "local"))] = dict(status)
         got = {s: _sum_fields(self.buckets[s].values(), self.spec.size) for s in seconds if s in self.buckets}
@@ -251,10 +272,14 @@ class MemoryStore:
         return self.update_targets(who, reason, targets.r, targets.p_u, targets.epsilon)
 
     def update_targets(self, who: str, reason: str, r: float | None = None, p_u: float | None = None,
-                       epsilon: float | None = None) -> dict[str, Any]:
+                       epsilon: float | None = None, max_step: float | None = None,
+                       before_write: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         targets = _merge(self.targets, r, p_u, epsilon)
+        _check_step(self.targets, targets, max_step)
+        entry = _audit_entry(self.targets, targets, who, reason, self.version + 1)
+        if before_write is not None:
+            before_write(entry)
         self.version += 1
-        entry = _audit_entry(self.targets, targets, who, reason, self.version)
         self.targets = targets
         self.audit.insert(0, entry)
         del self.audit[AUDIT_CAP:]
@@ -302,12 +327,17 @@ class RedisStore:
         return f"{self.prefix}:win:{sec}"
 
     def _call(self, fn: Any) -> Any:
+        """Run one round trip; EVERY Redis failure becomes StoreUnavailable: a lost connection,
+        and also the server refusing (READONLY after a failover, OOM under noeviction, NOPERM
+        for an ACL user), which would otherwise kill every worker at once."""
         import redis
 
         try:
             return fn()
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
-            raise StoreUnavailable(f"redis unreachable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+            raise StoreUnavailable(f"redis unreachable: {_first_line(exc)}") from None
+        except redis.exceptions.RedisError as exc:  # ResponseError (READONLY, OOM, NOPERM, ...)
+            raise StoreUnavailable(f"redis refused: {_first_line(exc)}") from None
 
     def put(self, writer: str, buckets: Mapping[int, np.ndarray], bump_epoch: bool = False) -> None:
         def run() -> None:
@@ -322,7 +352,8 @@ class RedisStore:
 
         self._call(run)
 
-    def read(self, seconds: Sequence[int], status: Mapping[str, Any] | None = None) -> Snapshot:
+    def read(self, seconds: Sequence[int], status: Mapping[str, Any] | None = None,
+             server_time: bool = False) -> Snapshot:
         seconds = list(seconds)
 
         def run() -> list[Any]:
@@ -333,9 +364,12 @@ class RedisStore:
             pipe.get(self.k_epoch)
             if status is not None:
                 pipe.set(f"{self.prefix}:ctl:{status.get('id', 'ctl')}", json.dumps(status), ex=self.STATUS_TTL)
+            if server_time:
+                pipe.time()
             return pipe.execute()
 
         replies = self._call(run)
+        clock = float(replies[-1][0]) + float(replies[-1][1]) / 1e6 if server_time else None
         raw, (h, epoch) = replies[: len(seconds)], replies[len(seconds): len(seconds) + 2]
         size = self.spec.size
         buckets: dict[int, np.ndarray] = {}
@@ -345,15 +379,18 @@ class RedisStore:
         hd = {k.decode() if isinstance(k, bytes) else k: v.decode() if isinstance(v, bytes) else v
               for k, v in (h or {}).items()}
         targets, version = _targets_from_hash(hd)
-        return Snapshot(buckets, targets, version, int(epoch or 0), hd)
+        return Snapshot(buckets, targets, version, int(epoch or 0), hd, clock)
 
     def set_targets(self, targets: Targets, who: str, reason: str) -> dict[str, Any]:
         return self.update_targets(who, reason, targets.r, targets.p_u, targets.epsilon)
 
     def update_targets(self, who: str, reason: str, r: float | None = None, p_u: float | None = None,
-                       epsilon: float | None = None) -> dict[str, Any]:
-        """WATCH/MULTI: read old, merge (None = keep), validate, write new + audit entry
-        atomically (retried on a race). Raises InfeasibleTargets before writing anything."""
+                       epsilon: float | None = None, max_step: float | None = None,
+                       before_write: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """WATCH/MULTI: read old, merge (None = keep), validate (``r`` moves by at most
+        ``max_step``), call ``before_write(entry)`` (the durable audit record: raising aborts),
+        then write new + audit entry atomically (retried on a race). Raises InfeasibleTargets
+        before writing anything."""
         import redis
 
         def run() -> dict[str, Any]:
@@ -364,7 +401,10 @@ class RedisStore:
                         h = {k.decode(): v.decode() for k, v in pipe.hgetall(self.k_targets).items()}
                         old, version = _targets_from_hash(h)
                         targets = _merge(old, r, p_u, epsilon)
+                        _check_step(old, targets, max_step)
                         entry = _audit_entry(old, targets, who, reason, version + 1)
+                        if before_write is not None:
+                            before_write(entry)
                         pipe.multi()
                         pipe.hset(self.k_targets, mapping={
                             "r": repr(float(targets.r)), "p_u": repr(float(targets.p_u)),
@@ -406,3 +446,32 @@ class RedisStore:
             return self.r.delete(*keys) if keys else 0
 
         return int(self._call(run))
+
+
+# --- least privilege: Redis ACL users -----------------------------------------------------------
+
+_CONNECT = "+ping +hello +select +client|setinfo +auth"
+ACL_ROLES = ("worker", "operator")
+
+
+def acl_rules(prefix: str, role: str) -> list[str]:
+    """`ACL SETUSER <name> on ><password> <rules...>` rules for a role (DESIGN.md, security):
+
+    - worker: write its window buckets, the window epoch and its status; READ the targets (never
+      write them or the audit list);
+    - operator: write targets and append the audit list; read the window and statuses.
+    Needs Redis >= 7 (read-only key selectors ``%R~``)."""
+    if role == "worker":
+        keys = [f"~{prefix}:win:*", f"~{prefix}:ctl:*", f"%R~{prefix}:ratio:targets"]
+        cmds = "+hset +hgetall +expire +incr +get +set +mget +scan +time"
+    elif role == "operator":
+        keys = [f"~{prefix}:ratio:*", f"%R~{prefix}:win:*", f"%R~{prefix}:ctl:*"]
+        cmds = "+hgetall +hset +lpush +ltrim +lrange +watch +unwatch +multi +exec +discard +get +mget +scan +ttl"
+    else:
+        raise ValueError(f"unknown role {role!r}; known: {', '.join(ACL_ROLES)}")
+    return ["resetkeys", *keys, "resetchannels", "-@all", *_CONNECT.split(), *cmds.split()]
+
+
+def apply_acl(client: Any, prefix: str, role: str, user: str, password: str) -> None:
+    """Create or reset `user` with the role's rules (an admin connection)."""
+    client.execute_command("ACL", "SETUSER", user, "reset", "on", f">{password}", *acl_rules(prefix, role))

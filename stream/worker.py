@@ -15,10 +15,18 @@ Between batches the worker commits when the checkpoint is due, and every
 `reload_interval_s` checks `<model_dir>/current`: a new version is loaded and validated
 before it serves; a bad one is refused (logged, counted) and the old model keeps serving.
 SIGTERM/SIGINT stop consuming, commit what was decided, leave the group and exit 0.
+
+Faults cost as little as they can: a message `produce()` refuses (too large, ...) costs only
+that message (a dead letter is truncated or sent as headers only; a decision is never dropped,
+the checkpoint fails instead); a checkpoint that keeps failing is retried with exponential
+backoff (consumption paused, `/healthz` 503, the failing topic named in the log) instead of
+replaying as fast as the loop turns; a rewind that cannot seek back stops the worker (exit
+code 2) rather than commit over undelivered decisions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -36,11 +44,11 @@ import numpy as np
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
 from model.bundle import current_version
-from stream.checkpoint import Checkpoint, CheckpointError, DeliveryReports
+from stream.checkpoint import Checkpoint, CheckpointError, CheckpointFatalError, DeliveryReports
 from stream.config import Settings, load_settings
 from stream.controller import ControllerConfig, RatioController
 from stream.engine import score_batch
-from stream.errors import BundleError, ConfigError, RtaError
+from stream.errors import BundleError, ConfigError, RtaError, WorkerError
 from stream.events import (
     MAX_BYTES,
     dead_letters,
@@ -50,7 +58,7 @@ from stream.events import (
 )
 from stream.kafka import make_consumer, make_producer, wait_reachable
 from stream.metrics import MetricsServer, WorkerMetrics
-from stream.policy import EXPLORE, REASONS, UNCERTAIN, ScorePolicy, decide
+from stream.policy import DEGRADED, EXPLORE, NAN_OUTPUT, REASONS, UNCERTAIN, ScorePolicy, decide
 from stream.scorer import Scorer
 
 log = logging.getLogger("rta.worker")
@@ -60,6 +68,9 @@ log = logging.getLogger("rta.worker")
 # through in the settings wins).
 GROUP_DEFAULTS: dict[str, Any] = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000}
 _REASON_NAMES = np.asarray(REASONS, dtype=object)
+# A dead letter's value is cut to this many bytes (header rta-truncated = original length), so a
+# request the broker accepted compressed never exceeds the producer's message.max.bytes (1 MB).
+DLQ_MAX_BYTES = 512 * 1024
 
 
 @dataclass
@@ -79,7 +90,14 @@ class WorkerConfig:
     max_bytes: int = MAX_BYTES
     flush_timeout_s: float = 30.0
     startup_timeout_s: float = 30.0  # wait for the cluster at start-up, then fail (0: no check)
+    dlq_max_bytes: int = DLQ_MAX_BYTES
+    checkpoint_backoff_s: float = 0.5  # first pause after a failed checkpoint, doubling ...
+    checkpoint_backoff_max_s: float = 30.0  # ... up to this
+    unhealthy_after_failures: int = 3  # consecutive failed checkpoints -> /healthz 503
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}")
+    # Stable per worker slot, so a replacement fences its crashed predecessor (--exactly-once).
+    # None: "<group>-<hostname>" (a container's or pod's name is its slot).
+    transactional_id: str | None = None
     seed: int | None = None
     controller: ControllerConfig | None = None
 
@@ -111,6 +129,10 @@ class WorkerStats:
     reloads: int = 0
     refused_reloads: int = 0
     busy_s: float = 0.0  # wall time inside batch processing
+    produce_errors: int = 0  # messages produce() refused (each cost only itself)
+    nan_outputs: int = 0  # valid requests the model scored NaN/inf (reason nan_output)
+    unknown_features: int = 0  # feature names the bundle does not know (another schema?)
+    failing_checkpoints: int = 0  # consecutive failed checkpoints (0 once one commits)
 
 
 class Worker:
@@ -122,6 +144,7 @@ class Worker:
         self.config = cfg = config or WorkerConfig()
         self.stats = WorkerStats()
         self.metrics = WorkerMetrics(cfg.worker_id)
+        self.metrics.unhealthy_after_failures = cfg.unhealthy_after_failures
         self._stop = threading.Event()
         self.assignment: set[tuple[str, int]] = set()  # kept by the rebalance callbacks
         self._rng = np.random.default_rng(cfg.seed)
@@ -138,22 +161,26 @@ class Worker:
             wait_reachable(settings, cfg.startup_timeout_s)
         self.controller = controller or RatioController.from_settings(
             settings, cfg.controller, controller_id=cfg.worker_id)
+        self.controller.refresh()  # read the live targets now, before the first batch
 
         self.reports = DeliveryReports()
-        txn = {"transactional.id": f"{cfg.group_id}-{cfg.worker_id}"} if cfg.exactly_once else {}
+        self.transactional_id = cfg.transactional_id or f"{cfg.group_id}-{socket.gethostname()}"
+        txn = {"transactional.id": self.transactional_id} if cfg.exactly_once else {}
         self.producer = make_producer(settings, **self.reports.producer_config(), **txn)
         if cfg.exactly_once:
             try:
                 self.producer.init_transactions(cfg.flush_timeout_s)
             except KafkaException as exc:
                 raise ConfigError(f"--exactly-once: the cluster refused transactions ({exc.args[0].str()})") from None
-        self.consumer = make_consumer(settings, cfg.group_id, **{**GROUP_DEFAULTS, **settings.kafka})
+        self.consumer = make_consumer(settings, cfg.group_id, GROUP_DEFAULTS)
         self.checkpoint = Checkpoint(
             self.consumer, self.producer, self.reports, exactly_once=cfg.exactly_once,
             commit_interval_s=cfg.commit_interval_s, commit_every=cfg.commit_every,
             flush_timeout_s=cfg.flush_timeout_s)
         self.server = (MetricsServer(self.metrics, cfg.metrics_host, cfg.metrics_port)
                        if cfg.metrics_port is not None else None)
+        self._hold_until = 0.0  # consumption paused (checkpoint backoff) until this monotonic time
+        self._fatal: CheckpointFatalError | None = None
 
     # --- model ----------------------------------------------------------------------------
 
@@ -169,9 +196,17 @@ class Worker:
         return model_dir / version
 
     def _load_model(self, bundle: Path) -> None:
-        scorer = Scorer.load(bundle, intra_threads=self.config.intra_threads)
-        policy = ScorePolicy.from_manifest(scorer.manifest)
-        _smoke_test(scorer, policy)
+        """Load, verify and smoke-test a bundle; ANY failure is a BundleError naming it, so a
+        bad bundle is refused (reload) or reported on one line (start-up), never a crash."""
+        try:
+            scorer = Scorer.load(bundle, intra_threads=self.config.intra_threads)
+            policy = ScorePolicy.from_manifest(scorer.manifest)
+            _smoke_test(scorer, policy)
+        except BundleError:
+            raise
+        except Exception as exc:  # onnxruntime, PermissionError, malformed manifest values, ...
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise BundleError(f"{bundle}: refused ({type(exc).__name__}: {first})") from None
         self.scorer, self.policy = scorer, policy
         self.bundle = bundle
         self._headers = decision_headers(scorer.version)
@@ -191,7 +226,7 @@ class Worker:
         target = Path(self.settings.model_dir) / version
         try:
             self._load_model(target)
-        except (BundleError, ConfigError, ValueError) as exc:
+        except BundleError as exc:
             self._refused = version
             self.stats.refused_reloads += 1
             self.metrics.reloads.labels("refused").inc()
@@ -222,19 +257,26 @@ class Worker:
                  self.requests_topic, self.decisions_topic, extra={"event": "started"})
         try:
             while not self._stop.is_set():
-                self.metrics.last_loop = time.monotonic()
+                self.metrics.last_loop = now = time.monotonic()
+                if self._hold_until:
+                    self._hold(now)
                 msgs = self.consumer.consume(cfg.batch_size, wait_s)
                 if msgs:
                     self.process(msgs)
-                else:
-                    self.producer.poll(0)
+                else:  # idle (or rebalancing): keep targets, thresholds and our status fresh,
+                    self.checkpoint.poll(0)  # so a peer started meanwhile finds the fleet's targets
+                    self.controller.thresholds()
                 if self.checkpoint.expired():
                     self._commit()
                 self.maybe_reload()
                 if deadline is not None and time.monotonic() >= deadline:
                     break
+        except CheckpointFatalError as exc:  # e.g. fenced while serving delivery reports
+            self._fail_fatal(exc)
         finally:
             self._drain()
+        if self._fatal is not None:
+            raise WorkerError(f"worker {cfg.worker_id} stopped: {self._fatal}")
         return self.stats
 
     def stop(self) -> None:
@@ -271,20 +313,27 @@ class Worker:
             threshold=th.theta, target_ratio=th.targets.r, model=self.scorer.version,
             ts_ms=int(now_ms), latency_ms=latency, tasks=self.scorer.tasks, propensity=d.propensity,
             tau_u=th.tau_u, u_tasks=u_tasks)
-        # produce: decisions, then dead letters
+        # produce: decisions, then dead letters (cut to dlq_max_bytes)
         self._produce(self.decisions_topic, bodies, batch.request_id.tolist(), self._headers)
         if batch.n_invalid:
             dead = dead_letters(batch, values, keys, self.requests_topic, partitions, offsets)
+            cap = self.config.dlq_max_bytes
             for dl in dead:
-                self._produce(self.dlq_topic, [dl.value], [dl.key], dl.headers)
+                value, headers = dl.value, dl.headers
+                if len(value) > cap:
+                    value, headers = value[:cap], [*headers, ("rta-truncated", str(len(value)).encode())]
+                self._produce(self.dlq_topic, [value], [dl.key], headers)
             for err in batch.errors:
                 self.metrics.dlq.labels(err.code).inc()
-        self.producer.poll(0)  # serve delivery reports (failures only)
+        self.checkpoint.poll(0)  # serve delivery reports (failures only)
         # checkpoint: these offsets are now processed (committed later, after delivery)
         self.checkpoint.store_offsets(self.requests_topic, partitions, offsets)
         # window: one round trip to the controller's store
         self.controller.observe(e, u, d)
 
+        if batch.unknown_features:
+            self.stats.unknown_features += batch.unknown_features
+            self.metrics.unknown_features.inc(batch.unknown_features)
         self._account(d, th, n, batch.n_invalid, time.perf_counter() - t0, now_ms - batch.ts_ms.max())
 
     def _produce(self, topic: str, values: list[bytes], keys: list[Any],
@@ -298,7 +347,36 @@ class Worker:
                 return
             except BufferError:  # local queue full: let librdkafka drain, then go on from j
                 i = j
-                self.producer.poll(0.05)
+                self.checkpoint.poll(0.05)
+            except KafkaException as exc:  # refused locally (e.g. MSG_SIZE_TOO_LARGE): this one only
+                self._refused_message(topic, values[j], keys[j], headers, exc.args[0])
+                i = j + 1
+
+    def _refused_message(self, topic: str, value: bytes, key: Any, headers: list[tuple[str, bytes]],
+                         err: KafkaError) -> None:
+        """One message produce() refused. A dead letter goes out as headers only; a decision is
+        never dropped silently: it is recorded as undelivered, so the checkpoint does not commit."""
+        self.stats.produce_errors += 1
+        self.metrics.produce_errors.labels(topic, err.name()).inc()
+        log.error("produce to %s refused a %d-byte message (%s)", topic, len(value or b""), err.str(),
+                  extra={"event": "produce_refused", "topic": topic, "code": err.name()})
+        if topic == self.dlq_topic:
+            try:
+                self.producer.produce(topic, b"", key, headers=[*headers, ("rta-dropped", err.name().encode())])
+                return
+            except (KafkaException, BufferError) as exc:
+                err = exc.args[0] if isinstance(exc, KafkaException) else err
+        self.reports.record(topic, f"{topic}: produce refused ({err.str()})")
+
+    def _hold(self, now: float) -> None:
+        """Checkpoint backoff: consumption of the assigned partitions stays paused until it ends."""
+        if now < self._hold_until:
+            return
+        self._hold_until = 0.0
+        try:
+            self.consumer.resume(self.consumer.assignment())
+        except (KafkaException, RuntimeError) as exc:
+            log.warning("resume after backoff failed: %s", exc, extra={"event": "resume_failed"})
 
     def _drop_errors(self, msgs: list[Message], errs: list[KafkaError | None]) -> list[Message]:
         for err in errs:
@@ -310,7 +388,12 @@ class Worker:
         s, m = self.stats, self.metrics
         blocked = int(np.count_nonzero(d.block))
         stages = np.bincount(d.stage, minlength=len(REASONS))
-        degraded = n - n_invalid - int(stages[EXPLORE]) if th.degraded else 0
+        by_reason = np.bincount(d.reason, minlength=len(REASONS))
+        degraded = int(by_reason[DEGRADED])
+        if by_reason[NAN_OUTPUT]:
+            s.nan_outputs += int(by_reason[NAN_OUTPUT])
+            m.nan_outputs.inc(int(by_reason[NAN_OUTPUT]))
+            m.last_nan = time.monotonic()
         s.events += n
         s.invalid += n_invalid
         s.blocked += blocked
@@ -328,8 +411,10 @@ class Worker:
         m.tau_u.set(th.tau_u)
         m.target_ratio.set(th.targets.r)
         m.set_redis(th.degraded)
+        m.set_targets_source(self.controller.targets_source)
+        if self.controller.clock_skew is not None:
+            m.clock_skew.set(self.controller.clock_skew)
         m.lag_ms.set(age_ms)
-        by_reason = np.bincount(d.reason, minlength=len(REASONS))
         blocked_by = np.bincount(d.reason[d.block], minlength=len(REASONS))
         for k in np.flatnonzero(by_reason).tolist():
             if blocked_by[k]:
@@ -345,16 +430,31 @@ class Worker:
     # --- checkpoint and group membership --------------------------------------------------
 
     def _commit(self) -> bool:
-        """Commit the checkpoint; on failure replay it (never skip). True if committed."""
-        t0 = time.perf_counter()
-        try:
-            self.checkpoint.commit()
-        except CheckpointError as exc:
-            self.stats.checkpoint_failures += 1
-            self.metrics.checkpoint_failures.labels(type(exc).__name__).inc()
-            log.error("checkpoint failed, replaying it: %s", exc, extra={"event": "checkpoint_failed"})
-            self.checkpoint.rewind()
+        """Commit the checkpoint; on failure replay it (never skip) after a backoff that doubles
+        with each failure in a row. True if committed. A rewind that cannot seek back stops the
+        worker (`_fatal`): its successor replays from the committed offsets."""
+        if self._fatal is not None:
             return False
+        t0 = time.perf_counter()
+        commits = self.checkpoint.commits
+        try:
+            try:
+                self.checkpoint.commit()
+            except CheckpointFatalError:
+                raise
+            except CheckpointError as exc:
+                self._checkpoint_failed(exc)
+                return False
+        except CheckpointFatalError as exc:
+            self._fail_fatal(exc)
+            return False
+        if self.checkpoint.commits == commits:  # nothing to commit
+            return True
+        if self.stats.failing_checkpoints:
+            log.warning("checkpoint committed again after %d failures", self.stats.failing_checkpoints,
+                        extra={"event": "checkpoint_recovered"})
+        self.stats.failing_checkpoints = 0
+        self.metrics.failing_checkpoints.set(0)
         took = time.perf_counter() - t0
         self.stats.commits += 1
         self.stats.commit_s += took
@@ -362,6 +462,30 @@ class Worker:
         self.metrics.commits.inc()
         self.metrics.commit_seconds.observe(took)
         return True
+
+    def _fail_fatal(self, exc: CheckpointFatalError) -> None:
+        """Nothing can be committed safely any more: stop; run() raises WorkerError (exit 2)."""
+        self._fatal = exc
+        self._stop.set()
+        self.metrics.state = "failed"
+        log.critical("%s", exc, extra={"event": "checkpoint_fatal"})
+
+    def _checkpoint_failed(self, exc: CheckpointError) -> None:
+        """Count, log (naming the topic), rewind, and pause consuming for the backoff."""
+        cfg, st = self.config, self.stats
+        st.checkpoint_failures += 1
+        st.failing_checkpoints += 1
+        self.metrics.checkpoint_failures.labels(type(exc).__name__).inc()
+        self.metrics.failing_checkpoints.set(st.failing_checkpoints)
+        backoff = min(cfg.checkpoint_backoff_s * 2 ** (st.failing_checkpoints - 1), cfg.checkpoint_backoff_max_s)
+        log.error("checkpoint failed (%d in a row), replaying it in %.1f s: %s", st.failing_checkpoints,
+                  backoff, exc, extra={"event": "checkpoint_failed", "in_a_row": st.failing_checkpoints})
+        self.checkpoint.rewind()  # may raise CheckpointFatalError (handled by _commit)
+        self._hold_until = time.monotonic() + backoff
+        try:
+            self.consumer.pause(self.consumer.assignment())
+        except (KafkaException, RuntimeError) as err:
+            log.warning("pause for backoff failed: %s", err, extra={"event": "pause_failed"})
 
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         self.assignment |= {(tp.topic, tp.partition) for tp in partitions}
@@ -376,7 +500,10 @@ class Worker:
     def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         # Another member may own these already: committing would be wrong; let it replay.
         if self.config.exactly_once:
-            self.checkpoint.rewind()
+            try:
+                self.checkpoint.rewind()
+            except CheckpointFatalError as exc:
+                self._fail_fatal(exc)
         else:
             self.checkpoint.forget(partitions)
         self.assignment -= {(tp.topic, tp.partition) for tp in partitions}
@@ -391,8 +518,9 @@ class Worker:
             log.error("while leaving the group: %s", exc, extra={"event": "drain_error"})
         finally:
             self.checkpoint.close()
-            self.producer.flush(self.config.flush_timeout_s)
-            self.metrics.state = "stopped"
+            with contextlib.suppress(CheckpointError):  # a fatal producer: nothing left to deliver
+                self.checkpoint.serve(self.producer.flush, self.config.flush_timeout_s)
+            self.metrics.state = "failed" if self._fatal is not None else "stopped"
             if self.server is not None:
                 self.server.close()
         st = self.stats
@@ -408,7 +536,11 @@ def _smoke_test(scorer: Scorer, policy: ScorePolicy) -> None:
     num = np.full((4, n_num), np.nan, np.float32)
     num[1:] = np.linspace(-1, 1, 3, dtype=np.float32)[:, None]
     cat = np.full((4, n_cat), "", dtype=object)
-    p, u = scorer.score(num, cat)
+    try:
+        p, u = scorer.score(num, cat)
+    except Exception as exc:  # onnxruntime's own error types
+        raise BundleError(f"{scorer.path}: the student fails on a smoke-test batch "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     if p.shape != (4, len(scorer.tasks)) or u.shape != p.shape:
         raise BundleError(f"{scorer.path}: student returned shapes {p.shape}, {u.shape}")
     if not (np.isfinite(p).all() and (p >= 0).all() and (p <= 1).all() and np.isfinite(u).all()):
@@ -444,6 +576,8 @@ def _tps(partitions: list[TopicPartition]) -> str:
               help="How often to check <model-dir>/current for a new version.")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=9400, show_default=True,
               help="Port for /metrics and /healthz (0: any free port).")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True,
+              help="Address for /metrics and /healthz (0.0.0.0 to let Prometheus in another container scrape).")
 @click.option("--no-metrics", is_flag=True, help="Do not start the HTTP server.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="onnxruntime intra-op threads.")
@@ -451,13 +585,16 @@ def _tps(partitions: list[TopicPartition]) -> str:
 @click.option("--startup-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="Seconds to wait for the Kafka cluster at start-up before exiting with an error "
                    "(0: do not check; librdkafka then retries for ever).")
+@click.option("--transactional-id", default=None,
+              help="--exactly-once: this worker slot's stable transactional.id, so a replacement fences "
+                   "a crashed predecessor [default: <group>-<hostname>].")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 def serve(config_file: str | None, bootstrap: str | None, redis_url: str | None,
           model_dir: str | None, group_id: str, batch_size: int, batch_wait_ms: int,
           commit_interval_ms: int, commit_every: int, exactly_once: bool, reload_interval_s: float,
-          metrics_port: int, no_metrics: bool, threads: int, worker_id: str | None,
-          startup_timeout: float, log_level: str) -> None:
+          metrics_port: int, metrics_host: str, no_metrics: bool, threads: int, worker_id: str | None,
+          startup_timeout: float, transactional_id: str | None, log_level: str) -> None:
     """Consume requests, decide each one, produce decisions; commit only after delivery."""
     from stream.logs import setup_json_logging
 
@@ -468,8 +605,9 @@ def serve(config_file: str | None, bootstrap: str | None, redis_url: str | None,
         group_id=group_id, batch_size=batch_size, batch_wait_ms=batch_wait_ms,
         commit_interval_s=commit_interval_ms / 1000.0, commit_every=commit_every,
         exactly_once=exactly_once, reload_interval_s=reload_interval_s,
-        metrics_port=None if no_metrics else metrics_port, intra_threads=threads,
-        startup_timeout_s=startup_timeout, **({"worker_id": worker_id} if worker_id else {}))
+        metrics_port=None if no_metrics else metrics_port, metrics_host=metrics_host, intra_threads=threads,
+        startup_timeout_s=startup_timeout, transactional_id=transactional_id,
+        **({"worker_id": worker_id} if worker_id else {}))
     try:
         worker = Worker(settings, cfg)
     except OSError as exc:  # e.g. the metrics port is taken

@@ -105,14 +105,16 @@ def test_get_reports_window_and_controllers(capsys, redis_server, prefix):
     assert "targets: r=0.25" in out and "10000 decisions" in out and "controller w1: theta=" in out
 
 
-def test_audit_topic_best_effort_when_kafka_is_away(capsys, redis_server, prefix, monkeypatch):
+def test_no_change_without_the_durable_audit_record_when_kafka_is_away(capsys, redis_server, prefix, monkeypatch):
     monkeypatch.setenv("RTA_KAFKA_BOOTSTRAP", f"127.0.0.1:{free_port()}")
-    t0 = time.monotonic()
     code, out, err = rta(capsys, "ratio", "--redis-url", redis_server.url, "--redis-prefix", prefix,
                          "set", "0.2", "--reason", "no kafka")
-    assert code == 0 and "version 1" in out and "audit topic not written" in err
-    assert time.monotonic() - t0 < 8
-    assert RedisStore.from_url(redis_server.url, prefix).history()[0]["reason"] == "no kafka"
+    assert code == 2 and "audit topic" in err and "NOT changed" in err and len(err.strip().splitlines()) == 1
+    store = RedisStore.from_url(redis_server.url, prefix)
+    assert store.get_targets()[0] is None and store.history() == []
+    code, out, err = rta(capsys, "ratio", "--redis-url", redis_server.url, "--redis-prefix", prefix,
+                         "set", "0.2", "--reason", "no kafka", "--no-audit-topic")  # explicit opt-out
+    assert code == 0 and "version 1" in out and store.history()[0]["reason"] == "no kafka"
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from stream.policy import (
     DEGRADED,
     EXPLORE,
     INVALID,
+    NAN_OUTPUT,
     REASONS,
     SCORE,
     UNCERTAIN,
@@ -52,7 +53,9 @@ def test_rule_invariants(batch, degraded):
     assert d.reason.max(initial=0) < len(REASONS)
     ok = valid & np.isfinite(e) & np.isfinite(u)
     # 1. invalid rows pass as invalid, forced
-    assert (d.stage[~ok] == INVALID).all() and (d.reason[~ok] == INVALID).all()
+    assert (d.stage[~ok] == INVALID).all() and (d.reason[~valid] == INVALID).all()
+    # ... and a valid row the model scored NaN/inf has its own reason (a model fault)
+    assert (d.reason[valid & ~ok] == NAN_OUTPUT).all()
     assert not d.block[~ok].any() and (d.propensity[~ok] == 1.0).all()
     # 2. explore before anything else, propensity epsilon, never degraded
     ex = ok & (draw < eps)
@@ -75,7 +78,7 @@ def test_rule_invariants(batch, degraded):
     if degraded:
         assert (d.reason[rule] == DEGRADED).all()
     else:
-        assert (d.reason == d.stage).all()
+        assert (d.reason[ok | ~valid] == d.stage[ok | ~valid]).all()
 
 
 def test_rule_order_by_hand():
@@ -84,10 +87,10 @@ def test_rule_order_by_hand():
     valid = np.array([True, True, True, True, False, True])
     draw = np.array([0.5, 0.01, 0.5, 0.5, 0.5, 0.5])
     d = decide(e, u, valid, draw, theta=0.2, tau_u=0.3, epsilon=0.05)
-    assert [REASONS[r] for r in d.reason] == ["score", "explore", "uncertain", "score", "invalid", "invalid"]
+    assert [REASONS[r] for r in d.reason] == ["score", "explore", "uncertain", "score", "invalid", "nan_output"]
     assert d.block.tolist() == [True, False, False, False, False, False]
     assert d.propensity.tolist() == pytest.approx([0.95, 0.05, 0.95, 0.95, 1.0, 1.0])
-    assert list(d.reason_names()) == ["score", "explore", "uncertain", "score", "invalid", "invalid"]
+    assert list(d.reason_names()) == ["score", "explore", "uncertain", "score", "invalid", "nan_output"]
 
 
 def test_decide_rejects_bad_inputs():

@@ -53,17 +53,18 @@ def test_tampered_onnx_is_refused_naming_the_file(tmp_path):
         Scorer.load(tmp_path)
 
 
-def test_any_listed_file_is_checked(tmp_path):
+def test_serving_hashes_only_what_it_reads_and_full_verification_every_file(tmp_path):
+    # DESIGN.md: serving never hashes or loads training files; a serving-only bundle is valid
     b = make_bundle(tmp_path, "v1")
     (b / "preprocess.json").write_text("{}")
-    with pytest.raises(BundleError, match=r"preprocess\.json: sha256 mismatch"):
-        Scorer.load(b)
     (b / "student.pt").unlink()
+    assert Scorer.load(b).version == "v1"
     m = bundle.read_manifest(b)
+    with pytest.raises(BundleError, match=r"preprocess\.json: sha256 mismatch"):  # the trainer's check
+        bundle.verify_files(b, m)
     m["files"]["preprocess.json"] = bundle.sha256_file(b / "preprocess.json")
-    bundle.write_manifest(b, m)
     with pytest.raises(BundleError, match=r"student\.pt: listed in the manifest but missing"):
-        Scorer.load(b)
+        bundle.verify_files(b, m)
 
 
 def test_manifest_with_wrong_fingerprint_is_refused(tmp_path):

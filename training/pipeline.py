@@ -19,6 +19,7 @@ import functools
 import json
 import math
 import os
+import pickle
 import sys
 import time
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from model.bundle import MANIFEST, read_manifest, sha256_file, verify_files
 from model.ple import MultiTaskNet, NetConfig, count_parameters
 from model.preprocess import Preprocessor
 from model.student import StudentConfig
@@ -42,6 +44,7 @@ from training.profiles import PROFILES, Profile, get_profile
 
 TEACHER_FILE = "teacher.pt"
 PREPROCESS_FILE = "preprocess.json"
+TEACHER_HASHES = "teacher.sha256.json"
 TRAIN_LOG_FILE = "train_log.json"
 TEACHER_FORMAT = 1
 
@@ -248,6 +251,9 @@ def save_teacher(bundle_dir: Path, model: MultiTaskNet, swag: SWAG, pre: Preproc
         "swag": swag.state_dict(), "profile": profile.to_dict(), "meta": meta,
     }, bundle_dir / TEACHER_FILE)
     (bundle_dir / PREPROCESS_FILE).write_text(json.dumps(pre.to_dict()))
+    # what load_teacher checks before it loads anything (the manifest takes over once written)
+    (bundle_dir / TEACHER_HASHES).write_text(json.dumps(
+        {f: sha256_file(bundle_dir / f) for f in (TEACHER_FILE, PREPROCESS_FILE)}))
 
 
 def resolve_bundle(model_dir: str | Path) -> Path:
@@ -265,14 +271,38 @@ def resolve_bundle(model_dir: str | Path) -> Path:
     raise BundleError(f"{path}: no teacher bundle here (no {TEACHER_FILE} in it, its 'current' or a version dir)")
 
 
+def _verify_teacher(path: Path) -> None:
+    """The sha256 of teacher.pt and preprocess.json against the manifest (a full bundle) or, for a
+    teacher-only bundle, the hashes save_teacher wrote; no hash, no load."""
+    if (path / MANIFEST).is_file():
+        source, files = path / MANIFEST, read_manifest(path)["files"]
+    elif (path / TEACHER_HASHES).is_file():
+        source = path / TEACHER_HASHES
+        try:
+            files = json.loads(source.read_text())
+        except (OSError, ValueError) as exc:
+            raise BundleError(f"{source}: unreadable ({exc})") from None
+    else:
+        raise BundleError(f"{path}: no manifest and no {TEACHER_HASHES}; refusing to load unverified weights")
+    if not isinstance(files, dict):
+        raise BundleError(f"{source}: no file hashes in it")
+    verify_files(path, {"files": files}, only={TEACHER_FILE, PREPROCESS_FILE})
+
+
 def load_teacher(bundle_dir: str | Path) -> tuple[MultiTaskNet, SWAG, Preprocessor, dict[str, Any]]:
     """(model with its last-iterate weights, SWAG posterior, preprocessor, stored config dict)."""
     path = resolve_bundle(bundle_dir)
+    # Verify before anything is loaded (DESIGN.md, security): the manifest's hashes of the files
+    # read here, then torch reads tensors and plain containers only (no pickled code).
+    _verify_teacher(path)
     try:
-        blob = torch.load(path / TEACHER_FILE, map_location="cpu", weights_only=False)
+        blob = torch.load(path / TEACHER_FILE, map_location="cpu", weights_only=True)
         pre = Preprocessor.from_dict(json.loads((path / PREPROCESS_FILE).read_text()))
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise BundleError(f"{path}: teacher bundle unreadable ({exc})") from None
+    except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BundleError(f"{path}: teacher bundle unreadable ({first})") from None
+    if not isinstance(blob, dict):
+        raise BundleError(f"{path / TEACHER_FILE}: not a teacher checkpoint")
     if blob.get("format") != TEACHER_FORMAT:
         raise BundleError(f"{path / TEACHER_FILE}: format {blob.get('format')} is not {TEACHER_FORMAT}")
     cfg = NetConfig(**blob["net"])
