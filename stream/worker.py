@@ -488,6 +488,13 @@ class Worker:
             log.warning("pause for backoff failed: %s", err, extra={"event": "pause_failed"})
 
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        # librdkafka keeps a partition's pause flag across unassign/assign: a partition paused
+        # for a checkpoint backoff, then lost and assigned again, would never be fetched. So an
+        # assignment says explicitly whether it is consumed (paused only inside a backoff).
+        try:
+            (consumer.pause if self._hold_until else consumer.resume)(partitions)
+        except (KafkaException, RuntimeError) as exc:
+            log.warning("pause/resume on assignment failed: %s", exc, extra={"event": "assign_failed"})
         self.assignment |= {(tp.topic, tp.partition) for tp in partitions}
         log.info("assigned %s", _tps(partitions), extra={"event": "assigned"})
 
