@@ -41,9 +41,12 @@ def _rta(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 
 def _one_line_error(res: subprocess.CompletedProcess, needle: str) -> None:
+    # the error is one line of its own (progress lines such as "[rta eval] labels ..." may precede it)
     assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
-    err = res.stderr.strip()
-    assert err.startswith("rta: ") and "\n" not in err and needle in err, err
+    lines = res.stderr.strip().splitlines()
+    err = lines[-1]
+    assert err.startswith("rta: ") and needle in err, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and all(line.startswith("[rta ") for line in lines[:-1]), res.stderr[-2000:]
 
 
 # ---- loading ------------------------------------------------------------------------------
