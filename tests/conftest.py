@@ -222,3 +222,22 @@ def torch_one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def bundle(settings: Settings) -> Path:
+    """A small student bundle published as `current` in the test's model dir (worker tests)."""
+    from student_data import make_bundle  # torch: only for the tests that ask for a bundle
+
+    return make_bundle(settings.model_dir, "v1", seed=0)
+
+
+@pytest.fixture
+def targets(settings: Settings):
+    """The test's Redis window with targets r=0.3, p_u=0.05, epsilon=0.02 set."""
+    from stream.policy import Targets
+    from stream.window import RedisStore
+
+    store = RedisStore.from_url(settings.redis_url, settings.redis_prefix)
+    store.set_targets(Targets(0.3, 0.05, 0.02), "test", "test targets")
+    return store

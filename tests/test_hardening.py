@@ -26,7 +26,7 @@ import orjson
 import pytest
 import redis
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
-from student_data import make_bundle, random_batch
+from student_data import random_batch
 from worker_support import (
     MALFORMED,
     RTA,
@@ -56,18 +56,6 @@ from stream.kafka import make_consumer, make_producer
 from stream.policy import Targets, decide
 from stream.window import ACL_ROLES, RedisStore, StoreUnavailable
 from stream.worker import DLQ_MAX_BYTES
-
-
-@pytest.fixture
-def bundle(settings):
-    return make_bundle(settings.model_dir, "v1", seed=0)
-
-
-@pytest.fixture
-def targets(settings):
-    store = RedisStore.from_url(settings.redis_url, settings.redis_prefix)
-    store.set_targets(Targets(0.3, 0.05, 0.02), "test", "hardening test")
-    return store
 
 
 def _big_request(rid: str, size: int = 2_000_000) -> bytes:

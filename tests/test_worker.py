@@ -29,22 +29,8 @@ from worker_support import (
 )
 
 from model.bundle import publish
-from stream.policy import Targets
-from stream.window import RedisStore
 
 pytestmark = pytest.mark.slow  # each test joins a consumer group (~3 s on the embedded broker)
-
-
-@pytest.fixture
-def bundle(settings):
-    return make_bundle(settings.model_dir, "v1", seed=0)
-
-
-@pytest.fixture
-def targets(settings):
-    store = RedisStore.from_url(settings.redis_url, settings.redis_prefix)
-    store.set_targets(Targets(0.3, 0.05, 0.02), "test", "worker test")
-    return store
 
 
 def test_every_request_gets_one_decision_and_bad_ones_go_to_the_dlq(settings, bundle, targets):

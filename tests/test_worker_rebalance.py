@@ -18,7 +18,6 @@ from collections import Counter
 from dataclasses import replace
 
 import pytest
-from student_data import make_bundle
 from worker_support import (
     assigned,
     committed,
@@ -33,17 +32,8 @@ from worker_support import (
 )
 
 from stream.errors import WorkerError
-from stream.policy import Targets
-from stream.window import RedisStore
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def bundle(settings):
-    make_bundle(settings.model_dir, "v1", seed=0)
-    RedisStore.from_url(settings.redis_url, settings.redis_prefix).set_targets(
-        Targets(0.3, 0.05, 0.02), "test", "rebalance test")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("targets")]  # `bundle`: conftest
 
 
 def test_a_member_joining_mid_stream_gets_committed_offsets_and_repeats_nothing(settings, bundle):
