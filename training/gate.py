@@ -215,8 +215,9 @@ def run_gate(candidate: str | Path, current: str | Path, logs: str | Path, targe
     except BundleError as exc:
         result.update(verification=str(exc), passed=False)
         reasons.append(f"bundle verification failed: {exc}")
+        result = _finite(result)
         if write and (cand_dir / bundle.MANIFEST).is_file():
-            registry.write_gate(cand_dir, _finite(result))
+            registry.write_gate(cand_dir, result)
         return result
     cur_manifest = bundle.read_manifest(cur_dir)
     fid = fidelity_check(cand_manifest, cur_manifest, cfg.fidelity)
@@ -257,8 +258,9 @@ def run_gate(candidate: str | Path, current: str | Path, logs: str | Path, targe
                        f"(difference {est['difference']:.1f}, {cfg.confidence:.0%} CI "
                        f"[{est['difference_ci'][0]:.1f}, {est['difference_ci'][1]:.1f}])")
     result["passed"] = not reasons
+    result = _finite(result)
     if write:
-        registry.write_gate(cand_dir, _finite(result))
+        registry.write_gate(cand_dir, result)
     return result
 
 

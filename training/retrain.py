@@ -39,18 +39,19 @@ from training.profiles import PROFILES, Profile, get_profile
 HOUR_MS = 3_600_000
 
 
-def train_window(logs: Path, since_hours: float, holdout_hours: float) -> dict[str, int]:
-    """[since_ms, until_ms) for training and [until_ms, newest] for the gate, from the newest row."""
-    if not since_hours > 0 or not holdout_hours > 0:
+def train_window(logs: Path, since_hours: float, holdout_hours: float | None) -> dict[str, Any]:
+    """[since_ms, until_ms) for training, from the newest logged row; the newest `holdout_hours`
+    (None: none, the gate reads other logs) stay out of training for the gate."""
+    if not since_hours > 0 or (holdout_hours is not None and not holdout_hours > 0):
         raise ConfigError("--since-hours and --holdout-hours must be > 0")
-    if holdout_hours >= since_hours:
+    if holdout_hours is not None and holdout_hours >= since_hours:
         raise ConfigError(f"--holdout-hours {holdout_hours:g} leaves nothing to train on in --since-hours "
                           f"{since_hours:g}")
     newest = newest_ts_ms(logs)
     if newest is None:
         raise DataError(f"{logs}: no logged rows (need Parquet with ts_ms: an `rta log` layout or a world log)")
-    return {"since_ms": int(newest - since_hours * HOUR_MS), "until_ms": int(newest - holdout_hours * HOUR_MS) + 1,
-            "newest_ms": newest}
+    until = None if holdout_hours is None else int(newest - holdout_hours * HOUR_MS) + 1
+    return {"since_ms": int(newest - since_hours * HOUR_MS), "until_ms": until, "newest_ms": newest}
 
 
 def trainer_kwargs(train: Callable[..., Any], wanted: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -77,7 +78,8 @@ def parent_profile(current: Path) -> Profile:
 @click.option("--model-dir", required=True, type=click.Path(path_type=Path), help="Model directory (has `current`).")
 @click.option("--since-hours", type=float, required=True, help="Train on the logs of the last H hours.")
 @click.option("--holdout-hours", type=float, default=None,
-              help="Newest hours kept out of training for the gate [default: a fifth of --since-hours].")
+              help="Newest hours kept out of training for the gate [default: a fifth of --since-hours; none "
+                   "with --gate-logs].")
 @click.option("--gate-logs", type=click.Path(path_type=Path), default=None,
               help="Gate on this log set instead of --logs (e.g. a fresher day).")
 @click.option("--profile", "profile_name", type=click.Choice(sorted(PROFILES)), default=None,
@@ -98,7 +100,7 @@ def retrain(logs_path: Path, model_dir: Path, since_hours: float, holdout_hours:
             redis_prefix: str | None, **gate_opts: Any) -> None:
     """Recent logs -> train (from the current model's settings) -> gate -> promote or refuse."""
     from training.logs import Attribution
-    from training.pipeline import run_training
+    from training.pipeline import TEACHER_FILE, run_training
 
     reason = need_reason(reason, "retrain")
     settings = _settings(config_file, redis_url, redis_prefix)
@@ -106,18 +108,20 @@ def retrain(logs_path: Path, model_dir: Path, since_hours: float, holdout_hours:
     if current is None:
         raise BundleError(f"{model_dir}: no current version to retrain from (train and publish one with rta train)")
     current_dir = bundle.resolve_bundle(model_dir)
-    window = train_window(logs_path, since_hours, holdout_hours if holdout_hours is not None else since_hours / 5)
+    if holdout_hours is None and gate_logs is None:
+        holdout_hours = since_hours / 5
+    window = train_window(logs_path, since_hours, holdout_hours)
     profile = get_profile(profile_name) if profile_name else parent_profile(current_dir)
     version = version or time.strftime("v%Y%m%d-%H%M%S", time.gmtime())
     if (Path(model_dir) / version).exists():
         raise BundleError(f"{Path(model_dir) / version} already exists; pick another --version")
-    wanted = {"parent": current_dir, "since_ms": window["since_ms"], "until_ms": window["until_ms"],
+    # a serving-only current (no teacher weights) cannot be warm-started from
+    parent = current_dir if (current_dir / TEACHER_FILE).is_file() else None
+    wanted = {"parent": parent, "since_ms": window["since_ms"], "until_ms": window["until_ms"],
               "debias": debias, "anchor": current_dir if anchor_parent else None, "publish": False}
     kwargs, dropped = trainer_kwargs(run_training, wanted)
     if dropped:
-        click.echo(f"[rta retrain] this trainer takes no {', '.join(dropped)}: trained from scratch on all of "
-                   f"{logs_path}",
-                   err=True)
+        click.echo(f"[rta retrain] this trainer does not take {', '.join(dropped)} (not applied)", err=True)
     t0 = time.perf_counter()
     # trained in a staging dir beside the versions: whatever the trainer does with `current`
     # there, the served `current` moves only through the gate and registry.switch
