@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from replay_support import TASKS
+from replay_support import TASKS, world_bundle, world_log
 
 WINDOWS = {"click": 300.0, "online": 300.0, "cart": 300.0, "deal": 900.0}  # > every offline delay's bulk
 
@@ -26,6 +26,19 @@ def split_world(world: Path, out: Path, train_share: float = 2 / 3) -> tuple[Pat
     pq.write_table(table.slice(0, cut), out / "train.parquet")
     pq.write_table(table.slice(cut), out / "holdout.parquet")
     return out / "train.parquet", out / "holdout.parquet"
+
+
+def split_world_and_v0(tmp: Path, rows: int, seed: int) -> tuple[Path, Path, Path]:
+    """A world log split in event time (train, holdout) and a model dir holding v0, an untrained
+    spread bundle for its features (published as current)."""
+    from model import bundle
+    from training.logs import load_logs
+
+    world = world_log(tmp / "world", rows, seed=seed)
+    train, holdout = split_world(world / "part-00000.parquet", tmp / "split")
+    models = tmp / "models"
+    bundle.publish(world_bundle(models, load_logs(train), "v0"))
+    return train, holdout, models
 
 
 def shuffled_labels(world: Path, out: Path, seed: int = 0) -> Path:

@@ -13,8 +13,7 @@ import json
 import shutil
 
 import pytest
-from gate_support import WINDOWS, shuffled_labels, split_world, train_tiny
-from replay_support import world_bundle, world_log
+from gate_support import WINDOWS, shuffled_labels, split_world_and_v0, train_tiny
 from test_operators import rta  # the CLI's own entry point, in process
 
 from infra.stack import free_port
@@ -31,11 +30,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gate")
-    world = world_log(tmp / "world", 30_000, seed=3)
-    train, holdout = split_world(world / "part-00000.parquet", tmp / "split")
+    train, holdout, models = split_world_and_v0(tmp, 30_000, seed=3)
     shuffled = shuffled_labels(train, tmp / "split" / "shuffled.parquet")
-    models = tmp / "models"
-    world_bundle(models, load_logs(train), "v0")
     v1 = train_tiny(train, models, "v1")
     train_tiny(shuffled, models, "vs")
     info = make_logged_layout(v1, load_logs(holdout), tmp / "log", Step(0.5, 0.02, 0.2), seed=1)

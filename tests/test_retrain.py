@@ -9,12 +9,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from gate_support import rta, split_world
-from replay_support import world_bundle, world_log
+from gate_support import rta, split_world_and_v0
 
 from infra.stack import free_port
 from model import bundle, registry
-from training.logs import load_logs
 
 pytestmark = pytest.mark.slow
 
@@ -22,10 +20,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("retrain")
-    world = world_log(tmp / "world", 30_000, seed=5)
-    train, holdout = split_world(world / "part-00000.parquet", tmp / "split")
-    models = tmp / "models"
-    bundle.publish(world_bundle(models, load_logs(train), "v0"))
+    train, holdout, models = split_world_and_v0(tmp, 30_000, seed=5)
     return {"models": models, "train": train, "holdout": holdout}
 
 
