@@ -29,6 +29,7 @@ from stream.errors import BundleError, ConfigError
 REGISTRY_LOG = "registry.jsonl"
 GATE_FILE = "gate.json"
 TRAIN_LOG = "train_log.json"
+LOCK_FILE = ".registry.lock"
 
 
 def _model_dir(model_dir: str | Path) -> Path:
@@ -158,6 +159,16 @@ def switch(model_dir: str | Path, version: str, action: str, who: str, reason: s
     root = _model_dir(model_dir)
     target = version_dir(root, version)
     verify(target)  # never serve a bundle that does not verify
+    lock = os.open(root / LOCK_FILE, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two switches at once: each records the `old` it replaced
+        return _switch_locked(root, target, version, action, who, reason, audit, forced, gate)
+    finally:
+        os.close(lock)
+
+
+def _switch_locked(root: Path, target: Path, version: str, action: str, who: str, reason: str, audit: Any,
+                   forced: bool, gate: dict[str, Any] | None) -> dict[str, Any]:
     old = bundle.current_version(root)
     entry = {"kind": f"model.{action}", "action": action, "who": who, "reason": reason.strip(),
              "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "ts_ms": int(time.time() * 1000),

@@ -51,6 +51,9 @@ def test_promote_and_rollback_walk_the_chain(capsys, tmp_path):
     assert code == 0 and "* v1" in out and "rollback by ops" in out and "4 switches" in out
     rows = json.loads(rta(capsys, "model", "list", "--model-dir", str(md), "--json")[1])
     assert [r["version"] for r in rows] == ["v1", "v2", "v3"] and rows[0]["current"]
+    bundle.publish(md / "v3")  # e.g. `rta train --publish`: not through the registry
+    code, _, err = _switch(capsys, md, "rollback", "--reason", "which one?")
+    assert code == 2 and "was not switched through `rta model`" in err
 
 
 def test_torn_log_line_old_bundles_and_bad_names(tmp_path):

@@ -217,6 +217,10 @@ def rollback_cmd(model_dir: Path, reason: str | None, who: str | None, audit_top
         raise BundleError(f"{model_dir}: no current version to roll back")
     previous = registry.previous_version(model_dir)
     if previous is None:
+        chain = registry.history_chain(model_dir)
+        if chain and chain[-1] != current:
+            raise BundleError(f"{model_dir}: current ({current}) was not switched through `rta model` (last "
+                              f"recorded: {chain[-1]}); promote the version you want explicitly")
         raise BundleError(f"{model_dir}: no previous version to roll back to ({current} is the first "
                           "in registry.jsonl)")
     settings = _settings(config_file, redis_url, redis_prefix)
