@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import pyarrow.parquet as pq
 import pytest
 from gate_support import rta, split_world_and_v0
 
@@ -21,11 +22,13 @@ pytestmark = pytest.mark.slow
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("retrain")
     train, holdout, models = split_world_and_v0(tmp, 30_000, seed=5)
-    return {"models": models, "train": train, "holdout": holdout}
+    small = tmp / "split" / "train-small.parquet"  # the refusal needs a candidate, not a good one
+    pq.write_table(pq.read_table(train).slice(0, 6_000), small)
+    return {"models": models, "train": train, "small": small, "holdout": holdout}
 
 
-def retrain(setup, version: str, *extra: str):
-    return rta("retrain", "--logs", str(setup["train"]), "--gate-logs", str(setup["holdout"]),
+def retrain(setup, version: str, *extra: str, logs: str = "train"):
+    return rta("retrain", "--logs", str(setup[logs]), "--gate-logs", str(setup["holdout"]),
                "--model-dir", str(setup["models"]), "--since-hours", "24", "--profile", "tiny",
                "--version", version, "--reason", "nightly", "--ratio", "0.5", "--pass-share", "0.02",
                "--redis-url", f"redis://127.0.0.1:{free_port()}/0", "--no-audit-topic", "--quiet",
@@ -42,7 +45,7 @@ def _outcome(res) -> tuple[dict, list[str]]:
 
 def test_refused_when_the_gate_refuses_and_current_stays(setup):
     # the tiny profile's student does not meet the fidelity acceptance; required by default
-    res = retrain(setup, "c1")
+    res = retrain(setup, "c1", logs="small")
     out, human = _outcome(res)
     print(human[0])
     assert res.returncode == 3, res.stderr[-2000:]
