@@ -30,9 +30,9 @@ def _settings(config_file: str | None, redis_url: str | None, redis_prefix: str 
 def audit_to_topic(settings: Settings) -> Any:
     """The audit hook of `registry.switch`: the entry on the Kafka audit topic, acknowledged
     (the same producer `rta ratio set` uses), or why not."""
-    from stream.operators import _produce_audit
+    from stream.operators import produce_audit
 
-    return lambda entry: _produce_audit(settings, entry)
+    return lambda entry: produce_audit(settings, entry, key=b"model")
 
 
 def who_default(who: str | None) -> str:
