@@ -196,8 +196,16 @@ def worker_run(settings: Settings, n: int, batch_size: int, batch_wait_ms: int,
         prof.dump_stats(profile)
     seconds = end - first[0] if first else float("nan")
     s = w.stats
+    events = max(s.events, 1)
     return {"events": s.events, "seconds": round(seconds, 3), "events_per_s": round(s.events / seconds, 1),
-            "busy_s": round(s.busy_s, 3), "blocked_share": round(s.blocked / max(s.events, 1), 4)}
+            "busy_s": round(s.busy_s, 3), "busy_cpu_s": round(s.busy_cpu_s, 3),
+            # the stable figures: CPU time of the worker thread inside `process`, per event
+            "us_per_event_busy": round(1e6 * s.busy_cpu_s / events, 2),
+            "us_per_event_busy_wall": round(1e6 * s.busy_s / events, 2),
+            "events_per_s_per_busy_core": round(events / max(s.busy_cpu_s, 1e-9), 1),
+            "stages_us_per_event": {k: {"cpu": round(1e6 * s.stage_cpu_s[k] / events, 2),
+                                        "wall": round(1e6 * s.stage_s[k] / events, 2)} for k in s.stage_s},
+            "blocked_share": round(s.blocked / max(s.events, 1), 4)}
 
 
 # --- latency at fixed offered loads -------------------------------------------------------
@@ -379,7 +387,9 @@ def worker(n: int, features: int, positional: bool, batch_size: int, batch_wait_
             ids = [f"T{i}" for i in range(n)]
             values = _requests(spec, np.resize(num, (n, num.shape[1])), np.resize(cat, (n, cat.shape[1])),
                                ids, int(time.time() * 1000), positional)
+            t_pre = time.perf_counter()
             _produce(settings, values, ids)
+            preload_s = time.perf_counter() - t_pre
             mean_bytes = float(np.mean([len(v) for v in values[:1000]]))
             del values
             click.echo("bench: passthrough ...", err=True)
@@ -402,8 +412,13 @@ def worker(n: int, features: int, positional: bool, batch_size: int, batch_wait_
             "batch_size": batch_size, "batch_wait_ms": batch_wait_ms, "commit_interval_ms": commit_interval_ms,
             "passthrough": pt, "worker": wk,
             "ratio": round(wk["events_per_s"] / pt["events_per_s"], 3), "target_ratio": 0.5,
+            # the broker's own speed in this run: the preload (produce + flush of every request)
+            # and the passthrough (consume -> produce), so a ratio can be read against the day's broker
+            "broker": {"preload_produce_per_s": round(n / max(preload_s, 1e-9), 1),
+                       "passthrough_per_s": pt["events_per_s"]},
+            "us_per_event_busy": wk["us_per_event_busy"], "target_us_per_event_busy": 20.0,
             "latency": latency,
-            "broker": "embedded Tansu" if settings.origin.get("kafka_bootstrap") not in
+            "broker_kind": "embedded Tansu" if settings.origin.get("kafka_bootstrap") not in
             {"flag", "env", "file", "dev-stack"} else settings.kafka_bootstrap,
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                         "load_avg_1m": round(os.getloadavg()[0], 2)},

@@ -1,6 +1,14 @@
-"""Student -> `student.onnx`: raw features in, per-task (p, u) out, preprocessing inside.
+"""Student -> its ONNX graphs: raw features in, per-task (p, u) out, preprocessing inside.
 
-Inputs: `num` float32[N, n_num] (NaN = missing), `cat` string[N, n_cat] ("" = missing).
+Two graphs of the same weights go into a bundle (bundle format 2):
+- `student_codes.onnx`, what serving runs: `num` float32[N, n_num] (NaN = missing) and `cat`
+  int64[N, n_cat] categorical codes (`stream.codes`: 0 missing, 1 unknown, k + 2 vocabulary
+  word k), computed before onnxruntime from the vocabulary this graph carries in its metadata
+  (`cat_vocab`), so the bundle stays self-contained and the graph's sha256 covers it. Handing
+  onnxruntime a string tensor cost more than the network itself.
+- `student.onnx`: `cat` string[N, n_cat] ("" = missing), the vocabulary lookup in the graph
+  (LabelEncoder). Offline tools (distillation parity, `rta eval`) and format-1 readers feed it
+  strings directly.
 Outputs: `p` float32[N, T], `u` float32[N, T] (teacher's uncertainty scale).
 
 The graph is written with `onnx.helper` straight from the trained weights rather than with
@@ -26,8 +34,10 @@ from model.bundle import STUDENT_ONNX, build_manifest, write_manifest
 from model.novelty import Novelty
 from model.preprocess import FIRST_VOCAB_INDEX, MISSING_INDEX, UNKNOWN_INDEX, Preprocessor
 from model.student import Student
+from stream.codes import CODES_FORMAT
 
 OPSET = 17
+SERVING_ONNX = "student_codes.onnx"
 ML_OPSET = 2  # ai.onnx.ml LabelEncoder with keys_strings / values_int64s
 
 
@@ -97,6 +107,12 @@ def _categorical(g: _Graph, pre: Preprocessor, student: Student, cat: str) -> st
                 "emb_row", axis=0)
 
 
+def _categorical_codes(g: _Graph, student: Student, cat: str) -> str:
+    """Codes int64[N, n_cat] -> row of the shared embedding table (codes + column offsets)."""
+    offsets = student.offsets.numpy().astype(np.int64)
+    return g.op("Add", [cat, g.const("col_offsets", offsets)], "emb_row")
+
+
 def _linear(g: _Graph, h: str, layer: torch.nn.Linear, stem: str) -> str:
     w = layer.weight.detach().numpy().T.astype(np.float32)
     b = layer.bias.detach().numpy().astype(np.float32)
@@ -159,14 +175,16 @@ def _uncertainty(g: _Graph, student: Student, u_raw: str) -> str:
     return g.op("Add", [lo, g.op("Mul", [frac, g.op("Sub", [hi, lo])])], "u_out")
 
 
-def _model(g: _Graph, pre: Preprocessor, outputs: dict[str, tuple[str, int]], name: str) -> onnx.ModelProto:
-    """Raw-batch inputs (num, cat) -> the named float32 outputs {name: (tensor, width)}."""
+def _model(g: _Graph, pre: Preprocessor, outputs: dict[str, tuple[str, int]], name: str,
+           codes: bool = False) -> onnx.ModelProto:
+    """Raw-batch inputs (num, cat strings or codes) -> the named float32 outputs {name: (tensor, width)}."""
     for out, (tensor, _) in outputs.items():
         g.nodes.append(helper.make_node("Identity", [tensor], [out], name=out))
     graph = helper.make_graph(
         g.nodes, name,
         inputs=[helper.make_tensor_value_info("num", TensorProto.FLOAT, ["N", len(pre.spec.numeric)]),
-                helper.make_tensor_value_info("cat", TensorProto.STRING, ["N", len(pre.spec.categorical)])],
+                helper.make_tensor_value_info("cat", TensorProto.INT64 if codes else TensorProto.STRING,
+                                              ["N", len(pre.spec.categorical)])],
         outputs=[helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", width])
                  for out, (_, width) in outputs.items()],
         initializer=g.inits,
@@ -179,17 +197,15 @@ def _model(g: _Graph, pre: Preprocessor, outputs: dict[str, tuple[str, int]], na
     return model
 
 
-def _front(g: _Graph, pre: Preprocessor, student: Student) -> tuple[str, str, str | None]:
+def _front(g: _Graph, pre: Preprocessor, student: Student, codes: bool = False) -> tuple[str, str, str | None]:
     """(network input h0, numeric values v, embedding rows or None)."""
     if student.n_inputs != pre.n_inputs or student.cardinalities != pre.cardinalities:
         raise ValueError("student was built for a different preprocessor (input width or vocab sizes)")
     x, v = _numeric(g, pre, "num")
-    rows = _categorical(g, pre, student, "cat") if pre.spec.categorical else None
+    rows = None
+    if pre.spec.categorical:
+        rows = _categorical_codes(g, student, "cat") if codes else _categorical(g, pre, student, "cat")
     return _network_input(g, student, x, rows), v, rows
-
-
-def _preprocessing(g: _Graph, pre: Preprocessor, student: Student) -> str:
-    return _front(g, pre, student)[0]
 
 
 def _novelty(g: _Graph, student: Student, novelty: Novelty, v: str, rows: str | None) -> str:
@@ -217,16 +233,18 @@ def _combine(g: _Graph, a: str, n: str, combine: dict[str, Any]) -> str:
 
 
 def build_onnx(pre: Preprocessor, student: Student, novelty: Novelty | None = None,
-               combine: dict[str, Any] | None = None) -> onnx.ModelProto:
-    """The complete serving graph: raw batch -> preprocessing -> student -> (p, u).
+               combine: dict[str, Any] | None = None, codes: bool = False) -> onnx.ModelProto:
+    """The complete graph: raw batch -> preprocessing -> student -> (p, u).
 
     With `novelty` and `combine` ({"gate", "ceiling"}), `u` is the served combination of the
     student's ambiguity and the input novelty (`stream.policy.combine_uncertainty`), and the graph
-    also outputs `u_ambiguity` (the distilled head alone) and `novelty` [N, 1].
+    also outputs `u_ambiguity` (the distilled head alone) and `novelty` [N, 1]. `codes`: `cat` is
+    int64 codes and the graph carries its vocabulary (`cat_vocab`, bundle format 2); otherwise
+    `cat` is strings, looked up in the graph.
     """
     student = student.eval()
     g = _Graph()
-    h0, v, rows = _front(g, pre, student)
+    h0, v, rows = _front(g, pre, student, codes)
     p, u = _network(g, student, h0)
     n_tasks = len(student.tasks)
     outputs = {"p": (p, n_tasks), "u": (u, n_tasks)}
@@ -236,34 +254,37 @@ def build_onnx(pre: Preprocessor, student: Student, novelty: Novelty | None = No
         n = _novelty(g, student, novelty, v, rows)
         outputs = {"p": (p, n_tasks), "u": (_combine(g, u, n, combine), n_tasks),
                    "u_ambiguity": (u, n_tasks), "novelty": (n, 1)}
-    model = _model(g, pre, outputs, "rta_student")
-    helper.set_model_props(model, {"tasks": ",".join(student.tasks),
-                                   "feature_fingerprint": pre.spec.fingerprint(),
-                                   "target_mode": student.target_mode})
+    model = _model(g, pre, outputs, "rta_student", codes)
+    props = {"tasks": ",".join(student.tasks), "feature_fingerprint": pre.spec.fingerprint(),
+             "target_mode": student.target_mode}
+    if codes:
+        props.update({"cat_input": "codes", "bundle_format": str(CODES_FORMAT),
+                      "cat_vocab": json.dumps(pre.vocab, ensure_ascii=False)})
+    helper.set_model_props(model, props)
     onnx.checker.check_model(model, full_check=True)
     return model
 
 
-def build_preprocessing_onnx(pre: Preprocessor, student: Student) -> onnx.ModelProto:
-    """Only the serving graph's front: raw batch -> the network's input `h0`.
+def build_preprocessing_onnx(pre: Preprocessor, student: Student, codes: bool = False) -> onnx.ModelProto:
+    """Only the graph's front: raw batch (strings, or `codes`) -> the network's input `h0`.
 
     The same nodes `build_onnx` starts with. `rta bench inference` times it to show how much
     of a student call is input conversion and preprocessing, a cost no smaller network removes.
     """
     g = _Graph()
-    h0 = _preprocessing(g, pre, student.eval())
+    h0 = _front(g, pre, student.eval(), codes)[0]
     width = student.n_inputs + len(student.cardinalities) * student.cfg.emb_dim
-    model = _model(g, pre, {"h0": (h0, width)}, "rta_student_preprocessing")
+    model = _model(g, pre, {"h0": (h0, width)}, "rta_student_preprocessing", codes)
     onnx.checker.check_model(model, full_check=True)
     return model
 
 
 def export_onnx(pre: Preprocessor, student: Student, path: str | Path, novelty: Novelty | None = None,
-                combine: dict[str, Any] | None = None) -> Path:
-    """Write `student.onnx` (temp file + rename, so a reader never sees half a graph)."""
+                combine: dict[str, Any] | None = None, codes: bool = False) -> Path:
+    """Write one graph (temp file + rename, so a reader never sees half a graph)."""
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_bytes(build_onnx(pre, student, novelty, combine).SerializeToString())
+    tmp.write_bytes(build_onnx(pre, student, novelty, combine, codes).SerializeToString())
     os.replace(tmp, path)
     return path
 
@@ -301,6 +322,7 @@ def export_bundle(
     else:
         pre_path.write_text(json.dumps(pre.to_dict()))
     export_onnx(pre, student, bundle_dir / STUDENT_ONNX, novelty, combine)
+    export_onnx(pre, student, bundle_dir / SERVING_ONNX, novelty, combine, codes=True)
     torch.save(student.to_checkpoint(), bundle_dir / "student.pt")
     uncertainty: dict[str, Any] = {
         "measure": measure, "rescale": student.target_map(),
@@ -318,7 +340,9 @@ def export_bundle(
         bundle_dir, pre.spec, student.tasks,
         uncertainty=uncertainty,
         source_map=source_map, score_function=score_function, metrics=metrics,
-        thresholds=thresholds, extra=extra,
+        thresholds=thresholds,
+        extra={**(extra or {}), "serving": {"file": SERVING_ONNX, "format": CODES_FORMAT, "cat": "codes",
+                                            "note": "cat = stream.codes codes of the graph's own cat_vocab"}},
     )
     write_manifest(bundle_dir, manifest)
     return manifest

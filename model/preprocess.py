@@ -18,11 +18,13 @@ from typing import Any
 
 import numpy as np
 
+from stream.codes import FIRST_VOCAB_CODE, MISSING_CODE, UNKNOWN_CODE
 from stream.features import FeatureSpec
 
-MISSING_INDEX = 0
-UNKNOWN_INDEX = 1
-FIRST_VOCAB_INDEX = 2
+# One numbering of categorical codes: the serving encoder's (stream.codes), the network's here.
+MISSING_INDEX = MISSING_CODE
+UNKNOWN_INDEX = UNKNOWN_CODE
+FIRST_VOCAB_INDEX = FIRST_VOCAB_CODE
 _FIT_SAMPLE = 200_000  # rows used to fit numeric statistics (quantiles/moments are stable by then)
 _SKEW_FOR_LOG = 2.0
 
