@@ -38,23 +38,26 @@ class CategoryCodes:
     def __init__(self, vocab: Sequence[Sequence[str]]) -> None:
         self.vocab = [list(map(str, col)) for col in vocab]
         words = sorted({w for col in self.vocab for w in col})
-        self._wid: dict[object, int] = {w: i for i, w in enumerate(words)}
+        # A JSON integer means its decimal string: a vocabulary word that is one maps from the int
+        # too, under an id of its own (>= _first_int), so the decoder can tell which values were ints.
+        ints = [w for w in words if w.lstrip("-").isdigit() and str(int(w)) == w]
         self._unknown = len(words)  # the id of every value in no vocabulary
         self._missing = len(words) + 1  # "" and None
-        table = np.full((len(self.vocab), len(words) + 2), UNKNOWN_CODE, dtype=np.int64)
+        self._first_int = len(words) + 2
+        self._wid: dict[object, int] = {w: i for i, w in enumerate(words)}
+        width = self._first_int + len(ints)
+        table = np.full((len(self.vocab), width), UNKNOWN_CODE, dtype=np.int64)
         table[:, self._missing] = MISSING_CODE
         for j, col in enumerate(self.vocab):
             if len(set(col)) != len(col) or "" in col:
                 raise ValueError(f"vocabulary of categorical column {j} has duplicates or ''")
             table[j, [self._wid[w] for w in col]] = np.arange(FIRST_VOCAB_CODE, FIRST_VOCAB_CODE + len(col))
+        for k, w in enumerate(ints):
+            table[:, self._first_int + k] = table[:, self._wid[w]]
+        self._wid.update({int(w): self._first_int + k for k, w in enumerate(ints)})
         self._wid[""] = self._wid[None] = self._missing  # type: ignore[index]
-        # A JSON integer means its decimal string: a vocabulary word that is one maps from the int too
-        # (so an int that misses every key is unknown as its string would be).
-        for w in words:
-            if w.lstrip("-").isdigit() and str(int(w)) == w:
-                self._wid.setdefault(int(w), self._wid[w])
         self._flat_table = table.ravel()
-        self._row = np.arange(len(self.vocab), dtype=np.int64) * table.shape[1]
+        self._row = np.arange(len(self.vocab), dtype=np.int64) * width
 
     @property
     def n_columns(self) -> int:
@@ -62,14 +65,25 @@ class CategoryCodes:
 
     def encode(self, cat: np.ndarray) -> np.ndarray:
         """object[N, n_cat] of str / int / None -> int64[N, n_cat] codes (C-contiguous)."""
+        return self.encode_raw(cat)[0]
+
+    def encode_raw(self, cat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(codes, flat positions of int values): what the decoder needs to also write the
+        strings of integers, without a type check of every value."""
         cat = np.asarray(cat, dtype=object)
         if cat.ndim != 2 or cat.shape[1] != len(self.vocab):
             raise ValueError(f"expected cat [N, {len(self.vocab)}], got {cat.shape}")
         flat = cat.ravel().tolist()
         ids = np.fromiter(map(self._wid.get, flat, repeat(self._unknown)), dtype=np.int64, count=len(flat))
+        ints = np.flatnonzero(ids >= self._first_int)
+        unknown = np.flatnonzero(ids == self._unknown)
+        if unknown.size:  # few (the vocabulary's tail, new sources): these get a type check
+            odd = [i for i in unknown.tolist() if type(flat[i]) is int]
+            if odd:
+                ints = np.union1d(ints, odd)
         ids = ids.reshape(cat.shape)
         ids += self._row
-        return self._flat_table[ids]
+        return self._flat_table[ids], ints
 
     def encode_dictionary(self, j: int, dictionary: Sequence[object], indices: np.ndarray,
                           null: np.ndarray | None = None) -> np.ndarray:

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import orjson
 
+from stream.codes import MISSING_CODE, CategoryCodes
 from stream.features import DEFAULT_TASKS, FeatureSpec
 from stream.policy import REASONS  # one numbering of reasons: the policy's
 
@@ -97,6 +98,7 @@ class RequestBatch:
     valid: np.ndarray  # bool[N]
     errors: list[DecodeError] = field(default_factory=list)  # sorted by index
     unknown_features: int = 0  # feature names not in the spec (ignored, counted)
+    codes: np.ndarray | None = None  # int64[N, n_cat] (stream.codes), when the decoder was given an encoder
 
     def __len__(self) -> int:
         return len(self.valid)
@@ -268,25 +270,31 @@ def decode_requests(
     *,
     fingerprint: str | None = None,
     max_bytes: int = MAX_BYTES,
+    codes: CategoryCodes | None = None,
 ) -> RequestBatch:
     """Decode raw request values (with their Kafka keys) into one `RequestBatch`.
 
     Never raises on message content. `fingerprint` is what a positional request must carry
-    (default: the spec's own); `max_bytes` bounds one value. The cyclic garbage collector is
+    (default: the spec's own); `max_bytes` bounds one value. With `codes` (the bundle's
+    vocabulary) the batch also carries the categorical codes the student reads, computed from
+    the parsed values in the same pass that normalises them (no second scan of the strings). The cyclic garbage collector is
     paused meanwhile: a batch allocates ~10^5 acyclic objects (parsed JSON) that would
     otherwise trigger several useless collections, all freed by refcount on return.
     """
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _decode(values, keys, spec, fingerprint, max_bytes)
+        batch = _decode(values, keys, spec, fingerprint, max_bytes, codes)
+        if codes is not None and batch.codes is None:  # the checked path was involved: rare
+            batch.codes = codes.encode(batch.cat)
+        return batch
     finally:
         if was_enabled:
             gc.enable()
 
 
 def _decode(values: Sequence[bytes | None], keys: Sequence[bytes | None] | None, spec: FeatureSpec,
-            fingerprint: str | None, max_bytes: int) -> RequestBatch:
+            fingerprint: str | None, max_bytes: int, encoder: CategoryCodes | None = None) -> RequestBatch:
     """Typed fast path for the messages it takes clean; the checked path for all the others."""
     n = len(values)
     fingerprint = fingerprint or spec.fingerprint()
@@ -296,10 +304,10 @@ def _decode(values: Sequence[bytes | None], keys: Sequence[bytes | None] | None,
     decoder = _typed_decoder(spec.numeric, spec.categorical) if _use_typed else None
     if decoder is None:
         return _decode_checked(values, keys, spec, fingerprint, max_bytes)
-    at, rids, tss, num, cat = _decode_typed(decoder, values, spec, fingerprint, max_bytes)
+    at, rids, tss, num, cat, codes = _decode_typed(decoder, values, spec, fingerprint, max_bytes, encoder)
     if len(at) == n:
         return RequestBatch(np.array(rids, dtype=object), np.array(tss, dtype=np.int64), num, cat,
-                            np.ones(n, dtype=bool))
+                            np.ones(n, dtype=bool), codes=codes)
     # Some messages need the checked path (it says why they are invalid, or handles what the
     # typed one refuses but is valid, e.g. unknown feature names); rows go back to their slots.
     rest = sorted(set(range(n)).difference(at))
@@ -352,8 +360,9 @@ def _typed_decoder(numeric: tuple[str, ...], categorical: tuple[str, ...]) -> An
 
 
 def _decode_typed(decoder: Any, values: Sequence[bytes | None], spec: FeatureSpec, fingerprint: str,
-                  max_bytes: int) -> tuple[list[int], list[str], list[int], np.ndarray, np.ndarray]:
-    """(indices, request ids, timestamps, num, cat) of the messages that decode clean."""
+                  max_bytes: int, encoder: CategoryCodes | None = None
+                  ) -> tuple[list[int], list[str], list[int], np.ndarray, np.ndarray, np.ndarray | None]:
+    """(indices, request ids, timestamps, num, cat, codes or None) of the messages that decode clean."""
     n_num, n_feat = len(spec.numeric), len(spec.names)
     decode = decoder.decode
     # 1. Parse. A clean batch is one C-level map; any failure -> message by message.
@@ -371,7 +380,8 @@ def _decode_typed(decoder: Any, values: Sequence[bytes | None], spec: FeatureSpe
             except Exception:  # noqa: BLE001 - as above
                 pass
     if not reqs:
-        return [], [], [], np.empty((0, n_num), np.float32), np.empty((0, n_feat - n_num), object)
+        return ([], [], [], np.empty((0, n_num), np.float32), np.empty((0, n_feat - n_num), object),
+                None if encoder is None else np.empty((0, n_feat - n_num), np.int64))
 
     # 2. Envelope, checked per column (types are msgspec's already).
     vs, rids, tss, feats, fps, xs = map(list, zip(*map(
@@ -403,20 +413,39 @@ def _decode_typed(decoder: Any, values: Sequence[bytes | None], spec: FeatureSpe
     # 4. Categoricals: strings as they are, null -> "", integers as their decimal string (an
     #    integer orjson would read as a float is the checked path's: bad_categorical).
     cat = np.ascontiguousarray(grid[:, n_num:])
-    types = set(map(type, cat.ravel().tolist()))
-    if int in types:
-        lo, hi = _ORJSON_INT
-        for r, c in zip(*np.nonzero(_type_is(cat, int)), strict=True):
-            v = cat[r, c]
-            cat[r, c] = str(v)
-            drop[r] |= not lo <= v <= hi
-    if type(None) in types:
-        cat[np.equal(cat, None)] = ""
+    codes = None
+    if encoder is not None:  # codes, and where the ints are, in one dict pass (stream.codes)
+        codes, int_at = encoder.encode_raw(cat)
+        if int_at.size:
+            _ints_to_strings(cat, int_at, drop)
+        if cat.size:
+            cat[codes == MISSING_CODE] = ""  # null (and "") -> ""
+    else:
+        types = set(map(type, cat.ravel().tolist()))
+        if int in types:
+            _ints_to_strings(cat, np.flatnonzero(_type_is(cat, int)), drop)
+        if type(None) in types:
+            cat[np.equal(cat, None)] = ""
     if drop.any():
         keep = (~drop).tolist()
         at, rids, tss = ([c for c, k in zip(col, keep, strict=True) if k] for col in (at, rids, tss))
         num, cat = num[~drop], cat[~drop]
-    return at, rids, tss, num, cat
+        codes = None if codes is None else codes[~drop]
+    return at, rids, tss, num, cat, codes
+
+
+def _ints_to_strings(cat: np.ndarray, flat_at: np.ndarray, drop: np.ndarray) -> None:
+    """Integer categoricals -> their decimal string, in place; a row with an integer orjson would
+    read as a float is dropped to the checked path (bad_categorical)."""
+    lo, hi = _ORJSON_INT
+    width = cat.shape[1]
+    flat = cat.reshape(-1)  # a view: cat is C-contiguous
+    at = flat_at.tolist()
+    vals = flat[flat_at].tolist()
+    flat[flat_at] = [str(v) for v in vals]
+    for i, v in zip(at, vals, strict=True):
+        if not lo <= v <= hi:
+            drop[i // width] = True
 
 
 def _type_is(block: np.ndarray, t: type) -> np.ndarray:

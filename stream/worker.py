@@ -322,10 +322,12 @@ class Worker:
         offsets = np.fromiter([m.offset() for m in msgs], np.int64, n)
         clock.lap("consume")
 
+        # decode; with a format-2 bundle the decoder also writes the categorical codes (the
+        # bundle's vocabulary, before onnxruntime), else they are the strings the graph reads
         batch = decode_requests(values, keys, self.scorer.spec, fingerprint=self._fingerprint,
-                                max_bytes=self.config.max_bytes)
+                                max_bytes=self.config.max_bytes, codes=self.scorer.encoder)
         clock.lap("decode")
-        codes = self.scorer.codes(batch.cat)  # the bundle's vocabulary, before onnxruntime
+        codes = batch.codes if batch.codes is not None else self.scorer.codes(batch.cat)
         clock.lap("codes")
         # score (the step replay shares: stream.engine)
         p, u_tasks, e, u = score_batch(self.scorer, self.policy, batch.num, codes)
