@@ -125,7 +125,7 @@ def _table_arrays(table: Any) -> tuple[np.ndarray, np.ndarray, Any]:
 def _from_bundle(model_dir: Path) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
     import torch
 
-    from model.bundle import STUDENT_ONNX, resolve_bundle
+    from model.bundle import STUDENT_ONNX, read_manifest, resolve_bundle
     from model.student import Student
     from stream.errors import BundleError
     from training.pipeline import load_teacher
@@ -137,8 +137,19 @@ def _from_bundle(model_dir: Path) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
     model, swag, pre, cfg = load_teacher(bundle)
     model.eval()
     student = Student.from_checkpoint(torch.load(bundle / "student.pt", weights_only=True))
+    novelty = read_manifest(bundle).get("uncertainty", {}).get("novelty")
     return model, swag, pre, student, {"mode": "bundle", "bundle": str(bundle), "swag_rank": swag.rank,
-                                       "teacher_method": cfg["profile"].inference}
+                                       "teacher_method": cfg["profile"].inference, "novelty": novelty}
+
+
+def _novelty_of(info: dict[str, Any]) -> tuple[Any, Any]:
+    """(novelty, combine) of a bundle's served graph, (None, None) otherwise."""
+    nov = info.get("novelty")
+    if not nov:
+        return None, None
+    from model.novelty import Novelty
+
+    return Novelty.from_dict(nov["model"]), {"gate": nov["gate"], "ceiling": nov["ceiling"]}
 
 
 def _session(model: Any, threads: int) -> Any:
@@ -178,12 +189,17 @@ def run(model_dir: Path | None, batches: list[int], repeats: int, threads: int, 
         strings_graph = onnx.load(bundle_dir / STUDENT_ONNX)
         # the served file itself (a format-1 bundle has no codes graph: built from its weights)
         student_graph = (onnx.load(bundle_dir / SERVING_ONNX) if (bundle_dir / SERVING_ONNX).exists()
-                         else build_onnx(pre, student_net, codes=True))
+                         else build_onnx(pre, student_net, *_novelty_of(info), codes=True))
     method = info.get("teacher_method", "loop")
     sess = _session(student_graph, threads)
     strings_sess = _session(strings_graph, threads)
     front = _session(build_preprocessing_onnx(pre, student_net, codes=True), threads)
     encoder = CategoryCodes(pre.vocab)
+    from model.export import quantize_serving
+
+    int8_graph, int8_parity = quantize_serving(pre, build_onnx(pre, student_net, *_novelty_of(info), codes=True))
+    info.pop("novelty", None)  # used above; the manifest has it
+    int8_sess = _session(int8_graph, threads)  # timed either way; int8.kept says if it may serve
     num_all, cat_all = _raw_rows(pre, max(batches))
     # The paper's setting as we read it: M weight vectors drawn once, held as M networks, M passes.
     replicas = []
@@ -219,10 +235,15 @@ def run(model_dir: Path | None, batches: list[int], repeats: int, threads: int, 
         def student_codes_only(num: np.ndarray = num, codes: np.ndarray = codes) -> object:
             return sess.run(["p", "u"], {"num": num, "cat": codes})
 
+        def student_int8(num: np.ndarray = num, cat: np.ndarray = cat) -> object:
+            return int8_sess.run(["p", "u"], {"num": num, "cat": encoder.encode(cat)})
+
         reps = repeats if b <= 512 else max(3, repeats // 3)
-        ms = _interleaved_medians({"teacher": teacher, "teacher_presampled": teacher_presampled,
-                                   "student": student, "student_preprocessing": student_preprocessing,
-                                   "student_strings": student_strings, "student_graph": student_codes_only}, reps)
+        fns = {"teacher": teacher, "teacher_presampled": teacher_presampled,
+               "student": student, "student_preprocessing": student_preprocessing,
+               "student_strings": student_strings, "student_graph": student_codes_only}
+        fns["student_int8"] = student_int8
+        ms = _interleaved_medians(fns, reps)
         t_ms, tp_ms, s_ms, f_ms = (ms[k] for k in ("teacher", "teacher_presampled", "student",
                                                    "student_preprocessing"))
         results[str(b)] = {
@@ -233,6 +254,8 @@ def run(model_dir: Path | None, batches: list[int], repeats: int, threads: int, 
             "student_graph_ms": round(ms["student_graph"], 4),  # codes given (the decoder's output)
             "student_strings_ms": round(ms["student_strings"], 4),
             "ratio_presampled_strings_graph": round(tp_ms / ms["student_strings"], 1),
+            **({"student_int8_ms": round(ms["student_int8"], 4),
+                "ratio_presampled_int8": round(tp_ms / ms["student_int8"], 1)} if "student_int8" in ms else {}),
             "ratio": round(t_ms / s_ms, 1),
             "ratio_presampled": round(tp_ms / s_ms, 1),
             "ratio_presampled_ceiling": round(tp_ms / f_ms, 1),
@@ -255,6 +278,7 @@ def run(model_dir: Path | None, batches: list[int], repeats: int, threads: int, 
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         **info,
         "batches": results,
+        "int8": int8_parity,
         "ratio_at_512": results.get("512", {}).get("ratio"),
         "ratio_presampled_at_512": results.get("512", {}).get("ratio_presampled"),
         "ratio_presampled_ceiling_at_512": results.get("512", {}).get("ratio_presampled_ceiling"),

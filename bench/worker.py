@@ -90,7 +90,8 @@ def _world(rows: int, features: int, seed: int = 0) -> tuple[FeatureSpec, np.nda
     return FeatureSpec(numeric, categorical), num, cat
 
 
-def _bundle(model_dir: Path, spec: FeatureSpec, num: np.ndarray, cat: np.ndarray) -> Path:
+def _bundle(model_dir: Path, spec: FeatureSpec, num: np.ndarray, cat: np.ndarray,
+            quantize: str | None = None) -> Path:
     """A student bundle for this spec with untrained weights (spread out so scores vary like a
     trained model's): the worker's cost does not depend on how well the model was trained."""
     import torch
@@ -106,7 +107,7 @@ def _bundle(model_dir: Path, spec: FeatureSpec, num: np.ndarray, cat: np.ndarray
     with torch.no_grad():
         student.head2_w.mul_(40.0)
     out = model_dir / "bench-v1"
-    export_bundle(out, pre, student.eval(), metrics={"bench": True})
+    export_bundle(out, pre, student.eval(), metrics={"bench": True}, quantize=quantize)
     bundle.publish(out)
     return out
 
@@ -355,10 +356,12 @@ def _wait_decided(settings: Settings, rids: set[str], proc: subprocess.Popen, ti
               help="Duration of each latency run.")
 @click.option("--profile", "profile_out", type=click.Path(dir_okay=False), default=None,
               help="Write a cProfile of the worker's throughput run here.")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="Serve an int8 student graph (model.export.quantize_serving) instead of float32.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the JSON here.")
 def worker(n: int, features: int, positional: bool, batch_size: int, batch_wait_ms: int,
            commit_interval_ms: int, loads: str, seconds: float, profile_out: str | None,
-           out: str | None) -> None:
+           quantize: str | None, out: str | None) -> None:
     """Worker events/s vs a plain consume->produce passthrough; latency at fixed loads."""
     try:
         rates = [int(x) for x in loads.split(",") if x.strip()]
@@ -376,7 +379,10 @@ def worker(n: int, features: int, positional: bool, batch_size: int, batch_wait_
                                redis_prefix=f"bench:{os.getpid()}").with_topic_prefix(f"bench{os.getpid()}")
             click.echo("bench: building requests and a bundle ...", err=True)
             spec, num, cat = _world(max(n, 20_000), features)
-            _bundle(settings.model_dir, spec, num, cat)
+            bundle_dir = _bundle(settings.model_dir, spec, num, cat, quantize)
+            import json as _json
+
+            serving = _json.loads((bundle_dir / "manifest.json").read_text()).get("serving", {})
             from stream.policy import Targets
             from stream.window import RedisStore
 
@@ -409,6 +415,7 @@ def worker(n: int, features: int, positional: bool, batch_size: int, batch_wait_
             "bench": "worker",
             "events": n, "features": features, "request_bytes_mean": round(mean_bytes, 1),
             "format": "positional" if positional else "canonical",
+            "serving_graph": {"file": serving.get("file"), "weights": serving.get("weights")},
             "batch_size": batch_size, "batch_wait_ms": batch_wait_ms, "commit_interval_ms": commit_interval_ms,
             "passthrough": pt, "worker": wk,
             "ratio": round(wk["events_per_s"] / pt["events_per_s"], 3), "target_ratio": 0.5,

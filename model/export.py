@@ -302,10 +302,10 @@ QUANT_PROBE_ROWS = 4096
 
 
 def quantize_serving(pre: Preprocessor, graph: onnx.ModelProto, seed: int = 0
-                     ) -> tuple[onnx.ModelProto | None, dict[str, Any]]:
-    """(int8 graph or None, the parity figures): static int8 quantisation of the network's MatMuls
-    (per-channel weights, activation scales calibrated once on a probe batch), kept only where
-    parity holds.
+                     ) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """(int8 graph, the parity figures with `kept`): static int8 quantisation of the network's
+    MatMuls (per-channel weights, activation scales calibrated once on a probe batch); `kept` says
+    whether parity holds, i.e. whether it may serve.
 
     Why static: dynamic quantisation scales activations by each call's batch, so a row's score
     would depend on its batch-mates and replay could not reproduce the worker's decisions; fixed
@@ -358,8 +358,8 @@ def quantize_serving(pre: Preprocessor, graph: onnx.ModelProto, seed: int = 0
                "min_spearman": float(min(_spearman(a[:, k], b[:, k]) for a, b in zip(ref, got, strict=True)
                                          for k in range(a.shape[1]))),
                "limits": {"p_p99_abs_diff": QUANT_P99_ABS, "min_spearman": QUANT_MIN_SPEARMAN}}
-    ok = figures["p_p99_abs_diff"] <= QUANT_P99_ABS and figures["min_spearman"] >= QUANT_MIN_SPEARMAN
-    return (quant if ok else None), figures
+    figures["kept"] = figures["p_p99_abs_diff"] <= QUANT_P99_ABS and figures["min_spearman"] >= QUANT_MIN_SPEARMAN
+    return quant, figures
 
 
 def probe_batch(pre: Preprocessor, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -429,9 +429,8 @@ def export_bundle(
                                "note": "cat = stream.codes codes of the graph's own cat_vocab"}
     if quantize == "int8":
         quant, figures = quantize_serving(pre, serving_graph)
-        serving["quantization"] = {"tried": "int8 static (network MatMuls, per-channel weights)",
-                                   "kept": quant is not None, **figures}
-        if quant is not None:
+        serving["quantization"] = {"tried": "int8 static (network MatMuls, per-channel weights)", **figures}
+        if figures["kept"]:
             serving_graph, serving["weights"] = quant, "int8"
     elif quantize is not None:
         raise ValueError(f"unknown quantisation {quantize!r} (int8 or None)")
