@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import cProfile
+import gc
 import json
 import os
 import platform
@@ -187,10 +188,23 @@ def worker_run(settings: Settings, n: int, batch_size: int, batch_wait_ms: int,
             w.stop()
 
     w.process = timed  # type: ignore[method-assign]
+    gc_s = [0.0, 0.0]  # seconds inside the cyclic garbage collector, collections
+
+    def gc_clock(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            gc_s.append(time.thread_time())
+        elif len(gc_s) > 2:
+            gc_s[0] += time.thread_time() - gc_s.pop()
+            gc_s[1] += 1
+
+    gc.callbacks.append(gc_clock)
     prof = cProfile.Profile() if profile else None
     if prof:
         prof.enable()
-    w.run(max_seconds=300)
+    try:
+        w.run(max_seconds=300)
+    finally:
+        gc.callbacks.remove(gc_clock)
     end = time.perf_counter()
     if prof:
         prof.disable()
@@ -206,6 +220,7 @@ def worker_run(settings: Settings, n: int, batch_size: int, batch_wait_ms: int,
             "events_per_s_per_busy_core": round(events / max(s.busy_cpu_s, 1e-9), 1),
             "stages_us_per_event": {k: {"cpu": round(1e6 * s.stage_cpu_s[k] / events, 2),
                                         "wall": round(1e6 * s.stage_s[k] / events, 2)} for k in s.stage_s},
+            "gc_cpu_s": round(gc_s[0], 3), "gc_collections": int(gc_s[1]),
             "blocked_share": round(s.blocked / max(s.events, 1), 4)}
 
 

@@ -415,7 +415,7 @@ def _decode_typed(decoder: Any, values: Sequence[bytes | None], spec: FeatureSpe
     cat = np.ascontiguousarray(grid[:, n_num:])
     codes = None
     if encoder is not None:  # codes, and where the ints are, in one dict pass (stream.codes)
-        codes, int_at = encoder.encode_raw(cat)
+        codes, int_at = encoder.encode_raw(cat, fresh=True)
         if int_at.size:
             _ints_to_strings(cat, int_at, drop)
         if cat.size:

@@ -44,7 +44,10 @@ def test_codes_equal_the_preprocessor_for_strings_nulls_ints_and_unseen():
     assert (enc.encode(cat) == ref).all()
     strings_only = as_strings.copy()
     strings_only[:4] = "a"
-    assert (enc.encode(strings_only) == _pre(vocab).transform(np.zeros((400, 0), np.float32), strings_only)[1]).all()
+    want = _pre(vocab).transform(np.zeros((400, 0), np.float32), strings_only)[1]
+    assert (enc.encode(strings_only) == want).all()
+    assert (enc.encode_raw(strings_only, fresh=True)[0] == want).all()  # the Arrow lookup
+    assert (enc.encode_raw(cat, fresh=True)[0] == ref).all()  # ints: the dict pass
     assert enc.encode(np.array([["", None]], dtype=object)).tolist() == [[MISSING_CODE, MISSING_CODE]]
     assert enc.encode(np.array([["zz", "a"]], dtype=object)).tolist() == [[UNKNOWN_CODE, UNKNOWN_CODE]]
 
