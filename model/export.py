@@ -21,6 +21,7 @@ this file mirrors op for op.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -335,12 +336,18 @@ def quantize_serving(pre: Preprocessor, graph: onnx.ModelProto, seed: int = 0
             return {"num": num[sl], "cat": codes[sl]}
 
     network = [n.name for n in graph.graph.node if n.op_type == "MatMul" and n.name.startswith("matmul_")]
+    root = logging.getLogger()  # the quantiser's "consider pre-processing" warnings: not ours to act on
+    level = root.level
     with tempfile.TemporaryDirectory(prefix="rta-quant-") as tmp:
         src, dst = Path(tmp) / "f.onnx", Path(tmp) / "q.onnx"
         src.write_bytes(graph.SerializeToString())
-        quantize_static(src, dst, _Probe(), quant_format=QuantFormat.QOperator, op_types_to_quantize=["MatMul"],
-                        nodes_to_quantize=network, per_channel=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8)
+        root.setLevel(logging.ERROR)
+        try:
+            quantize_static(src, dst, _Probe(), quant_format=QuantFormat.QOperator, op_types_to_quantize=["MatMul"],
+                            nodes_to_quantize=network, per_channel=True, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8)
+        finally:
+            root.setLevel(level)
         quant = onnx.load(dst)
     del quant.metadata_props[:]
     helper.set_model_props(quant, {p.key: p.value for p in graph.metadata_props})
