@@ -65,6 +65,7 @@ class CategoryCodes:
         self._wid[""] = self._wid[None] = self._missing  # type: ignore[index]
         self._flat_table = table.ravel()
         self._row = np.arange(len(self.vocab), dtype=np.int64) * width
+        self.max_code = np.asarray([len(col) + FIRST_VOCAB_CODE - 1 for col in self.vocab], np.int64)
         self._value_set: Any = None  # Arrow's copy of the vocabulary, built on first use
         self._arrow_to_wid = np.zeros(0, np.int64)
 
@@ -96,10 +97,11 @@ class CategoryCodes:
         ids = np.fromiter(map(self._wid.get, flat, repeat(self._unknown)), dtype=np.int64, count=len(flat))
         ints = np.flatnonzero(ids >= self._first_int)
         unknown = np.flatnonzero(ids == self._unknown)
-        if unknown.size:  # few (the vocabulary's tail, new sources): these get a type check
-            odd = [i for i in unknown.tolist() if type(flat[i]) is int]
-            if odd:
-                ints = np.union1d(ints, odd)
+        if unknown.size:  # the vocabulary's tail, new sources: these get a type check
+            types = np.fromiter(map(type, cat.ravel()[unknown]), dtype=object, count=unknown.size)
+            is_int = np.equal(types, int)  # elementwise over the type objects (bool is not int)
+            if is_int.any():
+                ints = np.union1d(ints, unknown[is_int])
         ids = ids.reshape(cat.shape)
         ids += self._row
         return self._flat_table[ids], ints

@@ -114,15 +114,9 @@ class Scorer:
         if num.shape[0] == 0:
             width = {o.name: o.shape[1] for o in self.serving.get_outputs()}
             return [np.zeros((0, width[o]), np.float32) for o in outputs]
-        if self.encoder is not None and cat.size and (cat.min() < 0 or (cat > self._max_code).any()):
+        if self.encoder is not None and cat.size and (cat.min() < 0 or (cat > self.encoder.max_code).any()):
             raise ValueError("categorical codes outside the bundle's vocabulary")
         return self.serving.run(outputs, {"num": num, "cat": cat})
-
-    @property
-    def _max_code(self) -> np.ndarray:
-        """Largest valid code per categorical column (its vocabulary size + 1)."""
-        assert self.encoder is not None
-        return np.asarray([len(v) + 1 for v in self.encoder.vocab], np.int64)
 
 
 def session_options(intra_threads: int = 1, inter_threads: int = 1) -> ort.SessionOptions:
