@@ -39,7 +39,7 @@ import orjson
 
 from stream.checkpoint import Checkpoint, DeliveryReports
 from stream.config import Settings, load_settings
-from stream.events import encode_requests, encode_requests_positional
+from stream.events import encode_requests, encode_requests_binary, encode_requests_positional
 from stream.features import FeatureSpec
 from stream.kafka import ensure_topics, make_admin, make_consumer, make_producer, produce_waiting
 
@@ -114,8 +114,10 @@ def _bundle(model_dir: Path, spec: FeatureSpec, num: np.ndarray, cat: np.ndarray
 
 
 def _requests(spec: FeatureSpec, num: np.ndarray, cat: np.ndarray, ids: list[str], ts_ms: int,
-              positional: bool) -> list[bytes]:
-    enc = encode_requests_positional if positional else encode_requests
+              positional: bool | str) -> list[bytes]:
+    """positional: False (canonical JSON), True (positional JSON) or "binary" (msgpack + float32)."""
+    enc = (encode_requests_binary if positional == "binary" else
+           encode_requests_positional if positional else encode_requests)
     n = len(ids)
     return enc(ids, np.full(n, ts_ms, np.int64), num[:n], cat[:n], spec)
 
@@ -362,6 +364,7 @@ def _wait_decided(settings: Settings, rids: set[str], proc: subprocess.Popen, ti
 @click.option("--features", type=click.IntRange(28, 108), default=108, show_default=True,
               help="Features per request (the world's catalogue, first N; the world needs >= 28).")
 @click.option("--positional", is_flag=True, help="Send positional requests (fingerprint + array).")
+@click.option("--binary", is_flag=True, help="Send binary requests (msgpack, numbers as float32 bytes).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--batch-wait-ms", type=click.IntRange(min=0), default=20, show_default=True)
 @click.option("--commit-interval-ms", type=click.IntRange(min=0), default=1000, show_default=True)
@@ -374,7 +377,7 @@ def _wait_decided(settings: Settings, rids: set[str], proc: subprocess.Popen, ti
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
               help="Serve an int8 student graph (model.export.quantize_serving) instead of float32.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the JSON here.")
-def worker(n: int, features: int, positional: bool, batch_size: int, batch_wait_ms: int,
+def worker(n: int, features: int, positional: bool, binary: bool, batch_size: int, batch_wait_ms: int,
            commit_interval_ms: int, loads: str, seconds: float, profile_out: str | None,
            quantize: str | None, out: str | None) -> None:
     """Worker events/s vs a plain consume->produce passthrough; latency at fixed loads."""
@@ -384,6 +387,9 @@ def worker(n: int, features: int, positional: bool, batch_size: int, batch_wait_
         raise click.BadParameter(f"--loads must be comma-separated integers, got {loads!r}") from None
     if any(r <= 0 for r in rates):
         raise click.BadParameter("--loads must be positive")
+    if binary and positional:
+        raise click.UsageError("--binary and --positional are two formats: give one")
+    positional = "binary" if binary else positional  # type: ignore[assignment]
     work = Path(tempfile.mkdtemp(prefix="rta-bench-worker-"))
     try:
         base = load_settings()
@@ -429,7 +435,7 @@ def worker(n: int, features: int, positional: bool, batch_size: int, batch_wait_
         result = {
             "bench": "worker",
             "events": n, "features": features, "request_bytes_mean": round(mean_bytes, 1),
-            "format": "positional" if positional else "canonical",
+            "format": "binary" if positional == "binary" else "positional" if positional else "canonical",
             "serving_graph": {"file": serving.get("file"), "weights": serving.get("weights")},
             "batch_size": batch_size, "batch_wait_ms": batch_wait_ms, "commit_interval_ms": commit_interval_ms,
             "passthrough": pt, "worker": wk,

@@ -137,3 +137,45 @@ def test_int8_graph_is_row_independent_and_close_to_float(tmp_path):
     q = manifest["serving"]["quantization"]
     assert manifest["serving"]["weights"] == ("int8" if q["kept"] else "float32")
     assert Scorer.load(tmp_path / "q1").score(num[:5], cat[:5])[0].shape == (5, len(student.tasks))
+
+
+def test_binary_requests_decode_like_canonical_ones_and_bad_ones_get_their_code():
+    import msgspec
+
+    pre, _, _ = fitted()
+    enc = CategoryCodes(pre.vocab)
+    spec, num, cat = random_batch(200, seed=8, unseen=0.1)
+    num = num.copy()
+    num[np.isinf(num)] = np.nan  # canonical JSON cannot carry inf either (null = missing)
+    ids = [f"r{i}" for i in range(200)]
+    binary = events.encode_requests_binary(ids, np.arange(200), num, cat, spec)
+    canonical = events.encode_requests(ids, np.arange(200), num, cat, spec)
+    assert binary[0][:1] == events.BINARY_FIRST_BYTE and len(binary[0]) < len(canonical[0])
+    b = events.decode_requests(binary, None, spec, codes=enc)
+    c = events.decode_requests(canonical, None, spec, codes=enc)
+    assert b.valid.all() and np.array_equal(b.num, c.num, equal_nan=True) and (b.cat == c.cat).all()
+    assert (b.codes == c.codes).all() and (b.request_id == c.request_id).all() and (b.ts_ms == c.ts_ms).all()
+    pack = msgspec.msgpack.encode
+    block = num[0].astype("<f4")
+    cats = [None if v == "" else v for v in cat[0]]
+    fp = spec.fingerprint()
+    inf = block.copy()
+    inf[0] = np.inf
+    bad = {
+        "bad_binary": b"\x96\xc1",
+        "bad_version": pack([2, "x1", 1, fp, block.tobytes(), cats]),
+        "bad_request_id": pack([1, "", 1, fp, block.tobytes(), cats]),
+        "bad_ts": pack([1, "x3", -1, fp, block.tobytes(), cats]),
+        "bad_fingerprint": pack([1, "x4", 1, "0" * 16, block.tobytes(), cats]),
+        "bad_features": pack([1, "x5", 1, fp, block.tobytes()[:-4], cats]),
+        "bad_categorical": pack([1, "x6", 1, fp, block.tobytes(), [1.5] + cats[1:]]),
+        "non_finite": pack([1, "x7", 1, fp, inf.tobytes(), cats]),
+    }
+    mixed = [*binary[:3], *bad.values(), canonical[3], pack([1, "ok", 5, fp, block.tobytes(), [12] + cats[1:]])]
+    got = events.decode_requests(mixed, None, spec, codes=enc)
+    assert [e.code for e in got.errors] == list(bad)
+    assert [e.index for e in got.errors] == list(range(3, 3 + len(bad)))
+    assert got.valid.tolist() == [True] * 3 + [False] * len(bad) + [True, True]
+    assert got.request_id[4:11].tolist() == ["x1", got.request_id[5], "x3", "x4", "x5", "x6", "x7"][:7]
+    assert got.cat[-1, 0] == "12" and got.codes[-1, 0] == enc.encode(np.array([["12"] + list(cat[0][1:])], object))[0, 0]
+    assert (got.codes[:3] == c.codes[:3]).all() and (got.codes[3:3 + len(bad)] == 0).all()
