@@ -389,6 +389,17 @@ def _binary_decoder(n_cat: int) -> Any:
     return msgspec.msgpack.Decoder(request)
 
 
+def _check_shapes(request_ids: Sequence[str], ts_ms: Sequence[int] | np.ndarray, num: np.ndarray,
+                  cat: np.ndarray, spec: FeatureSpec) -> int:
+    """Rows of a batch to encode; ValueError when its columns disagree with each other or the spec."""
+    n = len(request_ids)
+    if num.shape != (n, len(spec.numeric)) or cat.shape != (n, len(spec.categorical)) or len(ts_ms) != n:
+        raise ValueError(f"request_ids ({n}), ts_ms ({len(ts_ms)}), num {num.shape} and cat {cat.shape} "
+                         f"do not match {n} rows of {len(spec.numeric)} numeric + "
+                         f"{len(spec.categorical)} categorical features")
+    return n
+
+
 def encode_requests_binary(request_ids: Sequence[str], ts_ms: Sequence[int] | np.ndarray, num: np.ndarray,
                            cat: np.ndarray, spec: FeatureSpec) -> list[bytes]:
     """A batch of binary requests (module comment above; "" -> nil). Needs msgspec."""
@@ -396,11 +407,7 @@ def encode_requests_binary(request_ids: Sequence[str], ts_ms: Sequence[int] | np
         raise RuntimeError("binary requests need msgspec")
     num = np.asarray(num, dtype="<f4")
     cat = np.asarray(cat, dtype=object)
-    n = len(request_ids)
-    if num.shape != (n, len(spec.numeric)) or cat.shape != (n, len(spec.categorical)) or len(ts_ms) != n:
-        raise ValueError(f"request_ids ({n}), ts_ms ({len(ts_ms)}), num {num.shape} and cat {cat.shape} "
-                         f"do not match {n} rows of {len(spec.numeric)} numeric + "
-                         f"{len(spec.categorical)} categorical features")
+    n = _check_shapes(request_ids, ts_ms, num, cat, spec)
     cat_rows = map(tuple, np.where((cat == "") | np.equal(cat, None), None, cat).tolist())
     blocks = np.ascontiguousarray(num).tobytes()
     width = 4 * len(spec.numeric)
@@ -837,11 +844,7 @@ def _request_arrays(request_ids: Sequence[str], ts_ms: Sequence[int] | np.ndarra
     if num.dtype != np.float32 and num.dtype != np.float64:
         num = num.astype(np.float64)
     cat = np.asarray(cat, dtype=object)
-    n = len(request_ids)
-    if num.shape != (n, len(spec.numeric)) or cat.shape != (n, len(spec.categorical)) or len(ts_ms) != n:
-        raise ValueError(f"request_ids ({n}), ts_ms ({len(ts_ms)}), num {num.shape} and cat {cat.shape} "
-                         f"do not match {n} rows of {len(spec.numeric)} numeric + "
-                         f"{len(spec.categorical)} categorical features")
+    _check_shapes(request_ids, ts_ms, num, cat, spec)
     num_text = orjson.dumps(np.ascontiguousarray(num), option=orjson.OPT_SERIALIZE_NUMPY)
     cat_rows = np.where((cat == "") | np.equal(cat, None), None, cat).tolist()
     return [str(r) for r in request_ids], np.asarray(ts_ms, dtype=np.int64).tolist(), num_text, cat_rows
