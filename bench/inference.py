@@ -6,9 +6,14 @@ preprocessing. Timed round-robin, per batch size:
   every call, as `rta eval` and the distillation run it;
 - teacher_presampled: `Preprocessor.transform` + M networks holding weights drawn once, one pass
   each (what a server keeping its samples would pay; the conservative reference);
-- student: one onnxruntime call of `student.onnx`, preprocessing in the graph;
-- student_preprocessing: the front of that graph alone (raw batch -> network input). It is the
-  part of a student call no smaller network removes, so teacher_presampled / it bounds the ratio.
+- student: what the worker's `Scorer` does: the batch's category strings -> int64 codes from the
+  bundle's vocabulary (`stream.codes`, before onnxruntime), then one onnxruntime call of the
+  serving graph (`student_codes.onnx`; numeric preprocessing in the graph);
+- student_strings: one call of `student.onnx`, the string graph (vocabulary lookup in the graph,
+  what format-1 bundles serve), for comparison in the same run;
+- student_preprocessing: the front of the serving path alone (codes + the graph's front, raw batch
+  -> network input). It is the part of a student call no smaller network removes, so
+  teacher_presampled / it bounds the ratio.
 Same thread count for torch and onnxruntime. Prints one JSON object.
 """
 
@@ -120,7 +125,7 @@ def _table_arrays(table: Any) -> tuple[np.ndarray, np.ndarray, Any]:
 def _from_bundle(model_dir: Path) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
     import torch
 
-    from model.bundle import STUDENT_ONNX, resolve_bundle
+    from model.bundle import STUDENT_ONNX, read_manifest, resolve_bundle
     from model.student import Student
     from stream.errors import BundleError
     from training.pipeline import load_teacher
@@ -132,8 +137,19 @@ def _from_bundle(model_dir: Path) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
     model, swag, pre, cfg = load_teacher(bundle)
     model.eval()
     student = Student.from_checkpoint(torch.load(bundle / "student.pt", weights_only=True))
+    novelty = read_manifest(bundle).get("uncertainty", {}).get("novelty")
     return model, swag, pre, student, {"mode": "bundle", "bundle": str(bundle), "swag_rank": swag.rank,
-                                       "teacher_method": cfg["profile"].inference}
+                                       "teacher_method": cfg["profile"].inference, "novelty": novelty}
+
+
+def _novelty_of(info: dict[str, Any]) -> tuple[Any, Any]:
+    """(novelty, combine) of a bundle's served graph, (None, None) otherwise."""
+    nov = info.get("novelty")
+    if not nov:
+        return None, None
+    from model.novelty import Novelty
+
+    return Novelty.from_dict(nov["model"]), {"gate": nov["gate"], "ceiling": nov["ceiling"]}
 
 
 def _session(model: Any, threads: int) -> Any:
@@ -157,20 +173,33 @@ def run(model_dir: Path | None, batches: list[int], repeats: int, threads: int, 
     from torch.nn.utils import vector_to_parameters
 
     from model.bundle import STUDENT_ONNX
-    from model.export import build_onnx, build_preprocessing_onnx
+    from model.export import SERVING_ONNX, build_onnx, build_preprocessing_onnx
+    from stream.codes import CategoryCodes
 
     torch.set_num_threads(threads)
     with contextlib.suppress(RuntimeError):  # already set in this process
         torch.set_num_interop_threads(1)
     if model_dir is None:
         model, swag, pre, student_net, info = _untrained(profile)
-        student_graph = build_onnx(pre, student_net)
+        student_graph = build_onnx(pre, student_net, codes=True)
+        strings_graph = build_onnx(pre, student_net)
     else:
         model, swag, pre, student_net, info = _from_bundle(model_dir)
-        student_graph = onnx.load(Path(info["bundle"]) / STUDENT_ONNX)  # the served file itself
+        bundle_dir = Path(info["bundle"])
+        strings_graph = onnx.load(bundle_dir / STUDENT_ONNX)
+        # the served file itself (a format-1 bundle has no codes graph: built from its weights)
+        student_graph = (onnx.load(bundle_dir / SERVING_ONNX) if (bundle_dir / SERVING_ONNX).exists()
+                         else build_onnx(pre, student_net, *_novelty_of(info), codes=True))
     method = info.get("teacher_method", "loop")
     sess = _session(student_graph, threads)
-    front = _session(build_preprocessing_onnx(pre, student_net), threads)
+    strings_sess = _session(strings_graph, threads)
+    front = _session(build_preprocessing_onnx(pre, student_net, codes=True), threads)
+    encoder = CategoryCodes(pre.vocab)
+    from model.export import quantize_serving
+
+    int8_graph, int8_parity = quantize_serving(pre, build_onnx(pre, student_net, *_novelty_of(info), codes=True))
+    info.pop("novelty", None)  # used above; the manifest has it
+    int8_sess = _session(int8_graph, threads)  # timed either way; int8.kept says if it may serve
     num_all, cat_all = _raw_rows(pre, max(batches))
     # The paper's setting as we read it: M weight vectors drawn once, held as M networks, M passes.
     replicas = []
@@ -193,14 +222,38 @@ def run(model_dir: Path | None, batches: list[int], repeats: int, threads: int, 
                 return p.mean(0).numpy(), p.var(0, unbiased=False).numpy()
 
         def student(num: np.ndarray = num, cat: np.ndarray = cat) -> object:
-            return sess.run(["p", "u"], {"num": num, "cat": cat})
+            return sess.run(["p", "u"], {"num": num, "cat": encoder.encode(cat)})
+
+        def student_strings(num: np.ndarray = num, cat: np.ndarray = cat) -> object:
+            return strings_sess.run(["p", "u"], {"num": num, "cat": cat})
 
         def student_preprocessing(num: np.ndarray = num, cat: np.ndarray = cat) -> object:
-            return front.run(["h0"], {"num": num, "cat": cat})
+            return front.run(["h0"], {"num": num, "cat": encoder.encode(cat)})
+
+        codes = encoder.encode(cat)
+
+        def student_codes_only(num: np.ndarray = num, codes: np.ndarray = codes) -> object:
+            return sess.run(["p", "u"], {"num": num, "cat": codes})
+
+        def student_int8_codes(num: np.ndarray = num, codes: np.ndarray = codes) -> object:
+            return int8_sess.run(["p", "u"], {"num": num, "cat": codes})
+
+        def teacher_presampled_codes(num: np.ndarray = num, codes: np.ndarray = codes) -> object:
+            x, idx = torch.from_numpy(pre.transform_numeric(num)), torch.from_numpy(codes)
+            with torch.no_grad():
+                p = torch.stack([torch.sigmoid(r(x, idx)) for r in replicas])
+                return p.mean(0).numpy(), p.var(0, unbiased=False).numpy()
+
+        def student_int8(num: np.ndarray = num, cat: np.ndarray = cat) -> object:
+            return int8_sess.run(["p", "u"], {"num": num, "cat": encoder.encode(cat)})
 
         reps = repeats if b <= 512 else max(3, repeats // 3)
-        ms = _interleaved_medians({"teacher": teacher, "teacher_presampled": teacher_presampled,
-                                   "student": student, "student_preprocessing": student_preprocessing}, reps)
+        fns = {"teacher": teacher, "teacher_presampled": teacher_presampled,
+               "student": student, "student_preprocessing": student_preprocessing,
+               "student_strings": student_strings, "student_graph": student_codes_only}
+        fns.update({"student_int8": student_int8, "student_int8_graph": student_int8_codes,
+                    "teacher_presampled_codes": teacher_presampled_codes})
+        ms = _interleaved_medians(fns, reps)
         t_ms, tp_ms, s_ms, f_ms = (ms[k] for k in ("teacher", "teacher_presampled", "student",
                                                    "student_preprocessing"))
         results[str(b)] = {
@@ -208,6 +261,18 @@ def run(model_dir: Path | None, batches: list[int], repeats: int, threads: int, 
             "teacher_presampled_ms": round(tp_ms, 3),
             "student_ms": round(s_ms, 4),
             "student_preprocessing_ms": round(f_ms, 4),
+            "student_graph_ms": round(ms["student_graph"], 4),  # codes given (the decoder's output)
+            "student_strings_ms": round(ms["student_strings"], 4),
+            "ratio_presampled_strings_graph": round(tp_ms / ms["student_strings"], 1),
+            "student_int8_ms": round(ms["student_int8"], 4),
+            "ratio_presampled_int8": round(tp_ms / ms["student_int8"], 1),
+            # both sides from categorical codes (what the worker's decoder hands over): the
+            # categorical encoding is then neither side's cost
+            "codes_in": {"teacher_presampled_ms": round(ms["teacher_presampled_codes"], 3),
+                         "student_ms": round(ms["student_graph"], 4),
+                         "student_int8_ms": round(ms["student_int8_graph"], 4),
+                         "ratio_presampled": round(ms["teacher_presampled_codes"] / ms["student_graph"], 1),
+                         "ratio_presampled_int8": round(ms["teacher_presampled_codes"] / ms["student_int8_graph"], 1)},
             "ratio": round(t_ms / s_ms, 1),
             "ratio_presampled": round(tp_ms / s_ms, 1),
             "ratio_presampled_ceiling": round(tp_ms / f_ms, 1),
@@ -220,14 +285,17 @@ def run(model_dir: Path | None, batches: list[int], repeats: int, threads: int, 
                    f"per call (torch {torch.__version__})",
         "teacher_presampled": f"Preprocessor.transform + {samples} networks holding weights drawn once, "
                               "one pass each; ratio_presampled is the conservative ratio",
-        "student": f"student.onnx, preprocessing in graph (onnxruntime {ort.__version__})",
-        "student_preprocessing": "the front of student.onnx alone (raw batch in, network input out): "
+        "student": f"category strings -> stream.codes codes + {SERVING_ONNX} (onnxruntime {ort.__version__}); "
+                   "student_graph_ms: the graph call alone, codes given; student_strings_ms: student.onnx, "
+                   "the string graph (vocabulary lookup in the graph)",
+        "student_preprocessing": "codes + the front of the serving graph alone (raw batch in, network input out): "
                                  "ratio_presampled_ceiling is the ratio a student with no network would get",
         "threads": threads,
         "repeats": repeats,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         **info,
         "batches": results,
+        "int8": int8_parity,
         "ratio_at_512": results.get("512", {}).get("ratio"),
         "ratio_presampled_at_512": results.get("512", {}).get("ratio_presampled"),
         "ratio_presampled_ceiling_at_512": results.get("512", {}).get("ratio_presampled_ceiling"),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import cProfile
+import gc
 import json
 import os
 import platform
@@ -38,7 +39,7 @@ import orjson
 
 from stream.checkpoint import Checkpoint, DeliveryReports
 from stream.config import Settings, load_settings
-from stream.events import encode_requests, encode_requests_positional
+from stream.events import encode_requests, encode_requests_binary, encode_requests_positional
 from stream.features import FeatureSpec
 from stream.kafka import ensure_topics, make_admin, make_consumer, make_producer, produce_waiting
 
@@ -90,7 +91,8 @@ def _world(rows: int, features: int, seed: int = 0) -> tuple[FeatureSpec, np.nda
     return FeatureSpec(numeric, categorical), num, cat
 
 
-def _bundle(model_dir: Path, spec: FeatureSpec, num: np.ndarray, cat: np.ndarray) -> Path:
+def _bundle(model_dir: Path, spec: FeatureSpec, num: np.ndarray, cat: np.ndarray,
+            quantize: str | None = None) -> Path:
     """A student bundle for this spec with untrained weights (spread out so scores vary like a
     trained model's): the worker's cost does not depend on how well the model was trained."""
     import torch
@@ -106,14 +108,16 @@ def _bundle(model_dir: Path, spec: FeatureSpec, num: np.ndarray, cat: np.ndarray
     with torch.no_grad():
         student.head2_w.mul_(40.0)
     out = model_dir / "bench-v1"
-    export_bundle(out, pre, student.eval(), metrics={"bench": True})
+    export_bundle(out, pre, student.eval(), metrics={"bench": True}, quantize=quantize)
     bundle.publish(out)
     return out
 
 
 def _requests(spec: FeatureSpec, num: np.ndarray, cat: np.ndarray, ids: list[str], ts_ms: int,
-              positional: bool) -> list[bytes]:
-    enc = encode_requests_positional if positional else encode_requests
+              positional: bool | str) -> list[bytes]:
+    """positional: False (canonical JSON), True (positional JSON) or "binary" (msgpack + float32)."""
+    enc = (encode_requests_binary if positional == "binary" else
+           encode_requests_positional if positional else encode_requests)
     n = len(ids)
     return enc(ids, np.full(n, ts_ms, np.int64), num[:n], cat[:n], spec)
 
@@ -186,18 +190,40 @@ def worker_run(settings: Settings, n: int, batch_size: int, batch_wait_ms: int,
             w.stop()
 
     w.process = timed  # type: ignore[method-assign]
+    gc_s = [0.0, 0.0]  # seconds inside the cyclic garbage collector, collections
+
+    def gc_clock(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            gc_s.append(time.thread_time())
+        elif len(gc_s) > 2:
+            gc_s[0] += time.thread_time() - gc_s.pop()
+            gc_s[1] += 1
+
+    gc.callbacks.append(gc_clock)
     prof = cProfile.Profile() if profile else None
     if prof:
         prof.enable()
-    w.run(max_seconds=300)
+    try:
+        w.run(max_seconds=300)
+    finally:
+        gc.callbacks.remove(gc_clock)
     end = time.perf_counter()
     if prof:
         prof.disable()
         prof.dump_stats(profile)
     seconds = end - first[0] if first else float("nan")
     s = w.stats
+    events = max(s.events, 1)
     return {"events": s.events, "seconds": round(seconds, 3), "events_per_s": round(s.events / seconds, 1),
-            "busy_s": round(s.busy_s, 3), "blocked_share": round(s.blocked / max(s.events, 1), 4)}
+            "busy_s": round(s.busy_s, 3), "busy_cpu_s": round(s.busy_cpu_s, 3),
+            # the stable figures: CPU time of the worker thread inside `process`, per event
+            "us_per_event_busy": round(1e6 * s.busy_cpu_s / events, 2),
+            "us_per_event_busy_wall": round(1e6 * s.busy_s / events, 2),
+            "events_per_s_per_busy_core": round(events / max(s.busy_cpu_s, 1e-9), 1),
+            "stages_us_per_event": {k: {"cpu": round(1e6 * s.stage_cpu_s[k] / events, 2),
+                                        "wall": round(1e6 * s.stage_s[k] / events, 2)} for k in s.stage_s},
+            "gc_cpu_s": round(gc_s[0], 3), "gc_collections": int(gc_s[1]),
+            "blocked_share": round(s.blocked / max(s.events, 1), 4)}
 
 
 # --- latency at fixed offered loads -------------------------------------------------------
@@ -338,6 +364,7 @@ def _wait_decided(settings: Settings, rids: set[str], proc: subprocess.Popen, ti
 @click.option("--features", type=click.IntRange(28, 108), default=108, show_default=True,
               help="Features per request (the world's catalogue, first N; the world needs >= 28).")
 @click.option("--positional", is_flag=True, help="Send positional requests (fingerprint + array).")
+@click.option("--binary", is_flag=True, help="Send binary requests (msgpack, numbers as float32 bytes).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--batch-wait-ms", type=click.IntRange(min=0), default=20, show_default=True)
 @click.option("--commit-interval-ms", type=click.IntRange(min=0), default=1000, show_default=True)
@@ -347,10 +374,12 @@ def _wait_decided(settings: Settings, rids: set[str], proc: subprocess.Popen, ti
               help="Duration of each latency run.")
 @click.option("--profile", "profile_out", type=click.Path(dir_okay=False), default=None,
               help="Write a cProfile of the worker's throughput run here.")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="Serve an int8 student graph (model.export.quantize_serving) instead of float32.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the JSON here.")
-def worker(n: int, features: int, positional: bool, batch_size: int, batch_wait_ms: int,
+def worker(n: int, features: int, positional: bool, binary: bool, batch_size: int, batch_wait_ms: int,
            commit_interval_ms: int, loads: str, seconds: float, profile_out: str | None,
-           out: str | None) -> None:
+           quantize: str | None, out: str | None) -> None:
     """Worker events/s vs a plain consume->produce passthrough; latency at fixed loads."""
     try:
         rates = [int(x) for x in loads.split(",") if x.strip()]
@@ -358,6 +387,9 @@ def worker(n: int, features: int, positional: bool, batch_size: int, batch_wait_
         raise click.BadParameter(f"--loads must be comma-separated integers, got {loads!r}") from None
     if any(r <= 0 for r in rates):
         raise click.BadParameter("--loads must be positive")
+    if binary and positional:
+        raise click.UsageError("--binary and --positional are two formats: give one")
+    positional = "binary" if binary else positional  # type: ignore[assignment]
     work = Path(tempfile.mkdtemp(prefix="rta-bench-worker-"))
     try:
         base = load_settings()
@@ -368,7 +400,10 @@ def worker(n: int, features: int, positional: bool, batch_size: int, batch_wait_
                                redis_prefix=f"bench:{os.getpid()}").with_topic_prefix(f"bench{os.getpid()}")
             click.echo("bench: building requests and a bundle ...", err=True)
             spec, num, cat = _world(max(n, 20_000), features)
-            _bundle(settings.model_dir, spec, num, cat)
+            bundle_dir = _bundle(settings.model_dir, spec, num, cat, quantize)
+            import json as _json
+
+            serving = _json.loads((bundle_dir / "manifest.json").read_text()).get("serving", {})
             from stream.policy import Targets
             from stream.window import RedisStore
 
@@ -379,7 +414,9 @@ def worker(n: int, features: int, positional: bool, batch_size: int, batch_wait_
             ids = [f"T{i}" for i in range(n)]
             values = _requests(spec, np.resize(num, (n, num.shape[1])), np.resize(cat, (n, cat.shape[1])),
                                ids, int(time.time() * 1000), positional)
+            t_pre = time.perf_counter()
             _produce(settings, values, ids)
+            preload_s = time.perf_counter() - t_pre
             mean_bytes = float(np.mean([len(v) for v in values[:1000]]))
             del values
             click.echo("bench: passthrough ...", err=True)
@@ -398,12 +435,18 @@ def worker(n: int, features: int, positional: bool, batch_size: int, batch_wait_
         result = {
             "bench": "worker",
             "events": n, "features": features, "request_bytes_mean": round(mean_bytes, 1),
-            "format": "positional" if positional else "canonical",
+            "format": "binary" if positional == "binary" else "positional" if positional else "canonical",
+            "serving_graph": {"file": serving.get("file"), "weights": serving.get("weights")},
             "batch_size": batch_size, "batch_wait_ms": batch_wait_ms, "commit_interval_ms": commit_interval_ms,
             "passthrough": pt, "worker": wk,
             "ratio": round(wk["events_per_s"] / pt["events_per_s"], 3), "target_ratio": 0.5,
+            # the broker's own speed in this run: the preload (produce + flush of every request)
+            # and the passthrough (consume -> produce), so a ratio can be read against the day's broker
+            "broker": {"preload_produce_per_s": round(n / max(preload_s, 1e-9), 1),
+                       "passthrough_per_s": pt["events_per_s"]},
+            "us_per_event_busy": wk["us_per_event_busy"], "target_us_per_event_busy": 20.0,
             "latency": latency,
-            "broker": "embedded Tansu" if settings.origin.get("kafka_bootstrap") not in
+            "broker_kind": "embedded Tansu" if settings.origin.get("kafka_bootstrap") not in
             {"flag", "env", "file", "dev-stack"} else settings.kafka_bootstrap,
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                         "load_avg_1m": round(os.getloadavg()[0], 2)},

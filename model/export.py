@@ -1,6 +1,14 @@
-"""Student -> `student.onnx`: raw features in, per-task (p, u) out, preprocessing inside.
+"""Student -> its ONNX graphs: raw features in, per-task (p, u) out, preprocessing inside.
 
-Inputs: `num` float32[N, n_num] (NaN = missing), `cat` string[N, n_cat] ("" = missing).
+Two graphs of the same weights go into a bundle (bundle format 2):
+- `student_codes.onnx`, what serving runs: `num` float32[N, n_num] (NaN = missing) and `cat`
+  int64[N, n_cat] categorical codes (`stream.codes`: 0 missing, 1 unknown, k + 2 vocabulary
+  word k), computed before onnxruntime from the vocabulary this graph carries in its metadata
+  (`cat_vocab`), so the bundle stays self-contained and the graph's sha256 covers it. Handing
+  onnxruntime a string tensor cost more than the network itself.
+- `student.onnx`: `cat` string[N, n_cat] ("" = missing), the vocabulary lookup in the graph
+  (LabelEncoder). Offline tools (distillation parity, `rta eval`) and format-1 readers feed it
+  strings directly.
 Outputs: `p` float32[N, T], `u` float32[N, T] (teacher's uncertainty scale).
 
 The graph is written with `onnx.helper` straight from the trained weights rather than with
@@ -13,6 +21,7 @@ this file mirrors op for op.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -26,8 +35,10 @@ from model.bundle import STUDENT_ONNX, build_manifest, write_manifest
 from model.novelty import Novelty
 from model.preprocess import FIRST_VOCAB_INDEX, MISSING_INDEX, UNKNOWN_INDEX, Preprocessor
 from model.student import Student
+from stream.codes import CODES_FORMAT
 
 OPSET = 17
+SERVING_ONNX = "student_codes.onnx"
 ML_OPSET = 2  # ai.onnx.ml LabelEncoder with keys_strings / values_int64s
 
 
@@ -97,6 +108,12 @@ def _categorical(g: _Graph, pre: Preprocessor, student: Student, cat: str) -> st
                 "emb_row", axis=0)
 
 
+def _categorical_codes(g: _Graph, student: Student, cat: str) -> str:
+    """Codes int64[N, n_cat] -> row of the shared embedding table (codes + column offsets)."""
+    offsets = student.offsets.numpy().astype(np.int64)
+    return g.op("Add", [cat, g.const("col_offsets", offsets)], "emb_row")
+
+
 def _linear(g: _Graph, h: str, layer: torch.nn.Linear, stem: str) -> str:
     w = layer.weight.detach().numpy().T.astype(np.float32)
     b = layer.bias.detach().numpy().astype(np.float32)
@@ -159,14 +176,16 @@ def _uncertainty(g: _Graph, student: Student, u_raw: str) -> str:
     return g.op("Add", [lo, g.op("Mul", [frac, g.op("Sub", [hi, lo])])], "u_out")
 
 
-def _model(g: _Graph, pre: Preprocessor, outputs: dict[str, tuple[str, int]], name: str) -> onnx.ModelProto:
-    """Raw-batch inputs (num, cat) -> the named float32 outputs {name: (tensor, width)}."""
+def _model(g: _Graph, pre: Preprocessor, outputs: dict[str, tuple[str, int]], name: str,
+           codes: bool = False) -> onnx.ModelProto:
+    """Raw-batch inputs (num, cat strings or codes) -> the named float32 outputs {name: (tensor, width)}."""
     for out, (tensor, _) in outputs.items():
         g.nodes.append(helper.make_node("Identity", [tensor], [out], name=out))
     graph = helper.make_graph(
         g.nodes, name,
         inputs=[helper.make_tensor_value_info("num", TensorProto.FLOAT, ["N", len(pre.spec.numeric)]),
-                helper.make_tensor_value_info("cat", TensorProto.STRING, ["N", len(pre.spec.categorical)])],
+                helper.make_tensor_value_info("cat", TensorProto.INT64 if codes else TensorProto.STRING,
+                                              ["N", len(pre.spec.categorical)])],
         outputs=[helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", width])
                  for out, (_, width) in outputs.items()],
         initializer=g.inits,
@@ -179,17 +198,15 @@ def _model(g: _Graph, pre: Preprocessor, outputs: dict[str, tuple[str, int]], na
     return model
 
 
-def _front(g: _Graph, pre: Preprocessor, student: Student) -> tuple[str, str, str | None]:
+def _front(g: _Graph, pre: Preprocessor, student: Student, codes: bool = False) -> tuple[str, str, str | None]:
     """(network input h0, numeric values v, embedding rows or None)."""
     if student.n_inputs != pre.n_inputs or student.cardinalities != pre.cardinalities:
         raise ValueError("student was built for a different preprocessor (input width or vocab sizes)")
     x, v = _numeric(g, pre, "num")
-    rows = _categorical(g, pre, student, "cat") if pre.spec.categorical else None
+    rows = None
+    if pre.spec.categorical:
+        rows = _categorical_codes(g, student, "cat") if codes else _categorical(g, pre, student, "cat")
     return _network_input(g, student, x, rows), v, rows
-
-
-def _preprocessing(g: _Graph, pre: Preprocessor, student: Student) -> str:
-    return _front(g, pre, student)[0]
 
 
 def _novelty(g: _Graph, student: Student, novelty: Novelty, v: str, rows: str | None) -> str:
@@ -217,16 +234,18 @@ def _combine(g: _Graph, a: str, n: str, combine: dict[str, Any]) -> str:
 
 
 def build_onnx(pre: Preprocessor, student: Student, novelty: Novelty | None = None,
-               combine: dict[str, Any] | None = None) -> onnx.ModelProto:
-    """The complete serving graph: raw batch -> preprocessing -> student -> (p, u).
+               combine: dict[str, Any] | None = None, codes: bool = False) -> onnx.ModelProto:
+    """The complete graph: raw batch -> preprocessing -> student -> (p, u).
 
     With `novelty` and `combine` ({"gate", "ceiling"}), `u` is the served combination of the
     student's ambiguity and the input novelty (`stream.policy.combine_uncertainty`), and the graph
-    also outputs `u_ambiguity` (the distilled head alone) and `novelty` [N, 1].
+    also outputs `u_ambiguity` (the distilled head alone) and `novelty` [N, 1]. `codes`: `cat` is
+    int64 codes and the graph carries its vocabulary (`cat_vocab`, bundle format 2); otherwise
+    `cat` is strings, looked up in the graph.
     """
     student = student.eval()
     g = _Graph()
-    h0, v, rows = _front(g, pre, student)
+    h0, v, rows = _front(g, pre, student, codes)
     p, u = _network(g, student, h0)
     n_tasks = len(student.tasks)
     outputs = {"p": (p, n_tasks), "u": (u, n_tasks)}
@@ -236,36 +255,139 @@ def build_onnx(pre: Preprocessor, student: Student, novelty: Novelty | None = No
         n = _novelty(g, student, novelty, v, rows)
         outputs = {"p": (p, n_tasks), "u": (_combine(g, u, n, combine), n_tasks),
                    "u_ambiguity": (u, n_tasks), "novelty": (n, 1)}
-    model = _model(g, pre, outputs, "rta_student")
-    helper.set_model_props(model, {"tasks": ",".join(student.tasks),
-                                   "feature_fingerprint": pre.spec.fingerprint(),
-                                   "target_mode": student.target_mode})
+    model = _model(g, pre, outputs, "rta_student", codes)
+    props = {"tasks": ",".join(student.tasks), "feature_fingerprint": pre.spec.fingerprint(),
+             "target_mode": student.target_mode}
+    if codes:
+        props.update({"cat_input": "codes", "bundle_format": str(CODES_FORMAT),
+                      "cat_vocab": json.dumps(pre.vocab, ensure_ascii=False)})
+    helper.set_model_props(model, props)
     onnx.checker.check_model(model, full_check=True)
     return model
 
 
-def build_preprocessing_onnx(pre: Preprocessor, student: Student) -> onnx.ModelProto:
-    """Only the serving graph's front: raw batch -> the network's input `h0`.
+def build_preprocessing_onnx(pre: Preprocessor, student: Student, codes: bool = False) -> onnx.ModelProto:
+    """Only the graph's front: raw batch (strings, or `codes`) -> the network's input `h0`.
 
     The same nodes `build_onnx` starts with. `rta bench inference` times it to show how much
     of a student call is input conversion and preprocessing, a cost no smaller network removes.
     """
     g = _Graph()
-    h0 = _preprocessing(g, pre, student.eval())
+    h0 = _front(g, pre, student.eval(), codes)[0]
     width = student.n_inputs + len(student.cardinalities) * student.cfg.emb_dim
-    model = _model(g, pre, {"h0": (h0, width)}, "rta_student_preprocessing")
+    model = _model(g, pre, {"h0": (h0, width)}, "rta_student_preprocessing", codes)
     onnx.checker.check_model(model, full_check=True)
     return model
 
 
 def export_onnx(pre: Preprocessor, student: Student, path: str | Path, novelty: Novelty | None = None,
-                combine: dict[str, Any] | None = None) -> Path:
-    """Write `student.onnx` (temp file + rename, so a reader never sees half a graph)."""
+                combine: dict[str, Any] | None = None, codes: bool = False,
+                model: onnx.ModelProto | None = None) -> Path:
+    """Write one graph (temp file + rename, so a reader never sees half a graph)."""
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_bytes(build_onnx(pre, student, novelty, combine).SerializeToString())
+    model = model if model is not None else build_onnx(pre, student, novelty, combine, codes)
+    tmp.write_bytes(model.SerializeToString())
     os.replace(tmp, path)
     return path
+
+
+# Int8 weights for the serving graph hold only if, on a probe batch spread over the fitted
+# ranges and vocabularies, the int8 graph ranks every task's p and u like the float one and
+# 99% of its probabilities move by less than this (else the float graph serves; the manifest
+# says why). On the trained demo bundle int8 moved AUC by < 0.001 and the click-u Spearman to
+# the teacher from 0.963 to 0.962 (docs/benchmarks.md).
+QUANT_P99_ABS = 0.02
+QUANT_MIN_SPEARMAN = 0.99
+QUANT_PROBE_ROWS = 4096
+
+
+def quantize_serving(pre: Preprocessor, graph: onnx.ModelProto, seed: int = 0
+                     ) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """(int8 graph, the parity figures with `kept`): static int8 quantisation of the network's
+    MatMuls (per-channel weights, activation scales calibrated once on a probe batch); `kept` says
+    whether parity holds, i.e. whether it may serve.
+
+    Why static: dynamic quantisation scales activations by each call's batch, so a row's score
+    would depend on its batch-mates and replay could not reproduce the worker's decisions; fixed
+    scales keep every row's output a function of that row alone. Only the network's matmuls are
+    quantised (the preprocessing and novelty ops stay float: they compare against thresholds)."""
+    import tempfile
+
+    import onnxruntime as ort
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    num, codes = probe_batch(pre, QUANT_PROBE_ROWS, seed)
+
+    class _Probe(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.at = 0
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            if self.at >= len(num):
+                return None
+            sl = slice(self.at, self.at + 512)
+            self.at += 512
+            return {"num": num[sl], "cat": codes[sl]}
+
+    network = [n.name for n in graph.graph.node if n.op_type == "MatMul" and n.name.startswith("matmul_")]
+    root = logging.getLogger()  # the quantiser's "consider pre-processing" warnings: not ours to act on
+    level = root.level
+    with tempfile.TemporaryDirectory(prefix="rta-quant-") as tmp:
+        src, dst = Path(tmp) / "f.onnx", Path(tmp) / "q.onnx"
+        src.write_bytes(graph.SerializeToString())
+        root.setLevel(logging.ERROR)
+        try:
+            quantize_static(src, dst, _Probe(), quant_format=QuantFormat.QOperator, op_types_to_quantize=["MatMul"],
+                            nodes_to_quantize=network, per_channel=True, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8)
+        finally:
+            root.setLevel(level)
+        quant = onnx.load(dst)
+    del quant.metadata_props[:]
+    helper.set_model_props(quant, {p.key: p.value for p in graph.metadata_props})
+    check_num, check_codes = probe_batch(pre, QUANT_PROBE_ROWS, seed + 1)  # not the calibration rows
+    outs = [o.name for o in graph.graph.output]
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    ref, got = ([np.asarray(a, np.float64) for a in ort.InferenceSession(
+        m.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(
+            outs, {"num": check_num, "cat": check_codes})] for m in (graph, quant))
+    diff = np.abs(ref[0] - got[0])
+    figures = {"probe_rows": QUANT_PROBE_ROWS, "quantised_matmuls": len(network),
+               "p_max_abs_diff": float(diff.max(initial=0.0)),
+               "p_p99_abs_diff": float(np.quantile(diff, 0.99)) if diff.size else 0.0,
+               "min_spearman": float(min(_spearman(a[:, k], b[:, k]) for a, b in zip(ref, got, strict=True)
+                                         for k in range(a.shape[1]))),
+               "limits": {"p_p99_abs_diff": QUANT_P99_ABS, "min_spearman": QUANT_MIN_SPEARMAN}}
+    figures["kept"] = figures["p_p99_abs_diff"] <= QUANT_P99_ABS and figures["min_spearman"] >= QUANT_MIN_SPEARMAN
+    return quant, figures
+
+
+def probe_batch(pre: Preprocessor, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Raw rows around the fitted centres (5% missing, some beyond the range) and categorical
+    codes drawn over each vocabulary (with missing and unknown): a batch for parity checks."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0, 1, (n, len(pre.spec.numeric))).astype(np.float32)
+    v = pre.num_center + z * pre.num_scale
+    with np.errstate(over="ignore"):  # expm1 of non-log columns is computed, then discarded
+        num = np.where(pre.num_log, np.sign(v) * np.expm1(np.abs(v)), v).astype(np.float32)
+    num[rng.random(num.shape) < 0.05] = np.nan
+    codes = np.stack([rng.integers(0, len(words) + FIRST_VOCAB_INDEX, n) for words in pre.vocab], axis=1) \
+        if pre.vocab else np.zeros((n, 0), np.int64)
+    return num, codes.astype(np.int64)
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra, rb = (np.argsort(np.argsort(x, kind="stable"), kind="stable").astype(np.float64) for x in (a, b))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = float(np.sqrt((ra * ra).sum() * (rb * rb).sum()))
+    return float((ra * rb).sum() / den) if den > 0 else 1.0
 
 
 def export_bundle(
@@ -282,8 +404,15 @@ def export_bundle(
     novelty: Novelty | None = None,
     combine: dict[str, Any] | None = None,
     selection: dict[str, Any] | None = None,
+    quantize: str | None = None,
 ) -> dict[str, Any]:
-    """Write the student part of a bundle (student.onnx, student.pt, preprocess.json) + manifest.
+    """Write the student part of a bundle (student.onnx, student_codes.onnx, student.pt,
+    preprocess.json) + manifest.
+
+    The serving graph (`student_codes.onnx`) gets int8 matmuls when `quantize="int8"` and the
+    probe parity holds (`quantize_serving`), else float32 (the default: exact parity with torch);
+    `manifest.serving` records which and the figures. `student.onnx` (string input) always keeps
+    the float weights: it is the reference.
 
     With `novelty` + `combine` the served u combines ambiguity and novelty (`build_onnx`); the
     manifest's `uncertainty.novelty` records both, `uncertainty.selection` how the measure and
@@ -301,6 +430,18 @@ def export_bundle(
     else:
         pre_path.write_text(json.dumps(pre.to_dict()))
     export_onnx(pre, student, bundle_dir / STUDENT_ONNX, novelty, combine)
+    serving_graph = build_onnx(pre, student, novelty, combine, codes=True)
+    serving: dict[str, Any] = {"file": SERVING_ONNX, "format": CODES_FORMAT, "cat": "codes",
+                               "weights": "float32",
+                               "note": "cat = stream.codes codes of the graph's own cat_vocab"}
+    if quantize == "int8":
+        quant, figures = quantize_serving(pre, serving_graph)
+        serving["quantization"] = {"tried": "int8 static (network MatMuls, per-channel weights)", **figures}
+        if figures["kept"]:
+            serving_graph, serving["weights"] = quant, "int8"
+    elif quantize is not None:
+        raise ValueError(f"unknown quantisation {quantize!r} (int8 or None)")
+    export_onnx(pre, student, bundle_dir / SERVING_ONNX, model=serving_graph)
     torch.save(student.to_checkpoint(), bundle_dir / "student.pt")
     uncertainty: dict[str, Any] = {
         "measure": measure, "rescale": student.target_map(),
@@ -318,7 +459,7 @@ def export_bundle(
         bundle_dir, pre.spec, student.tasks,
         uncertainty=uncertainty,
         source_map=source_map, score_function=score_function, metrics=metrics,
-        thresholds=thresholds, extra=extra,
+        thresholds=thresholds, extra={**(extra or {}), "serving": serving},
     )
     write_manifest(bundle_dir, manifest)
     return manifest

@@ -18,11 +18,13 @@ from typing import Any
 
 import numpy as np
 
+from stream.codes import FIRST_VOCAB_CODE, MISSING_CODE, UNKNOWN_CODE
 from stream.features import FeatureSpec
 
-MISSING_INDEX = 0
-UNKNOWN_INDEX = 1
-FIRST_VOCAB_INDEX = 2
+# One numbering of categorical codes: the serving encoder's (stream.codes), the network's here.
+MISSING_INDEX = MISSING_CODE
+UNKNOWN_INDEX = UNKNOWN_CODE
+FIRST_VOCAB_INDEX = FIRST_VOCAB_CODE
 _FIT_SAMPLE = 200_000  # rows used to fit numeric statistics (quantiles/moments are stable by then)
 _SKEW_FOR_LOG = 2.0
 
@@ -130,17 +132,23 @@ class Preprocessor:
         cat = np.asarray(cat, dtype=object)
         if cat.ndim != 2 or cat.shape[1] != n_cat or cat.shape[0] != num.shape[0]:
             raise ValueError(f"cat must be [{num.shape[0]}, {n_cat}], got {cat.shape}")
+        x = self.transform_numeric(num)
+        idx = np.empty((num.shape[0], n_cat), dtype=np.int64)
+        for j in range(n_cat):
+            idx[:, j] = self._encode_column(j, cat[:, j])
+        return x, idx
+
+    def transform_numeric(self, num: np.ndarray) -> np.ndarray:
+        """The numeric half of `transform`: float32[N, n_num] -> x float32[N, 2 * n_num]. For a
+        caller whose categoricals are codes already (stream.codes: the same numbering)."""
+        num = np.asarray(num, dtype=np.float32)
         missing = np.isnan(num)
         v = np.where(self.num_log, signed_log1p(num), num)
         with np.errstate(over="ignore", invalid="ignore"):  # +-inf is clipped just below
             z = (v - self.num_center) / self.num_scale
         z = np.clip(z, -self.clip, self.clip)
         z[missing] = 0.0
-        x = np.concatenate([z, missing.astype(np.float32)], axis=1).astype(np.float32, copy=False)
-        idx = np.empty((num.shape[0], n_cat), dtype=np.int64)
-        for j in range(n_cat):
-            idx[:, j] = self._encode_column(j, cat[:, j])
-        return x, idx
+        return np.concatenate([z, missing.astype(np.float32)], axis=1).astype(np.float32, copy=False)
 
     def _encode_column(self, j: int, col: np.ndarray) -> np.ndarray:
         if col.size == 0:

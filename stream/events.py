@@ -18,13 +18,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
-from itertools import chain, compress
-from operator import attrgetter, itemgetter
+from itertools import chain, compress, repeat
+from operator import attrgetter, itemgetter, methodcaller
 from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
 
+from stream.codes import MISSING_CODE, CategoryCodes
 from stream.features import DEFAULT_TASKS, FeatureSpec
 from stream.policy import REASONS  # one numbering of reasons: the policy's
 
@@ -66,6 +67,7 @@ ERROR_CODES: dict[str, str] = {
     "bad_features": "`features` is not an object, or `x` is not an array of the spec's length",
     "non_numeric": "a numeric feature holds a string, boolean, array or object",
     "bad_categorical": "a categorical feature holds something other than a string or integer",
+    "bad_binary": "a binary (msgpack) request that is not the array [v, request_id, ts_ms, fp, num, cat]",
 }
 
 _NUMERIC_TYPES = frozenset({int, float, type(None)})
@@ -97,6 +99,7 @@ class RequestBatch:
     valid: np.ndarray  # bool[N]
     errors: list[DecodeError] = field(default_factory=list)  # sorted by index
     unknown_features: int = 0  # feature names not in the spec (ignored, counted)
+    codes: np.ndarray | None = None  # int64[N, n_cat] (stream.codes), when the decoder was given an encoder
 
     def __len__(self) -> int:
         return len(self.valid)
@@ -268,38 +271,58 @@ def decode_requests(
     *,
     fingerprint: str | None = None,
     max_bytes: int = MAX_BYTES,
+    codes: CategoryCodes | None = None,
 ) -> RequestBatch:
     """Decode raw request values (with their Kafka keys) into one `RequestBatch`.
 
     Never raises on message content. `fingerprint` is what a positional request must carry
-    (default: the spec's own); `max_bytes` bounds one value. The cyclic garbage collector is
+    (default: the spec's own); `max_bytes` bounds one value. With `codes` (the bundle's
+    vocabulary) the batch also carries the categorical codes the student reads, computed from
+    the parsed values in the same pass that normalises them (no second scan of the strings). The cyclic garbage collector is
     paused meanwhile: a batch allocates ~10^5 acyclic objects (parsed JSON) that would
     otherwise trigger several useless collections, all freed by refcount on return.
     """
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _decode(values, keys, spec, fingerprint, max_bytes)
+        batch = _decode(values, keys, spec, fingerprint, max_bytes, codes)
+        if codes is not None and batch.codes is None:  # the checked path was involved: rare
+            batch.codes = codes.encode(batch.cat)
+        return batch
     finally:
         if was_enabled:
             gc.enable()
 
 
 def _decode(values: Sequence[bytes | None], keys: Sequence[bytes | None] | None, spec: FeatureSpec,
-            fingerprint: str | None, max_bytes: int) -> RequestBatch:
+            fingerprint: str | None, max_bytes: int, encoder: CategoryCodes | None = None) -> RequestBatch:
     """Typed fast path for the messages it takes clean; the checked path for all the others."""
     n = len(values)
     fingerprint = fingerprint or spec.fingerprint()
     keys = keys if keys is not None else [None] * n
     if len(keys) != n:
         raise ValueError(f"{len(keys)} keys for {n} values")
+    is_bin = _binary_mask(values)
+    if any(is_bin):  # binary requests (first byte 0x96: never the start of a JSON document)
+        if all(is_bin):
+            return _decode_binary(values, keys, spec, fingerprint, max_bytes, encoder)
+        parts = []
+        for want in (True, False):
+            at = [i for i, b in enumerate(is_bin) if b is want]
+            sub_v, sub_k = [values[i] for i in at], [keys[i] for i in at]
+            sub = (_decode_binary(sub_v, sub_k, spec, fingerprint, max_bytes, encoder) if want
+                   else _decode(sub_v, sub_k, spec, fingerprint, max_bytes, encoder))
+            if encoder is not None and sub.codes is None:
+                sub.codes = encoder.encode(sub.cat)
+            parts.append((at, sub))
+        return _merge(n, len(spec.numeric), len(spec.categorical), parts, encoder is not None)
     decoder = _typed_decoder(spec.numeric, spec.categorical) if _use_typed else None
     if decoder is None:
         return _decode_checked(values, keys, spec, fingerprint, max_bytes)
-    at, rids, tss, num, cat = _decode_typed(decoder, values, spec, fingerprint, max_bytes)
+    at, rids, tss, num, cat, codes = _decode_typed(decoder, values, spec, fingerprint, max_bytes, encoder)
     if len(at) == n:
         return RequestBatch(np.array(rids, dtype=object), np.array(tss, dtype=np.int64), num, cat,
-                            np.ones(n, dtype=bool))
+                            np.ones(n, dtype=bool), codes=codes)
     # Some messages need the checked path (it says why they are invalid, or handles what the
     # typed one refuses but is valid, e.g. unknown feature names); rows go back to their slots.
     rest = sorted(set(range(n)).difference(at))
@@ -316,6 +339,215 @@ def _decode(values: Sequence[bytes | None], keys: Sequence[bytes | None] | None,
         dst[at] = fast_rows
         dst[rest] = checked_rows
     return out
+
+
+def _merge(n: int, n_num: int, n_cat: int, parts: list[tuple[list[int], RequestBatch]], codes: bool) -> RequestBatch:
+    """One batch from sub-batches decoded separately, each row back in its slot."""
+    out = RequestBatch(np.empty(n, dtype=object), np.zeros(n, dtype=np.int64), np.empty((n, n_num), np.float32),
+                       np.empty((n, n_cat), dtype=object), np.ones(n, dtype=bool), [],
+                       sum(b.unknown_features for _, b in parts),
+                       np.empty((n, n_cat), np.int64) if codes else None)
+    for at, b in parts:
+        for name in ("request_id", "ts_ms", "num", "cat", "valid", *(("codes",) if codes else ())):
+            getattr(out, name)[at] = getattr(b, name)
+        out.errors += [DecodeError(at[e.index], e.code, e.message) for e in b.errors]
+    out.errors.sort(key=attrgetter("index"))
+    return out
+
+
+# --------------------------------------------------------------------------- binary requests
+#
+# A binary request is the msgpack array [v, request_id, ts_ms, fp, num, cat]: `num` the numeric
+# features as little-endian float32 bytes in spec order (NaN = missing), `cat` an array of the
+# categoricals (str, int or nil) in spec order, `fp` the served spec's fingerprint (as for a
+# positional JSON request). The numbers go straight into the float32 matrix (one frombuffer for
+# the batch): no Python float per value, which is most of what a JSON request costs to decode.
+
+BINARY_FIRST_BYTE = b"\x96"  # msgpack fixarray of 6
+_STARTS_BINARY = methodcaller("startswith", BINARY_FIRST_BYTE)
+
+
+_NUM, _CAT, _RID, _TS = (attrgetter(a) for a in ("num", "cat", "request_id", "ts_ms"))
+
+
+def _binary_mask(values: Sequence[bytes | None]) -> list[bool]:
+    """Which values are binary requests (C-level map; a null value is not)."""
+    if all(values):
+        return list(map(_STARTS_BINARY, values))
+    return [bool(v) and _STARTS_BINARY(v) for v in values]
+
+
+@lru_cache(maxsize=16)
+def _binary_decoder(n_cat: int) -> Any:
+    """msgspec's typed msgpack decoder of the binary layout (None without msgspec)."""
+    if msgspec is None:
+        return None
+    request = msgspec.defstruct("BinaryRequest", [
+        ("v", int), ("request_id", str), ("ts_ms", int), ("fp", str), ("num", bytes),
+        ("cat", tuple[tuple([str | int | None] * n_cat)] if n_cat else tuple[()]),
+    ], array_like=True)
+    return msgspec.msgpack.Decoder(request)
+
+
+def _check_shapes(request_ids: Sequence[str], ts_ms: Sequence[int] | np.ndarray, num: np.ndarray,
+                  cat: np.ndarray, spec: FeatureSpec) -> int:
+    """Rows of a batch to encode; ValueError when its columns disagree with each other or the spec."""
+    n = len(request_ids)
+    if num.shape != (n, len(spec.numeric)) or cat.shape != (n, len(spec.categorical)) or len(ts_ms) != n:
+        raise ValueError(f"request_ids ({n}), ts_ms ({len(ts_ms)}), num {num.shape} and cat {cat.shape} "
+                         f"do not match {n} rows of {len(spec.numeric)} numeric + "
+                         f"{len(spec.categorical)} categorical features")
+    return n
+
+
+def encode_requests_binary(request_ids: Sequence[str], ts_ms: Sequence[int] | np.ndarray, num: np.ndarray,
+                           cat: np.ndarray, spec: FeatureSpec) -> list[bytes]:
+    """A batch of binary requests (module comment above; "" -> nil). Needs msgspec."""
+    if msgspec is None:  # pragma: no cover
+        raise RuntimeError("binary requests need msgspec")
+    num = np.asarray(num, dtype="<f4")
+    cat = np.asarray(cat, dtype=object)
+    n = _check_shapes(request_ids, ts_ms, num, cat, spec)
+    cat_rows = map(tuple, np.where((cat == "") | np.equal(cat, None), None, cat).tolist())
+    blocks = np.ascontiguousarray(num).tobytes()
+    width = 4 * len(spec.numeric)
+    fp, enc = spec.fingerprint(), msgspec.msgpack.Encoder().encode
+    return list(map(enc, zip(repeat(VERSION), map(str, request_ids), np.asarray(ts_ms, np.int64).tolist(),
+                             repeat(fp), (blocks[i * width:(i + 1) * width] for i in range(n)), cat_rows,
+                             strict=False)))
+
+
+def _binary_invalid(raw: bytes, fingerprint: str, n_num: int, n_cat: int, max_bytes: int) -> _Invalid:
+    """Why a binary request the typed decoder refused (or a batch check dropped) is invalid."""
+    if len(raw) > max_bytes:
+        return _Invalid("oversized", f"{len(raw)} bytes > limit {max_bytes}")
+    try:
+        doc = msgspec.msgpack.decode(raw)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not msgpack"
+        return _Invalid("bad_binary", f"not one msgpack document ({str(exc)[:120]})")
+    if type(doc) is not list or len(doc) != 6:
+        return _Invalid("bad_binary", f"expected an array of 6, got {_kind(doc)}"
+                        + (f" of {len(doc)}" if type(doc) is list else ""))
+    v, rid, ts, fp, block, cats = doc
+    salvage_rid = rid if _valid_request_id(rid) else None
+    salvage_ts = ts if _valid_ts(ts) else None
+    if type(v) is not int or v != VERSION:
+        return _Invalid("bad_version", f"unsupported v={_brief(v)}", salvage_rid, salvage_ts)
+    if salvage_rid is None:
+        return _Invalid("bad_request_id", f"request_id must be a string of 1-{MAX_REQUEST_ID_CHARS} characters, "
+                        f"got {_kind(rid)}", None, salvage_ts)
+    if salvage_ts is None:
+        return _Invalid("bad_ts", f"ts_ms must be a non-negative integer, got {_brief(ts)}", rid)
+    if fp != fingerprint:
+        return _Invalid("bad_fingerprint", f"binary request with fp={_brief(fp)}, served spec is {fingerprint}", rid, ts)
+    if type(block) is not bytes or len(block) != 4 * n_num:
+        what = f"{len(block)} bytes" if type(block) is bytes else _kind(block)
+        return _Invalid("bad_features", f"num must be {4 * n_num} bytes (float32 x {n_num}), got {what}", rid, ts)
+    if type(cats) is not list or len(cats) != n_cat:
+        what = f"{len(cats)} values" if type(cats) is list else _kind(cats)
+        return _Invalid("bad_features", f"cat must be an array of {n_cat} values, got {what}", rid, ts)
+    for c, value in enumerate(cats):
+        if type(value) not in _CATEGORICAL_TYPES or (type(value) is int and not _ORJSON_INT[0] <= value <= _ORJSON_INT[1]):
+            return _Invalid("bad_categorical", f"categorical {c} is {_kind(value)}, expected a string or integer", rid, ts)
+    return _Invalid("non_finite", "a numeric feature is infinite (NaN is missing; inf is not a value)", rid, ts)
+
+
+def _decode_binary(values: Sequence[bytes | None], keys: Sequence[bytes | None], spec: FeatureSpec,
+                   fingerprint: str, max_bytes: int, encoder: CategoryCodes | None) -> RequestBatch:
+    """Binary requests -> a RequestBatch; a message that fails any check gets its error code."""
+    n, n_num, n_cat = len(values), len(spec.numeric), len(spec.categorical)
+    decoder = _binary_decoder(n_cat)
+    if decoder is None:  # pragma: no cover - without msgspec every binary request is refused
+        batch = RequestBatch(np.array([_fallback_id(v, k) for v, k in zip(values, keys, strict=True)], dtype=object),
+                             np.zeros(n, np.int64), np.full((n, n_num), np.nan, np.float32),
+                             np.full((n, n_cat), "", dtype=object), np.zeros(n, bool),
+                             [DecodeError(i, "bad_binary", "binary requests need msgspec") for i in range(n)])
+        return batch
+    decode = decoder.decode
+    try:
+        if max(map(len, values), default=0) > max_bytes:
+            raise ValueError
+        reqs = list(map(decode, values))
+        ok = [True] * n
+    except Exception:  # noqa: BLE001 - which message and why: _binary_invalid
+        reqs, ok = [], []
+        for raw in values:
+            try:
+                if len(raw) > max_bytes:
+                    raise ValueError
+                reqs.append(decode(raw))
+                ok.append(True)
+            except Exception:  # noqa: BLE001
+                reqs.append(None)
+                ok.append(False)
+    width = 4 * n_num
+    good = [r for r in reqs if r is not None]
+    if good:
+        vs, rids, tss, fps, blocks, cats = map(list, zip(*map(attrgetter("v", "request_id", "ts_ms", "fp", "num", "cat"),
+                                                              good), strict=True))
+        lens = list(map(len, rids))
+        checks = (vs.count(VERSION) == len(good) and fps.count(fingerprint) == len(good) and min(lens) > 0
+                  and max(lens) <= MAX_REQUEST_ID_CHARS and min(tss) >= 0 and max(tss) <= MAX_TS_MS
+                  and set(map(len, blocks)) == {width})
+        if not checks:
+            keep = [v == VERSION and fp == fingerprint and 0 < k <= MAX_REQUEST_ID_CHARS and 0 <= t <= MAX_TS_MS
+                    and len(b) == width for v, fp, k, t, b in zip(vs, fps, lens, tss, blocks, strict=True)]
+            it = iter(keep)
+            ok = [o and next(it) for o in ok]
+    rows = [i for i, o in enumerate(ok) if o]
+    kept = [reqs[i] for i in rows]
+    m = len(kept)
+    num = np.full((n, n_num), np.nan, np.float32)
+    cat = np.full((n, n_cat), "", dtype=object)
+    codes = None if encoder is None else np.zeros((n, n_cat), np.int64)
+    request_id = np.empty(n, dtype=object)
+    ts_ms = np.zeros(n, np.int64)
+    valid = np.zeros(n, bool)
+    if m:
+        block = np.frombuffer(b"".join(map(_NUM, kept)), dtype="<f4").reshape(m, n_num).astype(np.float32)
+        drop = np.isinf(block).any(axis=1)
+        cblock = np.fromiter(chain.from_iterable(map(_CAT, kept)), dtype=object, count=m * n_cat).reshape(m, n_cat)
+        ccodes = _categoricals(cblock, encoder, drop)
+        if drop.any():
+            for r in np.flatnonzero(drop).tolist():
+                ok[rows[r]] = False
+            keep_rows = ~drop
+            rows = [i for i, k in zip(rows, keep_rows.tolist(), strict=True) if k]
+            kept = [r for r, k in zip(kept, keep_rows.tolist(), strict=True) if k]
+            block, cblock = block[keep_rows], cblock[keep_rows]
+            ccodes = None if ccodes is None else ccodes[keep_rows]
+        num[rows], cat[rows], valid[rows] = block, cblock, True
+        if codes is not None:
+            codes[rows] = ccodes
+        request_id[rows] = list(map(_RID, kept))
+        ts_ms[rows] = list(map(_TS, kept))
+    errors = []
+    for i in (i for i, o in enumerate(ok) if not o):
+        exc = _binary_invalid(bytes(values[i]), fingerprint, n_num, n_cat, max_bytes)
+        errors.append(DecodeError(i, exc.code, exc.message))
+        request_id[i] = exc.request_id or _fallback_id(values[i], keys[i])
+        ts_ms[i] = exc.ts_ms or 0
+    return RequestBatch(request_id, ts_ms, num, cat, valid, errors, 0, codes)
+
+
+def _categoricals(cat: np.ndarray, encoder: CategoryCodes | None, drop: np.ndarray) -> np.ndarray | None:
+    """Normalise a parsed categorical block in place (int -> its decimal string, null -> ""),
+    and its codes when `encoder` is given; rows with an integer orjson would read as a float
+    are marked in `drop`."""
+    codes = None
+    if encoder is not None:  # codes, and where the ints are, in one pass (stream.codes)
+        codes, int_at = encoder.encode_raw(cat, fresh=True)
+        if int_at.size:
+            _ints_to_strings(cat, int_at, drop)
+        if cat.size:
+            cat[codes == MISSING_CODE] = ""  # null (and "") -> ""
+    else:
+        types = set(map(type, cat.ravel().tolist()))
+        if int in types:
+            _ints_to_strings(cat, np.flatnonzero(_type_is(cat, int)), drop)
+        if type(None) in types:
+            cat[np.equal(cat, None)] = ""
+    return codes
 
 
 # --------------------------------------------------------------------------- typed fast path
@@ -352,8 +584,9 @@ def _typed_decoder(numeric: tuple[str, ...], categorical: tuple[str, ...]) -> An
 
 
 def _decode_typed(decoder: Any, values: Sequence[bytes | None], spec: FeatureSpec, fingerprint: str,
-                  max_bytes: int) -> tuple[list[int], list[str], list[int], np.ndarray, np.ndarray]:
-    """(indices, request ids, timestamps, num, cat) of the messages that decode clean."""
+                  max_bytes: int, encoder: CategoryCodes | None = None
+                  ) -> tuple[list[int], list[str], list[int], np.ndarray, np.ndarray, np.ndarray | None]:
+    """(indices, request ids, timestamps, num, cat, codes or None) of the messages that decode clean."""
     n_num, n_feat = len(spec.numeric), len(spec.names)
     decode = decoder.decode
     # 1. Parse. A clean batch is one C-level map; any failure -> message by message.
@@ -371,7 +604,8 @@ def _decode_typed(decoder: Any, values: Sequence[bytes | None], spec: FeatureSpe
             except Exception:  # noqa: BLE001 - as above
                 pass
     if not reqs:
-        return [], [], [], np.empty((0, n_num), np.float32), np.empty((0, n_feat - n_num), object)
+        return ([], [], [], np.empty((0, n_num), np.float32), np.empty((0, n_feat - n_num), object),
+                None if encoder is None else np.empty((0, n_feat - n_num), np.int64))
 
     # 2. Envelope, checked per column (types are msgspec's already).
     vs, rids, tss, feats, fps, xs = map(list, zip(*map(
@@ -403,20 +637,27 @@ def _decode_typed(decoder: Any, values: Sequence[bytes | None], spec: FeatureSpe
     # 4. Categoricals: strings as they are, null -> "", integers as their decimal string (an
     #    integer orjson would read as a float is the checked path's: bad_categorical).
     cat = np.ascontiguousarray(grid[:, n_num:])
-    types = set(map(type, cat.ravel().tolist()))
-    if int in types:
-        lo, hi = _ORJSON_INT
-        for r, c in zip(*np.nonzero(_type_is(cat, int)), strict=True):
-            v = cat[r, c]
-            cat[r, c] = str(v)
-            drop[r] |= not lo <= v <= hi
-    if type(None) in types:
-        cat[np.equal(cat, None)] = ""
+    codes = _categoricals(cat, encoder, drop)
     if drop.any():
         keep = (~drop).tolist()
         at, rids, tss = ([c for c, k in zip(col, keep, strict=True) if k] for col in (at, rids, tss))
         num, cat = num[~drop], cat[~drop]
-    return at, rids, tss, num, cat
+        codes = None if codes is None else codes[~drop]
+    return at, rids, tss, num, cat, codes
+
+
+def _ints_to_strings(cat: np.ndarray, flat_at: np.ndarray, drop: np.ndarray) -> None:
+    """Integer categoricals -> their decimal string, in place; a row with an integer orjson would
+    read as a float is dropped to the checked path (bad_categorical)."""
+    lo, hi = _ORJSON_INT
+    width = cat.shape[1]
+    flat = cat.reshape(-1)  # a view: cat is C-contiguous
+    at = flat_at.tolist()
+    vals = flat[flat_at].tolist()
+    flat[flat_at] = [str(v) for v in vals]
+    for i, v in zip(at, vals, strict=True):
+        if not lo <= v <= hi:
+            drop[i // width] = True
 
 
 def _type_is(block: np.ndarray, t: type) -> np.ndarray:
@@ -603,11 +844,7 @@ def _request_arrays(request_ids: Sequence[str], ts_ms: Sequence[int] | np.ndarra
     if num.dtype != np.float32 and num.dtype != np.float64:
         num = num.astype(np.float64)
     cat = np.asarray(cat, dtype=object)
-    n = len(request_ids)
-    if num.shape != (n, len(spec.numeric)) or cat.shape != (n, len(spec.categorical)) or len(ts_ms) != n:
-        raise ValueError(f"request_ids ({n}), ts_ms ({len(ts_ms)}), num {num.shape} and cat {cat.shape} "
-                         f"do not match {n} rows of {len(spec.numeric)} numeric + "
-                         f"{len(spec.categorical)} categorical features")
+    _check_shapes(request_ids, ts_ms, num, cat, spec)
     num_text = orjson.dumps(np.ascontiguousarray(num), option=orjson.OPT_SERIALIZE_NUMPY)
     cat_rows = np.where((cat == "") | np.equal(cat, None), None, cat).tolist()
     return [str(r) for r in request_ids], np.asarray(ts_ms, dtype=np.int64).tolist(), num_text, cat_rows
@@ -700,46 +937,73 @@ def encode_decisions(
     n = len(request_id)
     reason_arr = np.asarray(reason)
     if reason_arr.dtype.kind in "iu":
-        reason_arr = np.asarray(REASONS, dtype=object)[reason_arr]
-    reason_arr = _column(reason_arr, n, object)
-    unknown = set(reason_arr.tolist()) - set(REASONS)
-    if unknown:
-        raise ValueError(f"unknown decision reason(s) {sorted(map(str, unknown))}; known: {REASONS}")
-    invalid = reason_arr == "invalid"
-    score_l = round_sig(_column(score, n)).tolist()
-    unc_l = round_sig(_column(uncertainty, n)).tolist()
-    p_arr = np.asarray(p, dtype=np.float64).reshape(n, len(tasks))
-    p_rows: list[Any] = [dict(zip(tasks, row, strict=False)) for row in round_sig(p_arr).tolist()]
-    u_rows: list[Any] | None = None
+        codes = _column(reason_arr, n, np.int64)
+        if n and (codes.min() < 0 or codes.max() >= len(REASONS)):
+            raise ValueError(f"decision reason codes outside 0..{len(REASONS) - 1}")
+    else:
+        names = _column(reason_arr, n, object)
+        unknown = set(names.tolist()) - set(REASONS)
+        if unknown:
+            raise ValueError(f"unknown decision reason(s) {sorted(map(str, unknown))}; known: {REASONS}")
+        codes = np.fromiter(map(_REASON_CODE.__getitem__, names.tolist()), np.int64, count=n)
+    if n == 0:
+        return []
+    invalid = np.flatnonzero(codes == _INVALID_CODE).tolist()
+    tasks = list(tasks)
+    rid = request_id.tolist() if isinstance(request_id, np.ndarray) else list(request_id)
+    parts: list[Any] = [
+        repeat(b'{"v":1,"request_id":'), map(orjson.dumps, rid),  # one C call per id, escaped
+        _DECISION_TEXT[codes * 2 + _column(block, n, bool)].tolist(),
+        repeat(b',"score":'), _numbers(round_sig(_column(score, n)), invalid),
+        repeat(b',"uncertainty":'), _numbers(round_sig(_column(uncertainty, n)), invalid),
+        repeat(b',"p":'), _task_objects(p, n, tasks, invalid),
+        repeat(b',"threshold":'), _numbers(_column(threshold, n)),  # full precision: replays compare to it
+        repeat(b',"target_ratio":'), _numbers(round_sig(_column(target_ratio, n))),
+        repeat(b',"model":' + orjson.dumps(model) + b',"ts_ms":'), _numbers(_column(ts_ms, n, np.int64)),
+        repeat(b',"latency_ms":'), _numbers(round_sig(_column(latency_ms, n), 4))]
+    # Optional fields, only when supplied.
+    if propensity is not None:
+        parts += [repeat(b',"propensity":'), _numbers(round_sig(_column(propensity, n)))]
+    if tau_u is not None:
+        parts += [repeat(b',"tau_u":'), _numbers(_column(tau_u, n))]
     if u_tasks is not None:
-        u_arr = np.asarray(u_tasks, dtype=np.float64).reshape(n, len(tasks))
-        u_rows = [dict(zip(tasks, row, strict=False)) for row in round_sig(u_arr).tolist()]
-    if invalid.any():
-        for i in np.flatnonzero(invalid).tolist():
-            score_l[i] = unc_l[i] = p_rows[i] = None
-            if u_rows is not None:
-                u_rows[i] = None
-    decision_l = np.where(_column(block, n, bool), "block", "pass").tolist()
-    thr_l = _column(threshold, n).tolist()  # full precision; orjson writes NaN as null
-    ratio_l = round_sig(_column(target_ratio, n)).tolist()
-    ts_l = _column(ts_ms, n, np.int64).tolist()
-    lat_l = round_sig(_column(latency_ms, n), 4).tolist()
-    rid_l = request_id.tolist() if isinstance(request_id, np.ndarray) else list(request_id)
-    reason_l = reason_arr.tolist()
-    docs = [{"v": VERSION, "request_id": rid, "decision": d, "reason": r, "score": s, "uncertainty": u,
-             "p": pp, "threshold": th, "target_ratio": tr, "model": model, "ts_ms": ts, "latency_ms": lat}
-            for rid, d, r, s, u, pp, th, tr, ts, lat in zip(rid_l, decision_l, reason_l, score_l, unc_l,
-                                                           p_rows, thr_l, ratio_l, ts_l, lat_l, strict=True)]
-    # Optional fields, only when supplied: one cheap pass each (a store per row).
-    optional = (("propensity", None if propensity is None else round_sig(_column(propensity, n)).tolist()),
-                ("tau_u", None if tau_u is None else _column(tau_u, n).tolist()),
-                ("u", u_rows))
-    for key, col in optional:
-        if col is not None:
-            for doc, value in zip(docs, col, strict=True):
-                doc[key] = value
-    dumps = orjson.dumps
-    return [dumps(doc) for doc in docs]
+        parts += [repeat(b',"u":'), _task_objects(u_tasks, n, tasks, invalid)]
+    parts.append(repeat(b"}"))
+    return _rows(parts)
+
+
+# `"decision":..,"reason":..` text per (reason code, blocked) (stream.policy.REASONS numbering).
+_REASON_CODE = {r: i for i, r in enumerate(REASONS)}
+_INVALID_CODE = REASONS.index("invalid")
+_DECISION_TEXT = np.array([b',"decision":"%s","reason":"%s"' % (d, r.encode()) for r in REASONS
+                           for d in (b"pass", b"block")], dtype=object)
+
+
+def _rows(columns: list[Any]) -> list[bytes]:
+    """Row i = the concatenation of every column's item i (constants as `repeat`): zip + join,
+    both C, so building a batch's messages runs no Python per row."""
+    return list(map(b"".join, zip(*columns, strict=False)))  # repeat() columns are endless
+
+
+def _numbers(x: np.ndarray, null: list[int] | None = None) -> list[bytes]:
+    """JSON text of each value of a 1-D column (orjson's shortest repr; NaN/inf -> null): one
+    orjson call for the whole column, split at its commas. `null`: rows written as null."""
+    out = orjson.dumps(np.ascontiguousarray(x), option=orjson.OPT_SERIALIZE_NUMPY)[1:-1].split(b",")
+    for i in null or ():
+        out[i] = b"null"
+    return out
+
+
+def _task_objects(v: np.ndarray, n: int, tasks: list[str], null: list[int]) -> list[bytes]:
+    """{"task": value, ...} per row of float[N, T] (6 significant digits); null on `null` rows."""
+    arr = round_sig(np.asarray(v, dtype=np.float64).reshape(n, len(tasks)))
+    cols: list[Any] = []
+    for k, t in enumerate(tasks):
+        cols += [repeat((b"{" if k == 0 else b",") + orjson.dumps(t) + b":"), _numbers(arr[:, k])]
+    out = _rows([*cols, repeat(b"}")]) if tasks else [b"{}"] * n
+    for i in null:
+        out[i] = b"null"
+    return out
 
 
 def decision_headers(model: str) -> list[tuple[str, bytes]]:

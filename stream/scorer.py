@@ -1,5 +1,11 @@
 """Score a raw feature batch with the bundle's student: onnxruntime only, never torch.
 
+A format-2 bundle serves `student_codes.onnx`, whose `cat` input is int64 codes: `Scorer.codes`
+turns the decoder's categorical strings into them from the graph's own vocabulary
+(`stream.codes`), before onnxruntime, which is where the worker and replay both call it. A
+format-1 bundle (string input only, the vocabulary lookup in the graph) still loads and serves,
+at its old cost: `codes` then passes the strings through.
+
 `Scorer.load` verifies the bundle before anything is served: the sha256 of the student graph
 against the manifest (every entry's path checked to lie inside the bundle; training files are
 neither hashed nor required, so a serving-only bundle is valid), the feature spec against its fingerprint (and the caller's, when given), and the ONNX
@@ -9,6 +15,7 @@ a `BundleError` naming the file and what was expected, so a worker keeps its old
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +31,7 @@ from model.bundle import (
     verify_files,
     verify_spec,
 )
+from stream.codes import CODES_FORMAT, CategoryCodes
 from stream.errors import BundleError
 from stream.features import FeatureSpec
 
@@ -37,7 +45,23 @@ class Scorer:
     spec: FeatureSpec
     tasks: list[str]
     manifest: dict[str, Any]
-    session: ort.InferenceSession = field(repr=False)
+    serving: ort.InferenceSession = field(repr=False)  # the graph `score` runs
+    encoder: CategoryCodes | None = field(default=None, repr=False)  # None: the graph takes strings
+    threads: tuple[int, int] = (1, 1)
+    _strings_graph: bytes | None = field(default=None, repr=False)  # verified student.onnx (format 2)
+    _strings_session: ort.InferenceSession | None = field(default=None, repr=False)
+
+    @property
+    def session(self) -> ort.InferenceSession:
+        """A session fed string categoricals (student.onnx), for callers that run the graph
+        themselves; built on first use from the verified bytes. Prefer `run`: it takes codes."""
+        if self.encoder is None:
+            return self.serving
+        if self._strings_session is None:
+            assert self._strings_graph is not None
+            self._strings_session = ort.InferenceSession(
+                self._strings_graph, sess_options=session_options(*self.threads), providers=["CPUExecutionProvider"])
+        return self._strings_session
 
     @classmethod
     def load(cls, path: str | Path, intra_threads: int = 1, inter_threads: int = 1,
@@ -45,14 +69,15 @@ class Scorer:
         """Load a bundle dir, or a model dir's `current` version (resolved once)."""
         bundle = resolve_bundle(path)
         manifest = read_manifest(bundle)
-        onnx_path = bundle / STUDENT_ONNX
-        try:
-            onnx_bytes = bundle_file(bundle, STUDENT_ONNX).read_bytes()
-        except OSError as exc:  # PermissionError, a directory, ...
-            raise BundleError(f"{onnx_path}: unreadable ({exc.strerror or exc})") from None
+        graph = _serving_graph(bundle, manifest)
+        onnx_path = bundle / graph
+        onnx_bytes = _read(bundle, graph)
         # Hash exactly the bytes we load, so a swap between check and load cannot slip through;
-        # only what serving reads (training files such as teacher.pt are neither hashed nor needed).
-        verify_files(bundle, manifest, preloaded={STUDENT_ONNX: onnx_bytes}, only={STUDENT_ONNX})
+        # only the student graphs (training files such as teacher.pt are neither hashed nor needed;
+        # the string graph is checked too, so a bundle with either graph corrupt is refused).
+        strings = onnx_bytes if graph == STUDENT_ONNX else _read(bundle, STUDENT_ONNX)
+        verify_files(bundle, manifest, preloaded={graph: onnx_bytes, STUDENT_ONNX: strings},
+                     only={graph, STUDENT_ONNX})
         spec = verify_spec(bundle, manifest, expected_fingerprint)
         tasks = [str(t) for t in manifest["tasks"]]
         try:
@@ -60,21 +85,38 @@ class Scorer:
                                            providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types
             raise BundleError(f"{onnx_path}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from None
-        _check_signature(onnx_path, session, spec, tasks)
-        return cls(bundle, str(manifest["version"]), spec, tasks, manifest, session)
+        encoder = _check_signature(onnx_path, session, spec, tasks)
+        return cls(bundle, str(manifest["version"]), spec, tasks, manifest, session, encoder,
+                   (intra_threads, inter_threads), strings if encoder is not None else None)
+
+    def codes(self, cat: np.ndarray) -> np.ndarray:
+        """What the graph's `cat` input takes: int64 codes (format 2) of categorical values
+        (str/int, ""/None = missing); a format-1 graph's strings as they are."""
+        if self.encoder is None or np.asarray(cat).dtype.kind in "iu":
+            return cat
+        return self.encoder.encode(cat)
 
     def score(self, num: np.ndarray, cat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """num float32[N, n_num] (NaN = missing), cat str[N, n_cat] ("" = missing) -> (p, u) float32[N, T]."""
+        """num float32[N, n_num] (NaN = missing), cat str[N, n_cat] ("" = missing) or the int64
+        codes of `codes(cat)` -> (p, u) float32[N, T]."""
+        p, u = self.run(["p", "u"], num, cat)
+        return p, u
+
+    def run(self, outputs: list[str], num: np.ndarray, cat: np.ndarray) -> list[np.ndarray]:
+        """Any of the graph's outputs (p, u, and u_ambiguity, novelty where the bundle has them)
+        for a raw batch: strings or codes, as `score`."""
         num = np.ascontiguousarray(num, dtype=np.float32)
-        cat = np.asarray(cat, dtype=object)
+        cat = self.codes(cat)
+        cat = np.ascontiguousarray(cat, dtype=np.int64 if self.encoder is not None else object)
         n_num, n_cat = len(self.spec.numeric), len(self.spec.categorical)
         if num.ndim != 2 or num.shape[1] != n_num or cat.shape != (num.shape[0], n_cat):
             raise ValueError(f"expected num [N, {n_num}] and cat [N, {n_cat}], got {num.shape} and {cat.shape}")
         if num.shape[0] == 0:
-            empty = np.zeros((0, len(self.tasks)), np.float32)
-            return empty, empty.copy()
-        p, u = self.session.run(["p", "u"], {"num": num, "cat": cat})
-        return p, u
+            width = {o.name: o.shape[1] for o in self.serving.get_outputs()}
+            return [np.zeros((0, width[o]), np.float32) for o in outputs]
+        if self.encoder is not None and cat.size and (cat.min() < 0 or (cat > self.encoder.max_code).any()):
+            raise ValueError("categorical codes outside the bundle's vocabulary")
+        return self.serving.run(outputs, {"num": num, "cat": cat})
 
 
 def session_options(intra_threads: int = 1, inter_threads: int = 1) -> ort.SessionOptions:
@@ -88,8 +130,29 @@ def session_options(intra_threads: int = 1, inter_threads: int = 1) -> ort.Sessi
     return opts
 
 
+def _read(bundle: Path, rel: str) -> bytes:
+    try:
+        return bundle_file(bundle, rel).read_bytes()
+    except OSError as exc:  # PermissionError, a directory, ...
+        raise BundleError(f"{bundle / rel}: unreadable ({exc.strerror or exc})") from None
+
+
+def _serving_graph(bundle: Path, manifest: dict[str, Any]) -> str:
+    """The graph serving loads: the manifest's `serving.file` (format 2), else student.onnx."""
+    serving = manifest.get("serving")
+    if serving is None:
+        return STUDENT_ONNX
+    if not isinstance(serving, dict) or not isinstance(serving.get("file"), str):
+        raise BundleError(f"{bundle / 'manifest.json'}: 'serving' must name the graph file")
+    if serving.get("format") != CODES_FORMAT:
+        raise BundleError(f"{bundle / 'manifest.json'}: serving graph format {serving.get('format')!r} "
+                          f"is not one this build reads ({CODES_FORMAT}); upgrade rta-filter")
+    return serving["file"]
+
+
 def _check_signature(onnx_path: Path, session: ort.InferenceSession, spec: FeatureSpec,
-                     tasks: list[str]) -> None:
+                     tasks: list[str]) -> CategoryCodes | None:
+    """Graph vs manifest; the graph's categorical encoder when it takes codes."""
     meta = session.get_modelmeta().custom_metadata_map
     graph_fp = meta.get("feature_fingerprint")
     if graph_fp != spec.fingerprint():
@@ -112,3 +175,16 @@ def _check_signature(onnx_path: Path, session: ort.InferenceSession, spec: Featu
         got = outputs[name].shape[1] if len(outputs[name].shape) == 2 else None
         if got != len(tasks):
             raise BundleError(f"{onnx_path}: output {name!r} has {got} tasks, the manifest lists {len(tasks)}")
+    if inputs["cat"].type == "tensor(string)":
+        return None
+    if inputs["cat"].type != "tensor(int64)" or meta.get("cat_input") != "codes":
+        raise BundleError(f"{onnx_path}: input 'cat' is {inputs['cat'].type} without the codes metadata")
+    try:
+        vocab = json.loads(meta["cat_vocab"])
+        encoder = CategoryCodes(vocab)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise BundleError(f"{onnx_path}: unreadable categorical vocabulary ({exc})") from None
+    if encoder.n_columns != len(spec.categorical):
+        raise BundleError(f"{onnx_path}: vocabulary for {encoder.n_columns} categorical columns, the "
+                          f"feature spec has {len(spec.categorical)}")
+    return encoder

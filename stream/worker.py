@@ -71,6 +71,25 @@ _REASON_NAMES = np.asarray(REASONS, dtype=object)
 # A dead letter's value is cut to this many bytes (header rta-truncated = original length), so a
 # request the broker accepted compressed never exceeds the producer's message.max.bytes (1 MB).
 DLQ_MAX_BYTES = 512 * 1024
+# The steps of `Worker.process`, in order, as `rta bench worker` reports them.
+STAGES = ("consume", "decode", "codes", "score", "policy", "encode", "produce", "controller", "account")
+
+
+class _StageClock:
+    """Wall and thread-CPU time per stage of one batch: two clock reads per stage, so the
+    per-stage table of `rta bench worker` costs the worker ~1 us per batch."""
+
+    __slots__ = ("wall", "cpu", "_w", "_c")
+
+    def __init__(self, wall: dict[str, float], cpu: dict[str, float]) -> None:
+        self.wall, self.cpu = wall, cpu
+        self._w, self._c = time.perf_counter(), time.thread_time()
+
+    def lap(self, stage: str) -> None:
+        w, c = time.perf_counter(), time.thread_time()
+        self.wall[stage] += w - self._w
+        self.cpu[stage] += c - self._c
+        self._w, self._c = w, c
 
 
 @dataclass
@@ -129,6 +148,10 @@ class WorkerStats:
     reloads: int = 0
     refused_reloads: int = 0
     busy_s: float = 0.0  # wall time inside batch processing
+    busy_cpu_s: float = 0.0  # CPU time of the worker thread inside batch processing
+    # per stage of `process` (STAGES): wall and thread-CPU seconds, summed over batches
+    stage_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    stage_cpu_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     produce_errors: int = 0  # messages produce() refused (each cost only itself)
     nan_outputs: int = 0  # valid requests the model scored NaN/inf (reason nan_output)
     unknown_features: int = 0  # feature names the bundle does not know (another schema?)
@@ -285,27 +308,35 @@ class Worker:
 
     def process(self, msgs: list[Message]) -> None:
         """One batch: decode -> score -> decide -> produce -> record offsets (not yet committed)."""
-        t0 = time.perf_counter()
-        errs = [m.error() for m in msgs]
+        t0, c0 = time.perf_counter(), time.thread_time()
+        clock = _StageClock(self.stats.stage_s, self.stats.stage_cpu_s)
+        # message fields through C-level map (no Python frame per message)
+        errs = list(map(Message.error, msgs))
         if errs.count(None) != len(msgs):
             msgs = self._drop_errors(msgs, errs)
             if not msgs:
                 return
         n = len(msgs)
-        values = [m.value() for m in msgs]
-        keys = [m.key() for m in msgs]
-        partitions = np.fromiter([m.partition() for m in msgs], np.int32, n)
-        offsets = np.fromiter([m.offset() for m in msgs], np.int64, n)
+        values = list(map(Message.value, msgs))
+        keys = list(map(Message.key, msgs))
+        partitions = np.fromiter(map(Message.partition, msgs), np.int32, n)
+        offsets = np.fromiter(map(Message.offset, msgs), np.int64, n)
+        clock.lap("consume")
 
-        # decode
+        # decode; with a format-2 bundle the decoder also writes the categorical codes (the
+        # bundle's vocabulary, before onnxruntime), else they are the strings the graph reads
         batch = decode_requests(values, keys, self.scorer.spec, fingerprint=self._fingerprint,
-                                max_bytes=self.config.max_bytes)
+                                max_bytes=self.config.max_bytes, codes=self.scorer.encoder)
+        clock.lap("decode")
+        codes = batch.codes if batch.codes is not None else self.scorer.codes(batch.cat)
+        clock.lap("codes")
         # score (the step replay shares: stream.engine)
-        p, u_tasks, e, u = score_batch(self.scorer, self.policy, batch.num, batch.cat)
-        # decide
+        p, u_tasks, e, u = score_batch(self.scorer, self.policy, batch.num, codes)
+        clock.lap("score")
         th = self.controller.thresholds()
         d = decide(e, u, batch.valid, self._rng.random(n), th.theta, th.tau_u,
                    th.targets.epsilon, th.degraded)
+        clock.lap("policy")
         now_ms = time.time() * 1000.0
         latency = np.where(batch.ts_ms > 0, now_ms - batch.ts_ms, np.nan)
         bodies = encode_decisions(
@@ -313,6 +344,7 @@ class Worker:
             threshold=th.theta, target_ratio=th.targets.r, model=self.scorer.version,
             ts_ms=int(now_ms), latency_ms=latency, tasks=self.scorer.tasks, propensity=d.propensity,
             tau_u=th.tau_u, u_tasks=u_tasks)
+        clock.lap("encode")
         # produce: decisions, then dead letters (cut to dlq_max_bytes)
         self._produce(self.decisions_topic, bodies, batch.request_id.tolist(), self._headers)
         if batch.n_invalid:
@@ -328,13 +360,17 @@ class Worker:
         self.checkpoint.poll(0)  # serve delivery reports (failures only)
         # checkpoint: these offsets are now processed (committed later, after delivery)
         self.checkpoint.store_offsets(self.requests_topic, partitions, offsets)
+        clock.lap("produce")
         # window: one round trip to the controller's store
         self.controller.observe(e, u, d)
+        clock.lap("controller")
 
         if batch.unknown_features:
             self.stats.unknown_features += batch.unknown_features
             self.metrics.unknown_features.inc(batch.unknown_features)
         self._account(d, th, n, batch.n_invalid, time.perf_counter() - t0, now_ms - batch.ts_ms.max())
+        clock.lap("account")
+        self.stats.busy_cpu_s += time.thread_time() - c0
 
     def _produce(self, topic: str, values: list[bytes], keys: list[Any],
                  headers: list[tuple[str, bytes]]) -> None:

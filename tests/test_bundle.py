@@ -20,7 +20,9 @@ def test_manifest_lists_everything_with_hashes(tmp_path):
     assert m["feature_spec"]["fingerprint"] and m["uncertainty"]["rescale"]["mode"] == "mean_match"
     assert m["uncertainty_source"] == {"click": "click", "online": "online", "cart": "click", "deal": "click"}
     assert m["score_function"]["kind"] == "weighted" and m["metrics"] == {"test": True}
-    assert set(m["files"]) == {"student.onnx", "student.pt", "preprocess.json"}
+    # bundle format 2: the serving graph (codes in) beside the string graph
+    assert set(m["files"]) == {"student.onnx", "student_codes.onnx", "student.pt", "preprocess.json"}
+    assert m["serving"]["file"] == "student_codes.onnx" and m["serving"]["format"] == 2
     for rel, digest in m["files"].items():
         assert bundle.sha256_file(b / rel) == digest
     bundle.verify_files(b, m)  # passes as written

@@ -184,6 +184,8 @@ CASES = [
     ("bad_categorical", _req(features={"device": 1.5})),
     ("bad_categorical", _req(features={"city": ["a"]})),
     ("bad_categorical", _req(features={"city": {"a": 1}})),
+    ("bad_binary", b"\x96\xc1"),  # a binary request's first byte, then no msgpack
+    ("bad_binary", b"\x96\x01\x02"),  # an array of 6 cut short
 ]
 
 

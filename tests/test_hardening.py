@@ -237,13 +237,17 @@ def test_redis_refusing_writes_degrades_the_controller_and_it_rejoins(settings, 
 def _edit_graph(bundle_dir: Path, build) -> Path:
     """Rename the graph's `p` output to `p_raw`, let `build(graph)` add nodes producing `p`, and
     re-hash the manifest: a bundle that passes every static check."""
+    import json
+
     import onnx
 
-    model = onnx.load(str(bundle_dir / "student.onnx"))
+    # the graph the worker serves: the manifest's serving graph (bundle format 2), else student.onnx
+    served = json.loads((bundle_dir / "manifest.json").read_text()).get("serving", {}).get("file", "student.onnx")
+    model = onnx.load(str(bundle_dir / served))
     for node in model.graph.node:
         node.output[:] = ["p_raw" if o == "p" else o for o in node.output]
     build(model.graph)
-    onnx.save(model, str(bundle_dir / "student.onnx"))
+    onnx.save(model, str(bundle_dir / served))
     update_manifest(bundle_dir)
     return bundle_dir
 

@@ -45,6 +45,12 @@ def test_every_request_gets_one_decision_and_bad_ones_go_to_the_dlq(settings, bu
     with running(settings, group_id="g1", seed=1) as w:
         wait_for(lambda: w.stats.events >= len(values), 60, "all requests decided")
     assert w.stats.invalid == 50
+    # the per-stage clock covers the busy time (rta bench worker's table), and the format-2
+    # bundle was served from codes the decoder wrote
+    st = w.stats
+    assert w.scorer.encoder is not None and st.busy_cpu_s > 0 and st.busy_s > 0
+    assert abs(sum(st.stage_s.values()) - st.busy_s) <= 0.05 * st.busy_s + 1e-3
+    assert st.stage_s["decode"] > 0 and st.stage_s["score"] > 0 and st.stage_s["encode"] > 0
 
     got = decisions(settings, len(values), quiet=0.5)
     assert len(got) == len(values)
