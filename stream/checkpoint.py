@@ -64,6 +64,17 @@ class InvalidStoredOffset(CheckpointError):
     """An offset at or below one already processed in this checkpoint: a bug, never data."""
 
 
+# Delivery errors after which an idempotent (not transactional) producer's identity is spent:
+# the broker no longer accepts its producer id / epoch / sequence, so every later message fails
+# the same way. Seen on the embedded broker after a hang longer than message.timeout.ms, with
+# err.fatal() False. Only a new producer (a new producer id) delivers again.
+STALE_PRODUCER_CODES = frozenset(
+    getattr(KafkaError, name) for name in (
+        "PRODUCER_FENCED", "_FENCED", "INVALID_PRODUCER_EPOCH", "UNKNOWN_PRODUCER_ID",
+        "OUT_OF_ORDER_SEQUENCE_NUMBER", "INVALID_PRODUCER_ID_MAPPING", "_GAPLESS_GUARANTEE")
+    if hasattr(KafkaError, name))
+
+
 class DeliveryReports:
     """Producer `on_delivery` callback that remembers failures only.
 
@@ -75,11 +86,14 @@ class DeliveryReports:
         self.failed = 0
         self.first_errors: list[str] = []
         self.topics: set[str] = set()  # topics with a failure since the last take()
+        self.stale_producer = False  # a failure said the producer's identity is spent (see above)
         self._lock = threading.Lock()
 
     def __call__(self, err: KafkaError | None, msg: Any) -> None:
         if err is None:
             return
+        if err.code() in STALE_PRODUCER_CODES:
+            self.stale_producer = True
         self.record(str(msg.topic()), f"{msg.topic()}[{msg.partition()}]: {err.str()}")
 
     def record(self, topic: str, error: str) -> None:
@@ -298,6 +312,13 @@ class Checkpoint:
             if err.fatal():
                 raise CheckpointFencedError(_fenced(err)) from None
             raise CheckpointDeliveryError(f"producer error: {err.str()}; offsets not committed") from None
+
+    def replace_producer(self, producer: Producer) -> None:
+        """Deliver through a new producer from now on (at-least-once only: a transactional
+        producer that is fenced stays fatal, its successor must replay)."""
+        if self.exactly_once:
+            raise CheckpointFencedError("a transactional producer cannot be replaced in place")
+        self._producer = producer
 
     def forget(self, partitions: list[TopicPartition]) -> None:
         """Drop tracked offsets of partitions this member no longer owns (lost, not revoked)."""

@@ -145,6 +145,8 @@ class WorkerStats:
     commit_s: float = 0.0  # wall time inside checkpoint commits (flush + offset commit)
     commit_max_s: float = 0.0
     checkpoint_failures: int = 0
+    lost_partitions: int = 0  # partitions the group took away without a revoke (session timeout)
+    producer_renewals: int = 0  # producers replaced after the broker stopped accepting their identity
     reloads: int = 0
     refused_reloads: int = 0
     busy_s: float = 0.0  # wall time inside batch processing
@@ -499,6 +501,23 @@ class Worker:
         self.metrics.commit_seconds.observe(took)
         return True
 
+    def _renew_producer(self) -> None:
+        """Replace a producer whose identity the broker no longer accepts (STALE_PRODUCER_CODES):
+        otherwise every replay of the checkpoint fails the same way until a restart. Called after
+        the rewind, so what the old producer still holds is replayed anyway: it is purged, and
+        its purge reports are not counted against the replay."""
+        old = self.producer
+        with contextlib.suppress(KafkaException, RuntimeError):
+            old.purge()
+            old.flush(0)
+        self.reports.take()
+        self.reports.stale_producer = False
+        self.producer = make_producer(self.settings, **self.reports.producer_config())
+        self.checkpoint.replace_producer(self.producer)
+        self.stats.producer_renewals += 1
+        log.warning("producer renewed: the broker no longer accepted the old one's identity "
+                    "(fenced / unknown producer id)", extra={"event": "producer_renewed"})
+
     def _fail_fatal(self, exc: CheckpointFatalError) -> None:
         """Nothing can be committed safely any more: stop; run() raises WorkerError (exit 2)."""
         self._fatal = exc
@@ -517,6 +536,8 @@ class Worker:
         log.error("checkpoint failed (%d in a row), replaying it in %.1f s: %s", st.failing_checkpoints,
                   backoff, exc, extra={"event": "checkpoint_failed", "in_a_row": st.failing_checkpoints})
         self.checkpoint.rewind()  # may raise CheckpointFatalError (handled by _commit)
+        if self.reports.stale_producer and not cfg.exactly_once:
+            self._renew_producer()
         self._hold_until = time.monotonic() + backoff
         try:
             self.consumer.pause(self.consumer.assignment())
@@ -550,6 +571,7 @@ class Worker:
         else:
             self.checkpoint.forget(partitions)
         self.assignment -= {(tp.topic, tp.partition) for tp in partitions}
+        self.stats.lost_partitions += len(partitions)
         log.warning("lost %s", _tps(partitions), extra={"event": "lost"})
 
     def _drain(self) -> None:
