@@ -64,6 +64,8 @@ class LogSet:
     decisions: pa.Table | None = None
     # logged layout only: what loading dropped, joined and masked (counts, windows, as-of)
     info: dict[str, Any] = field(default_factory=dict)
+    # per-row loss weight of the observed labels (training.debias "ips"); None = all 1
+    weights: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -74,7 +76,23 @@ class LogSet:
             truth=None if self.truth is None else self.truth[rows],
             request_id=self.request_id[rows], ts_ms=self.ts_ms[rows],
             decisions=None if self.decisions is None else self.decisions.take(_indices(rows)),
+            weights=None if self.weights is None else self.weights[rows],
         )
+
+    def between(self, since_ms: int | None = None, until_ms: int | None = None) -> LogSet:
+        """The rows with since_ms <= ts_ms < until_ms (either bound optional): a retraining
+        window, and the newer window a promotion gate holds out."""
+        if since_ms is None and until_ms is None:
+            return self
+        keep = np.ones(len(self), bool)
+        if since_ms is not None:
+            keep &= self.ts_ms >= since_ms
+        if until_ms is not None:
+            keep &= self.ts_ms < until_ms
+        if not keep.any():
+            raise DataError(f"{self.source or 'logs'}: no rows with {since_ms} <= ts_ms < {until_ms} "
+                            f"(the log spans {int(self.ts_ms.min())} .. {int(self.ts_ms.max())})")
+        return self if keep.all() else self.take(np.flatnonzero(keep))
 
     @property
     def masked(self) -> bool:

@@ -53,6 +53,12 @@ class Profile:
     transformer_net: dict[str, Any] = field(default_factory=lambda: {"d_token": 8})  # Transformer baselines' sizes
     source_map: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_SOURCE_MAP))
     student: dict[str, Any] = field(default_factory=dict)  # the student engineer's section
+    # retraining (`--parent`): teacher and student start from the parent's weights and train
+    # this many epochs (None = the full `epochs` / the student's own epochs)
+    warm_epochs: int | None = None
+    warm_student_epochs: int | None = None
+    # `--anchor`: share of the student's BCE target taken from the anchor student's p
+    anchor_weight: float = 0.5
 
     def __post_init__(self) -> None:
         if not 1 <= self.swag_epochs <= self.epochs:
@@ -83,6 +89,7 @@ PROFILES: dict[str, Profile] = {
         swag_lr=1.5e-3, n_samples=5, max_train_rows=20_000, baseline_epochs=2,
         student={"hidden": (32, 16), "epochs": 2, "batch_size": 512, "augment_copies": 1,
                  "compare_target_modes": False},
+        warm_epochs=2, warm_student_epochs=1,
     ),
     "demo": Profile(
         name="demo",
@@ -92,6 +99,7 @@ PROFILES: dict[str, Profile] = {
         lr=2e-3, swag_lr=5e-4, weight_decay=0.05, baseline_epochs=6,
         student={"hidden": (256, 128), "head_hidden": 48, "epochs": 10, "lr": 3e-3, "target_mode": "log",
                  "augment_copies": 4},
+        warm_epochs=3, warm_student_epochs=4,
     ),
     "paper": Profile(
         name="paper",
