@@ -20,6 +20,7 @@ Anything wrong with the input is a one-line `DataError` naming the file and the 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -336,6 +337,7 @@ def load_logs(path: str | Path, tasks: tuple[str, ...] = DEFAULT_TASKS,
 DEFAULT_WINDOWS_S: dict[str, float] = {"click": 900.0, "online": 3600.0, "cart": 86_400.0,
                                        "deal": 7 * 86_400.0}
 _FALLBACK_WINDOW_S = 86_400.0  # a task outside the four defaults
+ATTRIBUTION_ENV = "RTA_ATTRIBUTION"
 _UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86_400.0}
 # contract dtypes of the decision columns (stream/logschema.py); anything castable is accepted
 _DECISION_TYPES: dict[str, pa.DataType] = {
@@ -360,8 +362,13 @@ class Attribution:
 
     @classmethod
     def parse(cls, text: str | None, as_of_ms: int | None = None) -> Attribution:
-        """From "click=15m,deal=7d" (units s, m, h, d; plain numbers are seconds)."""
+        """From "click=15m,deal=7d" (units s, m, h, d; plain numbers are seconds). Without text,
+        $RTA_ATTRIBUTION in the same syntax, else the defaults: a deployment (or the demo, whose
+        downstream runs faster than real time) sets its windows once for every verb that reads
+        logs, including `rta retrain`, which has no flag for them."""
         windows = dict(DEFAULT_WINDOWS_S)
+        if text is None:
+            text = os.environ.get(ATTRIBUTION_ENV, "")
         for part in filter(None, (p.strip() for p in (text or "").split(","))):
             m = re.fullmatch(r"([A-Za-z_][\w-]*)\s*=\s*([0-9]*\.?[0-9]+)\s*([smhd]?)", part)
             if not m:
@@ -436,7 +443,7 @@ def load_logged(path: str | Path, tasks: tuple[str, ...] = DEFAULT_TASKS,
     """Read `rta log`'s layout: deduplicated impressions, labels joined from outcomes."""
     path = Path(path)
     tasks = tuple(tasks)
-    att = attribution or Attribution()
+    att = attribution or Attribution.parse(None)
     counts: dict[str, int] = {}
     imp_files = _layout_files(path / IMPRESSIONS_DIR, counts, "impression")
     if not imp_files:
