@@ -101,6 +101,20 @@ PROFILES: dict[str, Profile] = {
                  "augment_copies": 4},
         warm_epochs=3, warm_student_epochs=4,
     ),
+    # `rta demo`'s: the demo profile's teacher; its student with fewer swapped-feature copies,
+    # a larger batch and no target-mode comparison, so that v1 and the retrained v2 both fit the
+    # demo's 6 minutes on 2 cores (docs/results.md, "The loop")
+    "loop": Profile(
+        name="loop",
+        net=NetConfig(arch="ple", expert="mlp", d_token=4, expert_dim=32, mlp_hidden=64,
+                      tower_hidden=16, n_latents=8),
+        epochs=6, swag_epochs=3, snapshots_per_epoch=4, max_rank=12, batch_size=1024,
+        lr=2e-3, swag_lr=5e-4, weight_decay=0.05, baseline_epochs=6,
+        max_train_rows=100_000,
+        student={"hidden": (256, 128), "head_hidden": 48, "epochs": 6, "lr": 4e-3, "target_mode": "log",
+                 "augment_copies": 1, "batch_size": 2048, "compare_target_modes": False},
+        warm_epochs=3, warm_student_epochs=3,
+    ),
     "paper": Profile(
         name="paper",
         net=NetConfig(arch="ple", expert="transformer", d_token=16, expert_dim=128, mlp_hidden=256,
