@@ -105,28 +105,37 @@ def apply_debias(logs: LogSet, mode: str, clip: float = DEFAULT_CLIP) -> tuple[L
 
 
 # ---- the comparison of docs/results.md ------------------------------------------------------
-def _evaluate(bundle_dir: Any, test: LogSet, ratio: float) -> dict[str, float]:
-    """What a model does on a fresh world log with truth: deal calibration against the true
-    probabilities, deal AUC on the sampled labels, and the deals kept when the lowest-score
-    `ratio` share is blocked (against the oracle blocking as many)."""
+def _blocked(bundle_dir: Any, test: LogSet, ratio: float) -> tuple[np.ndarray, Any]:
+    """Which rows of `test` (in event-time order) a model blocks when the lowest-score `ratio`
+    share is blocked, and its scores."""
     from stream.policy import ScorePolicy
     from stream.scorer import Scorer
-    from training.metrics import auc_roc, calibration
     from training.replay import score_logs
 
     scorer = Scorer.load(bundle_dir, intra_threads=1)
     sc = score_logs(test, scorer, ScorePolicy.from_manifest(scorer.manifest))
+    block = np.zeros(len(sc.e), bool)
+    block[np.argsort(sc.e, kind="stable")[: int(round(ratio * len(sc.e)))]] = True
+    return block, sc
+
+
+def _evaluate(bundle_dir: Any, test: LogSet, ratio: float) -> dict[str, float]:
+    """What a model does on a fresh world log with truth: deal calibration against the true
+    probabilities, deal AUC on the sampled labels, and the deals kept when the lowest-score
+    `ratio` share is blocked (against the oracle blocking as many)."""
+    from training.metrics import auc_roc, calibration
+
+    block, sc = _blocked(bundle_dir, test, ratio)
     j = list(test.tasks).index("deal")
     truth = test.truth[sc.order, j].astype(np.float64)
     y = test.labels[sc.order, j]
     p = sc.p[:, j].astype(np.float64)
     cal = calibration(p, truth, y)
-    k = int(round(ratio * len(p)))
-    blocked = np.argsort(sc.e, kind="stable")[:k]
+    k = int(block.sum())
     total = truth.sum()
     return {"auc_deal": round(auc_roc(y, p), 4), "ece_deal": round(cal["ece_truth"], 5),
             "mean_p_over_truth": round(float(p.mean() / truth.mean()), 3),
-            "deals_kept": round(1.0 - float(truth[blocked].sum()) / total, 4),
+            "deals_kept": round(1.0 - float(truth[block].sum()) / total, 4),
             "oracle_kept": round(1.0 - float(np.sort(truth)[:k].sum()) / total, 4)}
 
 
@@ -179,15 +188,29 @@ def compare(out: Any, rows: int = 150_000, profile_name: str = "tiny", ratio: fl
                              threads=threads, attribution=att, debias="none" if mode == "full labels" else mode,
                              publish=False)
             results.append({"seed": seed, "training": mode, **_evaluate(models / version, test, ratio)})
+        # retraining from v0 on its own log, with and without distilling toward v0's student:
+        # decisions flipped against v0 at the same r on the fresh world, and what it costs
+        base, _ = _blocked(models / "v0", test, ratio)
+        for name, anchor in (("v0 (served)", None), ("retrained from v0", None), ("retrained, --anchor v0", "v0")):
+            version = {"v0 (served)": "v0", "retrained from v0": "warm", "retrained, --anchor v0": "warm-anchor"}[name]
+            if not (models / version).exists():
+                run_training(log_dir, models, profile, seed=seed, version=version, report=False, progress=False,
+                             threads=threads, attribution=att, parent=models / "v0",
+                             anchor=None if anchor is None else models / anchor, publish=False)
+            block, _ = _blocked(models / version, test, ratio)
+            results.append({"seed": seed, "training": name, "churn_vs_v0": round(float((block != base).mean()), 4),
+                            **_evaluate(models / version, test, ratio)})
     return results
 
 
 def _table(results: list[dict[str, Any]]) -> str:
-    head = "| seed | trained on | deal AUC | deal ECE (truth) | mean p / mean truth | deals kept at r | oracle |"
-    lines = [head, "|---|---|---|---|---|---|---|"]
+    head = ("| seed | trained on | deal AUC | deal ECE (truth) | mean p / mean truth | deals kept at r | oracle "
+            "| decisions flipped vs v0 |")
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
     for r in results:
+        churn = f"{r['churn_vs_v0']:.4f}" if "churn_vs_v0" in r else ""
         lines.append(f"| {r['seed']} | {r['training']} | {r['auc_deal']:.4f} | {r['ece_deal']:.5f} | "
-                     f"{r['mean_p_over_truth']:.3f} | {r['deals_kept']:.4f} | {r['oracle_kept']:.4f} |")
+                     f"{r['mean_p_over_truth']:.3f} | {r['deals_kept']:.4f} | {r['oracle_kept']:.4f} | {churn} |")
     return "\n".join(lines)
 
 
