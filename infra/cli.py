@@ -28,6 +28,9 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "replay": ("training.replay:replay_cmd", "Analysts: logged traffic through the worker's engine, event time.",
                "train"),
     "demo": ("infra.demo:demo", "The whole loop on the embedded default, one command.", "train"),
+    "model": ("training.model_cli:model", "Model registry: list, show, promote (gated), rollback, diff; audited.",
+              "train"),
+    "retrain": ("training.retrain:retrain", "One shot: recent logs -> train -> gate -> promote or refuse.", "train"),
 }
 
 

@@ -112,14 +112,15 @@ class _AuditRecord:
         self.settings = settings
 
     def __call__(self, entry: dict[str, Any]) -> None:
-        why = _produce_audit(self.settings, entry)
+        why = produce_audit(self.settings, entry)
         if why is not None:
             raise RtaError(f"audit topic {self.settings.topic('audit')} not written ({redact(why)}); targets NOT "
                            "changed (the audit topic is the durable record; --no-audit-topic skips it)")
 
 
-def _produce_audit(settings: Settings, entry: dict[str, Any]) -> str | None:
-    """None when the broker acknowledged the entry, else why not."""
+def produce_audit(settings: Settings, entry: dict[str, Any], key: bytes = b"ratio") -> str | None:
+    """None when the broker acknowledged the entry, else why not. The key names what changed
+    (`ratio`, `model`), so a compacted or filtered audit reader can tell them apart."""
     try:
         from stream.kafka import make_producer
 
@@ -134,7 +135,7 @@ def _produce_audit(settings: Settings, entry: dict[str, Any]) -> str | None:
                          "error_cb": lambda err: errors.append(str(err))},
         )
         delivered: list[Any] = []
-        producer.produce(settings.topic("audit"), key=b"ratio", value=json.dumps(entry).encode(),
+        producer.produce(settings.topic("audit"), key=key, value=json.dumps(entry).encode(),
                          on_delivery=lambda err, msg: delivered.append(err))
         producer.flush(AUDIT_TOPIC_TIMEOUT + 1)
         if delivered and delivered[0] is None:

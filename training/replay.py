@@ -387,6 +387,30 @@ def operating_curve(e: np.ndarray, q: np.ndarray, valid: np.ndarray, shares: np.
             for x in shares]
 
 
+def _explore_rows(sc: Scored) -> np.ndarray:
+    reason = sc.logs.decisions.column("reason").take(pa.array(sc.order))
+    return pc.fill_null(pc.equal(reason, "explore"), False).to_numpy(zero_copy_only=False)
+
+
+def ope_sample(sc: Scored, j: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """The off-policy sample of task `j` on a logged layout: (mask over scored rows, their
+    inverse-propensity weights, population size). Shared by `ope` and the promotion gate, so
+    both estimate over the same rows with the same weights.
+
+    Population: valid rows whose attribution window closed; sample: its explore rows with an
+    observed label and a usable propensity."""
+    d = sc.logs.decisions
+    prop = pc.fill_null(d.column("propensity").take(pa.array(sc.order)), math.nan).to_numpy(
+        zero_copy_only=False).astype(np.float64)
+    info = sc.logs.info
+    as_of = info.get("as_of_ms", int(sc.ts_ms.max()))
+    # valid rows only: invalid ones are never explored (and pass under every filter)
+    closed = ((as_of - sc.ts_ms) >= info.get("attribution_windows_s", {}).get(sc.tasks[j], 0.0) * 1000.0) & sc.valid
+    sample = (_explore_rows(sc) & closed & np.isfinite(sc.logs.labels[sc.order, j]) & (prop > 0)
+              & np.isfinite(prop))
+    return sample, 1.0 / prop[sample], int(closed.sum())
+
+
 def ope(sc: Scored, run: Run, boot: int = 1000, seed: int = 0) -> dict[str, Any] | None:
     """Self-normalised IPS estimates, from the explore slice, of the positives each task's
     filter `run` keeps (and their share of all positives), with percentile-bootstrap 95% CIs.
@@ -394,30 +418,18 @@ def ope(sc: Scored, run: Run, boot: int = 1000, seed: int = 0) -> dict[str, Any]
     Population: valid rows whose attribution window closed (labels could be seen had they passed).
     Explore rows are a uniform random sample of valid traffic with propensity epsilon, so
     weighting their observed labels by 1/propensity estimates totals over the population."""
-    d = sc.logs.decisions
-    if d is None:
+    if sc.logs.decisions is None:
         return None
-    reason = d.column("reason").take(pa.array(sc.order))
-    explore = pc.fill_null(pc.equal(reason, "explore"), False).to_numpy(zero_copy_only=False)
-    if not explore.any():
+    if not _explore_rows(sc).any():
         return {"note": "no explore rows in the log: no unbiased estimate is possible"}
-    prop = pc.fill_null(d.column("propensity").take(pa.array(sc.order)), math.nan).to_numpy(
-        zero_copy_only=False).astype(np.float64)
     labels = sc.logs.labels[sc.order]
-    info = sc.logs.info
-    as_of = info.get("as_of_ms", int(sc.ts_ms.max()))
-    windows = info.get("attribution_windows_s", {})
     rng = np.random.default_rng(seed)
     passed = ~run.block
     out: dict[str, Any] = {"estimator": "self-normalised IPS on the explore slice", "bootstrap": boot,
                            "confidence": 0.95, "tasks": {}}
     for j, t in enumerate(sc.tasks):
-        # valid rows only: invalid ones are never explored (and pass under every filter)
-        closed = ((as_of - sc.ts_ms) >= windows.get(t, 0.0) * 1000.0) & sc.valid
-        sample = explore & closed & np.isfinite(labels[:, j]) & (prop > 0) & np.isfinite(prop)
-        n_pop = int(closed.sum())
+        sample, w, n_pop = ope_sample(sc, j)
         y = np.nan_to_num(labels[sample, j]).astype(np.float64)
-        w = 1.0 / prop[sample]
         k = passed[sample].astype(np.float64)
         m = len(y)
         if m == 0:

@@ -1,0 +1,126 @@
+"""The registry: the chain of `current`, registry.jsonl, the audit topic, and workers following
+promote and rollback on the real broker and Redis."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from student_data import make_bundle
+from test_operators import rta  # the CLI's own entry point, in process
+from worker_support import (
+    assigned,
+    decisions,
+    produce,
+    read_topic,
+    request_values,
+    running,
+    wait_for,
+)
+
+from infra.stack import free_port
+from model import bundle, registry
+from stream.errors import BundleError, ConfigError
+
+
+def _switch(capsys, md, *args: str) -> tuple[int, str, str]:
+    return rta(capsys, "model", *args, "--model-dir", str(md), "--no-audit-topic", "--who", "ops")
+
+
+def test_promote_and_rollback_walk_the_chain(capsys, tmp_path):
+    md = tmp_path / "models"
+    make_bundle(md, "v1")  # the bootstrap version, published by training
+    make_bundle(md, "v2", seed=1, publish=False)
+    make_bundle(md, "v3", seed=2, publish=False)
+    assert registry.previous_version(md) is None
+    for v in ("v2", "v3"):
+        code, out, err = _switch(capsys, md, "promote", v, "--force", "--reason", f"ship {v}")
+        assert code == 0 and json.loads(out)["forced"] is True, err
+    assert registry.history_chain(md) == ["v1", "v2", "v3"]
+    code, out, _ = _switch(capsys, md, "rollback", "--reason", "v3 misbehaves")
+    assert code == 0 and "v3 -> v2" in out and bundle.current_version(md) == "v2"
+    code, out, _ = _switch(capsys, md, "rollback", "--reason", "v2 too")
+    assert code == 0 and "v2 -> v1" in out and bundle.current_version(md) == "v1"
+    code, _, err = _switch(capsys, md, "rollback", "--reason", "again")
+    assert code == 2 and "no previous version" in err and len(err.strip().splitlines()) == 1
+    log = registry.read_log(md)
+    assert [(e["action"], e["old"], e["new"]) for e in log] == [
+        ("promote", "v1", "v2"), ("promote", "v2", "v3"), ("rollback", "v3", "v2"), ("rollback", "v2", "v1")]
+    assert all(e["who"] == "ops" and e["kind"] == f"model.{e['action']}" and not e["audit_topic"] for e in log)
+    code, out, _ = rta(capsys, "model", "list", "--model-dir", str(md))
+    assert code == 0 and "* v1" in out and "rollback by ops" in out and "4 switches" in out
+    rows = json.loads(rta(capsys, "model", "list", "--model-dir", str(md), "--json")[1])
+    assert [r["version"] for r in rows] == ["v1", "v2", "v3"] and rows[0]["current"]
+    bundle.publish(md / "v3")  # e.g. `rta train --publish`: not through the registry
+    code, _, err = _switch(capsys, md, "rollback", "--reason", "which one?")
+    assert code == 2 and "was not switched through `rta model`" in err
+
+
+def test_torn_log_line_old_bundles_and_bad_names(tmp_path):
+    md = tmp_path / "models"
+    make_bundle(md, "v1")
+    make_bundle(md, "v2", seed=1, publish=False)
+    registry.switch(md, "v2", "promote", "ops", "first")
+    with open(md / registry.REGISTRY_LOG, "a") as f:
+        f.write('{"action": "promote", "old": "v2", "ne')  # a crash mid-append
+    assert len(registry.read_log(md)) == 1 and registry.previous_version(md) == "v1"
+    lin = registry.lineage(md / "v1")  # a bundle from before lineage: tolerated, marked
+    assert lin["recorded"] is False and lin["parent"] is None and lin["data_to_ms"] is None
+    for name in ("../v1", "current", ""):
+        with pytest.raises(ConfigError):
+            registry.version_dir(md, name)
+    with pytest.raises(ConfigError, match="needs --reason"):
+        registry.switch(md, "v1", "rollback", "ops", "  ")
+    (md / "v2" / "student.onnx").write_bytes(b"tampered")
+    registry.switch(md, "v1", "rollback", "ops", "back")
+    with pytest.raises(BundleError, match="sha256 mismatch"):  # never switch to a bundle that fails
+        registry.switch(md, "v2", "promote", "ops", "again")
+    assert bundle.current_version(md) == "v1"
+
+
+def test_no_switch_without_the_audit_topic_when_kafka_is_away(capsys, tmp_path, monkeypatch):
+    md = tmp_path / "models"
+    make_bundle(md, "v1")
+    make_bundle(md, "v2", seed=1, publish=False)
+    monkeypatch.setenv("RTA_KAFKA_BOOTSTRAP", f"127.0.0.1:{free_port()}")
+    code, _, err = rta(capsys, "model", "promote", "v2", "--model-dir", str(md), "--force", "--reason", "x")
+    assert code == 2 and "audit topic not written" in err and "NOT changed" in err
+    assert len(err.strip().splitlines()) == 1
+    assert bundle.current_version(md) == "v1" and registry.read_log(md) == []
+
+
+@pytest.mark.slow
+def test_workers_follow_promote_and_rollback_and_the_audit_topic_has_both(capsys, settings, bundle, targets,
+                                                                          monkeypatch):
+    monkeypatch.setenv("RTA_KAFKA_BOOTSTRAP", settings.kafka_bootstrap)
+    monkeypatch.setenv("RTA_TOPIC_AUDIT", settings.topic("audit"))
+    md = settings.model_dir
+    make_bundle(md, "v2", seed=1, publish=False)
+    ids, values = request_values(3000)
+    with running(settings, group_id="reg", reload_interval_s=0.1) as w:
+        wait_for(lambda: assigned(w) == 3, 30, "partition assignment")
+        produce(settings, values[:1000], ids[:1000])
+        wait_for(lambda: w.stats.events >= 1000, 30, "first 1000 decided")
+        code, _, err = rta(capsys, "model", "promote", "v2", "--model-dir", str(md), "--force",
+                           "--reason", "canary", "--who", "alice")
+        assert code == 0, err
+        wait_for(lambda: w.scorer.version == "v2", 5, "reload to v2")
+        produce(settings, values[1000:2000], ids[1000:2000])
+        wait_for(lambda: w.stats.events >= 2000, 30, "second 1000 decided")
+        code, _, err = rta(capsys, "model", "rollback", "--model-dir", str(md), "--reason", "canary bad",
+                           "--who", "alice")
+        assert code == 0, err
+        wait_for(lambda: w.scorer.version == "v1", 5, "reload back to v1")
+        produce(settings, values[2000:], ids[2000:])
+        wait_for(lambda: w.stats.events >= 3000, 30, "third 1000 decided")
+    got = {d["request_id"]: d["model"] for d in decisions(settings, 3000)}
+    assert {got[i] for i in ids[:1000]} == {"v1"}
+    assert {got[i] for i in ids[1000:2000]} == {"v2"}
+    assert {got[i] for i in ids[2000:]} == {"v1"}
+    msgs = read_topic(settings, "audit", 2, timeout=20)
+    assert [m.key() for m in msgs] == [b"model", b"model"]  # told apart from `ratio` changes
+    audit = [json.loads(m.value()) for m in msgs]
+    assert [(e["kind"], e["old"], e["new"], e["who"]) for e in audit] == [
+        ("model.promote", "v1", "v2", "alice"), ("model.rollback", "v2", "v1", "alice")]
+    assert audit[0]["forced"] is True and audit[1]["reason"] == "canary bad"
+    assert [e["new"] for e in registry.read_log(md)] == ["v2", "v1"]

@@ -1,0 +1,88 @@
+"""`rta retrain` as cron runs it: a child process, one JSON line out, exit 0 promoted / 3 refused.
+
+Trains tiny-profile candidates on the first 20k rows of a 30k-row world and gates them on the
+last 10k (a world log: every label, `--gate-logs`), against an untrained spread bundle v0.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from gate_support import rta, split_world_and_v0
+
+from infra.stack import free_port
+from model import bundle, registry
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("retrain")
+    train, holdout, models = split_world_and_v0(tmp, 30_000, seed=5)
+    small = tmp / "split" / "train-small.parquet"  # the refusal needs a candidate, not a good one
+    pq.write_table(pq.read_table(train).slice(0, 6_000), small)
+    return {"models": models, "train": train, "small": small, "holdout": holdout}
+
+
+def retrain(setup, version: str, *extra: str, logs: str = "train"):
+    return rta("retrain", "--logs", str(setup[logs]), "--gate-logs", str(setup["holdout"]),
+               "--model-dir", str(setup["models"]), "--since-hours", "24", "--profile", "tiny",
+               "--version", version, "--reason", "nightly", "--ratio", "0.5", "--pass-share", "0.02",
+               "--redis-url", f"redis://127.0.0.1:{free_port()}/0", "--no-audit-topic", "--quiet",
+               "--threads", "1", *extra)
+
+
+def _outcome(res) -> tuple[dict, list[str]]:
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 1, res.stdout
+    human = [line for line in res.stderr.splitlines() if line.startswith("rta retrain:")]
+    assert len(human) == 1, res.stderr[-2000:]
+    return json.loads(lines[0]), human
+
+
+def test_refused_when_the_gate_refuses_and_current_stays(setup):
+    # the tiny profile's student does not meet the fidelity acceptance; required by default
+    res = retrain(setup, "c1", logs="small")
+    out, human = _outcome(res)
+    print(human[0])
+    assert res.returncode == 3, res.stderr[-2000:]
+    assert out["outcome"] == "refused" and out["candidate"] == "c1" and out["current"] == "v0"
+    assert "fidelity acceptance failed" in human[0]
+    assert bundle.current_version(setup["models"]) == "v0"
+    assert registry.read_gate(setup["models"] / "c1")["retrain"]["profile"] == "tiny"
+    assert not list(setup["models"].glob(".staging-*"))
+
+
+def test_promoted_when_the_gate_passes(setup):
+    res = retrain(setup, "c2", "--fidelity", "no-regression")
+    out, human = _outcome(res)
+    print(human[0])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert out["outcome"] == "promoted" and out["gate"]["passed"]
+    assert out["gate"]["estimate"]["difference_ci"][0] > 0
+    assert bundle.current_version(setup["models"]) == "c2"
+    entry = registry.read_log(setup["models"])[-1]
+    assert (entry["action"], entry["old"], entry["new"], entry["reason"]) == ("promote", "v0", "c2", "retrain: nightly")
+
+
+def test_bad_input_is_one_line(setup, tmp_path, capsys):
+    from test_operators import rta as in_process
+
+    empty = tmp_path / "m"
+    empty.mkdir()
+    cases = [
+        (("retrain", "--logs", str(setup["train"]), "--model-dir", str(empty), "--since-hours", "1",
+          "--reason", "x"), "no current version"),
+        (("retrain", "--logs", str(setup["train"]), "--model-dir", str(setup["models"]), "--since-hours", "1"),
+         "retrain needs --reason"),
+        (("retrain", "--logs", str(setup["train"]), "--model-dir", str(setup["models"]), "--since-hours", "1",
+          "--holdout-hours", "2", "--reason", "x"), "leaves nothing to train on"),
+        (("retrain", "--logs", str(tmp_path / "none"), "--model-dir", str(setup["models"]), "--since-hours", "1",
+          "--reason", "x"), "no logged rows"),
+    ]
+    for args, want in cases:
+        code, _, err = in_process(capsys, *args)
+        assert code == 2 and want in err and len(err.strip().splitlines()) == 1, (args, err)

@@ -1,0 +1,154 @@
+"""`rta retrain`: one shot for cron / a CronJob / the compose trainer profile.
+
+    logs of the last --since-hours (minus the newest --holdout-hours, kept for the gate)
+      -> train a candidate from the current model's settings (its profile)
+      -> gate it against `current` on the held-out window (training/gate.py)
+      -> promote (audited, like `rta model promote`) or refuse
+
+Prints ONE JSON line on stdout, {"outcome", "candidate", "current", "gate"}, and one human
+line on stderr. Exit 0 promoted, 3 refused by the gate, 2 bad input / an error (1: a crash).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from model import bundle, registry
+from stream.errors import BundleError, ConfigError, DataError
+from training.gate import newest_ts_ms, outcome_line
+from training.model_cli import (
+    EXIT_REFUSED,
+    _settings,
+    audit_to_topic,
+    gate_from_options,
+    gate_options,
+    need_reason,
+    switch_options,
+    who_default,
+)
+from training.profiles import PROFILES, Profile, get_profile
+
+HOUR_MS = 3_600_000
+
+
+def train_window(logs: Path, since_hours: float, holdout_hours: float | None) -> dict[str, Any]:
+    """[since_ms, until_ms) for training, from the newest logged row; the newest `holdout_hours`
+    (None: none, the gate reads other logs) stay out of training for the gate."""
+    if not since_hours > 0 or (holdout_hours is not None and not holdout_hours > 0):
+        raise ConfigError("--since-hours and --holdout-hours must be > 0")
+    if holdout_hours is not None and holdout_hours >= since_hours:
+        raise ConfigError(f"--holdout-hours {holdout_hours:g} leaves nothing to train on in --since-hours "
+                          f"{since_hours:g}")
+    newest = newest_ts_ms(logs)
+    if newest is None:
+        raise DataError(f"{logs}: no logged rows (need Parquet with ts_ms: an `rta log` layout or a world log)")
+    until = None if holdout_hours is None else int(newest - holdout_hours * HOUR_MS) + 1
+    return {"since_ms": int(newest - since_hours * HOUR_MS), "until_ms": until, "newest_ms": newest}
+
+
+def trainer_kwargs(train: Callable[..., Any], wanted: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The retrain arguments the trainer takes (None: its default); one it lacks is an error when
+    asked for explicitly (debias, anchor), else reported (the window, parent, publish)."""
+    accepted = inspect.signature(train).parameters
+    missing = [k for k in ("debias", "anchor") if wanted[k] is not None and k not in accepted]
+    if missing:
+        raise ConfigError(f"this trainer has no {' or '.join(missing)} support (--debias / --anchor-parent)")
+    dropped = [k for k in ("parent", "since_ms", "until_ms") if k not in accepted]
+    return {k: v for k, v in wanted.items() if k in accepted and v is not None}, dropped
+
+
+def parent_profile(current: Path) -> Profile:
+    """The settings the current model was trained with (its teacher checkpoint's profile)."""
+    from training.pipeline import load_teacher
+
+    return load_teacher(current)[3]["profile"]
+
+
+@click.command("retrain")
+@click.option("--logs", "logs_path", required=True, type=click.Path(path_type=Path),
+              help="Logged traffic (`rta log` layout): trained on, and the gate's window.")
+@click.option("--model-dir", required=True, type=click.Path(path_type=Path), help="Model directory (has `current`).")
+@click.option("--since-hours", type=float, required=True, help="Train on the logs of the last H hours.")
+@click.option("--holdout-hours", type=float, default=None,
+              help="Newest hours kept out of training for the gate [default: a fifth of --since-hours; none "
+                   "with --gate-logs].")
+@click.option("--gate-logs", type=click.Path(path_type=Path), default=None,
+              help="Gate on this log set instead of --logs (e.g. a fresher day).")
+@click.option("--profile", "profile_name", type=click.Choice(sorted(PROFILES)), default=None,
+              help="Training profile [default: the current model's own settings].")
+@click.option("--debias", default=None, help="none|ips|explore-only [default: the trainer's].")
+@click.option("--anchor-parent/--no-anchor", default=False, show_default=True,
+              help="Distil the new student toward the current one (less decision churn).")
+@click.option("--version", default=None, help="Candidate version name [default: UTC timestamp].")
+@click.option("--force", is_flag=True, help="Promote even if the gate refuses (audited as forced).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch threads.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@switch_options
+@gate_options
+def retrain(logs_path: Path, model_dir: Path, since_hours: float, holdout_hours: float | None,
+            gate_logs: Path | None, profile_name: str | None, debias: str | None, anchor_parent: bool,
+            version: str | None, force: bool, threads: int | None, quiet: bool, reason: str | None,
+            who: str | None, audit_topic: bool, config_file: str | None, redis_url: str | None,
+            redis_prefix: str | None, **gate_opts: Any) -> None:
+    """Recent logs -> train (from the current model's settings) -> gate -> promote or refuse."""
+    from training.logs import Attribution
+    from training.pipeline import TEACHER_FILE, run_training
+
+    reason = need_reason(reason, "retrain")
+    settings = _settings(config_file, redis_url, redis_prefix)
+    current = bundle.current_version(model_dir)
+    if current is None:
+        raise BundleError(f"{model_dir}: no current version to retrain from (train and publish one with rta train)")
+    current_dir = bundle.resolve_bundle(model_dir)
+    if holdout_hours is None and gate_logs is None:
+        holdout_hours = since_hours / 5
+    window = train_window(logs_path, since_hours, holdout_hours)
+    profile = get_profile(profile_name) if profile_name else parent_profile(current_dir)
+    version = version or time.strftime("v%Y%m%d-%H%M%S", time.gmtime())
+    if (Path(model_dir) / version).exists():
+        raise BundleError(f"{Path(model_dir) / version} already exists; pick another --version")
+    # a serving-only current (no teacher weights) cannot be warm-started from
+    parent = current_dir if (current_dir / TEACHER_FILE).is_file() else None
+    wanted = {"parent": parent, "since_ms": window["since_ms"], "until_ms": window["until_ms"],
+              "debias": debias, "anchor": current_dir if anchor_parent else None, "publish": False}
+    kwargs, dropped = trainer_kwargs(run_training, wanted)
+    if dropped:
+        click.echo(f"[rta retrain] this trainer does not take {', '.join(dropped)} (not applied)", err=True)
+    t0 = time.perf_counter()
+    # trained in a staging dir beside the versions: whatever the trainer does with `current`
+    # there, the served `current` moves only through the gate and registry.switch
+    staging = Path(model_dir) / f".staging-{version}"
+    try:
+        built = run_training(logs_path, staging, profile, seed=gate_opts["seed"], version=version,
+                             report=False, progress=not quiet, threads=threads,
+                             attribution=Attribution.parse(gate_opts["attribution"], gate_opts["as_of_ms"]),
+                             **kwargs)
+        candidate = Path(model_dir) / version
+        built.rename(candidate)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    train_s = time.perf_counter() - t0
+    result = gate_from_options(candidate, current_dir, gate_logs or logs_path, settings, gate_opts)
+    result["retrain"] = {"train_seconds": round(train_s, 1), "profile": profile.name, **window,
+                         "debias": debias, "anchor": current if anchor_parent else None}
+    registry.write_gate(candidate, result)
+    promote = result["passed"] or force
+    if promote:
+        registry.switch(model_dir, candidate.name, "promote", who_default(who), f"retrain: {reason}",
+                        audit=audit_to_topic(settings) if audit_topic else None,
+                        forced=not result["passed"], gate=result)
+    outcome = "promoted" if promote else "refused"
+    click.echo(json.dumps({"outcome": outcome, "candidate": candidate.name, "current": current, "gate": result},
+                          default=str, allow_nan=False))
+    click.echo(f"rta retrain: {outcome}{' (forced)' if promote and not result['passed'] else ''}: "
+               f"{outcome_line(result)}", err=True)
+    if not promote:
+        raise click.exceptions.Exit(EXIT_REFUSED)
