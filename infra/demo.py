@@ -188,7 +188,11 @@ NEW_SOURCE = {"new_source_from": 0.0, "new_source_share": 0.10, "new_source_unit
 # so its attribution windows are as much shorter; every child reads them from $RTA_ATTRIBUTION.
 TIME_SCALE = 600.0
 ATTRIBUTION = "click=1s,online=2s,cart=4s,deal=6s"
-HOLDOUT_S = 14.0  # the newest logged traffic the gate judges on (> the deal window: some closed)
+# The newest logged traffic the gate judges on: longer than the 6 s deal window, so that ~8 s of
+# it (24k requests, ~1200 explore rows at epsilon 0.05) have their windows closed: the gate wants
+# 10 deal positives in the explore sample before it trusts an estimate.
+HOLDOUT_S = 14.0
+EPSILON = 0.05  # the explore slice: what the loop learns the blocked traffic from, and the gate judges by
 
 
 def _new_source_summary(phase: Phase, decisions: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -233,20 +237,10 @@ def _retrain(env: dict[str, str], log_dir: Path, model_dir: Path, profile: str, 
              since_s: float) -> dict[str, Any]:
     """v2 from the logs only, through `rta retrain` (train from current -> gate -> promote), its
     one JSON line parsed. `rta retrain` is the registry's verb (contract of issue 11, item 4)."""
-    from infra.cli import VERBS
-
-    if "retrain" not in VERBS:
-        # A build without the registry: v2 is trained the same way (from current, on the logs
-        # before the held-out window) and published without a gate; the summary says so.
-        until_ms = int((time.time() - holdout_s) * 1000)
-        _say("this build has no `rta retrain` (registry + gate): v2 is published WITHOUT a gate")
-        _run(["train", "--logs", str(log_dir), "--out", str(model_dir), "--profile", profile,
-              "--parent", "current", "--version", "v2", "--until-ms", str(until_ms), "--publish",
-              "--no-report"], env)
-        return {"outcome": "published without a gate", "candidate": "v2", "current": "v1", "gate": None}
     argv = ["retrain", "--logs", str(log_dir), "--model-dir", str(model_dir),
             "--since-hours", f"{since_s / 3600:.6f}", "--holdout-hours", f"{holdout_s / 3600:.6f}",
-            "--profile", profile, "--version", "v2", "--reason", "rta demo: the new source, learnt from v1's logs"]
+            "--profile", profile, "--version", "v2", "--attribution", ATTRIBUTION, "--quiet",
+            "--reason", "rta demo: the new source, learnt from v1's logs"]
     cmd = [sys.executable, "-m", "infra.cli", *argv]
     proc = subprocess.run(cmd, env=env, check=False, stdout=subprocess.PIPE, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip().startswith("{")]
@@ -260,7 +254,7 @@ def _retrain(env: dict[str, str], log_dir: Path, model_dir: Path, profile: str, 
               help="Rows of logged traffic v1 is trained on.")
 @click.option("--events", type=click.IntRange(min=2_000), default=60_000, show_default=True,
               help="Fresh requests streamed in phases 1 and 2 (the live change of r).")
-@click.option("--loop-events", type=click.IntRange(min=2_000), default=48_000, show_default=True,
+@click.option("--loop-events", type=click.IntRange(min=2_000), default=66_000, show_default=True,
               help="Requests with the new source streamed while v1 serves (the logs v2 learns from); "
                    "as many again once v2 serves.")
 @click.option("--rate", type=click.FloatRange(min=100), default=3_000.0, show_default=True,
@@ -338,8 +332,8 @@ def demo(rows: int, events: int, loop_events: int, rate: float, ratios: str, war
         manifest = read_manifest(bundle)
 
         store = RedisStore.from_url(settings.redis_url, settings.redis_prefix)
-        store.update_targets("rta demo", "demo phase 1", r=r1, p_u=0.02, epsilon=0.01)
-        _say(f"3/7 serve: model {manifest['version']}, r={r1}, p_u=0.02, epsilon=0.01; the logger and "
+        store.update_targets("rta demo", "demo phase 1", r=r1, p_u=0.02, epsilon=EPSILON)
+        _say(f"3/7 serve: model {manifest['version']}, r={r1}, p_u=0.02, epsilon={EPSILON}; the logger and "
              f"the downstream simulator ({TIME_SCALE:.0f}x real time) record what it lets through")
         procs: dict[str, subprocess.Popen] = {}
         procs["worker"] = subprocess.Popen(
@@ -447,7 +441,8 @@ def demo(rows: int, events: int, loop_events: int, rate: float, ratios: str, war
         "deals_kept_vs_oracle": {"before": round(b["deals_kept"] - b["deals_kept_oracle"], 4),
                                  "after": round(a["deals_kept"] - a["deals_kept_oracle"], 4)},
         "served_by": {"before": b["models"], "after": a["models"]},
-        "churn": _churn(model_dir, manifest["version"], promotion.get("candidate"), log_dir, r2),
+        "churn": _churn(model_dir, manifest["version"], promotion.get("candidate"), log_dir, r2,
+                        int(before.started_at * 1000), int(switch.started_at * 1000)),
     }
     summary = {
         "model": manifest["version"], "bundle": str(bundle),
@@ -466,18 +461,22 @@ def demo(rows: int, events: int, loop_events: int, rate: float, ratios: str, war
     _print_summary(summary, rate)
 
 
-def _churn(model_dir: Path, v1: str, v2: str | None, log_dir: Path, r: float) -> dict[str, Any] | None:
-    """Decision flips between v1 and v2 on the logged traffic at the loop's r (the registry's
-    churn measure, training/churn.py); None when that module is not in this build or v2 is absent."""
-    if v2 is None:
+def _churn(model_dir: Path, v1: str, v2: str | None, log_dir: Path, r: float, from_ms: int,
+           until_ms: int) -> dict[str, Any] | None:
+    """Decisions flipped between v1 and v2 on the logged new-source traffic, both replayed at the
+    loop's targets (`rta model diff`'s measure, training/churn.py); None without a v2."""
+    if v2 is None or not (model_dir / v2).is_dir():
         return None
-    import importlib.util
+    from training.churn import diff_models
+    from training.logs import Attribution
+    from training.replay import Step
 
-    if importlib.util.find_spec("training.churn") is None:
-        return None
-    from training import churn
-
-    return churn.decision_churn(model_dir / v1, model_dir / v2, log_dir, ratio=r)
+    rep = diff_models(model_dir / v1, model_dir / v2, log_dir, Step(r, 0.02, EPSILON),
+                      attribution=Attribution.parse(ATTRIBUTION), from_ms=from_ms, until_ms=until_ms)
+    c = rep["churn"]
+    return {"rows": c["rows"], "flipped_share": round(c["share"], 4), "pass_to_block": round(c["pass_to_block"], 4),
+            "block_to_pass": round(c["block_to_pass"], 4), "targets": rep["targets"],
+            "window": "the new source's first phase (logged, served by v1)"}
 
 
 def _print_summary(s: dict[str, Any], rate: float) -> None:
@@ -505,7 +504,10 @@ def _print_summary(s: dict[str, Any], rate: float) -> None:
                f"(vs oracle {vo['before']:+.3f} / {vo['after']:+.3f})")
     click.echo(f"    served by: before {loop['served_by']['before']}, after {loop['served_by']['after']}")
     if loop.get("churn") is not None:
-        click.echo(f"    churn v1 -> v2: {loop['churn']}")
+        c = loop["churn"]
+        click.echo(f"    churn v1 -> v2 on the logged new-source phase: {c['flipped_share']:.2%} of "
+                   f"{c['rows']} decisions flip ({c['pass_to_block']:.2%} pass->block, "
+                   f"{c['block_to_pass']:.2%} block->pass)")
     click.echo("  seconds per step: " + ", ".join(f"{k} {v}" for k, v in s["timings_s"].items()))
     click.echo(f"  report:   {s['report']}")
     click.echo(f"  summary:  {s['summary']}")
