@@ -44,7 +44,10 @@ def test_tiny_demo_decides_everything_and_follows_the_live_ratio(kafka, redis_se
     # the loop: v1 served the new source, v2 was trained from the logs and serves the last phase
     loop = summary["loop"]
     assert loop["v1"] == "v1" and loop["v2"] == "v2" and loop["r"] == 0.6
-    assert before["models"] == {"v1": before["decided"]} and after["models"] == {"v2": after["decided"]}
+    # v2 serves the last phase when the gate promoted it (the tiny profile's student may fail the
+    # gate's fidelity bar: then v1 goes on serving, and the summary says so)
+    serving = "v2" if loop["promoted"] else "v1"
+    assert before["models"] == {"v1": before["decided"]} and after["models"] == {serving: after["decided"]}
     assert loop["served_by"] == {"before": before["models"], "after": after["models"]}
     for key in ("new_source_deals_kept", "deals_kept", "deals_kept_oracle", "deals_kept_vs_oracle"):
         assert set(loop[key]) == {"before", "after"} and all(0 <= abs(v) <= 1 for v in loop[key].values()), key
