@@ -1,10 +1,13 @@
 """`rta demo`: the whole loop on the embedded default, in one command.
 
-Stack up (or reuse a configured one) -> synthetic world -> `rta train` (teacher, SWAG, student,
-ONNX bundle, report) -> a worker (`rta serve`, its own process) -> fresh requests streamed in two
-phases with an operator's `rta ratio set` between them -> a summary read back from the decisions
-topic: throughput, achieved block share per phase against its target, and the deals the filter
-kept against an oracle that knows the world's true probabilities.
+Stack up (or reuse a configured one) -> synthetic world -> `rta train` v1 -> a worker (`rta
+serve`), the logger (`rta log`) and the downstream simulator (`rta world outcomes`), each its own
+process -> fresh requests in phases: warm-up, r1, r2 after an operator's live `rta ratio set`, then
+a new source (docs/world.md) that v1 has never seen -> `rta retrain` trains v2 from the logs only
+(the world's truth is read by the simulator and this summary, never by training) and gates it ->
+the worker reloads `current` -> the same scenario under v2. The summary, read back from the
+decisions topic: throughput, block share per phase against its target, the deals kept against an
+oracle that knows the world's true probabilities, and the loop (before/after, gate, churn).
 
 Every run uses its own topic and Redis key prefix, so a reused stack never mixes runs.
 """
