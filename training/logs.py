@@ -91,7 +91,9 @@ class LogSet:
         if until_ms is not None:
             keep &= self.ts_ms < until_ms
         if not keep.any():
-            raise DataError(f"{self.source or 'logs'}: no rows with {since_ms} <= ts_ms < {until_ms} "
+            window = " and ".join(w for w in (None if since_ms is None else f"ts_ms >= {since_ms}",
+                                              None if until_ms is None else f"ts_ms < {until_ms}") if w)
+            raise DataError(f"{self.source or 'logs'}: no rows with {window} "
                             f"(the log spans {int(self.ts_ms.min())} .. {int(self.ts_ms.max())})")
         return self if keep.all() else self.take(np.flatnonzero(keep))
 
