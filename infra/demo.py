@@ -1,10 +1,13 @@
 """`rta demo`: the whole loop on the embedded default, in one command.
 
-Stack up (or reuse a configured one) -> synthetic world -> `rta train` (teacher, SWAG, student,
-ONNX bundle, report) -> a worker (`rta serve`, its own process) -> fresh requests streamed in two
-phases with an operator's `rta ratio set` between them -> a summary read back from the decisions
-topic: throughput, achieved block share per phase against its target, and the deals the filter
-kept against an oracle that knows the world's true probabilities.
+Stack up (or reuse a configured one) -> synthetic world -> `rta train` v1 -> a worker (`rta
+serve`), the logger (`rta log`) and the downstream simulator (`rta world outcomes`), each its own
+process -> fresh requests in phases: warm-up, r1, r2 after an operator's live `rta ratio set`, then
+a new source (docs/world.md) that v1 has never seen -> `rta retrain` trains v2 from the logs only
+(the world's truth is read by the simulator and this summary, never by training) and gates it ->
+the worker reloads `current` -> the same scenario under v2. The summary, read back from the
+decisions topic: throughput, block share per phase against its target, the deals kept against an
+oracle that knows the world's true probabilities, and the loop (before/after, gate, churn).
 
 Every run uses its own topic and Redis key prefix, so a reused stack never mixes runs.
 """
@@ -100,23 +103,41 @@ def _child_env(settings: Settings, model_dir: Path) -> dict[str, str]:
     return env
 
 
-def _collect(settings: Settings, want: set[str], timeout: float) -> dict[str, dict[str, Any]]:
-    """Read decisions until every wanted request_id has one (or time runs out)."""
-    from stream.kafka import make_consumer
+class _Reader:
+    """The decisions topic read once from the start, kept open: the demo reads what it has while
+    v2 trains (its own process is idle then) and only the rest at the end."""
 
-    consumer = make_consumer(settings, f"demo-reader-{os.getpid()}-{time.time_ns()}")
-    consumer.subscribe([settings.topic("decisions")])
-    got: dict[str, dict[str, Any]] = {}
-    deadline = time.monotonic() + timeout
-    try:
-        while len(want - got.keys()) and time.monotonic() < deadline:
-            for msg in consumer.consume(5000, 0.5):
+    def __init__(self, settings: Settings) -> None:
+        from stream.kafka import make_consumer
+
+        self.consumer = make_consumer(settings, f"demo-reader-{os.getpid()}-{time.time_ns()}")
+        self.consumer.subscribe([settings.topic("decisions")])
+        self.got: dict[str, dict[str, Any]] = {}
+        import threading
+
+        self.stop = threading.Event()  # ends a read running in another thread
+
+    def until(self, want: set[str], timeout: float) -> dict[str, dict[str, Any]]:
+        """Read decisions until every wanted request_id has one (or time runs out)."""
+        deadline = time.monotonic() + timeout
+        while len(want - self.got.keys()) and time.monotonic() < deadline and not self.stop.is_set():
+            for msg in self.consumer.consume(5000, 0.5):
                 if msg.error() is None:
                     d = orjson.loads(msg.value())
-                    got.setdefault(d["request_id"], d)
-    finally:
-        consumer.close()
-    return got
+                    self.got.setdefault(d["request_id"], d)
+        return self.got
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def _ids(phases: list[Phase]) -> set[str]:
+    import pyarrow.parquet as pq
+
+    want: set[str] = set()
+    for phase in phases:
+        want.update(pq.read_table(phase.truth, columns=["request_id"]).column(0).to_pylist())
+    return want
 
 
 def _phase_summary(phase: Phase, decisions: dict[str, dict[str, Any]], settle: float) -> dict[str, Any]:
@@ -163,31 +184,106 @@ def _latency(decisions: list[dict[str, Any]]) -> dict[str, float]:
             "n": int(lat.size)}
 
 
+# The loop's world: a partner integration sending 10% of the traffic, logged in coarser units
+# (docs/world.md "New source"): a high-intent source the first model never saw.
+NEW_SOURCE = {"new_source_from": 0.0, "new_source_share": 0.10, "new_source_units": "smaller"}
+# The demo's downstream runs TIME_SCALE x faster than real time (a 5-minute deal after 0.5 s),
+# so its attribution windows are as much shorter; every child reads them from $RTA_ATTRIBUTION.
+TIME_SCALE = 600.0
+ATTRIBUTION = "click=1s,online=2s,cart=4s,deal=6s"
+# The newest logged traffic the gate judges on: longer than the 6 s deal window, so that ~12 s
+# of it (36k requests, ~1800 explore rows at epsilon 0.05, ~25 deal positives expected) have
+# their windows closed: the gate wants 10 deal positives in the explore sample before it trusts
+# an estimate (a 14 s window held 9 and 10 in two runs: too close).
+HOLDOUT_S = 18.0
+EPSILON = 0.05  # the explore slice: what the loop learns the blocked traffic from, and the gate judges by
+
+
+def _new_source_summary(phase: Phase, decisions: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The new source's share of the phase and the share of its expected deals the filter kept."""
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(phase.truth, columns=["request_id", "true_deal", "true_source"]).to_pydict()
+    new = np.array([s == "new" for s in t["true_source"]])
+    block = np.array([decisions.get(r, {}).get("decision") == "block" for r in t["request_id"]])
+    p = np.asarray(t["true_deal"], np.float64)
+    kept = 1.0 - float(p[new & block].sum()) / max(float(p[new].sum()), 1e-12)
+    return {"new_source_requests": int(new.sum()), "new_source_block_share": round(float(block[new].mean()), 4),
+            "new_source_deals_kept": round(kept, 4)}
+
+
+def _models(phase: Phase, decisions: dict[str, dict[str, Any]]) -> dict[str, int]:
+    import pyarrow.parquet as pq
+
+    ids = pq.read_table(phase.truth, columns=["request_id"]).column(0).to_pylist()
+    models = [decisions[r].get("model", "?") for r in ids if r in decisions]
+    return {m: models.count(m) for m in sorted(set(models))}
+
+
+def _logged_rows(log_dir: Path) -> int:
+    """Impression rows the logger has renamed into place so far."""
+    import pyarrow.parquet as pq
+
+    files = [f for f in (log_dir / "impressions").rglob("*.parquet") if not f.name.startswith((".", "_"))]
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+
+
+def _wait_logged(log_dir: Path, want: int, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    n = _logged_rows(log_dir)
+    while n < want and time.monotonic() < deadline:
+        time.sleep(0.5)
+        n = _logged_rows(log_dir)
+    return n
+
+
+def _retrain(env: dict[str, str], log_dir: Path, model_dir: Path, profile: str, holdout_s: float,
+             since_s: float) -> dict[str, Any]:
+    """v2 from the logs only, through `rta retrain` (train from current -> gate -> promote), its
+    one JSON line parsed. `rta retrain` is the registry's verb (contract of issue 11, item 4)."""
+    argv = ["retrain", "--logs", str(log_dir), "--model-dir", str(model_dir),
+            "--since-hours", f"{since_s / 3600:.6f}", "--holdout-hours", f"{holdout_s / 3600:.6f}",
+            "--profile", profile, "--version", "v2", "--attribution", ATTRIBUTION, "--quiet",
+            "--reason", "rta demo: the new source, learnt from v1's logs"]
+    cmd = [sys.executable, "-m", "infra.cli", *argv]
+    proc = subprocess.run(cmd, env=env, check=False, stdout=subprocess.PIPE, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip().startswith("{")]
+    if proc.returncode not in (0, 3) or not lines:
+        raise RtaError(f"demo step `rta {' '.join(argv)}` failed with exit code {proc.returncode}")
+    return json.loads(lines[-1])
+
+
 @click.command(name="demo")
 @click.option("--rows", type=click.IntRange(min=10_000), default=200_000, show_default=True,
-              help="Rows of logged traffic to train on.")
+              help="Rows of logged traffic v1 is trained on.")
 @click.option("--events", type=click.IntRange(min=2_000), default=60_000, show_default=True,
-              help="Fresh requests streamed, split over the two phases.")
+              help="Fresh requests streamed in phases 1 and 2 (the live change of r).")
+@click.option("--loop-events", type=click.IntRange(min=2_000), default=78_000, show_default=True,
+              help="Requests with the new source streamed while v1 serves (the logs v2 learns from); "
+                   "as many again once v2 serves.")
 @click.option("--rate", type=click.FloatRange(min=100), default=3_000.0, show_default=True,
               help="Offered load while streaming (events/s).")
 @click.option("--ratios", default="0.3,0.5", show_default=True,
-              help="Target block share r of phase 1 and phase 2 (changed live in between).")
+              help="Target block share r of phase 1 and phase 2 (changed live in between); the loop runs at the second.")
 @click.option("--warmup-s", type=click.FloatRange(min=0), default=8.0, show_default=True,
               help="Seconds of traffic before phase 1 (worker joins, window fills); not judged.")
-@click.option("--profile", type=click.Choice(["tiny", "demo", "paper"]), default="demo", show_default=True)
+@click.option("--profile", type=click.Choice(["tiny", "loop", "demo", "paper"]), default="loop", show_default=True,
+              help="Training profile of v1 and v2 (`loop`: the demo profile with a faster student).")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path(".rta/demo"),
-              show_default=True, help="Where the world, the model bundle and the summary go.")
+              show_default=True, help="Where the world, the logs, the model bundles and the summary go.")
 @click.option("--retrain/--reuse-model", default=False, show_default=True,
-              help="Train even when the workdir already holds a bundle.")
-def demo(rows: int, events: int, rate: float, ratios: str, warmup_s: float, profile: str,
+              help="Train v1 even when the workdir already holds a bundle.")
+def demo(rows: int, events: int, loop_events: int, rate: float, ratios: str, warmup_s: float, profile: str,
          workdir: Path, retrain: bool) -> None:
-    """Stack, world, train, serve, stream, change r live, and summarise against the oracle."""
+    """Stack, world, train v1, serve, change r live, a new source appears, log what v1 let
+    through, retrain v2 from those logs, gate and promote it, serve v2; summarise vs the oracle."""
     try:
         r1, r2 = (float(x) for x in ratios.split(","))
     except ValueError:
         raise click.BadParameter(f"expected two numbers like 0.3,0.5, got {ratios!r}",
                                  param_hint="'--ratios'") from None
     started = time.monotonic()
+    timings: dict[str, float] = {}
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     run_id = f"demo{int(time.time())}"
@@ -196,34 +292,79 @@ def demo(rows: int, events: int, rate: float, ratios: str, warmup_s: float, prof
     from dataclasses import replace
 
     settings = replace(settings, redis_prefix=run_id)
+    if retrain and (workdir / "models").exists():
+        import shutil
+
+        shutil.rmtree(workdir / "models")  # v1 again, and no v2 of an earlier run left as current
     model_dir = workdir / "models"
+    log_dir, truth_live = workdir / "log" / run_id, workdir / "truth-live" / run_id
+
+    def lap(name: str, since: float) -> float:
+        timings[name] = round(time.monotonic() - since, 1)
+        return time.monotonic()
 
     with _stack(settings, workdir) as settings:
         from stream.kafka import ensure_topics, make_admin
         from stream.window import RedisStore
 
         ensure_topics(make_admin(settings), settings.topics.values(), settings.partitions)
-        env = _child_env(settings, model_dir)
+        env = {**_child_env(settings, model_dir), "RTA_ATTRIBUTION": ATTRIBUTION}
+        t = lap("stack", started)
 
         world_dir = workdir / "world"
-        if retrain or not (model_dir / "current").exists():
-            _say(f"1/5 world: {rows} rows of logged traffic -> {world_dir}")
-            _run(["world", "generate", "--rows", str(rows), "--seed", "7", "--out", str(world_dir)], env)
-            _say(f"2/5 train ({profile} profile): teacher + SWAG + student + ONNX bundle")
-            _run(["train", "--logs", str(world_dir), "--out", str(model_dir), "--profile", profile], env)
-        else:
-            _say(f"1-2/5 reusing the bundle in {model_dir} (--retrain to train again)")
-        from model.bundle import read_manifest, resolve_bundle
+        from model.bundle import current_version, read_manifest, resolve_bundle
 
+        if current_version(model_dir) is None:
+            _say(f"1/7 world: {rows} rows of logged traffic -> {world_dir}")
+            _run(["world", "generate", "--rows", str(rows), "--seed", "7", "--out", str(world_dir)], env)
+            t = lap("world", t)
+            _say(f"2/7 train v1 ({profile} profile): teacher + SWAG + student + ONNX bundle")
+            # no evaluation report here (its baselines take a minute): `rta eval --model v1` makes it
+            _run(["train", "--logs", str(world_dir), "--out", str(model_dir), "--profile", profile,
+                  "--version", "v1", "--no-report"], env)
+            t = lap("train_v1", t)
+        else:
+            from model.bundle import publish
+
+            _say(f"1-2/7 reusing v1 in {model_dir} (--retrain to train again)")
+            for old in model_dir.glob("v2*"):  # an earlier run's v2: this run learns its own
+                import shutil
+
+                shutil.rmtree(old)
+            publish(model_dir / "v1")
         bundle = resolve_bundle(model_dir)
         manifest = read_manifest(bundle)
 
         store = RedisStore.from_url(settings.redis_url, settings.redis_prefix)
-        store.update_targets("rta demo", "demo phase 1", r=r1, p_u=0.02, epsilon=0.01)
-        _say(f"3/5 serve: model {manifest['version']}, r={r1}, p_u=0.02, epsilon=0.01")
-        worker = subprocess.Popen(
+        store.update_targets("rta demo", "demo phase 1", r=r1, p_u=0.02, epsilon=EPSILON)
+        _say(f"3/7 serve: model {manifest['version']}, r={r1}, p_u=0.02, epsilon={EPSILON}; the logger and "
+             f"the downstream simulator ({TIME_SCALE:.0f}x real time) record what it lets through")
+        procs: dict[str, subprocess.Popen] = {}
+        procs["worker"] = subprocess.Popen(
             [sys.executable, "-m", "infra.cli", "serve", "--group", f"{run_id}-workers",
              "--no-metrics", "--log-level", "warning"], env=env)
+        procs["logger"] = subprocess.Popen(
+            [sys.executable, "-m", "infra.cli", "log", "--out", str(log_dir), "--group", f"{run_id}-logger",
+             "--roll-seconds", "1", "--batch-wait-ms", "20", "--no-metrics", "--log-level", "warning"], env=env)
+        procs["outcomes"] = subprocess.Popen(
+            [sys.executable, "-m", "infra.cli", "world", "outcomes", "--truth", str(truth_live),
+             "--time-scale", str(TIME_SCALE), "--group", f"{run_id}-outcomes"], env=env,
+            stdout=subprocess.DEVNULL)
+        from training.world import WorldConfig
+        from training.world_cli import stream_requests
+
+        sent: list[dict[str, Any]] = []
+        promotion: dict[str, Any] = {}
+
+        def stream(phase: Phase, count: int, seed: int, config: WorldConfig | None = None) -> None:
+            phase.started_at = time.time()
+            _say(f"stream {phase.name}: {count} fresh requests at {rate:.0f}/s, target r={phase.r}")
+            sent.append(stream_requests(settings, count, rate=rate, seed=seed, config=config,
+                                        truth_out=phase.truth, truth_dir=truth_live, progress=True))
+            for name, proc in procs.items():
+                if proc.poll() is not None:
+                    raise RtaError(f"the {name} exited with code {proc.returncode}; see its log above")
+
         try:
             half = events // 2
             # The warm-up phase lets the worker join its group and the window fill; it is
@@ -231,41 +372,92 @@ def demo(rows: int, events: int, rate: float, ratios: str, warmup_s: float, prof
             phases = [Phase("warm-up", r1, workdir / "truth-0.parquet"),
                       Phase("phase 1", r1, workdir / "truth-1.parquet"),
                       Phase("phase 2", r2, workdir / "truth-2.parquet")]
-            counts = [max(1000, int(rate * warmup_s)), half, half]
-            from training.world_cli import stream_requests
-
-            sent: list[dict[str, Any]] = []
-            for i, (phase, count) in enumerate(zip(phases, counts, strict=True)):
+            _say("4/7 v1 serves the known traffic; the operator changes r live")
+            for i, (phase, count) in enumerate(zip(phases, [max(1000, int(rate * warmup_s)), half, half],
+                                                   strict=True)):
                 if i == 2:
                     store.update_targets("rta demo", "demo phase 2: budget changed", r=r2)
                     _say(f"operator: rta ratio set {r2} --reason 'demo phase 2' (live)")
-                phase.started_at = time.time()
-                _say(f"4/5 stream {phase.name}: {count} fresh requests at {rate:.0f}/s, target r={phase.r}")
-                sent.append(stream_requests(settings, count, rate=rate, seed=1000 + i,
-                                            truth_out=phase.truth, progress=True))
-                if worker.poll() is not None:
-                    raise RtaError(f"the worker exited with code {worker.returncode}; see its log above")
-            _say("5/5 collecting decisions")
-            import pyarrow.parquet as pq
+                stream(phase, count, 1000 + i)
+            t = lap("serve_v1", t)
+            ns = WorldConfig(**NEW_SOURCE)
+            before = Phase("new source, v1", r2, workdir / "truth-3.parquet")
+            _say(f"5/7 a new source appears ({NEW_SOURCE['new_source_share']:.0%} of traffic, its own ids "
+                 "and units); v1 serves it")
+            stream(before, loop_events, 1003, ns)
+            phases.append(before)
+            t = lap("new_source_v1", t)
+            total = sum(s["sent"] for s in sent)
+            logged = _wait_logged(log_dir, total, 60.0)
+            time.sleep(1.0)  # the last outcomes of the newest requests (their windows are open anyway)
+            _say(f"6/7 retrain from the logs only: {logged} logged requests (passed ones labelled by the "
+                 "simulated downstream), gate on the newest, promote or refuse")
+            since_s = time.time() - phases[0].started_at + 60.0
+            import threading
 
-            want = set()
-            for phase in phases:
-                want.update(pq.read_table(phase.truth, columns=["request_id"]).column(0).to_pylist())
-            decisions = _collect(settings, want, timeout=60.0)
+            reader = _Reader(settings)
+            so_far = threading.Thread(target=reader.until, args=(_ids(phases), 600.0), daemon=True)
+            so_far.start()  # v1's decisions are read while v2 trains
+            # at most 70% of the new source's phase: v2 must see some of it (a short test run
+            # then gives the gate too few closed windows, and it refuses: the summary says so)
+            holdout_s = min(HOLDOUT_S, 0.7 * loop_events / rate)
+            promotion = _retrain(env, log_dir, model_dir, profile, holdout_s, since_s)
+            t = lap("retrain", t)
+            _say(f"gate: {promotion.get('outcome')} {promotion.get('candidate')} (current was "
+                 f"{promotion.get('current')})")
+            after = Phase("new source, v2", r2, workdir / "truth-5.parquet")
+            switch = Phase("switch-over", r2, workdir / "truth-4.parquet")
+            _say("7/7 the worker reloads `current` live; the same new-source traffic again")
+            stream(switch, max(1000, int(rate * 3)), 1004, ns)  # the worker's reload interval is 2 s
+            stream(after, loop_events, 1005, ns)
+            phases += [switch, after]
+            t = lap("new_source_v2", t)
+            _say("collecting decisions")
+            want = _ids(phases)
+            reader.stop.set()
+            so_far.join()
+            reader.stop.clear()
+            decisions = reader.until(want, timeout=60.0)
+            reader.close()
+            lap("collect", t)
         finally:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+            for proc in procs.values():
+                proc.send_signal(signal.SIGTERM)
+            for proc in procs.values():
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
 
     settle = 0.4  # the first 40% of a phase is the controller settling on the new target
+    summaries = []
+    for p in phases:
+        row = _phase_summary(p, decisions, settle)
+        row["models"] = _models(p, decisions)
+        if p in (before, switch, after):
+            row.update(_new_source_summary(p, decisions))
+        summaries.append(row)
+    by_name = {row["phase"]: row for row in summaries}
+    b, a = by_name[before.name], by_name[after.name]
+    loop = {
+        "r": r2, "new_source": NEW_SOURCE, "v1": manifest["version"], "v2": promotion.get("candidate"),
+        "promoted": promotion.get("outcome") == "promoted", "gate": promotion.get("gate"),
+        "new_source_deals_kept": {"before": b["new_source_deals_kept"], "after": a["new_source_deals_kept"]},
+        "deals_kept": {"before": b["deals_kept"], "after": a["deals_kept"]},
+        "deals_kept_oracle": {"before": b["deals_kept_oracle"], "after": a["deals_kept_oracle"]},
+        "deals_kept_vs_oracle": {"before": round(b["deals_kept"] - b["deals_kept_oracle"], 4),
+                                 "after": round(a["deals_kept"] - a["deals_kept_oracle"], 4)},
+        "served_by": {"before": b["models"], "after": a["models"]},
+        "churn": _churn(model_dir, manifest["version"], promotion.get("candidate"), log_dir, r2,
+                        int(before.started_at * 1000), int(switch.started_at * 1000)),
+    }
     summary = {
         "model": manifest["version"], "bundle": str(bundle),
-        "report": str(bundle / "report" / "report.md"),
+        "report": (str(bundle / "report" / "report.md") if (bundle / "report" / "report.md").exists()
+                   else f"rta eval --model {bundle} --logs {world_dir} --out {workdir / 'report'}"),
         "events_sent": sum(s["sent"] for s in sent), "events_decided": len(decisions),
         "missing_decisions": len(want - decisions.keys()),
-        "phases": [_phase_summary(p, decisions, settle) for p in phases],
+        "phases": summaries, "loop": loop, "timings_s": timings,
         "seconds": round(time.monotonic() - started, 1),
         "summary": str(workdir / "summary.json"),
     }
@@ -274,6 +466,24 @@ def demo(rows: int, events: int, rate: float, ratios: str, warmup_s: float, prof
         summary["latency_ms"] = latency  # all phases; each phase has its own (warm-up = group join)
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     _print_summary(summary, rate)
+
+
+def _churn(model_dir: Path, v1: str, v2: str | None, log_dir: Path, r: float, from_ms: int,
+           until_ms: int) -> dict[str, Any] | None:
+    """Decisions flipped between v1 and v2 on the logged new-source traffic, both replayed at the
+    loop's targets (`rta model diff`'s measure, training/churn.py); None without a v2."""
+    if v2 is None or not (model_dir / v2).is_dir():
+        return None
+    from training.churn import diff_models
+    from training.logs import Attribution
+    from training.replay import Step
+
+    rep = diff_models(model_dir / v1, model_dir / v2, log_dir, Step(r, 0.02, EPSILON),
+                      attribution=Attribution.parse(ATTRIBUTION), from_ms=from_ms, until_ms=until_ms)
+    c = rep["churn"]
+    return {"rows": c["rows"], "flipped_share": round(c["share"], 4), "pass_to_block": round(c["pass_to_block"], 4),
+            "block_to_pass": round(c["block_to_pass"], 4), "targets": rep["targets"],
+            "window": "the new source's first phase (logged, served by v1)"}
 
 
 def _print_summary(s: dict[str, Any], rate: float) -> None:
@@ -292,5 +502,19 @@ def _print_summary(s: dict[str, Any], rate: float) -> None:
                    f"           {p['error_pp_settled']:+.2f}pp   {p['deals_kept']:.3f} / "
                    f"{p['deals_kept_oracle']:.3f} / {p['deals_kept_random']:.3f}")
     click.echo("  reasons:  " + "; ".join(f"{p['phase']}: {p['reasons']}" for p in s["phases"]))
+    loop = s["loop"]
+    ns, dk, vo = loop["new_source_deals_kept"], loop["deals_kept"], loop["deals_kept_vs_oracle"]
+    click.echo(f"  loop at r={loop['r']}: v1 {loop['v1']} -> v2 {loop['v2']} "
+               f"({'promoted by the gate' if loop['promoted'] else 'NOT promoted by a gate'})")
+    click.echo(f"    new-source deals kept  before {ns['before']:.3f}  after {ns['after']:.3f}")
+    click.echo(f"    all deals kept         before {dk['before']:.3f}  after {dk['after']:.3f}   "
+               f"(vs oracle {vo['before']:+.3f} / {vo['after']:+.3f})")
+    click.echo(f"    served by: before {loop['served_by']['before']}, after {loop['served_by']['after']}")
+    if loop.get("churn") is not None:
+        c = loop["churn"]
+        click.echo(f"    churn v1 -> v2 on the logged new-source phase: {c['flipped_share']:.2%} of "
+                   f"{c['rows']} decisions flip ({c['pass_to_block']:.2%} pass->block, "
+                   f"{c['block_to_pass']:.2%} block->pass)")
+    click.echo("  seconds per step: " + ", ".join(f"{k} {v}" for k, v in s["timings_s"].items()))
     click.echo(f"  report:   {s['report']}")
     click.echo(f"  summary:  {s['summary']}")

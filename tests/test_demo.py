@@ -1,5 +1,6 @@
 """`rta demo` end to end on the session's broker and Redis, tiny profile: nothing undecided,
-the live change of r shows in the block share, and the filter keeps more deals than chance."""
+the live change of r shows in the block share, the filter keeps more deals than chance, and the
+loop (new source -> logs -> v2 -> gate -> live reload) reports its section."""
 
 from __future__ import annotations
 
@@ -19,16 +20,17 @@ def test_tiny_demo_decides_everything_and_follows_the_live_ratio(kafka, redis_se
     # phase 1 (the warm-up passes everything until then; it is reported, not judged).
     res = subprocess.run(
         [sys.executable, "-m", "infra.cli", "demo", "--profile", "tiny", "--rows", "12000",
-         "--events", "16000", "--rate", "2000", "--warmup-s", "5", "--ratios", "0.3,0.6",
-         "--workdir", str(tmp_path / "demo")],
-        env=env, capture_output=True, text=True, timeout=600)
+         "--events", "16000", "--loop-events", "12000", "--rate", "2000", "--warmup-s", "5",
+         "--ratios", "0.3,0.6", "--workdir", str(tmp_path / "demo")],
+        env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "using the running stack" in res.stderr  # reused, not an embedded stack of its own
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert summary["events_sent"] == 10_000 + 16_000 and summary["missing_decisions"] == 0
-    assert summary["events_decided"] == summary["events_sent"]
-    warm, one, two = summary["phases"]
-    assert [p["phase"] for p in summary["phases"]] == ["warm-up", "phase 1", "phase 2"]
+    assert summary["events_sent"] == 10_000 + 16_000 + 12_000 + 6_000 + 12_000
+    assert summary["missing_decisions"] == 0 and summary["events_decided"] == summary["events_sent"]
+    warm, one, two, before, switch, after = summary["phases"]
+    assert [p["phase"] for p in summary["phases"]] == ["warm-up", "phase 1", "phase 2", "new source, v1",
+                                                       "switch-over", "new source, v2"]
     for phase in (one, two):
         assert phase["decided"] == phase["requests"] == 8000
         assert abs(phase["block_share_settled"] - phase["target_r"]) < 0.05, phase
@@ -39,4 +41,21 @@ def test_tiny_demo_decides_everything_and_follows_the_live_ratio(kafka, redis_se
         assert phase["latency_ms"]["n"] == phase["decided"], phase
         assert phase["latency_ms"]["p50"] > 0, phase
     assert two["block_share_settled"] - one["block_share_settled"] > 0.2
+    # the loop: v1 served the new source, v2 was trained from the logs and serves the last phase
+    loop = summary["loop"]
+    assert loop["v1"] == "v1" and loop["v2"] == "v2" and loop["r"] == 0.6
+    # v2 serves the last phase when the gate promoted it (the tiny profile's student may fail the
+    # gate's fidelity bar: then v1 goes on serving, and the summary says so)
+    serving = "v2" if loop["promoted"] else "v1"
+    assert before["models"] == {"v1": before["decided"]} and after["models"] == {serving: after["decided"]}
+    assert loop["served_by"] == {"before": before["models"], "after": after["models"]}
+    for key in ("new_source_deals_kept", "deals_kept", "deals_kept_oracle", "deals_kept_vs_oracle"):
+        assert set(loop[key]) == {"before", "after"} and all(0 <= abs(v) <= 1 for v in loop[key].values()), key
+    assert loop["new_source_deals_kept"]["before"] == before["new_source_deals_kept"]
+    assert loop["new_source_deals_kept"]["after"] == after["new_source_deals_kept"]
+    assert 0.05 < before["new_source_requests"] / before["requests"] < 0.15  # the 10% new source
+    assert isinstance(loop["promoted"], bool) and "churn" in loop
+    manifest = json.loads((tmp_path / "demo" / "models" / "v2" / "manifest.json").read_text())
+    assert manifest["lineage"]["parent"] == "v1" and "/log/" in manifest["lineage"]["logs"]
+    assert "new-source deals kept" in res.stdout
     assert "request->decision latency p50 / p99 ms: all" in res.stdout

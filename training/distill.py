@@ -109,15 +109,28 @@ def train_student(
     tasks: list[str],
     cfg: StudentConfig,
     progress: bool = True,
+    init_state: dict[str, torch.Tensor] | None = None,
+    anchor_p: np.ndarray | None = None,
+    anchor_weight: float = 0.0,
 ) -> tuple[Student, dict[str, Any]]:
-    """Fit a student on (x, idx, labels, teacher_mean, teacher_u) per split; best epoch kept."""
+    """Fit a student on (x, idx, labels, teacher_mean, teacher_u) per split; best epoch kept.
+
+    `init_state`: start from these weights (the parent student: a warm start). `anchor_p`
+    (per training row, the anchor student's p): the BCE target becomes (1 - anchor_weight) x
+    the usual soft label + anchor_weight x anchor_p, i.e. a distillation term toward the
+    previous student that keeps decisions from flipping where the data does not ask for it."""
     torch.manual_seed(cfg.seed)
     student = Student(pre.n_inputs, pre.cardinalities, tasks, cfg)
+    if init_state is not None:
+        student.load_state_dict(init_state)
     x, idx, y, t_mean, t_u = train
     vx, vidx, vy, vt_mean, vt_u = valid
     a = cfg.soft_label_weight
     tail = np.quantile(t_u, 1.0 - cfg.tail_share, axis=0)
-    tr = _Data(x, idx, y, (1 - a) * y + a * t_mean, student.set_target_map(t_u, y),
+    soft = (1 - a) * y + a * t_mean
+    if anchor_p is not None and anchor_weight > 0:
+        soft = (1 - anchor_weight) * soft + anchor_weight * np.asarray(anchor_p, np.float32)
+    tr = _Data(x, idx, y, soft, student.set_target_map(t_u, y),
                tail_weights(t_u, tail, cfg.tail_weight))
     va = _Data(vx, vidx, vy, (1 - a) * vy + a * vt_mean, _encode_valid(student, vt_u),
                tail_weights(vt_u, tail, cfg.tail_weight))
@@ -232,6 +245,40 @@ def fit_novelty(pre: Preprocessor, train: Any, valid: Any, u_valid: np.ndarray, 
     return novelty, combine
 
 
+def _load_student(bundle_dir: Path) -> tuple[Student, Preprocessor]:
+    """A bundle's torch student and preprocessor, hash-checked against its manifest first."""
+    manifest = bundle.read_manifest(bundle_dir)
+    bundle.verify_files(bundle_dir, manifest, only={"student.pt", "preprocess.json"})
+    ck = torch.load(bundle_dir / "student.pt", map_location="cpu", weights_only=True)
+    pre = Preprocessor.from_dict(json.loads((bundle_dir / "preprocess.json").read_text()))
+    return Student.from_checkpoint(ck), pre
+
+
+def _warm_student(parent: str | Path | None, pre: Preprocessor, tasks: list[str], cfg: StudentConfig
+                  ) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
+    """The parent student's weights when its network is the one about to be trained."""
+    if parent is None:
+        return None, {}
+    old, old_pre = _load_student(Path(parent))
+    new = Student(pre.n_inputs, pre.cardinalities, tasks, cfg)
+    same = (old_pre.to_dict() == pre.to_dict() and list(old.tasks) == list(tasks)
+            and {k: v.shape for k, v in old.state_dict().items()} == {k: v.shape for k, v in new.state_dict().items()})
+    return (old.state_dict() if same else None), {"parent": str(parent), "used": same}
+
+
+def _anchor_targets(anchor: str | Path, pre: Preprocessor, train: Any, aug_mean: np.ndarray | None,
+                    ax: np.ndarray, aidx: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    """The anchor student's p on every training row: logged rows through its own preprocessor;
+    augmented rows (preprocessed inputs only) when it shares ours, else the teacher's mean."""
+    student, a_pre = _load_student(Path(anchor))
+    x, idx = a_pre.transform(train.num, train.cat)
+    p = [student.predict(x, idx)[0]]
+    same = a_pre.to_dict() == pre.to_dict()
+    if aug_mean is not None and len(aug_mean):
+        p.append(student.predict(ax, aidx)[0] if same else np.asarray(aug_mean, np.float32))
+    return np.concatenate(p).astype(np.float32), {"bundle": str(anchor), "augmented_rows_anchored": same}
+
+
 def distill_and_export(
     bundle_dir: str | Path,
     pre: Preprocessor,
@@ -243,6 +290,8 @@ def distill_and_export(
     publish: bool = True,
     progress: bool = True,
     teacher: Callable[[np.ndarray, np.ndarray], Any] | None = None,
+    init_student: str | Path | None = None,
+    anchor: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train the student, write student.onnx + manifest into `bundle_dir`, publish it as current.
 
@@ -250,6 +299,11 @@ def distill_and_export(
     the same weight draws) labels the augmented rows; it is required when the student config
     asks for `augment_copies`. Returns the metrics stored in the manifest (student training,
     fidelity, acceptance).
+
+    `init_student` (a bundle dir, the parent): warm-start from its student when the network
+    matches, for the profile's `warm_student_epochs`. `anchor` (a bundle dir): distil toward
+    its student's p as well (`train_student`'s anchor term, weight = the profile's
+    `anchor_weight`).
     """
     bundle_dir = Path(bundle_dir)
     cfg = StudentConfig.from_any(getattr(profile_cfg, "student", profile_cfg if isinstance(profile_cfg, dict) else None))
@@ -282,7 +336,19 @@ def distill_and_export(
                                                        strict=True))
         augmented = {"rows": len(ax), "swap": cfg.augment_swap, "teacher_seconds": round(time.perf_counter() - t0, 1)}
         del ax, aidx, ap
-    student, info = train_student(pre, tr, va, tasks, cfg, progress)
+    init_state, warm_info = _warm_student(init_student, pre, tasks, cfg)
+    if init_state is not None and getattr(profile_cfg, "warm_student_epochs", None):
+        cfg = dataclasses.replace(cfg, epochs=int(profile_cfg.warm_student_epochs))
+    anchor_p, anchor_info = None, {}
+    weight = float(getattr(profile_cfg, "anchor_weight", 0.5))
+    if anchor is not None:
+        anchor_p, anchor_info = _anchor_targets(anchor, pre, train, tr[2][len(x):] if cfg.augment_copies else None,
+                                                tr[0][len(x):], tr[1][len(x):])
+        anchor_info["weight"] = weight
+    student, info = train_student(pre, tr, va, tasks, cfg, progress, init_state=init_state,
+                                  anchor_p=anchor_p, anchor_weight=weight)
+    info["warm_start"] = warm_info
+    info["anchor"] = anchor_info
     del tr
     comparison, comparison_info = ({}, {})
     if cfg.compare_target_modes:

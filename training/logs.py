@@ -20,6 +20,7 @@ Anything wrong with the input is a one-line `DataError` naming the file and the 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -64,6 +65,8 @@ class LogSet:
     decisions: pa.Table | None = None
     # logged layout only: what loading dropped, joined and masked (counts, windows, as-of)
     info: dict[str, Any] = field(default_factory=dict)
+    # per-row loss weight of the observed labels (training.debias "ips"); None = all 1
+    weights: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -74,7 +77,25 @@ class LogSet:
             truth=None if self.truth is None else self.truth[rows],
             request_id=self.request_id[rows], ts_ms=self.ts_ms[rows],
             decisions=None if self.decisions is None else self.decisions.take(_indices(rows)),
+            weights=None if self.weights is None else self.weights[rows],
         )
+
+    def between(self, since_ms: int | None = None, until_ms: int | None = None) -> LogSet:
+        """The rows with since_ms <= ts_ms < until_ms (either bound optional): a retraining
+        window, and the newer window a promotion gate holds out."""
+        if since_ms is None and until_ms is None:
+            return self
+        keep = np.ones(len(self), bool)
+        if since_ms is not None:
+            keep &= self.ts_ms >= since_ms
+        if until_ms is not None:
+            keep &= self.ts_ms < until_ms
+        if not keep.any():
+            window = " and ".join(w for w in (None if since_ms is None else f"ts_ms >= {since_ms}",
+                                              None if until_ms is None else f"ts_ms < {until_ms}") if w)
+            raise DataError(f"{self.source or 'logs'}: no rows with {window} "
+                            f"(the log spans {int(self.ts_ms.min())} .. {int(self.ts_ms.max())})")
+        return self if keep.all() else self.take(np.flatnonzero(keep))
 
     @property
     def masked(self) -> bool:
@@ -318,6 +339,7 @@ def load_logs(path: str | Path, tasks: tuple[str, ...] = DEFAULT_TASKS,
 DEFAULT_WINDOWS_S: dict[str, float] = {"click": 900.0, "online": 3600.0, "cart": 86_400.0,
                                        "deal": 7 * 86_400.0}
 _FALLBACK_WINDOW_S = 86_400.0  # a task outside the four defaults
+ATTRIBUTION_ENV = "RTA_ATTRIBUTION"
 _UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86_400.0}
 # contract dtypes of the decision columns (stream/logschema.py); anything castable is accepted
 _DECISION_TYPES: dict[str, pa.DataType] = {
@@ -342,8 +364,13 @@ class Attribution:
 
     @classmethod
     def parse(cls, text: str | None, as_of_ms: int | None = None) -> Attribution:
-        """From "click=15m,deal=7d" (units s, m, h, d; plain numbers are seconds)."""
+        """From "click=15m,deal=7d" (units s, m, h, d; plain numbers are seconds). Without text,
+        $RTA_ATTRIBUTION in the same syntax, else the defaults: a deployment (or the demo, whose
+        downstream runs faster than real time) sets its windows once for every verb that reads
+        logs, including `rta retrain`, which has no flag for them."""
         windows = dict(DEFAULT_WINDOWS_S)
+        if text is None:
+            text = os.environ.get(ATTRIBUTION_ENV, "")
         for part in filter(None, (p.strip() for p in (text or "").split(","))):
             m = re.fullmatch(r"([A-Za-z_][\w-]*)\s*=\s*([0-9]*\.?[0-9]+)\s*([smhd]?)", part)
             if not m:
@@ -418,7 +445,7 @@ def load_logged(path: str | Path, tasks: tuple[str, ...] = DEFAULT_TASKS,
     """Read `rta log`'s layout: deduplicated impressions, labels joined from outcomes."""
     path = Path(path)
     tasks = tuple(tasks)
-    att = attribution or Attribution()
+    att = attribution or Attribution.parse(None)
     counts: dict[str, int] = {}
     imp_files = _layout_files(path / IMPRESSIONS_DIR, counts, "impression")
     if not imp_files:

@@ -32,13 +32,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from model.bundle import MANIFEST, read_manifest, sha256_file, verify_files
+from model.bundle import MANIFEST, read_manifest, sha256_file, update_manifest, verify_files
 from model.ple import MultiTaskNet, NetConfig, count_parameters
 from model.preprocess import Preprocessor
 from model.student import StudentConfig
 from model.swag import SWAG
 from model.uncertainty import TeacherPrediction
 from stream.errors import BundleError, DataError
+from training.debias import DEBIAS_MODES, DEFAULT_DEBIAS, apply_debias
 from training.logs import Attribution, LogSet, describe_labels, load_logs, split
 from training.profiles import PROFILES, Profile, get_profile
 
@@ -114,11 +115,16 @@ class Batch:
     x: torch.Tensor
     idx: torch.Tensor
     y: torch.Tensor
+    w: torch.Tensor | None = None  # per-row weight of the observed labels (IPS), None = 1
 
     @classmethod
     def of(cls, pre: Preprocessor, logs: LogSet) -> Batch:
         x, idx = pre.transform(logs.num, logs.cat)
-        return cls(torch.from_numpy(x), torch.from_numpy(idx), torch.from_numpy(logs.labels))
+        w = None if logs.weights is None else torch.from_numpy(np.asarray(logs.weights, np.float32))
+        return cls(torch.from_numpy(x), torch.from_numpy(idx), torch.from_numpy(logs.labels), w)
+
+    def weight(self, rows: torch.Tensor | slice) -> torch.Tensor | None:
+        return None if self.w is None else self.w[rows]
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -132,9 +138,14 @@ def learning_rate(profile: Profile, progress: float, collecting: bool) -> float:
     return profile.swag_lr + 0.5 * (profile.lr - profile.swag_lr) * (1 + math.cos(math.pi * progress))
 
 
-def task_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def task_loss(logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
     """Mean BCE per task, shape [T]; unobserved labels (NaN: logged traffic, blocked or window
-    open) carry no loss: the mean is over each task's observed rows."""
+    open) carry no loss: the mean is over each task's observed rows. With row weights `w` (IPS)
+    it is the self-normalised weighted mean: sum w * bce / sum w over the observed rows."""
+    if w is not None:
+        obs = (~torch.isnan(y)).float() * w[:, None]
+        bce = F.binary_cross_entropy_with_logits(logits, torch.nan_to_num(y), reduction="none") * obs
+        return bce.sum(dim=0) / obs.sum(dim=0).clamp(min=1e-6)
     if torch.isnan(y).any():
         obs = ~torch.isnan(y)
         bce = F.binary_cross_entropy_with_logits(logits, torch.nan_to_num(y), reduction="none") * obs
@@ -147,23 +158,30 @@ def evaluate_loss(model: MultiTaskNet, data: Batch, batch_size: int = 8192) -> n
     model.eval()
     total = torch.zeros(data.y.shape[1], dtype=torch.float64)
     for s in range(0, len(data), batch_size):
-        logits = model(data.x[s : s + batch_size], data.idx[s : s + batch_size])
-        total += task_loss(logits, data.y[s : s + batch_size]).double() * logits.shape[0]
+        rows = slice(s, s + batch_size)
+        logits = model(data.x[rows], data.idx[rows])
+        total += task_loss(logits, data.y[rows], data.weight(rows)).double() * logits.shape[0]
     model.train()
     return (total / max(len(data), 1)).numpy()
 
 
 def fit_network(cfg: NetConfig, profile: Profile, fit: Batch, valid: Batch | None, seed: int,
                 epochs: int | None = None, swag: SWAG | None = None, desc: str = "teacher",
-                progress: bool = True) -> tuple[MultiTaskNet, dict[str, Any]]:
-    """Train one network; with `swag`, collect snapshots in the last `swag_epochs` epochs."""
+                progress: bool = True, init_state: dict[str, torch.Tensor] | None = None,
+                swag_epochs: int | None = None) -> tuple[MultiTaskNet, dict[str, Any]]:
+    """Train one network; with `swag`, collect snapshots in the last `swag_epochs` epochs.
+    `init_state` starts from given weights (a warm start from the parent model) instead of a
+    random initialisation."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = MultiTaskNet(cfg)
+    if init_state is not None:
+        model.load_state_dict(init_state)
     if swag is not None and swag.n_params != count_parameters(model):
         raise ValueError("SWAG size does not match the network")
     epochs = epochs or profile.epochs
-    pre_epochs = epochs - profile.swag_epochs if swag is not None else epochs
+    swag_epochs = min(swag_epochs or profile.swag_epochs, epochs)
+    pre_epochs = epochs - swag_epochs if swag is not None else epochs
     opt = torch.optim.AdamW(model.parameters(), lr=profile.lr, weight_decay=profile.weight_decay)
     weights = torch.tensor(profile.task_weights or [1.0] * len(cfg.tasks), dtype=torch.float32)
     n, bs = len(fit), profile.batch_size
@@ -185,7 +203,7 @@ def fit_network(cfg: NetConfig, profile: Profile, fit: Batch, valid: Batch | Non
             for group in opt.param_groups:
                 group["lr"] = lr
             rows = order[step * bs : (step + 1) * bs]
-            per_task = task_loss(model(fit.x[rows], fit.idx[rows]), fit.y[rows])
+            per_task = task_loss(model(fit.x[rows], fit.idx[rows]), fit.y[rows], fit.weight(rows))
             loss = (weights * per_task).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -217,14 +235,33 @@ def net_config(profile: Profile, pre: Preprocessor, tasks: tuple[str, ...], **ov
 
 
 def train_teacher(profile: Profile, pre: Preprocessor, splits: Splits, seed: int,
-                  progress: bool = True) -> tuple[MultiTaskNet, SWAG, dict[str, Any]]:
+                  progress: bool = True, warm: MultiTaskNet | None = None
+                  ) -> tuple[MultiTaskNet, SWAG, dict[str, Any]]:
+    """The PLE teacher with its SWAG posterior; from `warm`'s weights (the parent) for the
+    profile's `warm_epochs` when given: fine-tuning, not a fresh fit."""
     tasks = splits.fit.tasks
     cfg = net_config(profile, pre, tasks)
     fit, valid = Batch.of(pre, splits.fit), Batch.of(pre, splits.valid)
     swag = SWAG(count_parameters(MultiTaskNet(cfg)), max_rank=profile.max_rank, diag_only=profile.diag_only)
-    swag.base_rate = np.nanmean(splits.fit.labels, axis=0).astype(np.float64)
-    model, history = fit_network(cfg, profile, fit, valid, seed, swag=swag, progress=progress)
+    swag.base_rate = _label_rate(splits.fit).astype(np.float64)
+    epochs = swag_epochs = None
+    if warm is not None:
+        epochs = profile.warm_epochs or profile.epochs
+        swag_epochs = max(1, min(profile.swag_epochs, epochs - 1)) if epochs > 1 else 1
+    model, history = fit_network(cfg, profile, fit, valid, seed, swag=swag, progress=progress,
+                                 init_state=None if warm is None else warm.state_dict(), epochs=epochs,
+                                 swag_epochs=swag_epochs)
+    history["warm_start"] = warm is not None
     return model, swag, history
+
+
+def _label_rate(logs: LogSet) -> np.ndarray:
+    """Observed positive rate per task, weighted like the loss (IPS weights when present)."""
+    if logs.weights is None:
+        return np.nanmean(logs.labels, axis=0)
+    obs = ~np.isnan(logs.labels)
+    w = logs.weights[:, None] * obs
+    return (np.nan_to_num(logs.labels) * w).sum(axis=0) / np.maximum(w.sum(axis=0), 1e-12)
 
 
 def teacher_predict(model: MultiTaskNet, swag: SWAG, pre: Preprocessor, logs: LogSet,
@@ -315,11 +352,42 @@ def load_teacher(bundle_dir: str | Path) -> tuple[MultiTaskNet, SWAG, Preprocess
 
 
 # ---- the whole run ------------------------------------------------------------------------
+def _version_of(bundle_dir: Path) -> str:
+    try:
+        return str(read_manifest(bundle_dir)["version"])
+    except (BundleError, KeyError):
+        return bundle_dir.name
+
+
+def _warm_start(parent: Path, logs: LogSet, profile: Profile
+                ) -> tuple[MultiTaskNet | None, Preprocessor | None, str]:
+    """The parent's teacher and preprocessor when its network fits these logs and this profile
+    (same feature spec, tasks and sizes); else (None, None, why not)."""
+    p_model, _, p_pre, _ = load_teacher(parent)
+    if p_pre.spec != logs.spec or tuple(p_model.cfg.tasks) != tuple(logs.tasks):
+        return None, None, "the parent's feature spec or tasks differ from these logs"
+    if p_model.cfg != net_config(profile, p_pre, logs.tasks):
+        return None, None, f"the parent's network is not the {profile.name} profile's"
+    return p_model, p_pre, "ok"
+
+
 def run_training(logs_path: str | Path, out: str | Path, profile: Profile, seed: int = 0,
                  version: str | None = None, teacher_only: bool = False, report: bool = True,
                  progress: bool = True, threads: int | None = None,
-                 attribution: Attribution | None = None) -> Path:
-    """Every stage of `rta train`; returns the bundle directory."""
+                 attribution: Attribution | None = None, *, parent: str | Path | None = None,
+                 debias: str = DEFAULT_DEBIAS, anchor: str | Path | None = None,
+                 since_ms: int | None = None, until_ms: int | None = None,
+                 publish: bool | None = None) -> Path:
+    """Every stage of `rta train`; returns the bundle directory.
+
+    `parent` (a bundle dir): warm-start teacher and student from its weights (and reuse its
+    preprocessor) when the feature spec matches; recorded in the manifest's lineage either way.
+    `debias`: how the biased labels of logged traffic are weighted (training.debias). `anchor`
+    (a bundle dir): distil the student toward that student's p too (less decision churn).
+    `since_ms`/`until_ms`: train on the logged rows with since_ms <= ts_ms < until_ms only.
+    `publish`: True points `<out>/current` at the new version, False never, None only when
+    there is no `current` yet (the first version); otherwise the version is a candidate for
+    `rta model promote`."""
     from training.report import plot_loss
 
     t0 = time.perf_counter()
@@ -328,8 +396,11 @@ def run_training(logs_path: str | Path, out: str | Path, profile: Profile, seed:
     bundle_dir = Path(out) / version
     if bundle_dir.exists() and any(bundle_dir.iterdir()):
         raise BundleError(f"{bundle_dir} already exists; pick another --version")
+    parent_dir = None if parent is None else resolve_bundle(parent)
+    anchor_dir = None if anchor is None else resolve_bundle(anchor)
 
-    logs = load_logs(logs_path, attribution=attribution)
+    logs = load_logs(logs_path, attribution=attribution).between(since_ms, until_ms)
+    logs, debias_info = apply_debias(logs, debias)
     splits = make_splits(logs, profile, seed)
     log(f"loaded {len(logs)} rows ({len(logs.spec.numeric)} numeric + {len(logs.spec.categorical)} "
         f"categorical features) from {logs_path}; fit {len(splits.fit)} / valid {len(splits.valid)} / "
@@ -337,20 +408,37 @@ def run_training(logs_path: str | Path, out: str | Path, profile: Profile, seed:
     log(f"training split: {describe_labels(splits.fit)}")
     if logs.masked:
         log("logged traffic: the teacher learns from observed labels only (blocked rows and open "
-            "windows carry no loss); passed traffic is not a random sample, the explore slice is")
+            "windows carry no loss); passed traffic is not a random sample, the explore slice is; "
+            f"--debias {debias}: {json.dumps({k: v for k, v in debias_info.items() if k != 'mode'})}")
     if np.nansum(splits.fit.labels, axis=0).min() == 0:
         empty = splits.fit.tasks[int(np.argmin(np.nansum(splits.fit.labels, axis=0)))]
         raise DataError(f"{logs_path}: label column {empty!r} has no positive in the training split")
 
-    pre = Preprocessor.fit(splits.fit.spec, splits.fit.num, splits.fit.cat, seed=seed)
-    model, swag, history = train_teacher(profile, pre, splits, seed, progress)
+    warm, pre = None, None
+    if parent_dir is not None:
+        warm, pre, why = _warm_start(parent_dir, logs, profile)
+        log(f"parent {_version_of(parent_dir)}: " + ("warm start from its teacher and preprocessor "
+                                                     f"({profile.warm_epochs or profile.epochs} epochs)"
+                                                     if warm is not None else f"cold start ({why})"))
+    if pre is None:
+        pre = Preprocessor.fit(splits.fit.spec, splits.fit.num, splits.fit.cat, seed=seed)
+    model, swag, history = train_teacher(profile, pre, splits, seed, progress, warm=warm)
     bundle_dir.mkdir(parents=True, exist_ok=True)
+    lineage = {
+        "parent": None if parent_dir is None else _version_of(parent_dir),
+        "logs": str(logs_path), "logs_fingerprint": logs.fingerprint(),
+        "data_from_ms": int(logs.ts_ms.min()) if len(logs) else None,
+        "data_to_ms": int(logs.ts_ms.max()) if len(logs) else None,
+        "debias": debias, "anchor": None if anchor_dir is None else _version_of(anchor_dir),
+        "profile": profile.name, "warm_start": warm is not None,
+        "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     meta = {
         "version": version, "seed": seed, "logs": str(logs_path), "logs_fingerprint": logs.fingerprint(),
         "rows": {"fit": len(splits.fit), "valid": len(splits.valid), "test": len(splits.test)},
         "tasks": list(logs.tasks), "base_rate": swag.base_rate.tolist(),
         "n_params": swag.n_params, "swag_snapshots": swag.n_snapshots, "swag_rank": swag.rank,
-        "train_seconds": round(time.perf_counter() - t0, 1),
+        "train_seconds": round(time.perf_counter() - t0, 1), "lineage": lineage, "debias": debias_info,
     }
     save_teacher(bundle_dir, model, swag, pre, profile, meta)
     (bundle_dir / TRAIN_LOG_FILE).write_text(json.dumps({"meta": meta, "history": history}, indent=1))
@@ -389,7 +477,9 @@ def run_training(logs_path: str | Path, out: str | Path, profile: Profile, seed:
             log(f"student inputs: {len(splits.fit)} logged + {copies * len(splits.fit)} new rows "
                 f"({copies} swapped-feature copies), the new ones labelled by the teacher now")
         metrics = distill_and_export(bundle_dir, pre, pred_fit, s_fit, pred_valid, s_valid, profile,
-                                     progress=progress, teacher=label)
+                                     progress=progress, teacher=label, publish=False,
+                                     init_student=None if warm is None else parent_dir,
+                                     anchor=anchor_dir)
         (bundle_dir / "student_metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
         log(f"student distilled and exported ({time.perf_counter() - t0:.0f}s so far)")
 
@@ -403,8 +493,27 @@ def run_training(logs_path: str | Path, out: str | Path, profile: Profile, seed:
                 "(passed traffic: biased toward what the filter kept)")
         evaluate_bundle(bundle_dir, test, bundle_dir / "report", progress=progress)
         log(f"report written to {bundle_dir / 'report'}")
+    if not teacher_only:
+        lineage["train_seconds"] = round(time.perf_counter() - t0, 1)
+        update_manifest(bundle_dir, lineage=lineage)
+        _publish_or_not(bundle_dir, publish)
     log(f"done in {time.perf_counter() - t0:.0f}s: {bundle_dir}")
     return bundle_dir
+
+
+def _publish_or_not(bundle_dir: Path, publish: bool | None) -> None:
+    """Contract: the first version becomes `current` by itself (bootstrap); a later one stays a
+    candidate that `rta model promote` (gate + audit) publishes, unless `publish` forces it."""
+    from model.bundle import current_version
+    from model.bundle import publish as publish_bundle
+
+    current = current_version(bundle_dir.parent)
+    if publish or (publish is None and current is None):
+        publish_bundle(bundle_dir)
+        log(f"published: {bundle_dir.parent / 'current'} -> {bundle_dir.name}")
+    else:
+        log(f"{bundle_dir.name} is a candidate; current stays {current}. "
+            f"promote with: rta model promote {bundle_dir.name} --model-dir {bundle_dir.parent} --reason ...")
 
 
 @click.command("train")
@@ -425,13 +534,34 @@ def run_training(logs_path: str | Path, out: str | Path, profile: Profile, seed:
               help="Logged layout: attribution windows, e.g. 'click=15m,deal=7d' [default: click 15m, "
                    "online 1h, cart 1d, deal 7d].")
 @click.option("--as-of-ms", type=int, default=None, help="Logged layout: labels as of [default: newest event].")
+@click.option("--debias", type=click.Choice(DEBIAS_MODES), default=DEFAULT_DEBIAS, show_default=True,
+              help="Logged layout: how the labels the filter let through are weighted (docs/results.md).")
+@click.option("--parent", default=None,
+              help="Version (in --out) or bundle dir to warm-start from; recorded as the lineage's parent.")
+@click.option("--anchor", default=None,
+              help="Version (in --out) or bundle dir whose student the new one is distilled toward (churn).")
+@click.option("--since-ms", type=int, default=None, help="Train on rows with ts_ms >= this only.")
+@click.option("--until-ms", type=int, default=None, help="Train on rows with ts_ms < this only.")
+@click.option("--publish/--no-publish", default=None,
+              help="Point <out>/current at the new version [default: only when there is no current yet].")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train(logs_path: Path, out: Path, profile_name: str, seed: int, version: str | None,
           teacher_only: bool, no_report: bool, threads: int | None, attribution: str | None,
-          as_of_ms: int | None, quiet: bool) -> None:
+          as_of_ms: int | None, debias: str, parent: str | None, anchor: str | None,
+          since_ms: int | None, until_ms: int | None, publish: bool | None, quiet: bool) -> None:
     """Train the PLE teacher with SWAG (+ student and ONNX) and write the model bundle."""
     profile = get_profile(profile_name)
     bundle_dir = run_training(logs_path, out, profile, seed=seed, version=version,
                               teacher_only=teacher_only, report=not no_report, progress=not quiet,
-                              threads=threads, attribution=Attribution.parse(attribution, as_of_ms))
+                              threads=threads, attribution=Attribution.parse(attribution, as_of_ms),
+                              parent=_in_model_dir(out, parent), debias=debias,
+                              anchor=_in_model_dir(out, anchor), since_ms=since_ms, until_ms=until_ms,
+                              publish=publish)
     click.echo(json.dumps({"bundle": str(bundle_dir), "profile": profile_name, "seed": seed}))
+
+
+def _in_model_dir(model_dir: Path, ref: str | None) -> Path | None:
+    """A version name inside the model dir, or a path to a bundle."""
+    if ref is None:
+        return None
+    return model_dir / ref if (model_dir / ref).is_dir() else Path(ref)

@@ -1,7 +1,8 @@
 """Training profiles: every knob of `rta train` in one place, as data.
 
-`tiny` is for tests (well under a minute with everything), `demo` is what `rta demo` runs (a
-few minutes on 2 cores for a 300k-row world), `paper` follows the paper's layout (PLE with 3
+`tiny` is for tests (well under a minute with everything), `demo` is the results' profile (a
+few minutes on 2 cores for a 300k-row world), `loop` is what `rta demo` runs (the demo
+profile with a faster student: v1 and the retrained v2 in the demo's time), `paper` follows the paper's layout (PLE with 3
 shared + 1 specific Transformer experts per task, full self-attention over feature tokens).
 The network's data-dependent sizes (features, vocabularies, tasks) are filled in from the
 fitted preprocessor by the pipeline; everything else is here.
@@ -53,6 +54,12 @@ class Profile:
     transformer_net: dict[str, Any] = field(default_factory=lambda: {"d_token": 8})  # Transformer baselines' sizes
     source_map: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_SOURCE_MAP))
     student: dict[str, Any] = field(default_factory=dict)  # the student engineer's section
+    # retraining (`--parent`): teacher and student start from the parent's weights and train
+    # this many epochs (None = the full `epochs` / the student's own epochs)
+    warm_epochs: int | None = None
+    warm_student_epochs: int | None = None
+    # `--anchor`: share of the student's BCE target taken from the anchor student's p
+    anchor_weight: float = 0.5
 
     def __post_init__(self) -> None:
         if not 1 <= self.swag_epochs <= self.epochs:
@@ -83,6 +90,7 @@ PROFILES: dict[str, Profile] = {
         swag_lr=1.5e-3, n_samples=5, max_train_rows=20_000, baseline_epochs=2,
         student={"hidden": (32, 16), "epochs": 2, "batch_size": 512, "augment_copies": 1,
                  "compare_target_modes": False},
+        warm_epochs=2, warm_student_epochs=1,
     ),
     "demo": Profile(
         name="demo",
@@ -92,6 +100,7 @@ PROFILES: dict[str, Profile] = {
         lr=2e-3, swag_lr=5e-4, weight_decay=0.05, baseline_epochs=6,
         student={"hidden": (256, 128), "head_hidden": 48, "epochs": 10, "lr": 3e-3, "target_mode": "log",
                  "augment_copies": 4},
+        warm_epochs=3, warm_student_epochs=4,
     ),
     "paper": Profile(
         name="paper",
@@ -102,6 +111,15 @@ PROFILES: dict[str, Profile] = {
         student={"hidden": (256, 128), "epochs": 10, "augment_copies": 2},
     ),
 }
+
+# `rta demo`'s: the demo profile's teacher on at most 100k rows; its student with one
+# swapped-feature copy, a larger batch and no target-mode comparison, so that v1 and the
+# retrained v2 both fit the demo's 6 minutes on 2 cores (docs/results.md, "The loop")
+PROFILES["loop"] = replace(
+    PROFILES["demo"], name="loop", max_train_rows=100_000, warm_epochs=3, warm_student_epochs=6,
+    student={"hidden": (256, 128), "head_hidden": 48, "epochs": 8, "lr": 3e-3, "target_mode": "log",
+             "augment_copies": 3, "compare_target_modes": False},
+)
 
 
 def get_profile(name: str, **overrides: Any) -> Profile:
