@@ -11,11 +11,9 @@ line on stderr. Exit 0 promoted, 3 refused by the gate, 2 bad input / an error (
 
 from __future__ import annotations
 
-import inspect
 import json
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ import click
 
 from model import bundle, registry
 from stream.errors import BundleError, ConfigError, DataError
+from training.debias import DEBIAS_MODES, DEFAULT_DEBIAS
 from training.gate import newest_ts_ms, outcome_line
 from training.model_cli import (
     EXIT_REFUSED,
@@ -54,17 +53,6 @@ def train_window(logs: Path, since_hours: float, holdout_hours: float | None) ->
     return {"since_ms": int(newest - since_hours * HOUR_MS), "until_ms": until, "newest_ms": newest}
 
 
-def trainer_kwargs(train: Callable[..., Any], wanted: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """The retrain arguments the trainer takes (None: its default); one it lacks is an error when
-    asked for explicitly (debias, anchor), else reported (the window, parent, publish)."""
-    accepted = inspect.signature(train).parameters
-    missing = [k for k in ("debias", "anchor") if wanted[k] is not None and k not in accepted]
-    if missing:
-        raise ConfigError(f"this trainer has no {' or '.join(missing)} support (--debias / --anchor-parent)")
-    dropped = [k for k in ("parent", "since_ms", "until_ms") if k not in accepted]
-    return {k: v for k, v in wanted.items() if k in accepted and v is not None}, dropped
-
-
 def parent_profile(current: Path) -> Profile:
     """The settings the current model was trained with (its teacher checkpoint's profile)."""
     from training.pipeline import load_teacher
@@ -84,7 +72,8 @@ def parent_profile(current: Path) -> Profile:
               help="Gate on this log set instead of --logs (e.g. a fresher day).")
 @click.option("--profile", "profile_name", type=click.Choice(sorted(PROFILES)), default=None,
               help="Training profile [default: the current model's own settings].")
-@click.option("--debias", default=None, help="none|ips|explore-only [default: the trainer's].")
+@click.option("--debias", type=click.Choice(DEBIAS_MODES), default=None,
+              help=f"How the biased labels are weighed [default: the trainer's, {DEFAULT_DEBIAS}].")
 @click.option("--anchor-parent/--no-anchor", default=False, show_default=True,
               help="Distil the new student toward the current one (less decision churn).")
 @click.option("--version", default=None, help="Candidate version name [default: UTC timestamp].")
@@ -117,11 +106,9 @@ def retrain(logs_path: Path, model_dir: Path, since_hours: float, holdout_hours:
         raise BundleError(f"{Path(model_dir) / version} already exists; pick another --version")
     # a serving-only current (no teacher weights) cannot be warm-started from
     parent = current_dir if (current_dir / TEACHER_FILE).is_file() else None
-    wanted = {"parent": parent, "since_ms": window["since_ms"], "until_ms": window["until_ms"],
-              "debias": debias, "anchor": current_dir if anchor_parent else None, "publish": False}
-    kwargs, dropped = trainer_kwargs(run_training, wanted)
-    if dropped:
-        click.echo(f"[rta retrain] this trainer does not take {', '.join(dropped)} (not applied)", err=True)
+    kwargs = {"parent": parent, "since_ms": window["since_ms"], "until_ms": window["until_ms"],
+              "anchor": current_dir if anchor_parent else None, "publish": False,
+              **({"debias": debias} if debias is not None else {})}
     t0 = time.perf_counter()
     # trained in a staging dir beside the versions: whatever the trainer does with `current`
     # there, the served `current` moves only through the gate and registry.switch
