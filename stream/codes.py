@@ -16,11 +16,14 @@ library + numpy only.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from itertools import repeat
 from typing import Any
 
 import numpy as np
+
+_DECIMAL = re.compile(r"-?[0-9]+")  # what a JSON integer's decimal string looks like
 
 try:  # Arrow's hash lookup is the fast path; the dict pass is complete without it
     import pyarrow as pa
@@ -47,7 +50,8 @@ class CategoryCodes:
         words = sorted({w for col in self.vocab for w in col})
         # A JSON integer means its decimal string: a vocabulary word that is one maps from the int
         # too, under an id of its own (>= _first_int), so the decoder can tell which values were ints.
-        ints = [w for w in words if w.lstrip("-").isdigit() and str(int(w)) == w]
+        # ASCII digits only: str.isdigit() is also true for "²" or "①", which int() refuses
+        ints = [w for w in words if _DECIMAL.fullmatch(w) and str(int(w)) == w]
         self._unknown = len(words)  # the id of every value in no vocabulary
         self._missing = len(words) + 1  # "" and None
         self._first_int = len(words) + 2

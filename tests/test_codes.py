@@ -52,6 +52,17 @@ def test_codes_equal_the_preprocessor_for_strings_nulls_ints_and_unseen():
     assert enc.encode(np.array([["zz", "a"]], dtype=object)).tolist() == [[UNKNOWN_CODE, UNKNOWN_CODE]]
 
 
+def test_words_that_only_look_numeric_are_strings_not_ints():
+    """"²" and "①" are str.isdigit() but no decimal int(): such a word in a vocabulary must
+    not make the bundle unloadable, and only "-3"-like words map from JSON integers."""
+    vocab = [["²", "①", "--1", "-3", "a"]]
+    enc = CategoryCodes(vocab)
+    got = enc.encode(np.array([["²"], ["①"], ["--1"], [-3], ["-3"], [3]], dtype=object))
+    ref = _pre(vocab).transform(np.zeros((6, 0), np.float32),
+                                np.array([["²"], ["①"], ["--1"], ["-3"], ["-3"], ["3"]], dtype=object))[1]
+    assert (got == ref).all() and got[5, 0] == UNKNOWN_CODE
+
+
 def test_dictionary_columns_give_the_same_codes_without_a_string_per_row():
     vocab = [["a", "b"], ["b", "c"]]
     enc = CategoryCodes(vocab)
