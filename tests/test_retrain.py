@@ -68,11 +68,13 @@ def test_promoted_when_the_gate_passes(setup):
     assert (entry["action"], entry["old"], entry["new"], entry["reason"]) == ("promote", "v0", "c2", "retrain: nightly")
 
 
-def test_bad_input_is_one_line(setup, tmp_path, capsys):
+def test_bad_input_is_one_line(setup, tmp_path, capsys, monkeypatch):
     from test_operators import rta as in_process
 
+    monkeypatch.delenv("RTA_ATTRIBUTION", raising=False)
     empty = tmp_path / "m"
     empty.mkdir()
+    no_redis = ("--redis-url", f"redis://127.0.0.1:{free_port()}/0")
     cases = [
         (("retrain", "--logs", str(setup["train"]), "--model-dir", str(empty), "--since-hours", "1",
           "--reason", "x"), "no current version"),
@@ -82,6 +84,12 @@ def test_bad_input_is_one_line(setup, tmp_path, capsys):
           "--holdout-hours", "2", "--reason", "x"), "leaves nothing to train on"),
         (("retrain", "--logs", str(tmp_path / "none"), "--model-dir", str(setup["models"]), "--since-hours", "1",
           "--reason", "x"), "no logged rows"),
+        # checked before training, not after it: no live r, and a gate task whose labels cannot
+        # have arrived in the held-out window (deal's default 7 d window, a 4.8 h holdout)
+        (("retrain", "--logs", str(setup["train"]), "--model-dir", str(setup["models"]), "--since-hours", "24",
+          "--reason", "x", *no_redis), "no live r"),
+        (("retrain", "--logs", str(setup["train"]), "--model-dir", str(setup["models"]), "--since-hours", "24",
+          "--reason", "x", "--ratio", "0.5", *no_redis), "has its label yet"),
     ]
     for args, want in cases:
         code, _, err = in_process(capsys, *args)

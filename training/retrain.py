@@ -22,7 +22,7 @@ import click
 from model import bundle, registry
 from stream.errors import BundleError, ConfigError, DataError
 from training.debias import DEBIAS_MODES, DEFAULT_DEBIAS
-from training.gate import newest_ts_ms, outcome_line
+from training.gate import gate_task, live_targets, newest_ts_ms, outcome_line
 from training.model_cli import (
     EXIT_REFUSED,
     _settings,
@@ -51,6 +51,20 @@ def train_window(logs: Path, since_hours: float, holdout_hours: float | None) ->
         raise DataError(f"{logs}: no logged rows (need Parquet with ts_ms: an `rta log` layout or a world log)")
     until = None if holdout_hours is None else int(newest - holdout_hours * HOUR_MS) + 1
     return {"since_ms": int(newest - since_hours * HOUR_MS), "until_ms": until, "newest_ms": newest}
+
+
+def gate_can_judge(window: dict[str, Any], attribution: Any, task: str) -> None:
+    """Refuse before training when no held-out row can have a closed attribution window for the
+    gate's task: the gate would find no evidence and refuse after the whole training (and the
+    same open windows would leave that task's training labels positives only)."""
+    as_of = attribution.as_of_ms if attribution.as_of_ms is not None else window["newest_ms"]
+    closed_until = as_of - attribution.window(task) * 1000  # rows at or before this are closed
+    if window["until_ms"] is not None and closed_until < window["until_ms"]:
+        raise DataError(
+            f"the gate's task {task!r} has a {attribution.window(task) / 3600:g} h attribution window, so no "
+            f"row of the held-out window (the newest {(window['newest_ms'] - window['until_ms']) / 3.6e6:.3g} h) "
+            "has its label yet; set shorter windows (--attribution / $RTA_ATTRIBUTION), gate on another "
+            "task (--task), or gate on older logs (--gate-logs)")
 
 
 def parent_profile(current: Path) -> Profile:
@@ -100,6 +114,14 @@ def retrain(logs_path: Path, model_dir: Path, since_hours: float, holdout_hours:
     if holdout_hours is None and gate_logs is None:
         holdout_hours = since_hours / 5
     window = train_window(logs_path, since_hours, holdout_hours)
+    attribution = Attribution.parse(gate_opts["attribution"], gate_opts["as_of_ms"])
+    # Everything the gate needs is checked before the (long) training, not after it.
+    live_targets(settings, gate_opts["ratio"], gate_opts["pass_share"], gate_opts["explore"])
+    if gate_logs is None:
+        gate_can_judge(window, attribution, gate_task(bundle.read_manifest(current_dir), gate_opts["task"]))
+    if not profile_name and not (current_dir / TEACHER_FILE).is_file():
+        raise BundleError(f"{current_dir}: a serving-only bundle (no {TEACHER_FILE}) records no training "
+                          "settings; pass --profile")
     profile = get_profile(profile_name) if profile_name else parent_profile(current_dir)
     version = version or time.strftime("v%Y%m%d-%H%M%S", time.gmtime())
     if (Path(model_dir) / version).exists():
@@ -116,7 +138,7 @@ def retrain(logs_path: Path, model_dir: Path, since_hours: float, holdout_hours:
     try:
         built = run_training(logs_path, staging, profile, seed=gate_opts["seed"], version=version,
                              report=False, progress=not quiet, threads=threads,
-                             attribution=Attribution.parse(gate_opts["attribution"], gate_opts["as_of_ms"]),
+                             attribution=attribution,
                              **kwargs)
         candidate = Path(model_dir) / version
         built.rename(candidate)
