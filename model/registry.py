@@ -150,10 +150,15 @@ def verify(bundle_dir: str | Path) -> dict[str, Any]:
 
 
 def switch(model_dir: str | Path, version: str, action: str, who: str, reason: str,
-           audit: Any = None, forced: bool = False, gate: dict[str, Any] | None = None) -> dict[str, Any]:
+           audit: Any = None, forced: bool = False, gate: dict[str, Any] | None = None,
+           expect_current: str | None = None) -> dict[str, Any]:
     """Point `current` at `version` (promote or rollback), audited: the audit topic first
     (`audit(entry)` returns None when acknowledged, else why not; None skips it), then the
-    atomic switch, then registry.jsonl. Returns the entry."""
+    atomic switch, then registry.jsonl. Returns the entry.
+
+    `expect_current`: the version the decision was made against (the gate's `current`, the
+    rollback's). Checked under the lock, so of two overlapping retrains the second cannot
+    replace the first's promotion with a verdict won against the model before it."""
     if not reason or not reason.strip():
         raise ConfigError(f"{action} needs --reason (kept in the audit trail)")
     root = _model_dir(model_dir)
@@ -162,6 +167,10 @@ def switch(model_dir: str | Path, version: str, action: str, who: str, reason: s
     lock = os.open(root / LOCK_FILE, os.O_WRONLY | os.O_CREAT, 0o644)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two switches at once: each records the `old` it replaced
+        now = bundle.current_version(root)
+        if expect_current is not None and now != expect_current:
+            raise BundleError(f"current moved to {now} while this {action} was decided against {expect_current}; "
+                              "NOT changed: decide again against the new current")
         return _switch_locked(root, target, version, action, who, reason, audit, forced, gate)
     finally:
         os.close(lock)

@@ -56,6 +56,19 @@ def test_promote_and_rollback_walk_the_chain(capsys, tmp_path):
     assert code == 2 and "was not switched through `rta model`" in err
 
 
+def test_a_verdict_won_against_an_older_current_does_not_switch(tmp_path):
+    # two overlapping retrains both gated against v1: the second must not replace the first's
+    # promotion of v2 without being judged against v2
+    md = tmp_path / "models"
+    make_bundle(md, "v1")
+    make_bundle(md, "v2", seed=1, publish=False)
+    make_bundle(md, "v3", seed=2, publish=False)
+    registry.switch(md, "v2", "promote", "cron", "nightly", expect_current="v1")
+    with pytest.raises(BundleError, match="current moved to v2 while this promote was decided against v1"):
+        registry.switch(md, "v3", "promote", "cron", "nightly", expect_current="v1")
+    assert bundle.current_version(md) == "v2" and [e["new"] for e in registry.read_log(md)] == ["v2"]
+
+
 def test_torn_log_line_old_bundles_and_bad_names(tmp_path):
     md = tmp_path / "models"
     make_bundle(md, "v1")

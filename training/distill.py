@@ -33,6 +33,7 @@ from model.export import export_bundle
 from model.novelty import Novelty
 from model.preprocess import Preprocessor
 from model.student import LOG_FLOOR, TARGET_MODES, Student, StudentConfig
+from stream.errors import ConfigError
 from stream.features import DEFAULT_TASKS
 from training.fidelity import acceptance, fidelity_report
 
@@ -271,6 +272,9 @@ def _anchor_targets(anchor: str | Path, pre: Preprocessor, train: Any, aug_mean:
     """The anchor student's p on every training row: logged rows through its own preprocessor;
     augmented rows (preprocessed inputs only) when it shares ours, else the teacher's mean."""
     student, a_pre = _load_student(Path(anchor))
+    if list(student.tasks) != list(_tasks_of(train)):  # its p columns are mixed into ours by position
+        raise ConfigError(f"--anchor {anchor}: its tasks {list(student.tasks)} are not this model's "
+                          f"{list(_tasks_of(train))} (same names, same order)")
     x, idx = a_pre.transform(train.num, train.cat)
     p = [student.predict(x, idx)[0]]
     same = a_pre.to_dict() == pre.to_dict()

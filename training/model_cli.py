@@ -199,7 +199,8 @@ def promote_cmd(version: str, model_dir: Path, logs_path: Path | None, force: bo
         raise click.exceptions.Exit(EXIT_REFUSED)
     forced = force and (result is None or not result["passed"])
     entry = registry.switch(model_dir, version, "promote", who_default(who), reason,
-                            audit=audit_to_topic(settings) if audit_topic else None, forced=forced, gate=result)
+                            audit=audit_to_topic(settings) if audit_topic else None, forced=forced, gate=result,
+                            expect_current=current)
     click.echo(f"[rta model] current: {entry['old'] or '-'} -> {version}{' (forced)' if forced else ''}", err=True)
     click.echo(json.dumps({"outcome": "promoted", "candidate": version, "current": current, "forced": forced,
                            "gate": result}, default=str))
@@ -225,7 +226,7 @@ def rollback_cmd(model_dir: Path, reason: str | None, who: str | None, audit_top
                           "in registry.jsonl)")
     settings = _settings(config_file, redis_url, redis_prefix)
     entry = registry.switch(model_dir, previous, "rollback", who_default(who), reason,
-                            audit=audit_to_topic(settings) if audit_topic else None)
+                            audit=audit_to_topic(settings) if audit_topic else None, expect_current=current)
     click.echo(f"current: {entry['old']} -> {entry['new']} (rollback by {entry['who']})")
 
 

@@ -153,7 +153,7 @@ def retrain(logs_path: Path, model_dir: Path, since_hours: float, holdout_hours:
     if promote:
         registry.switch(model_dir, candidate.name, "promote", who_default(who), f"retrain: {reason}",
                         audit=audit_to_topic(settings) if audit_topic else None,
-                        forced=not result["passed"], gate=result)
+                        forced=not result["passed"], gate=result, expect_current=current)
     outcome = "promoted" if promote else "refused"
     click.echo(json.dumps({"outcome": outcome, "candidate": candidate.name, "current": current, "gate": result},
                           default=str, allow_nan=False))
