@@ -137,3 +137,19 @@ def test_workers_follow_promote_and_rollback_and_the_audit_topic_has_both(capsys
         ("model.promote", "v1", "v2", "alice"), ("model.rollback", "v2", "v1", "alice")]
     assert audit[0]["forced"] is True and audit[1]["reason"] == "canary bad"
     assert [e["new"] for e in registry.read_log(md)] == ["v2", "v1"]
+
+
+def test_the_gate_window_starts_after_what_the_candidate_its_parent_or_current_trained_on(tmp_path):
+    from training.gate import holdout_start
+
+    md = tmp_path / "models"
+    for v, parent, logs, to_ms in (("v1", None, "logs", 5_000), ("v2", "v1", "logs", 3_000),
+                                   ("w", None, "world", 9_000)):
+        make_bundle(md, v, publish=v == "v1")
+        bundle.update_manifest(md / v, lineage={"parent": parent, "logs": logs, "data_to_ms": to_ms, "anchor": None})
+    # v2 trained on rows up to 3000, but was warm-started from v1, which saw up to 5000
+    assert holdout_start(md / "v2", None)[0] == 5_001
+    # another log set's timestamps are other rows: they do not move the window
+    assert holdout_start(md / "v2", None, md / "w")[0] == 5_001
+    assert holdout_start(md / "w", None, md / "v2") == (9_001, "lineage data_to_ms")
+    assert holdout_start(md / "v2", 42) == (42, "--holdout-from-ms")

@@ -103,13 +103,36 @@ def newest_ts_ms(path: str | Path) -> int | None:
     return None if len(col) == 0 else int(pc.max(col).as_py())
 
 
-def holdout_start(candidate: Path, given_ms: int | None) -> tuple[int, str]:
-    """First ts_ms of the gate's window: after the candidate's newest training row."""
+def _trained_until(bundle_dir: Path, logs: str | None, depth: int = 8) -> int | None:
+    """Newest row of `logs` that a bundle or the ancestors it learnt from (parent warm start,
+    anchor) trained on, from their lineage: a warm-started candidate knows what its parent saw.
+    Only lineage on the same log set counts (another set's ts_ms are other rows)."""
+    seen: list[int] = []
+    todo, done = [bundle_dir], set()
+    while todo and len(done) < depth:
+        d = todo.pop()
+        if d in done or not (d / bundle.MANIFEST).is_file():
+            continue
+        done.add(d)
+        lin = registry.lineage(d)
+        if lin.get("data_to_ms") is not None and lin.get("logs") == logs:
+            seen.append(int(lin["data_to_ms"]))
+        todo += [d.parent / str(v) for v in (lin.get("parent"), lin.get("anchor")) if v]
+    return max(seen) if seen else None
+
+
+def holdout_start(candidate: Path, given_ms: int | None, current: Path | None = None) -> tuple[int, str]:
+    """First ts_ms of the gate's window: after the newest row that the candidate, its ancestors
+    or the current model trained on (a window either has seen is no test of either)."""
     if given_ms is not None:
         return given_ms, "--holdout-from-ms"
     lin = registry.lineage(candidate)
     if lin.get("data_to_ms") is not None:
-        return int(lin["data_to_ms"]) + 1, "lineage data_to_ms"
+        found = (_trained_until(candidate, lin.get("logs")),
+                 _trained_until(current, lin.get("logs")) if current is not None else None)
+        newest = max([int(lin["data_to_ms"]), *(t for t in found if t is not None)])
+        return newest + 1, ("lineage data_to_ms" if newest == int(lin["data_to_ms"])
+                            else "lineage data_to_ms of an ancestor or the current model")
     newest = newest_ts_ms(lin["logs"]) if lin.get("logs") else None
     if newest is not None:
         return newest + 1, f"newest row of the training logs {lin['logs']} (no lineage window recorded)"
@@ -225,7 +248,7 @@ def run_gate(candidate: str | Path, current: str | Path, logs: str | Path, targe
     if not fid["passed"]:
         reasons.append(fid["why"])
 
-    from_ms, from_source = holdout_start(cand_dir, holdout_from_ms)
+    from_ms, from_source = holdout_start(cand_dir, holdout_from_ms, cur_dir)
     window = load_window(logs, tuple(cand_manifest["tasks"]), attribution, from_ms)
     if cfg.window_hours is not None:
         window = load_window(window, window.tasks, None, int(window.ts_ms.max() - cfg.window_hours * 3_600_000))
