@@ -20,13 +20,13 @@ def test_tiny_demo_decides_everything_and_follows_the_live_ratio(kafka, redis_se
     # phase 1 (the warm-up passes everything until then; it is reported, not judged).
     res = subprocess.run(
         [sys.executable, "-m", "infra.cli", "demo", "--profile", "tiny", "--rows", "12000",
-         "--events", "16000", "--loop-events", "12000", "--rate", "2000", "--warmup-s", "5",
+         "--events", "16000", "--loop-events", "24000", "--rate", "2000", "--warmup-s", "5",
          "--ratios", "0.3,0.6", "--workdir", str(tmp_path / "demo")],
         env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "using the running stack" in res.stderr  # reused, not an embedded stack of its own
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert summary["events_sent"] == 10_000 + 16_000 + 12_000 + 6_000 + 12_000
+    assert summary["events_sent"] == 10_000 + 16_000 + 24_000 + 6_000 + 24_000
     assert summary["missing_decisions"] == 0 and summary["events_decided"] == summary["events_sent"]
     warm, one, two, before, switch, after = summary["phases"]
     assert [p["phase"] for p in summary["phases"]] == ["warm-up", "phase 1", "phase 2", "new source, v1",

@@ -88,9 +88,14 @@ def test_bad_input_is_one_line(setup, tmp_path, capsys, monkeypatch):
         # have arrived in the held-out window (deal's default 7 d window, a 4.8 h holdout)
         (("retrain", "--logs", str(setup["train"]), "--model-dir", str(setup["models"]), "--since-hours", "24",
           "--reason", "x", *no_redis), "no live r"),
-        (("retrain", "--logs", str(setup["train"]), "--model-dir", str(setup["models"]), "--since-hours", "24",
-          "--reason", "x", "--ratio", "0.5", *no_redis), "has its label yet"),
     ]
     for args, want in cases:
         code, _, err = in_process(capsys, *args)
         assert code == 2 and want in err and len(err.strip().splitlines()) == 1, (args, err)
+    # a gate task whose labels cannot have arrived in the held-out window (deal's default 7 d
+    # window, a 4.8 h holdout): refused (exit 3, what the gate would say) before any training
+    code, out, err = in_process(capsys, "retrain", "--logs", str(setup["train"]), "--model-dir", str(setup["models"]),
+                                "--since-hours", "24", "--reason", "x", "--ratio", "0.5", *no_redis)
+    assert code == 3 and json.loads(out)["outcome"] == "refused", (out, err)
+    assert len(err.strip().splitlines()) == 1
+    assert "refused before training" in err and "has its label yet" in err

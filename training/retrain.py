@@ -53,18 +53,20 @@ def train_window(logs: Path, since_hours: float, holdout_hours: float | None) ->
     return {"since_ms": int(newest - since_hours * HOUR_MS), "until_ms": until, "newest_ms": newest}
 
 
-def gate_can_judge(window: dict[str, Any], attribution: Any, task: str) -> None:
-    """Refuse before training when no held-out row can have a closed attribution window for the
-    gate's task: the gate would find no evidence and refuse after the whole training (and the
-    same open windows would leave that task's training labels positives only)."""
+def gate_can_judge(window: dict[str, Any], attribution: Any, task: str) -> str | None:
+    """Why the gate cannot judge any candidate on this held-out window (None: it can): no
+    held-out row can have a closed attribution window for the gate's task, so the gate would
+    find no evidence and refuse after the whole training (and the same open windows would leave
+    that task's training labels positives only)."""
     as_of = attribution.as_of_ms if attribution.as_of_ms is not None else window["newest_ms"]
     closed_until = as_of - attribution.window(task) * 1000  # rows at or before this are closed
     if window["until_ms"] is not None and closed_until < window["until_ms"]:
-        raise DataError(
+        return (
             f"the gate's task {task!r} has a {attribution.window(task) / 3600:g} h attribution window, so no "
             f"row of the held-out window (the newest {(window['newest_ms'] - window['until_ms']) / 3.6e6:.3g} h) "
             "has its label yet; set shorter windows (--attribution / $RTA_ATTRIBUTION), gate on another "
             "task (--task), or gate on older logs (--gate-logs)")
+    return None
 
 
 def parent_profile(current: Path) -> Profile:
@@ -117,8 +119,14 @@ def retrain(logs_path: Path, model_dir: Path, since_hours: float, holdout_hours:
     attribution = Attribution.parse(gate_opts["attribution"], gate_opts["as_of_ms"])
     # Everything the gate needs is checked before the (long) training, not after it.
     live_targets(settings, gate_opts["ratio"], gate_opts["pass_share"], gate_opts["explore"])
-    if gate_logs is None:
-        gate_can_judge(window, attribution, gate_task(bundle.read_manifest(current_dir), gate_opts["task"]))
+    why_not = None if gate_logs is not None else gate_can_judge(
+        window, attribution, gate_task(bundle.read_manifest(current_dir), gate_opts["task"]))
+    if why_not is not None:  # a refusal (exit 3, as the gate would give after training), now
+        click.echo(json.dumps({"outcome": "refused", "candidate": None, "current": current,
+                               "gate": {"passed": False, "reasons": [f"not enough evidence: {why_not}"],
+                                        "retrain": window}}))
+        click.echo(f"rta retrain: refused before training: {why_not}", err=True)
+        raise click.exceptions.Exit(EXIT_REFUSED)
     if not profile_name and not (current_dir / TEACHER_FILE).is_file():
         raise BundleError(f"{current_dir}: a serving-only bundle (no {TEACHER_FILE}) records no training "
                           "settings; pass --profile")
