@@ -63,12 +63,10 @@ def _interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, war
 def _raw_rows(pre: Any, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Plausible raw rows for any preprocessor: values around the fitted centre, 5% missing,
     categories from the vocabulary with some missing and unseen ones."""
-    rng = np.random.default_rng(seed)
-    z = rng.normal(0, 1, (n, len(pre.spec.numeric))).astype(np.float32)
-    v = pre.num_center + z * pre.num_scale
-    with np.errstate(over="ignore"):  # expm1 of non-log columns is computed, then discarded
-        num = np.where(pre.num_log, np.sign(v) * np.expm1(np.abs(v)), v).astype(np.float32)
-    num[rng.random(num.shape) < 0.05] = np.nan
+    from model.export import probe_batch
+
+    num = probe_batch(pre, n, seed)[0]  # the export's parity rows; strings drawn here instead of codes
+    rng = np.random.default_rng(seed + 1)
     cat = np.empty((n, len(pre.spec.categorical)), dtype=object)
     for j, words in enumerate(pre.vocab):
         pool = np.array(list(words[:50]) + ["", "unseen-value"], dtype=object)

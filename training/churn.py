@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from stream.errors import DataError
 from stream.policy import REASONS, ScorePolicy
 from stream.scorer import Scorer
 from training.logs import Attribution, LogSet, load_logs
@@ -38,16 +37,7 @@ def load_window(logs: LogSet | str | Path, tasks: tuple[str, ...], attribution: 
     """The rows of `logs` with from_ms <= ts_ms < until_ms (either bound optional)."""
     if not isinstance(logs, LogSet):
         logs = load_logs(logs, tasks, attribution)
-    keep = np.ones(len(logs), bool)
-    if from_ms is not None:
-        keep &= logs.ts_ms >= from_ms
-    if until_ms is not None:
-        keep &= logs.ts_ms < until_ms
-    if not keep.any():
-        span = f"[{from_ms}, {until_ms})" if until_ms is not None else f"from {from_ms}"
-        newest = int(logs.ts_ms.max()) if len(logs) else None
-        raise DataError(f"{logs.source}: empty window: no logged row with ts_ms {span} (newest row: {newest})")
-    return logs if keep.all() else logs.take(np.flatnonzero(keep))
+    return logs.between(from_ms, until_ms)
 
 
 def replay_pair(model_a: str | Path, model_b: str | Path, logs: LogSet, step: Step, seed: int = 0,

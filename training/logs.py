@@ -93,7 +93,7 @@ class LogSet:
         if not keep.any():
             window = " and ".join(w for w in (None if since_ms is None else f"ts_ms >= {since_ms}",
                                               None if until_ms is None else f"ts_ms < {until_ms}") if w)
-            raise DataError(f"{self.source or 'logs'}: no rows with {window} "
+            raise DataError(f"{self.source or 'logs'}: empty window: no rows with {window} "
                             f"(the log spans {int(self.ts_ms.min())} .. {int(self.ts_ms.max())})")
         return self if keep.all() else self.take(np.flatnonzero(keep))
 
