@@ -9,8 +9,10 @@ Use (worker and replay alike; the worker needs nothing else)::
     ctl.observe(e, u, d)        # ONE pipelined round trip; refreshes thresholds when due
     ctl.status()                # dict for /metrics and `rta ratio get`
 
-How thresholds are set (every ``refresh_interval`` seconds at most, one more round trip that
-reads the window's open seconds and the live targets; closed seconds are cached):
+How thresholds are set (every ``refresh_interval`` seconds, and at least every ``refresh_rows``
+decided rows so a backlog caught up at 100k events/s is refreshed as often per row as live
+traffic at 2k/s; one more round trip that reads the window's open seconds and the live targets;
+closed seconds are cached):
 
 - Window = the last ``window_seconds`` per-second buckets, summed over all workers. The
   feed-forward quantiles use its newest seconds that hold ``quantile_rows`` rows (at least
@@ -37,9 +39,19 @@ reads the window's open seconds and the live targets; closed seconds are cached)
   holds only decisions made under the current targets, and kept, not reset, across changes.
 - Targets missing from Redis (never set, or a Redis restarted empty) -> the last known ones
   (initially ``config.default_targets``).
-- ``r == 0`` -> ``theta = 0`` (nothing blocked); ``p_u == 0`` -> ``tau_u = inf``. Until the
-  window holds ``min_rows`` rows the initial thresholds stay (block nothing, pass no one
-  for uncertainty), so the first batch of a cold start is passed.
+- ``r == 0`` -> ``theta = 0`` (nothing blocked); ``p_u == 0`` -> ``tau_u = inf``.
+- Cold start (``stream.prior``): the bundle carries its served score distribution on held-out
+  rows; the quantiles read the window's histograms plus that distribution weighted as
+  ``prior_rows`` rows less the live rows of the model (a linear hand-over: at 20k rows the
+  window alone), so the first batch of a cold stack, of a burst after a quiet night or of a
+  restarted worker is decided at the target shares. A bundle without one (trained before it
+  existed) keeps the old behaviour: the initial thresholds (block nothing, pass no one for
+  uncertainty) until the window holds ``min_rows`` rows.
+- Model switch (``set_model``): bucket fields are per controller AND model, and a controller
+  reads the counts of every field (the fleet's shares, whatever model decided them) but the
+  histograms only of its own model's fields; so after a hot reload the old model's scores do not
+  steer the new one's thresholds, the new bundle's distribution stands in until its own rows
+  fill the window, and the feedback integrals restart at 0 (frozen for one horizon).
 
 Degraded mode (Redis unreachable: connection refused, socket timeout): the controller never
 raises into the hot path. It always keeps its own per-second buckets of the window in memory
@@ -52,7 +64,13 @@ controllers drop cached seconds: the global window then counts every decision ma
 Redis came back empty.
 
 Clocks: ``clock()`` gives the BUCKET time in seconds (default ``time.time``; buckets of all
-workers must align, so use wall-clock time in production); ``timer()`` gives the CADENCE time
+workers must align, so use wall-clock time in production). Buckets follow PROCESSING time, also
+while a worker catches up on a backlog: the target is a share of the decisions being made now
+(what the bidders downstream see per second), the window must be the fleet's recent decisions
+with one clock for all workers, and a catching-up worker writing into event-time seconds would
+write into seconds its peers have closed and cached (or that lie beyond the window), so its
+decisions would be invisible to them. Replay has no processing time: it drives both clocks from
+event time, which is what processing time was when the log was served live; ``timer()`` gives the CADENCE time
 of refreshes and the Redis retry backoff (default ``time.monotonic`` with the wall clock, the
 injected clock otherwise), so a wall-clock step back cannot freeze the thresholds. A replay
 drives both from event time. Every
@@ -85,6 +103,7 @@ import numpy as np
 
 from stream.errors import RtaError
 from stream.policy import Decisions, Targets
+from stream.prior import ScoreDistribution
 from stream.window import (
     N_COUNTS,
     HistSpec,
@@ -93,7 +112,9 @@ from stream.window import (
     WindowStore,
     bucket_vector,
     counts_dict,
+    field_name,
     hist_quantile,
+    sum_fields,
 )
 
 BLOCK_ALL = 1.0 + 1e-6  # theta above every score: block the whole score stage
@@ -105,6 +126,8 @@ class ControllerConfig:
 
     window_seconds: int = 30
     refresh_interval: float = 0.25
+    refresh_rows: int = 4096  # ... and at least every this many decided rows (a backlog, a burst)
+    prior_rows: int = 20_000  # weight of the bundle's score distribution on an empty window
     feedback_horizon: int = 5
     feedback_gain: float = 0.1  # per second: share of the error corrected each second
     feedback_leak: float = 0.01  # per second: pull of the integral toward 0
@@ -125,6 +148,8 @@ class ControllerConfig:
     def __post_init__(self) -> None:
         if self.window_seconds < 2 or self.feedback_horizon < 1 or self.refresh_interval <= 0:
             raise ValueError("window_seconds >= 2, feedback_horizon >= 1, refresh_interval > 0")
+        if self.refresh_rows < 1 or self.prior_rows < 0:
+            raise ValueError("refresh_rows >= 1, prior_rows >= 0")
 
 
 @dataclass(frozen=True)
@@ -151,7 +176,11 @@ class RatioController:
         self.timer = timer or (time.monotonic if clock is time.time else clock)
         self.id = controller_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.spec = store.spec
-        self.own: dict[int, np.ndarray] = {}  # this worker's cumulative bucket per second
+        self.own: dict[int, dict[str, np.ndarray]] = {}  # cumulative bucket per second and model
+        self.model = ""  # version of the model whose scores this controller sees (set_model)
+        self.prior: ScoreDistribution | None = None  # that model's held-out score distribution
+        self._prior_rows = 0.0  # weight the prior had at the last refresh (status)
+        self._rows_since = 0  # rows observed since the last refresh
         self._th = Thresholds(cfg.initial_theta, cfg.initial_tau_u, cfg.default_targets, False, 0)
         self._cache: dict[int, np.ndarray] = {}
         self._epoch: int | None = None
@@ -199,18 +228,36 @@ class RatioController:
         now = self.clock()
         sec = int(now)
         vec = bucket_vector(e, u, decisions, self.spec)
-        cur = self.own.get(sec)
-        self.own[sec] = vec if cur is None else cur + vec
+        mine = self.own.setdefault(sec, {})
+        cur = mine.get(self.model)
+        mine[self.model] = vec if cur is None else cur + vec
         if len(self.own) > self.config.window_seconds + 5:
             for s in [s for s in self.own if s <= sec - self.config.window_seconds - 5]:
                 del self.own[s]
         if not self.degraded:
             try:
-                self.store.put(self.id, {sec: self.own[sec]})
+                self.store.put(field_name(self.id, self.model), {sec: mine[self.model]})
             except StoreUnavailable as exc:
                 self._fail(exc)
-        if self.timer() >= self._next_refresh:
+        self._rows_since += len(decisions.stage)
+        if self._rows_since >= self.config.refresh_rows or self.timer() >= self._next_refresh:
             self.refresh(now)
+
+    def set_model(self, model: str, prior: ScoreDistribution | None = None) -> None:
+        """The worker (or replay) now scores with ``model``. Its histograms start apart from the
+        old model's (bucket fields are per model: ``stream.window``), the bundle's score
+        distribution ``prior`` stands in until its own rows fill the window, and the feedback
+        integrals restart at 0 and stay frozen for one horizon: they corrected the OLD model's
+        feed-forward bias. The next ``thresholds()`` refreshes."""
+        if model == self.model and prior is self.prior:
+            return
+        switched = bool(self.model) and model != self.model
+        self.model, self.prior = model, prior
+        self._cache.clear()  # cached closed seconds were summed for the old model
+        self._next_refresh = -math.inf
+        if switched:
+            self._i_block = self._i_pass = 0.0
+            self._changed_sec = int(self.clock())
 
     # --- refresh ----------------------------------------------------------------------------
 
@@ -222,6 +269,7 @@ class RatioController:
         cfg = self.config
         t = self.timer()
         self._next_refresh = t + cfg.refresh_interval
+        self._rows_since = 0
         sec = int(now)
         first = sec - cfg.window_seconds + 1
         targets = self._th.targets
@@ -240,7 +288,7 @@ class RatioController:
             except StoreUnavailable as exc:
                 self._fail(exc)
         if present is None:  # degraded: this worker's own recent traffic
-            present = {s: v for s, v in self.own.items() if first <= s <= sec}
+            present = {s: self._own_bucket(s) for s in self.own if first <= s <= sec}
 
         if targets != self._th.targets:
             self._changed_sec = sec
@@ -301,7 +349,7 @@ class RatioController:
             del self._cache[s]
         wanted = [s for s in range(first, sec + 1) if s > closed or s not in self._cache]
         with_time = t >= self._next_skew
-        snap = self.store.read(wanted, self.status(), server_time=with_time)
+        snap = self.store.read(wanted, self.status(), server_time=with_time, model=self.model)
         if with_time and snap.server_time is not None:
             self._next_skew = t + cfg.skew_interval
             self.clock_skew = now - snap.server_time
@@ -310,7 +358,7 @@ class RatioController:
             self._adopt_feedback()
         if self._epoch is not None and snap.epoch != self._epoch:
             self._cache.clear()  # someone wrote into past seconds: read them all again
-            snap = self.store.read(list(range(first, sec + 1)))
+            snap = self.store.read(list(range(first, sec + 1)), model=self.model)
         self._epoch = snap.epoch
         for s, v in snap.buckets.items():
             if s <= closed:
@@ -360,15 +408,24 @@ class RatioController:
         return out
 
     def _compute(self, w: np.ndarray, t: Targets) -> tuple[float, float]:
+        """Feed-forward thresholds from the window ``w`` (live rows) blended with the model's
+        score distribution, weighted ``prior_rows`` less the live rows of this model."""
         cfg, spec = self.config, self.spec
         total, invalid = float(w[0]), float(w[4])
         theta, tau_u = self._th.theta, self._th.tau_u
-        if total < cfg.min_rows:
+        hu = w[spec.u_slice].astype(np.float64)
+        he = w[spec.e_slice].astype(np.float64)
+        prior = self.prior
+        weight = max(0.0, cfg.prior_rows - float(hu.sum())) if prior is not None else 0.0
+        self._prior_rows = weight
+        if total < cfg.min_rows and weight <= 0:
             return (0.0 if t.r <= 0 else theta), (math.inf if t.p_u <= 0 else tau_u)
-        rule_share = (total - invalid) / total * (1.0 - t.epsilon)  # share on the rule path
+        if weight > 0:  # prior rows are valid ones: the invalid share comes from live rows only
+            hu = hu + prior.u_hist * (weight / prior.rows)
+        valid_share = 1.0 - invalid / total if total > 0 else 1.0
+        rule_share = valid_share * (1.0 - t.epsilon)  # share on the rule path
         score_share = rule_share - t.p_u  # share that should reach the score stage
 
-        hu = w[spec.u_slice]
         if t.p_u <= 0:
             tau_u = math.inf
         elif rule_share <= 0 or t.p_u >= rule_share:
@@ -377,7 +434,8 @@ class RatioController:
             q_u = min(max(t.p_u / rule_share + self._i_pass, 0.0), 1.0)
             tau_u = spec.u_value(hist_quantile(hu, (1.0 - q_u) * hu.sum(), spec.u_lo, spec.u_hi))
 
-        he = w[spec.e_slice]
+        if weight > 0:  # the prior's rows that reach the score stage at THIS tau_u
+            he = he + prior.e_below(tau_u) * (weight * (1.0 - t.epsilon) / prior.rows)
         if t.r <= 0:
             theta = 0.0
         elif score_share <= 0 or t.r >= score_share:
@@ -402,8 +460,12 @@ class RatioController:
         self._th = Thresholds(self._th.theta, self._th.tau_u, self._th.targets, True, self._th.version)
 
     def _rejoin(self, first: int) -> None:
+        models = list(dict.fromkeys(m for s in self.own if s >= first for m in self.own[s])) or [self.model]
         try:  # rewrite our own seconds of the window: idempotent, fills what the outage missed
-            self.store.put(self.id, {s: v for s, v in self.own.items() if s >= first}, bump_epoch=True)
+            for k, m in enumerate(models):
+                self.store.put(field_name(self.id, m),
+                               {s: v[m] for s, v in self.own.items() if s >= first and m in v},
+                               bump_epoch=k == len(models) - 1)
         except StoreUnavailable as exc:
             self._fail(exc)
             return
@@ -411,6 +473,12 @@ class RatioController:
         self._epoch = None
         self._cache.clear()
         self._backoff = self.config.backoff_initial
+
+    def _own_bucket(self, sec: int) -> np.ndarray:
+        """This controller's bucket of ``sec`` as the store would sum it for the model now
+        serving: every model's counts, this model's histograms."""
+        return sum_fields(((field_name(self.id, m), v) for m, v in self.own[sec].items()),
+                           self.spec.size, self.model)
 
     # --- observability ------------------------------------------------------------------------
 
@@ -429,6 +497,8 @@ class RatioController:
             "targets": th.targets.to_dict(),
             "targets_version": th.version,
             "targets_source": self.targets_source,
+            "model": self.model,
+            "prior_rows": round(self._prior_rows),
             "clock_skew_s": self.clock_skew,
             "window_seconds": self.config.window_seconds,
             "window": c,

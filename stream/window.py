@@ -20,8 +20,12 @@ Values beyond the range land in the edge bins. Quantiles interpolate linearly in
 Two stores share this layout (``WindowStore``):
 
 - ``RedisStore``: the global window. Second ``s`` is the Redis hash ``<prefix>:win:<s>``
-  with one field per writer (controller id) holding that writer's CUMULATIVE bucket for the
-  second as packed big-endian u32 (``np.frombuffer('>u4')``); readers sum the fields. A batch
+  with one field per writer and model (``<controller id>@<model version>``) holding that
+  writer's CUMULATIVE bucket for the second as packed big-endian u32 (``np.frombuffer('>u4')``);
+  readers sum the fields: the counts of every field (the fleet's shares), the histograms only of
+  the fields of the model the reader serves (``read(..., model=)``), since a new model's scores
+  have another distribution and the old one's must not set its thresholds. During a rolling
+  reload a second holds both models' fields. A batch
   is one pipelined round trip: ``HSET`` of the writer's updated vector + ``EXPIRE``. Writes
   are idempotent (a retried or replayed write cannot double count) and cost the client one
   ``tobytes()`` instead of encoding thousands of ``BITFIELD ... INCRBY`` arguments, which
@@ -54,6 +58,7 @@ from stream.policy import DEGRADED, EXPLORE, INVALID, SCORE, UNCERTAIN, Decision
 COUNTS = ("total", "blocked", "uncertain", "explore", "invalid", "degraded", "scored", "spare")
 N_COUNTS = len(COUNTS)
 AUDIT_CAP = 1000
+MODEL_SEP = "@"  # a bucket field is "<controller id>@<model version>"
 
 
 class StoreUnavailable(RtaError):
@@ -125,11 +130,29 @@ def bucket_vector(e: np.ndarray, u: np.ndarray, d: Decisions, spec: HistSpec) ->
     return vec
 
 
-def _sum_fields(vectors: Any, size: int) -> np.ndarray:
+def field_name(writer: str, model: str) -> str:
+    """A writer's field in a second's hash: one per (controller, model), so histograms of the
+    model now serving can be told from those of the one it replaced (module docstring)."""
+    return f"{writer}{MODEL_SEP}{model}"
+
+
+def field_model(name: str) -> str | None:
+    """The model a field's histograms belong to (None: an untagged writer, any model)."""
+    return name.rpartition(MODEL_SEP)[2] if MODEL_SEP in name else None
+
+
+def sum_fields(items: Any, size: int, model: str | None = None) -> np.ndarray:
+    """Sum (field name, vector) pairs: every field's counts, but the histograms only of fields
+    of ``model`` (or untagged ones); ``model`` None sums everything."""
     out = np.zeros(size, dtype=np.int64)
-    for v in vectors:
+    for name, v in items:
         n = min(len(v), size)
-        out[:n] += v[:n]
+        tag = None if model is None else field_model(name)
+        if tag is None or tag == model:
+            out[:n] += v[:n]
+        else:
+            k = min(n, N_COUNTS)
+            out[:k] += v[:k]
     return out
 
 
@@ -175,8 +198,9 @@ class WindowStore(Protocol):
         """Set ``writer``'s cumulative bucket for each second (idempotent, TTL'd)."""
 
     def read(self, seconds: Sequence[int], status: Mapping[str, Any] | None = None,
-             server_time: bool = False) -> Snapshot:
-        """Read buckets + targets (+ publish this controller's status, + the store's clock)."""
+             server_time: bool = False, model: str | None = None) -> Snapshot:
+        """Read buckets + targets (+ publish this controller's status, + the store's clock);
+        with ``model``, histograms only of that model's fields (counts of all)."""
 
     def set_targets(self, targets: Targets, who: str, reason: str) -> dict[str, Any]:
         """Write targets atomically with an audit entry; returns the entry."""
@@ -262,10 +286,11 @@ class MemoryStore:
                 del self.buckets[sec]
 
     def read(self, seconds: Sequence[int], status: Mapping[str, Any] | None = None,
-             server_time: bool = False) -> Snapshot:
+             server_time: bool = False, model: str | None = None) -> Snapshot:
         if status is not None:
             self.status[str(status.get("id", "local"))] = dict(status)
-        got = {s: _sum_fields(self.buckets[s].values(), self.spec.size) for s in seconds if s in self.buckets}
+        got = {s: sum_fields(self.buckets[s].items(), self.spec.size, model)
+               for s in seconds if s in self.buckets}
         return Snapshot(got, self.targets, self.version, self.epoch)
 
     def set_targets(self, targets: Targets, who: str, reason: str) -> dict[str, Any]:
@@ -353,7 +378,7 @@ class RedisStore:
         self._call(run)
 
     def read(self, seconds: Sequence[int], status: Mapping[str, Any] | None = None,
-             server_time: bool = False) -> Snapshot:
+             server_time: bool = False, model: str | None = None) -> Snapshot:
         seconds = list(seconds)
 
         def run() -> list[Any]:
@@ -375,7 +400,9 @@ class RedisStore:
         buckets: dict[int, np.ndarray] = {}
         for sec, fields in zip(seconds, raw, strict=True):
             if fields:
-                buckets[sec] = _sum_fields((np.frombuffer(b, dtype=">u4") for b in fields.values()), size)
+                buckets[sec] = sum_fields(((k.decode("utf-8", "replace") if isinstance(k, bytes) else k,
+                                             np.frombuffer(b, dtype=">u4")) for k, b in fields.items()),
+                                           size, model)
         hd = {k.decode() if isinstance(k, bytes) else k: v.decode() if isinstance(v, bytes) else v
               for k, v in (h or {}).items()}
         targets, version = _targets_from_hash(hd)

@@ -59,6 +59,7 @@ from stream.events import (
 from stream.kafka import make_consumer, make_producer, wait_reachable
 from stream.metrics import MetricsServer, WorkerMetrics
 from stream.policy import DEGRADED, EXPLORE, NAN_OUTPUT, REASONS, UNCERTAIN, ScorePolicy, decide
+from stream.prior import ScoreDistribution
 from stream.scorer import Scorer
 
 log = logging.getLogger("rta.worker")
@@ -186,6 +187,7 @@ class Worker:
             wait_reachable(settings, cfg.startup_timeout_s)
         self.controller = controller or RatioController.from_settings(
             settings, cfg.controller, controller_id=cfg.worker_id)
+        self.controller.set_model(self.scorer.version, self.prior)
         self.controller.refresh()  # read the live targets now, before the first batch
 
         self.reports = DeliveryReports()
@@ -227,13 +229,19 @@ class Worker:
             scorer = Scorer.load(bundle, intra_threads=self.config.intra_threads)
             policy = ScorePolicy.from_manifest(scorer.manifest)
             _smoke_test(scorer, policy)
+            spec = (self.config.controller or ControllerConfig()).spec
+            prior = ScoreDistribution.from_manifest(scorer.manifest, spec, where=f"{bundle}/manifest.json")
         except BundleError:
             raise
         except Exception as exc:  # onnxruntime, PermissionError, malformed manifest values, ...
             first = str(exc).splitlines()[0] if str(exc) else ""
             raise BundleError(f"{bundle}: refused ({type(exc).__name__}: {first})") from None
-        self.scorer, self.policy = scorer, policy
+        self.scorer, self.policy, self.prior = scorer, policy, prior
         self.bundle = bundle
+        if prior is None:
+            log.warning("model %s carries no score distribution (trained before it existed, or in other "
+                        "bins): the ratio controller starts from its window alone", scorer.version,
+                        extra={"event": "no_score_distribution", "version": scorer.version})
         self._headers = decision_headers(scorer.version)
         self._fingerprint = scorer.spec.fingerprint()
         self.metrics.model.info({"version": scorer.version, "path": str(bundle),
@@ -259,6 +267,7 @@ class Worker:
                       extra={"event": "reload_refused", "version": version})
             return False
         self._refused = None
+        self.controller.set_model(self.scorer.version, self.prior)  # its own histograms + prior
         self.stats.reloads += 1
         self.metrics.reloads.labels("ok").inc()
         log.info("now serving model %s", self.scorer.version,

@@ -48,14 +48,31 @@ def make_student(pre: Preprocessor, mode: str = "mean_match", seed: int = 0):
 
 
 def make_bundle(model_dir: Path, version: str = "v1", mode: str = "mean_match", seed: int = 0,
-                publish: bool = True) -> Path:
-    """A complete (untrained-weights) bundle under model_dir/version, optionally published."""
+                publish: bool = True, distribution: bool = True, scale: float = 1.0,
+                shift: float = 0.0) -> Path:
+    """A complete (untrained-weights) bundle under model_dir/version, optionally published.
+
+    ``scale`` multiplies the output weights (scores spread over several logit units, as a
+    trained model's do); ``shift`` moves every task's probability logit (another model's
+    score distribution); ``distribution`` records the served scores of held-out draws in the
+    manifest, as training does (the controller's cold start)."""
+    import torch
+
     from model import bundle
     from model.export import export_bundle
 
     pre, _, _ = fitted(seed=seed)
+    student = make_student(pre, mode, seed)
+    with torch.no_grad():
+        student.head2_w.mul_(scale)
+        student.head2_b[: len(TASKS)] += shift
     bundle_dir = Path(model_dir) / version
-    export_bundle(bundle_dir, pre, make_student(pre, mode, seed), metrics={"test": True})
+    export_bundle(bundle_dir, pre, student, metrics={"test": True})
+    if distribution:  # other draws than the tests' traffic (seed 0..)
+        from stream.prior import write_bundle_distribution
+
+        _, num, cat = random_batch(20_000, seed=seed + 1000)
+        write_bundle_distribution(bundle_dir, num, cat, fitted_on="random_batch")
     if publish:
         bundle.publish(bundle_dir)
     return bundle_dir

@@ -196,22 +196,11 @@ def end_offsets(settings: Settings, expect: int) -> dict[int, int]:
     return ends
 
 
-def make_spread_bundle(model_dir: Path, version: str = "v1", seed: int = 0, publish: bool = True) -> Path:
+def make_spread_bundle(model_dir: Path, version: str = "v1", seed: int = 0, publish: bool = True,
+                       shift: float = 0.0) -> Path:
     """Like `student_data.make_bundle`, with output weights scaled so scores spread over several
     logit units, as a trained model's do (an untrained student scores everything ~0.48, which
     no histogram controller can split finely)."""
-    import torch
-    from student_data import fitted, make_student
+    from student_data import make_bundle
 
-    from model import bundle
-    from model.export import export_bundle
-
-    pre, _, _ = fitted(seed=seed)
-    student = make_student(pre, seed=seed)
-    with torch.no_grad():
-        student.head2_w.mul_(40.0)
-    bundle_dir = Path(model_dir) / version
-    export_bundle(bundle_dir, pre, student, metrics={"test": True})
-    if publish:
-        bundle.publish(bundle_dir)
-    return bundle_dir
+    return make_bundle(model_dir, version, seed=seed, publish=publish, scale=40.0, shift=shift)

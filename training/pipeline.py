@@ -494,6 +494,12 @@ def run_training(logs_path: str | Path, out: str | Path, profile: Profile, seed:
         evaluate_bundle(bundle_dir, test, bundle_dir / "report", progress=progress)
         log(f"report written to {bundle_dir / 'report'}")
     if not teacher_only:
+        # what the served graph scores on held-out rows: the ratio controller's cold start
+        from stream.prior import write_bundle_distribution
+
+        dist = write_bundle_distribution(bundle_dir, splits.test.num, splits.test.cat,
+                                         fitted_on=f"test split ({len(splits.test)} held-out rows)")
+        log(f"score distribution for the controller's cold start: {dist.rows} rows, {len(dist.strata_end)} u-strata")
         lineage["train_seconds"] = round(time.perf_counter() - t0, 1)
         update_manifest(bundle_dir, lineage=lineage)
         _publish_or_not(bundle_dir, publish)

@@ -47,6 +47,7 @@ from stream.controller import ControllerConfig, RatioController
 from stream.engine import score_batch
 from stream.errors import ConfigError, DataError
 from stream.policy import DEGRADED, REASONS, SCORE, UNCERTAIN, ScorePolicy, Targets, decide
+from stream.prior import ScoreDistribution
 from stream.scorer import Scorer
 from stream.window import MemoryStore
 from training.logs import Attribution, LogSet, load_logs
@@ -155,6 +156,7 @@ class Scored:
     tasks: list[str]
     model: str
     score_s: float
+    prior: ScoreDistribution | None = None  # the bundle's score distribution (controller cold start)
 
 
 class _Clock:
@@ -219,7 +221,8 @@ def score_logs(logs: LogSet, scorer: Scorer, policy: ScorePolicy, progress: bool
         reason = logs.decisions.column("reason").take(pa.array(order))
         valid &= ~pc.fill_null(pc.equal(reason, "invalid"), False).to_numpy(zero_copy_only=False)
     return Scored(logs, order, logs.ts_ms[order], p, u_tasks, e, u, valid, list(scorer.tasks),
-                  scorer.version, time.perf_counter() - t0)
+                  scorer.version, time.perf_counter() - t0,
+                  ScoreDistribution.from_manifest(scorer.manifest, where=f"{scorer.path}/manifest.json"))
 
 
 def _bar(total: int, desc: str, enabled: bool) -> Any:
@@ -282,6 +285,8 @@ def replay_live(sc: Scored, steps: list[Step], cfg: ReplayConfig, step_of_row: n
     store = MemoryStore(cfg.controller.spec, keep_seconds=cfg.controller.window_seconds + 60,
                         targets=steps[int(step_of_row[0])].targets())
     ctl = RatioController(store, cfg.controller, clock=clock, controller_id="replay")
+    # the worker's cold start: the bundle's score distribution until the window holds the log's rows
+    ctl.set_model(sc.model, sc.prior if sc.prior is not None and sc.prior.spec == cfg.controller.spec else None)
     draw = np.random.default_rng(cfg.seed).random(n)
     block = np.zeros(n, bool)
     reason = np.zeros(n, np.uint8)
