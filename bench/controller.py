@@ -34,6 +34,7 @@ from tqdm import tqdm
 from stream.config import load_settings
 from stream.controller import ControllerConfig, RatioController
 from stream.policy import Targets, decide
+from stream.prior import ScoreDistribution
 from stream.window import RedisStore, StoreUnavailable
 
 
@@ -84,6 +85,100 @@ def run_scenario(store: RedisStore, name: str, workers: int, drift: float, steps
             bar.update(1)
     return {"rows": np.array(rows, dtype=np.float64), "lat": np.array(lat),
             "refreshes": sum(c.refreshes for c in ctls), "errors": sum(c.store_errors for c in ctls)}
+
+
+EDGE_TARGETS = Targets(0.5, 0.10, 0.01)  # issue 15's cold-start targets
+
+
+def _feed(ctl: RatioController, clock: SimClock, rng: np.random.Generator, rows: int, batch: int,
+          rate: float, shift: float = 0.0) -> np.ndarray:
+    """``rows`` requests through one controller at ``rate`` per simulated second: blocked flags."""
+    out = []
+    for _ in range(max(1, rows // batch)):
+        e, u = _traffic(rng, batch, shift)
+        th = ctl.thresholds()
+        d = decide(e, u, None, rng.random(batch), th.theta, th.tau_u, th.targets.epsilon, th.degraded)
+        ctl.observe(e, u, d)
+        out.append(d.block)
+        clock.t += batch / rate
+    return np.concatenate(out)
+
+
+def run_edges(url: str, cfg: ControllerConfig, seeds: int, bar: tqdm) -> dict[str, Any]:
+    """Issue 15's edges, each with the new controller and with the old behaviour (no bundle
+    distribution, refresh by time only, one histogram for all models) in the same run:
+
+    - cold burst: 60k requests at once (processed at 100k/s) on an empty window; block share
+      over all rows and the first 5,000;
+    - backlog: 10 minutes of 3k/s (1.8M requests) caught up at 100k/s by a restarted worker;
+      block share over the catch-up and the worst 5,000-row stretch;
+    - model switch: 20k/s, after 40 s the scores shift by +1.5 logit (a new model); block share
+      over the 30 s after the switch and the worst 1 s.
+    """
+    old_cfg = replace(cfg, refresh_rows=10**12)
+    out: dict[str, Any] = {}
+
+    def store() -> RedisStore:
+        s = RedisStore.from_url(url, f"bench:{uuid.uuid4().hex[:8]}", cfg.spec, ttl_seconds=cfg.window_seconds + 120,
+                                socket_timeout=2, connect_timeout=2)
+        s.set_targets(EDGE_TARGETS, "bench", "edges")
+        return s
+
+    def controller(st: RedisStore, clock: SimClock, new: bool, prior: Any, name: str) -> RatioController:
+        ctl = RatioController(st, cfg if new else old_cfg, clock=clock, controller_id=name)
+        ctl.set_model("v1", prior if new else None)
+        return ctl
+
+    def err(x: np.ndarray) -> float:
+        return round(abs(float(x.mean()) - EDGE_TARGETS.r) * 100, 3)
+
+    def worst(x: np.ndarray, n: int) -> float:
+        k = len(x) // n
+        return round(float(np.abs(x[: k * n].reshape(k, n).mean(axis=1) - EDGE_TARGETS.r).max()) * 100, 3)
+
+    cold: dict[str, list[float]] = {f"{w}_{m}": [] for w in ("new", "old") for m in ("all_pp", "first5k_pp")}
+    backlog: dict[str, list[float]] = {f"{w}_{m}": [] for w in ("new", "old") for m in ("all_pp", "worst5k_pp")}
+    switch: dict[str, list[float]] = {f"{w}_{m}": [] for w in ("new", "old") for m in ("after30s_pp", "worst1s_pp")}
+    for seed in range(seeds):
+        prior = ScoreDistribution.fit(*_traffic(np.random.default_rng(10_000 + seed), 50_000, 0.0))
+        prior2 = ScoreDistribution.fit(*_traffic(np.random.default_rng(20_000 + seed), 50_000, 1.5))
+        for new in (True, False):
+            w = "new" if new else "old"
+            st = store()
+            try:
+                clock = SimClock(float(int(time.time())))
+                b = _feed(controller(st, clock, new, prior, "cold"), clock, np.random.default_rng(seed), 60_000, 1000, 1e5)
+                cold[f"{w}_all_pp"].append(err(b))
+                cold[f"{w}_first5k_pp"].append(err(b[:5000]))
+                bar.update(1)
+                clock.t += 120  # the cold run's seconds leave the window
+                b = _feed(controller(st, clock, new, prior, "backlog"), clock, np.random.default_rng(seed + 100),
+                          1_800_000, 1000, 1e5)
+                backlog[f"{w}_all_pp"].append(err(b))
+                backlog[f"{w}_worst5k_pp"].append(worst(b, 5000))
+                bar.update(1)
+                clock.t += 120
+                ctl = controller(st, clock, new, prior, "switch")
+                _feed(ctl, clock, np.random.default_rng(seed + 200), 800_000, 500, 2e4)
+                if new:
+                    ctl.set_model("v2", prior2)
+                b = _feed(ctl, clock, np.random.default_rng(seed + 300), 600_000, 500, 2e4, shift=1.5)
+                switch[f"{w}_after30s_pp"].append(err(b))
+                switch[f"{w}_worst1s_pp"].append(worst(b, 20_000))
+                bar.update(1)
+            finally:
+                st.clear()
+
+    def agg(d: dict[str, list[float]]) -> dict[str, Any]:
+        return {k: {"mean": round(float(np.mean(v)), 3), "max": round(float(np.max(v)), 3)} for k, v in d.items()}
+
+    out["cold_burst_60k"] = agg(cold)
+    out["backlog_10min_3k_per_s"] = agg(backlog)
+    out["model_switch_plus_1_5_logit"] = agg(switch)
+    out["seeds"] = seeds
+    out["note"] = ("pp = |block share - 0.5| x 100; new = bundle distribution + refresh every "
+                   f"{cfg.refresh_rows} rows + per-model histograms; old = none of them (same run, same traffic)")
+    return out
 
 
 def _trailing_share(rows: np.ndarray, at: np.ndarray, span: float, col: int = 3,
@@ -215,9 +310,11 @@ def _redis(url: str | None) -> tuple[str, Any]:
 @click.option("--feedback-gain", type=click.FloatRange(min=0), default=None,
               help="Override the controller's feedback gain (1/s).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--edge-seeds", type=click.IntRange(0, 50), default=3, show_default=True,
+              help="Seeds of the cold-burst / backlog / model-switch scenarios (0: skip them).")
 def controller(redis_url: str | None, steps: str, step_seconds: float, rate: float, batch: int, window: int,
                p_u: float, epsilon: float, drift: float, measure: float, band_pp: float,
-               plot_path: Path, feedback_gain: float | None, seed: int) -> None:
+               plot_path: Path, feedback_gain: float | None, seed: int, edge_seeds: int) -> None:
     """Ratio controller settling after steps of r (1 and 2 workers, drifting scores); JSON out."""
     try:
         targets = [float(x) for x in steps.split(",") if x.strip()]
@@ -245,6 +342,10 @@ def controller(redis_url: str | None, steps: str, step_seconds: float, rate: flo
                     store.clear()
                 results[name] = res
                 summary[name] = summarise(res, targets, step_seconds, window, measure, band_pp, p_u)
+        edges = None
+        if edge_seeds:
+            with tqdm(total=3 * 2 * edge_seeds, desc="edge scenarios", unit="run", leave=False) as bar:
+                edges = run_edges(url, cfg, edge_seeds, bar)
     finally:
         if server is not None:
             server.stop()
@@ -257,5 +358,6 @@ def controller(redis_url: str | None, steps: str, step_seconds: float, rate: flo
                    "feedback_gain": cfg.feedback_gain, "redis": "embedded" if server else "configured"},
         "scenarios": summary,
         "all_within_band": all(s["within_band"] for s in summary.values()),
+        "edges": edges,
         "plot": str(plot_path),
     }))
