@@ -141,6 +141,14 @@ def list_cmd(model_dir: Path, as_json: bool) -> None:
                    f"{log[-1]['new']} by {log[-1]['who']} ({log[-1]['reason']})")
 
 
+def _distribution_summary(manifest: dict[str, Any], path: Path) -> dict[str, Any] | None:
+    """Rows and a few quantiles of the score distribution the controller starts from."""
+    from stream.prior import ScoreDistribution
+
+    dist = ScoreDistribution.from_manifest(manifest, where=f"{path}/manifest.json")
+    return None if dist is None else dist.summary()
+
+
 @model.command("show")
 @click.argument("version")
 @model_dir_option
@@ -157,6 +165,7 @@ def show_cmd(version: str, model_dir: Path) -> None:
                                                            "tasks": fid.get("tasks")},
            "metrics": {k: v for k, v in metrics.items() if k != "fidelity"},
            "gate": registry.read_gate(path),
+           "score_distribution": _distribution_summary(m, path),
            "switches": [e for e in registry.read_log(model_dir) if version in (e.get("new"), e.get("old"))]}
     click.echo(json.dumps(out, indent=1, default=str))
 
