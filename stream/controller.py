@@ -70,10 +70,10 @@ while a worker catches up on a backlog: the target is a share of the decisions b
 with one clock for all workers, and a catching-up worker writing into event-time seconds would
 write into seconds its peers have closed and cached (or that lie beyond the window), so its
 decisions would be invisible to them. Replay has no processing time: it drives both clocks from
-event time, which is what processing time was when the log was served live; ``timer()`` gives the CADENCE time
-of refreshes and the Redis retry backoff (default ``time.monotonic`` with the wall clock, the
-injected clock otherwise), so a wall-clock step back cannot freeze the thresholds. A replay
-drives both from event time. Every
+event time, which is what processing time was when the log was served live. ``timer()`` gives
+the CADENCE time of refreshes and the Redis retry backoff (default ``time.monotonic`` with the
+wall clock, the injected clock otherwise), so a wall-clock step back cannot freeze the
+thresholds. Every
 ``skew_interval`` the controller reads Redis ``TIME`` with its refresh and keeps
 ``clock_skew`` = clock() - Redis time (published in its status, exported by the worker): a
 worker whose clock is off writes into the wrong seconds of the shared window. Tests and
