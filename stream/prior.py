@@ -182,15 +182,9 @@ def fit_bundle(bundle_dir: str | Path, num: np.ndarray, cat: np.ndarray, fitted_
     scorer = Scorer.load(bundle_dir)
     policy = ScorePolicy.from_manifest(scorer.manifest)
     num = np.asarray(num, np.float32)
-    codes = scorer.codes(np.asarray(cat, dtype=object))
-    e, u = [], []
-    for s in range(0, len(num), 8192):
-        out = score_batch(scorer, policy, num[s:s + 8192], codes[s:s + 8192])
-        e.append(out.e)
-        u.append(out.u)
+    out = score_batch(scorer, policy, num, scorer.codes(np.asarray(cat, dtype=object)))
     valid = ~np.isinf(num).any(axis=1)  # the decoder refuses such a row: invalid live
-    return ScoreDistribution.fit(np.concatenate(e)[valid], np.concatenate(u)[valid], spec,
-                                 fitted_on=fitted_on)
+    return ScoreDistribution.fit(out.e[valid], out.u[valid], spec, fitted_on=fitted_on)
 
 
 def write_bundle_distribution(bundle_dir: str | Path, num: np.ndarray, cat: np.ndarray,
