@@ -113,6 +113,25 @@ def _bundle(model_dir: Path, spec: FeatureSpec, num: np.ndarray, cat: np.ndarray
     return out
 
 
+def _copy_bundle(model: Path, model_dir: Path, spec: FeatureSpec) -> Path:
+    """A trained bundle served as it is (a copy, published in the bench's model dir), so the
+    worker's figures can be read for what `rta train` ships (its int8 graph, where kept)."""
+    import shutil
+
+    from model import bundle
+    from stream.errors import ConfigError
+
+    src = bundle.resolve_bundle(model)
+    theirs = bundle.verify_spec(src, bundle.read_manifest(src))
+    if theirs.fingerprint() != spec.fingerprint():
+        raise ConfigError(f"--model {model}: its {len(theirs.names)} features are not the bench's "
+                          f"{len(spec.names)} world features (give --features {len(theirs.names)} or another bundle)")
+    out = model_dir / src.name
+    shutil.copytree(src, out)
+    bundle.publish(out)
+    return out
+
+
 def _requests(spec: FeatureSpec, num: np.ndarray, cat: np.ndarray, ids: list[str], ts_ms: int,
               positional: bool | str) -> list[bytes]:
     """positional: False (canonical JSON), True (positional JSON) or "binary" (msgpack + float32)."""
@@ -374,12 +393,16 @@ def _wait_decided(settings: Settings, rids: set[str], proc: subprocess.Popen, ti
               help="Duration of each latency run.")
 @click.option("--profile", "profile_out", type=click.Path(dir_okay=False), default=None,
               help="Write a cProfile of the worker's throughput run here.")
-@click.option("--quantize", type=click.Choice(["int8"]), default=None,
-              help="Serve an int8 student graph (model.export.quantize_serving) instead of float32.")
+@click.option("--quantize", type=click.Choice(["int8", "none"]), default="int8", show_default=True,
+              help="The student graph's weights: int8 (what `rta train` serves where the parity gate "
+                   "holds, model.export.quantize_serving) or none (float32).")
+@click.option("--model", "model", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Serve this bundle (or a model dir's current version) instead of the bench's "
+                   "untrained one; its features must be the world's first --features.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the JSON here.")
 def worker(n: int, features: int, positional: bool, binary: bool, batch_size: int, batch_wait_ms: int,
            commit_interval_ms: int, loads: str, seconds: float, profile_out: str | None,
-           quantize: str | None, out: str | None) -> None:
+           quantize: str, model: str | None, out: str | None) -> None:
     """Worker events/s vs a plain consume->produce passthrough; latency at fixed loads."""
     try:
         rates = [int(x) for x in loads.split(",") if x.strip()]
@@ -400,7 +423,8 @@ def worker(n: int, features: int, positional: bool, binary: bool, batch_size: in
                                redis_prefix=f"bench:{os.getpid()}").with_topic_prefix(f"bench{os.getpid()}")
             click.echo("bench: building requests and a bundle ...", err=True)
             spec, num, cat = _world(max(n, 20_000), features)
-            bundle_dir = _bundle(settings.model_dir, spec, num, cat, quantize)
+            bundle_dir = (_bundle(settings.model_dir, spec, num, cat, None if quantize == "none" else quantize)
+                          if model is None else _copy_bundle(Path(model), settings.model_dir, spec))
             import json as _json
 
             serving = _json.loads((bundle_dir / "manifest.json").read_text()).get("serving", {})

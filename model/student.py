@@ -61,6 +61,10 @@ class StudentConfig:
     # Serve u = ambiguity combined with input novelty (model/novelty.py, stream.policy.combine_uncertainty).
     novelty: bool = True
     novelty_gate_share: float = 0.001  # share of validation traffic past the novelty gate
+    # The serving graph's weights: "int8" (static int8 matmuls, kept only where the export's
+    # parity gate holds, else float32; model.export.quantize_serving) or "none" (float32). int8
+    # halves the network's call and kept the fidelity bars on the demo bundle (docs/benchmarks.md).
+    quantize: str = "int8"
     patience: int = 3  # epochs without validation improvement before stopping
     # Distillation inputs beyond the logged rows: `augment_copies` x the training rows, each a
     # logged row with every feature swapped, with probability `augment_swap`, for the same
@@ -88,6 +92,8 @@ class StudentConfig:
             raise ValueError("student quantile_points must be >= 2")
         if not 0.0 < self.tail_share < 1.0 or self.tail_weight < 0:
             raise ValueError("student tail_share must be in (0, 1) and tail_weight >= 0")
+        if self.quantize not in ("int8", "none"):
+            raise ValueError(f"student quantize must be 'int8' or 'none', got {self.quantize!r}")
         if self.augment_copies < 0 or not 0.0 <= self.augment_swap <= 1.0:
             raise ValueError("student augment_copies must be >= 0 and augment_swap in [0, 1]")
 

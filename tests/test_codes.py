@@ -18,7 +18,7 @@ import pyarrow as pa
 import pytest
 from student_data import fitted, make_bundle, make_student, random_batch
 
-from model.export import SERVING_ONNX, build_onnx, export_bundle, quantize_serving
+from model.export import QUANT_PROBE_ROWS, SERVING_ONNX, build_onnx, export_bundle, quantize_serving
 from model.preprocess import Preprocessor
 from stream import events
 from stream.codes import MISSING_CODE, UNKNOWN_CODE, CategoryCodes
@@ -148,6 +148,17 @@ def test_int8_graph_is_row_independent_and_close_to_float(tmp_path):
     q = manifest["serving"]["quantization"]
     assert manifest["serving"]["weights"] == ("int8" if q["kept"] else "float32")
     assert Scorer.load(tmp_path / "q1").score(num[:5], cat[:5])[0].shape == (5, len(student.tasks))
+    # the gate reads the rows it is given (rta train: validation rows), calibration stays synthetic
+    manifest = export_bundle(tmp_path / "q2", pre, student, quantize="int8", quantize_check=(num, cat))
+    q2 = manifest["serving"]["quantization"]
+    assert (q2["probe"], q2["probe_rows"], q2["calibration_rows"]) == ("real rows", 700, QUANT_PROBE_ROWS)
+    assert q2["p_max_abs_diff"] != q["p_max_abs_diff"]
+    assert manifest["serving"]["weights"] == ("int8" if q2["kept"] else "float32")
+    quant2, fig2 = quantize_serving(pre, graph, check=(num, codes))
+    assert quant2.graph.SerializeToString() == quant.graph.SerializeToString()  # calibrated alike
+    q_p, f_p = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        ["p"], {"num": num, "cat": codes})[0] for m in (quant2, graph))
+    assert fig2["p_max_abs_diff"] == pytest.approx(float(np.abs(q_p - f_p).max()), rel=1e-5)
 
 
 def test_binary_requests_decode_like_canonical_ones_and_bad_ones_get_their_code():

@@ -54,6 +54,15 @@ def test_distill_writes_a_verified_published_bundle(tmp_path):
     assert json.loads((tmp_path / "v1" / "fidelity" / "fidelity.json").read_text())["rows"] == 4_000
     p, u = scorer.score(valid.num[:100], valid.cat[:100])
     assert p.shape == u.shape == (100, 4)
+    # int8 is the default; the fidelity report and thresholds describe the graph that serves
+    served = metrics["served_vs_float"]
+    assert served["weights"] == m["serving"]["weights"] == ("int8" if m["serving"]["quantization"]["kept"] else "float32")
+    if served["weights"] == "int8":
+        ref = scorer.session.run(["p"], {"num": valid.num, "cat": valid.cat.astype(object)})[0]
+        got = scorer.score(valid.num, valid.cat)[0]
+        assert 0 < served["p_max_abs"] == pytest.approx(float(np.abs(got - ref).max()), rel=1e-5)
+        fid_auc = metrics["fidelity"]["tasks"]["click"]["auc_student"]
+        assert fid_auc == pytest.approx(auc_roc(valid.labels[:, 0], got[:, 0]), abs=1e-6)
 
 
 def distill_and_export_ok(*args):

@@ -29,12 +29,14 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from model import bundle
+from model.export import QUANT_PROBE_ROWS as QUANT_CHECK_ROWS
 from model.export import export_bundle
 from model.novelty import Novelty
 from model.preprocess import Preprocessor
 from model.student import LOG_FLOOR, TARGET_MODES, Student, StudentConfig
 from stream.errors import ConfigError
 from stream.features import DEFAULT_TASKS
+from stream.scorer import Scorer
 from training.fidelity import acceptance, fidelity_report
 
 DEFAULT_TARGETS = {"r": 0.3, "p_u": 0.05, "epsilon": 0.01}
@@ -362,8 +364,10 @@ def distill_and_export(
     novelty, combine = None, None
     if cfg.novelty:
         novelty, combine = fit_novelty(pre, train, valid, t_u, cfg.novelty_gate_share)
-    export_bundle(bundle_dir, pre, student, measure=cfg.uncertainty_measure, source_map=source_map,
-                  novelty=novelty, combine=combine, selection=selection)
+    exported = export_bundle(bundle_dir, pre, student, measure=cfg.uncertainty_measure, source_map=source_map,
+                             novelty=novelty, combine=combine, selection=selection,
+                             quantize=None if cfg.quantize == "none" else cfg.quantize,
+                             quantize_check=(valid.num[:QUANT_CHECK_ROWS], valid.cat[:QUANT_CHECK_ROWS]))
     sess = ort.InferenceSession(str(bundle_dir / bundle.STUDENT_ONNX), providers=["CPUExecutionProvider"])
     feeds = {"num": np.asarray(valid.num, np.float32), "cat": np.asarray(valid.cat, dtype=object)}
     s_p, s_served = sess.run(["p", "u"], feeds)
@@ -378,6 +382,18 @@ def distill_and_export(
         parity["novelty"] = float(np.abs(sess.run(["novelty"], feeds)[0][:, 0] - ref_n).max(initial=0.0))
         parity["u_served_rel"] = float((np.abs(s_served - ref) / np.maximum(np.abs(ref), 1e-12)).max(initial=0.0))
 
+    served_vs_float: dict[str, Any] = {"weights": exported["serving"]["weights"]}
+    if exported["serving"]["weights"] != "float32":
+        # The fidelity report and the default thresholds describe what serves: the int8 graph.
+        # The string graph above stays the float reference against torch.
+        served = Scorer.load(bundle_dir)
+        q_p, q_served, *q_u = served.run(["p", "u"] + (["u_ambiguity"] if novelty is not None else []),
+                                         valid.num, valid.cat)
+        served_vs_float.update({"p_max_abs": float(np.abs(q_p - s_p).max(initial=0.0)),
+                                "u_served_max_abs": float(np.abs(q_served - s_served).max(initial=0.0))})
+        s_p, s_served = q_p, q_served
+        s_u = q_u[0] if q_u else q_served
+
     fid = fidelity_report(teacher_pred_valid.mean, t_u_valid, s_p, s_u, valid.labels, tasks,
                           out_dir=bundle_dir / "fidelity", source_map=source_map,
                           target_modes=comparison, primary_mode=cfg.target_mode)
@@ -386,6 +402,7 @@ def distill_and_export(
                     "epochs_run": len(info["history"]), "augmented": augmented,
                     "target_mode_comparison": comparison_info},
         "onnx_vs_torch_max_abs": parity,
+        "served_vs_float": served_vs_float,
         "fidelity": {
             "tasks": fid["tasks"], "tail_winner": fid.get("tail_winner"),
             "acceptance": acceptance(fid, source_map.get("deal", "click") if "deal" in tasks else tasks[0]),
