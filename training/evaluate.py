@@ -258,11 +258,11 @@ def student_fidelity(bundle_dir: Path, pred: TeacherPrediction, logs: LogSet, ou
     chunks = [scorer.score(logs.num[i:i + 65536], logs.cat[i:i + 65536]) for i in range(0, len(logs), 65536)]
     s_p = np.concatenate([c[0] for c in chunks])
     s_u = np.concatenate([c[1] for c in chunks])
-    if "u_ambiguity" in [o.name for o in scorer.session.get_outputs()]:
+    if "u_ambiguity" in [o.name for o in scorer.serving.get_outputs()]:
         # a novelty bundle serves ambiguity + novelty; the distillation is the ambiguity head's
-        s_u = np.concatenate([scorer.session.run(["u_ambiguity"], {
-            "num": np.ascontiguousarray(logs.num[i:i + 65536], np.float32),
-            "cat": np.asarray(logs.cat[i:i + 65536], dtype=object)})[0] for i in range(0, len(logs), 65536)])
+        # (read from the graph that serves, which may hold int8 weights)
+        s_u = np.concatenate([scorer.run(["u_ambiguity"], logs.num[i:i + 65536], logs.cat[i:i + 65536])[0]
+                              for i in range(0, len(logs), 65536)])
     measure = scorer.manifest.get("uncertainty", {}).get("measure", "prob_var")
     mode = scorer.manifest.get("uncertainty", {}).get("rescale", {}).get("mode")
     source_map = scorer.manifest.get("uncertainty_source") or {}

@@ -229,18 +229,12 @@ def served_outputs(bundle_dir: Path, num: np.ndarray, cat: np.ndarray) -> dict[s
     from stream.scorer import Scorer
 
     scorer = Scorer.load(bundle_dir)
-    names = [o.name for o in scorer.session.get_outputs()]
-    extra = [n for n in ("u_ambiguity", "novelty") if n in names]
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ["p", "u", *extra]}
-    for s in range(0, len(num), 65536):
-        p, u = scorer.score(num[s:s + 65536], cat[s:s + 65536])
-        parts["p"].append(p)
-        parts["u"].append(u)
-        if extra:
-            feeds = {"num": np.ascontiguousarray(num[s:s + 65536], np.float32),
-                     "cat": np.asarray(cat[s:s + 65536], dtype=object)}
-            for k, v in zip(extra, scorer.session.run(extra, feeds), strict=True):
-                parts[k].append(v)
+    names = [o.name for o in scorer.serving.get_outputs()]
+    keys = ["p", "u", *(n for n in ("u_ambiguity", "novelty") if n in names)]
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+    for s in range(0, len(num), 65536):  # one call of the serving graph per chunk, all outputs
+        for k, v in zip(keys, scorer.run(keys, num[s:s + 65536], cat[s:s + 65536]), strict=True):
+            parts[k].append(v)
     out = {k: np.concatenate(v) for k, v in parts.items()}
     if "novelty" in out:
         out["novelty"] = out["novelty"][:, 0]
