@@ -79,6 +79,7 @@ def test_gate_promotes_a_better_candidate(capsys, loop, tmp_path):
     shown = json.loads(out)
     assert code == 0 and shown["current"] and shown["gate"]["passed"] and shown["switches"][-1]["reason"] == \
         "trained beats v0"
+    assert shown["serving"]["file"] == "student_codes.onnx" and shown["serving"]["weights"] in ("int8", "float32")
 
 
 def test_gate_refuses_a_candidate_trained_on_shuffled_labels(capsys, loop, tmp_path):

@@ -165,6 +165,7 @@ def show_cmd(version: str, model_dir: Path) -> None:
                                                            "tasks": fid.get("tasks")},
            "metrics": {k: v for k, v in metrics.items() if k != "fidelity"},
            "gate": registry.read_gate(path),
+           "serving": m.get("serving"),  # which graph serves, its weights (int8/float32) and why
            "score_distribution": _distribution_summary(m, path),
            "switches": [e for e in registry.read_log(model_dir) if version in (e.get("new"), e.get("old"))]}
     click.echo(json.dumps(out, indent=1, default=str))
