@@ -168,7 +168,8 @@ def _set_cat(self: LogSet, value: np.ndarray | CatColumns) -> None:
 
 # after the dataclass is made (a property in the class body would become the field's default):
 # the generated __init__ and `replace` go through the setter, so a CatColumns stays undecoded
-LogSet.cat = property(_get_cat, _set_cat, doc=LogSet.__doc__)  # type: ignore[assignment]
+LogSet.cat = property(_get_cat, _set_cat,  # type: ignore[assignment]
+                      doc='object[N, n_cat] of str ("" = missing), decoded from `cat_columns` on first read')
 
 
 def _indices(rows: np.ndarray) -> np.ndarray:
@@ -346,7 +347,7 @@ def _matrices(tables: list[tuple[Path, pa.Table]], spec: FeatureSpec) -> tuple[n
     """The (num, cat) of `stream.features` (NaN / "" = missing), files concatenated; `cat` in
     its dictionary form (`CatColumns`), decoded only if someone reads `LogSet.cat`."""
     n_rows = sum(t.num_rows for _, t in tables)
-    num = np.empty((len(spec.numeric), n_rows), np.float32)  # a column per row, transposed once at the end
+    num = np.empty((len(spec.numeric), n_rows), np.float32)  # feature-major: contiguous writes, one transpose
     words, index = [], np.empty((len(spec.categorical), n_rows), np.int32)
 
     def column(table: pa.Table, c: str) -> pa.ChunkedArray:
