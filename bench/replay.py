@@ -6,9 +6,11 @@ cost of the worker benchmark's bundle; replay's cost does not depend on how well
 trained), and the logged layout the live system would have written for it
 (`training.offline_log`: r = 0.3, p_u = 0.02, epsilon = 0.05). Then times `training.replay.replay`
 — load + label join, score, decide, write decisions.parquet and the report — in both modes:
-`--thresholds logged` and live targets (replay's own controller on event time). Prints one
-JSON object: rows/s per mode end to end (and of load + score + decide alone), the time of each
-phase, and the ratio to the 100k rows/s goal.
+`--thresholds logged` and live targets (replay's own controller on event time), each with the
+report's PNGs and without them (`rta replay --no-plots`). Prints one JSON object: rows/s per
+mode end to end (and of load + score + decide alone), the time of each phase, the process's CPU
+seconds (every thread's), and the ratio to the 100k rows/s goal. `--quantize int8` serves the
+generated bundle's int8 graph when the export's parity gate keeps it (`serving` says which).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import click
 GOAL_ROWS_PER_S = 100_000
 
 
-def _fixture(tmp: Path, rows: int, rows_per_s: float, seed: int) -> tuple[Path, Path, dict[str, Any]]:
+def _fixture(tmp: Path, rows: int, rows_per_s: float, seed: int,
+             quantize: str | None = None) -> tuple[Path, Path, dict[str, Any]]:
     from bench.worker import _bundle
     from training.logs import load_logs
     from training.offline_log import make_logged_layout
@@ -36,20 +39,22 @@ def _fixture(tmp: Path, rows: int, rows_per_s: float, seed: int) -> tuple[Path, 
     write(world_dir, rows, seed=seed, config=replace(WorldConfig(), span_days=rows / rows_per_s / 86_400.0),
           progress=False)
     world = load_logs(world_dir)
-    bundle = _bundle(tmp / "models", world.spec, world.num[:20_000], world.cat[:20_000])
+    bundle = _bundle(tmp / "models", world.spec, world.num[:20_000], world.cat[:20_000], quantize)
     info = make_logged_layout(bundle, world, tmp / "log", Step(0.3, 0.02, 0.05), seed=seed)
     return bundle, tmp / "log", info
 
 
-def _time(model: Path, logs: Path, out: Path, cfg: Any, threads: int, attribution: Any) -> dict[str, Any]:
+def _time(model: Path, logs: Path, out: Path, cfg: Any, threads: int, attribution: Any,
+          plots: bool = True) -> dict[str, Any]:
     from training.replay import replay
 
-    t0 = time.perf_counter()
-    report = replay(model, logs, out, cfg, attribution=attribution, threads=threads)
-    wall = time.perf_counter() - t0
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    report = replay(model, logs, out, cfg, attribution=attribution, threads=threads, plots=plots)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     run = report["runs"][0]
     out_d = {"rows": report["rows"], "seconds": round(wall, 3), "rows_per_s": round(report["rows"] / wall),
-             "phases_s": {k: v for k, v in report["timing"].items() if k.endswith("_s")}}
+             "cpu_s": round(cpu, 3),
+             "phases_s": {k: v for k, v in report["timing"].items() if k.endswith("_s") and k != "rows_per_s"}}
     engine_s = sum(report["timing"][k] for k in ("load_s", "score_s", "decide_s"))
     out_d["engine_rows_per_s"] = round(report["rows"] / max(engine_s, 1e-9))  # load + score + decide
     if "match" in run:
@@ -68,12 +73,16 @@ def _time(model: Path, logs: Path, out: Path, cfg: Any, threads: int, attributio
 @click.option("--logs", "logs_path", type=click.Path(exists=True, path_type=Path), default=None,
               help="Logged layout to replay (with --model); default: generated.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="onnxruntime threads.")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="Generated bundle: serve its int8 graph if the export's parity gate keeps it.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write the JSON here.")
-def replay(rows: int, rows_per_s: float, model: Path | None, logs_path: Path | None, threads: int, seed: int,
-           out: Path | None) -> None:
-    """Time `rta replay` (logged thresholds, and live targets) end to end; JSON out."""
+def replay(rows: int, rows_per_s: float, model: Path | None, logs_path: Path | None, threads: int,
+           quantize: str | None, seed: int, out: Path | None) -> None:
+    """Time `rta replay` (logged thresholds, and live targets; with and without plots) end to
+    end; JSON out."""
+    from model.bundle import read_manifest, resolve_bundle
     from training.logs import Attribution
     from training.replay import ReplayConfig, Step
 
@@ -84,19 +93,23 @@ def replay(rows: int, rows_per_s: float, model: Path | None, logs_path: Path | N
         made: dict[str, Any] = {}
         t0 = time.perf_counter()
         if model is None:
-            model, logs_path, made = _fixture(tmp, rows, rows_per_s, seed)
+            model, logs_path, made = _fixture(tmp, rows, rows_per_s, seed, quantize)
         setup_s = time.perf_counter() - t0
+        serving = read_manifest(resolve_bundle(model)).get("serving", {})
         # the generated log is complete: read its labels as of long after its last outcome
         att = Attribution(as_of_ms=made["newest_event_ms"] + 30 * 86_400_000) if made else None
         result: dict[str, Any] = {
             "bench": "replay", "goal_rows_per_s": GOAL_ROWS_PER_S, "threads": threads,
             "log": str(logs_path) if not made else {"generated": made, "rows_per_s_event_time": rows_per_s},
             "setup_s": round(setup_s, 1),
-            "logged": _time(model, logs_path, tmp / "out-logged", ReplayConfig(thresholds="logged"), threads, att),
-            "live": _time(model, logs_path, tmp / "out-live", ReplayConfig(steps=[Step(0.5, 0.02, 0.05)]),
-                          threads, att),
+            "serving": {k: serving[k] for k in ("weights", "quantization") if k in serving},
         }
-    for mode in ("logged", "live"):
+        modes = {"logged": ReplayConfig(thresholds="logged"), "live": ReplayConfig(steps=[Step(0.5, 0.02, 0.05)])}
+        # with plots first: the first of them pays matplotlib's import, as one `rta replay` does
+        for plots, suffix in ((True, ""), (False, "_no_plots")):
+            for mode, cfg in modes.items():
+                result[mode + suffix] = _time(model, logs_path, tmp / f"out-{mode}{suffix}", cfg, threads, att, plots)
+    for mode in ("logged", "live", "logged_no_plots", "live_no_plots"):
         result[f"{mode}_vs_goal"] = round(result[mode]["rows_per_s"] / GOAL_ROWS_PER_S, 3)
     text = json.dumps(result, indent=1)
     if out is not None:

@@ -202,3 +202,29 @@ def test_null_request_id_is_named(tmp_path: Path):
     f = put(tmp_path, IMPRESSIONS_DIR, impressions(["a", None], [T0, T0], ["pass", "pass"]), T0)
     with pytest.raises(DataError, match=rf"{f}: column 'request_id' has 1 missing values"):
         load_logs(tmp_path)
+
+
+def test_categoricals_stay_dictionary_encoded_across_files(tmp_path: Path):
+    # Parquet's dictionary is kept (per column: its few words, an index per row), one dictionary
+    # across files whose own dictionaries differ; the strings appear only if `cat` is read
+    from stream.codes import CategoryCodes
+
+    put(tmp_path, IMPRESSIONS_DIR, impressions(["a", "b", "c"], [T0] * 3, ["pass"] * 3,
+                                               city=pa.array(["x", None, "y"])), T0)
+    later = T0 + 3_600_000
+    put(tmp_path, IMPRESSIONS_DIR, impressions(["d", "e"], [later] * 2, ["block"] * 2,
+                                               city=pa.array(["z", "x"])), later)
+    put(tmp_path, IMPRESSIONS_DIR, impressions(["f"], [later + 1], ["block"], city=None), later, "part-1.parquet")
+    logs = load_logs(tmp_path)
+    cols = logs.cat_columns
+    assert cols is not None and logs._cat is None  # not decoded by loading
+    by_id = dict(zip(logs.request_id.tolist(), range(len(logs)), strict=True))
+    want = {"a": "x", "b": "", "c": "y", "d": "z", "e": "x", "f": ""}
+    assert sorted(cols.words[0].tolist()) == ["", "x", "y", "z"]  # the distinct values once, "" last
+    assert {r: logs.cat[i, 0] for r, i in by_id.items()} == want
+    # the codes of the dictionary form are the codes of the strings (the worker's path)
+    enc = CategoryCodes([["y", "x"]])
+    got = enc.encode_dictionary(0, cols.words[0], cols.index[0])
+    assert np.array_equal(got, enc.encode(logs.cat)[:, 0])
+    sub = logs.take(np.array([by_id["b"], by_id["d"]]))  # a take keeps the dictionary form
+    assert sub.cat_columns is not None and sub.cat[:, 0].tolist() == ["", "z"]

@@ -276,3 +276,49 @@ def test_train_on_the_logged_layout_uses_observed_labels_only(small, tmp_path):
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert "with every label observed" in report["scope"]
     assert report["rows"] < 0.2 * ROWS * 0.75  # the test split's passed rows only (r = 0.3)
+
+
+def test_codes_from_the_logs_dictionary_equal_the_workers_codes(small):
+    """Replay's codes come from each column's dictionary (looked up once, gathered per row); the
+    worker's from the strings (`Scorer.codes`): the same int64 codes, row for row."""
+    from stream.scorer import Scorer
+    from training.replay import feature_codes
+
+    scorer = Scorer.load(small["bundle"])
+    logs = load_logs(small["log"], attribution=_complete(small["info"]))
+    assert logs.cat_columns is not None and scorer.encoder is not None
+    order = np.random.default_rng(0).permutation(len(logs))  # any order (the log's is event time already)
+    num, codes = feature_codes(logs, scorer, order)
+    assert np.array_equal(codes, scorer.codes(logs.cat)[order])
+    assert np.array_equal(num, logs.num[order], equal_nan=True)
+    assert (codes == 0).any() and (codes == 1).any() and (codes >= 2).any()  # missing, unknown, vocabulary
+
+
+def test_bootstrap_sums_resample_like_row_indices():
+    """Grouped multinomial counts are the row bootstrap in distribution: per-resample sums have
+    the row bootstrap's mean and spread (same rows, 4000 resamples each)."""
+    from training.replay import bootstrap_sums
+
+    rng = np.random.default_rng(3)
+    m = 2000
+    w = 1.0 / np.where(rng.random(m) < 0.5, 0.05, 0.02)
+    y = (rng.random(m) < 0.1).astype(np.float64)
+    v = np.stack([w, w * y], axis=1)
+    got = bootstrap_sums(v, 4000, np.random.default_rng(0))
+    rows = v[np.random.default_rng(1).integers(0, m, (4000, m))].sum(axis=1)
+    assert got.shape == (4000, 2)
+    assert np.allclose(got.mean(axis=0), v.sum(axis=0), rtol=0.005)
+    assert np.allclose(got.std(axis=0), rows.std(axis=0), rtol=0.08)
+    ratio = got[:, 1] / got[:, 0]
+    assert abs(np.quantile(ratio, 0.975) - np.quantile(rows[:, 1] / rows[:, 0], 0.975)) < 0.005
+
+
+def test_no_plots_writes_the_report_without_pngs(small, tmp_path):
+    out = tmp_path / "rep"
+    res = _rta("replay", "--model", str(small["bundle"]), "--logs", str(small["log"]), "--out", str(out),
+               "--thresholds", "logged", "--no-plots", "--quiet")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert {p.name for p in out.iterdir()} == {"decisions.parquet", "report.json", "report.md", "report.html"}
+    assert ".png" not in (out / "report.md").read_text() and "Reproduction" in (out / "report.md").read_text()
+    schema = pq.read_schema(out / "decisions.parquet")  # built from indices, still plain strings
+    assert {str(schema.field(c).type) for c in ("request_id", "decision", "reason", "model", "logged_reason")} == {"string"}

@@ -48,13 +48,40 @@ _PARQUET = (".parquet", ".pq")
 _JSONL = (".jsonl", ".json", ".ndjson")
 
 
+@dataclass(frozen=True)
+class CatColumns:
+    """Categorical columns as Parquet stores them: per column its few distinct words and one
+    small int per row. Replay maps each column's words to codes once
+    (`stream.codes.CategoryCodes.encode_dictionary`) and gathers, so no Python string is made
+    per row; `decode` gives the object[N, n_cat] strings the trainer reads."""
+
+    words: tuple[np.ndarray, ...]  # per column: object[K_j + 1] of str, the last one "" (missing)
+    index: np.ndarray  # int32[n_cat, N]: row i of column j is words[j][index[j, i]]
+
+    def __len__(self) -> int:
+        return int(self.index.shape[1])
+
+    def take(self, rows: np.ndarray) -> CatColumns:
+        return CatColumns(self.words, np.ascontiguousarray(self.index[:, rows]))
+
+    def decode(self) -> np.ndarray:
+        """object[N, n_cat] of str ("" = missing); one str object per distinct word, shared."""
+        out = np.empty((len(self), len(self.words)), dtype=object)
+        for j, words in enumerate(self.words):
+            out[:, j] = words[self.index[j]]
+        return out
+
+
 @dataclass
 class LogSet:
-    """One log set as arrays (rows aligned across every field)."""
+    """One log set as arrays (rows aligned across every field).
+
+    `cat` (object[N, n_cat] of str, "" = missing) may be given as a `CatColumns`: it is then
+    decoded on first read, and `cat_columns` keeps the dictionary form for replay."""
 
     spec: FeatureSpec
     num: np.ndarray  # float32[N, n_num], NaN = missing
-    cat: np.ndarray  # object[N, n_cat] of str, "" = missing
+    cat: np.ndarray  # object[N, n_cat] of str, "" = missing (or a CatColumns, decoded lazily)
     labels: np.ndarray  # float32[N, T] of 0/1; NaN = unobserved (logged layout only)
     truth: np.ndarray | None  # float32[N, T] true probabilities (synthetic worlds only)
     request_id: np.ndarray  # object[N] of str
@@ -71,9 +98,16 @@ class LogSet:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    @property
+    def cat_columns(self) -> CatColumns | None:
+        """The categoricals' dictionary form when loaded from Parquet/JSONL (None: given as strings)."""
+        return self._cat_columns
+
     def take(self, rows: np.ndarray) -> LogSet:
+        cols = self._cat_columns
+        cat = cols.take(_indices(rows)) if cols is not None else self.cat[rows]
         return replace(
-            self, num=self.num[rows], cat=self.cat[rows], labels=self.labels[rows],
+            self, num=self.num[rows], cat=cat, labels=self.labels[rows],
             truth=None if self.truth is None else self.truth[rows],
             request_id=self.request_id[rows], ts_ms=self.ts_ms[rows],
             decisions=None if self.decisions is None else self.decisions.take(_indices(rows)),
@@ -119,6 +153,25 @@ class LogSet:
         return h.hexdigest()[:16]
 
 
+def _get_cat(self: LogSet) -> np.ndarray:
+    if self._cat is None:
+        self._cat = self._cat_columns.decode()
+    return self._cat
+
+
+def _set_cat(self: LogSet, value: np.ndarray | CatColumns) -> None:
+    if isinstance(value, CatColumns):
+        self._cat, self._cat_columns = None, value
+    else:
+        self._cat, self._cat_columns = value, None
+
+
+# after the dataclass is made (a property in the class body would become the field's default):
+# the generated __init__ and `replace` go through the setter, so a CatColumns stays undecoded
+LogSet.cat = property(_get_cat, _set_cat,  # type: ignore[assignment]
+                      doc='object[N, n_cat] of str ("" = missing), decoded from `cat_columns` on first read')
+
+
 def _indices(rows: np.ndarray) -> np.ndarray:
     rows = np.asarray(rows)
     return np.flatnonzero(rows) if rows.dtype == bool else rows
@@ -150,11 +203,20 @@ def _files(path: Path) -> list[Path]:
     return files
 
 
+def _read_parquet(file: Path) -> pa.Table:
+    """A Parquet file with its string columns (request ids aside) kept dictionary-encoded, as
+    the file stores them: faster to read, and categoricals never become one str per row."""
+    schema = pq.read_schema(file)
+    words = [f.name for f in schema if f.name != "request_id"
+             and (pa.types.is_string(f.type) or pa.types.is_large_string(f.type))]
+    return pq.read_table(file, read_dictionary=words)
+
+
 def _read(file: Path) -> pa.Table:
     if file.stat().st_size == 0:
         raise DataError(f"{file}: empty file")
     try:
-        table = pa_json.read_json(file) if file.suffix.lower() in _JSONL else pq.read_table(file)
+        table = pa_json.read_json(file) if file.suffix.lower() in _JSONL else _read_parquet(file)
     except (pa.ArrowInvalid, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{file}: unreadable ({first})") from None
@@ -232,22 +294,37 @@ def _numeric(col: pa.ChunkedArray) -> np.ndarray:
 
 
 def _strings(col: pa.ChunkedArray) -> np.ndarray:
-    """object[N] of str, nulls -> "" ; dictionary columns are decoded per chunk (no per-row loop)."""
-    if pa.types.is_null(col.type):
-        return np.full(len(col), "", dtype=object)
-    parts = []
-    for chunk in col.chunks:
-        if not pa.types.is_dictionary(chunk.type) and len(chunk) > 0:
-            # one str object per distinct value (then shared by reference): far cheaper than one
-            # per row for the low-cardinality columns categoricals are
-            chunk = pc.dictionary_encode(chunk.cast(pa.string()))
-        if pa.types.is_dictionary(chunk.type):
-            words = pc.fill_null(chunk.dictionary.cast(pa.string()), "").to_numpy(zero_copy_only=False)
-            codes = pc.fill_null(chunk.indices, -1).to_numpy(zero_copy_only=False)
-            parts.append(np.append(words, "").astype(object)[codes])  # -1 (null) -> ""
-        else:
-            parts.append(pc.fill_null(chunk.cast(pa.string()), "").to_numpy(zero_copy_only=False))
-    return np.concatenate(parts).astype(object, copy=False) if parts else np.empty(0, object)
+    """object[N] of str, nulls -> "" (one str object per distinct value, shared by reference)."""
+    words, index = _dictionary(col.chunks)
+    return words[index]
+
+
+_DICT = pa.dictionary(pa.int32(), pa.string())
+
+
+def _as_dictionary(chunk: pa.Array) -> pa.Array:
+    """One chunk as dictionary<int32, string>: Parquet's own dictionary when it was read as one,
+    else the strings (or numbers where other files have strings) encoded here."""
+    if pa.types.is_null(chunk.type):
+        return pa.DictionaryArray.from_arrays(pa.nulls(len(chunk), pa.int32()), pa.array([], pa.string()))
+    if pa.types.is_dictionary(chunk.type):
+        return chunk if chunk.type == _DICT else chunk.cast(_DICT)
+    return pc.dictionary_encode(chunk.cast(pa.string()))
+
+
+def _dictionary(chunks: list[pa.Array]) -> tuple[np.ndarray, np.ndarray]:
+    """(words object[K + 1] of str whose last word is "", index int32[N]): a column's distinct
+    values (nulls -> ""), one dictionary across its chunks, no Python object per row."""
+    col = pa.chunked_array([_as_dictionary(c) for c in chunks], type=_DICT).unify_dictionaries()
+    if col.num_chunks == 0:
+        return np.array([""], dtype=object), np.zeros(0, np.int32)
+    dictionary = col.chunk(0).dictionary
+    k = len(dictionary)
+    words = np.empty(k + 1, dtype=object)
+    words[:k] = pc.fill_null(dictionary, "").to_numpy(zero_copy_only=False)
+    words[k] = ""
+    index = np.concatenate([pc.fill_null(c.indices, k).to_numpy(zero_copy_only=False) for c in col.chunks])
+    return words, index.astype(np.int32, copy=False)
 
 
 def _labels(table: pa.Table, file: Path, tasks: tuple[str, ...]) -> np.ndarray:
@@ -266,29 +343,26 @@ def _labels(table: pa.Table, file: Path, tasks: tuple[str, ...]) -> np.ndarray:
     return np.stack(cols, axis=1).astype(np.float32)
 
 
-def _matrices(tables: list[tuple[Path, pa.Table]], spec: FeatureSpec) -> tuple[np.ndarray, np.ndarray]:
-    """The (num, cat) matrices of `stream.features` (NaN / "" = missing), files concatenated."""
-    num, cat = [], []
+def _matrices(tables: list[tuple[Path, pa.Table]], spec: FeatureSpec) -> tuple[np.ndarray, CatColumns]:
+    """The (num, cat) of `stream.features` (NaN / "" = missing), files concatenated; `cat` in
+    its dictionary form (`CatColumns`), decoded only if someone reads `LogSet.cat`."""
+    n_rows = sum(t.num_rows for _, t in tables)
+    num = np.empty((len(spec.numeric), n_rows), np.float32)  # feature-major: contiguous writes, one transpose
+    words, index = [], np.empty((len(spec.categorical), n_rows), np.int32)
+
+    def column(table: pa.Table, c: str) -> pa.ChunkedArray:
+        # a feature this file lacks is missing on its rows (lenient logged layouts only)
+        return table.column(c) if c in table.schema.names else pa.chunked_array([pa.nulls(table.num_rows)])
+
+    at = 0
     for _, table in tables:
-        n = table.num_rows
-        names = set(table.schema.names)
-
-        def column(c: str, n: int = n, table: pa.Table = table, names: set[str] = names) -> pa.ChunkedArray:
-            # a feature this file lacks is missing on its rows (lenient logged layouts only)
-            return table.column(c) if c in names else pa.chunked_array([pa.nulls(n)])
-
-        def strings(c: str) -> np.ndarray:
-            col = column(c)
-            t = col.type.value_type if pa.types.is_dictionary(col.type) else col.type
-            if not (pa.types.is_null(t) or pa.types.is_string(t) or pa.types.is_large_string(t)):
-                col = pc.cast(col, pa.string())  # a number where other files have strings
-            return _strings(col)
-
-        num.append(np.stack([_numeric(column(c)) for c in spec.numeric], axis=1)
-                   if spec.numeric else np.zeros((n, 0), np.float32))
-        cat.append(np.stack([strings(c) for c in spec.categorical], axis=1)
-                   if spec.categorical else np.zeros((n, 0), object))
-    return np.concatenate(num), np.concatenate(cat)
+        for j, c in enumerate(spec.numeric):
+            num[j, at:at + table.num_rows] = _numeric(column(table, c))
+        at += table.num_rows
+    for j, c in enumerate(spec.categorical):
+        w, index[j] = _dictionary([ch for _, table in tables for ch in column(table, c).chunks])
+        words.append(w)
+    return np.ascontiguousarray(num.T), CatColumns(tuple(words), index)
 
 
 def load_logs(path: str | Path, tasks: tuple[str, ...] = DEFAULT_TASKS,
@@ -401,7 +475,7 @@ def _read_layout(files: list[Path], counts: dict[str, int], what: str) -> list[t
     counts[f"{what}_empty_files"] = 0
     for file in files:
         try:
-            table = pq.read_table(file)
+            table = _read_parquet(file)
         except (pa.ArrowInvalid, OSError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise DataError(f"{file}: unreadable ({first})") from None
@@ -484,7 +558,7 @@ def load_logged(path: str | Path, tasks: tuple[str, ...] = DEFAULT_TASKS,
                        demote=pc.is_null(merged.column("decision")).to_numpy(zero_copy_only=False))
     counts["duplicate_impressions"] = merged.num_rows - len(keep)
     if len(keep) < merged.num_rows:
-        merged, num, cat = merged.take(pa.array(keep)), num[keep], cat[keep]
+        merged, num, cat = merged.take(pa.array(keep)), num[keep], cat.take(keep)
     n = merged.num_rows
     rid = merged.column("request_id")
     ts = merged.column("ts_ms").to_numpy().astype(np.int64)

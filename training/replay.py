@@ -170,9 +170,9 @@ class _Clock:
 
 
 # ---- scoring ------------------------------------------------------------------------------
-def feature_matrices(logs: LogSet, scorer: Scorer) -> tuple[np.ndarray, np.ndarray]:
-    """The bundle's (num, cat) in its spec order from the log's columns, as the decoder makes
-    them (NaN / "" = missing). A feature the bundle needs and the log lacks is an error."""
+def _feature_columns(logs: LogSet, scorer: Scorer) -> tuple[list[int], list[int]]:
+    """The log's column of each of the bundle's numeric and categorical features, in its spec
+    order. A feature the bundle needs and the log lacks is an error."""
     spec = scorer.spec
     have_num = {n: j for j, n in enumerate(logs.spec.numeric)}
     have_cat = {n: j for j, n in enumerate(logs.spec.categorical)}
@@ -184,11 +184,35 @@ def feature_matrices(logs: LogSet, scorer: Scorer) -> tuple[np.ndarray, np.ndarr
         if name not in have_cat:
             kind = "numeric in the log" if name in have_num else "missing from the log"
             raise DataError(f"{logs.source}: the bundle's categorical feature {name!r} is {kind}")
-    num_idx = [have_num[n] for n in spec.numeric]
-    cat_idx = [have_cat[n] for n in spec.categorical]
+    return [have_num[n] for n in spec.numeric], [have_cat[n] for n in spec.categorical]
+
+
+def feature_matrices(logs: LogSet, scorer: Scorer) -> tuple[np.ndarray, np.ndarray]:
+    """The bundle's (num, cat) in its spec order from the log's columns, as the decoder makes
+    them (NaN / "" = missing)."""
+    num_idx, cat_idx = _feature_columns(logs, scorer)
     num = logs.num if num_idx == list(range(logs.num.shape[1])) else logs.num[:, num_idx]
     cat = logs.cat if cat_idx == list(range(logs.cat.shape[1])) else logs.cat[:, cat_idx]
     return num, cat
+
+
+def feature_codes(logs: LogSet, scorer: Scorer, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(num, cat) of the rows in `order` as the graph takes them: `cat` the worker's codes
+    (`stream.codes`, the bundle's vocabulary). From a loaded log's dictionary form each column's
+    few distinct words are looked up once and the rows gather them (no string per row);
+    otherwise the strings go through `Scorer.codes`, the worker's path. Same codes either way."""
+    num_idx, cat_idx = _feature_columns(logs, scorer)
+    num = logs.num[order]
+    if num_idx != list(range(logs.num.shape[1])):
+        num = num[:, num_idx]
+    cols = logs.cat_columns
+    if scorer.encoder is None or cols is None:
+        _, cat = feature_matrices(logs, scorer)
+        return num, scorer.codes(cat)[order]
+    codes = np.empty((len(cat_idx), len(order)), np.int64)  # column by column; the chunks copy rows out
+    for j, c in enumerate(cat_idx):
+        codes[j] = scorer.encoder.encode_dictionary(j, cols.words[c], cols.index[c][order])
+    return num, codes.T
 
 
 def score_logs(logs: LogSet, scorer: Scorer, policy: ScorePolicy, progress: bool = False) -> Scored:
@@ -199,10 +223,8 @@ def score_logs(logs: LogSet, scorer: Scorer, policy: ScorePolicy, progress: bool
     if tuple(scorer.tasks) != tuple(logs.tasks):
         raise DataError(f"{logs.source}: tasks {list(logs.tasks)} differ from the bundle's {scorer.tasks}")
     order = np.argsort(logs.ts_ms, kind="stable")
-    num, cat = feature_matrices(logs, scorer)
-    # the worker's codes (stream.codes, the bundle's vocabulary) once for the whole log, so the
-    # event-time reorder and the chunks move int64, not Python strings
-    num, cat = num[order], scorer.codes(cat)[order]
+    # codes before the event-time reorder and the chunks, so both move int64, not strings
+    num, cat = feature_codes(logs, scorer, order)
     n, t = len(order), len(scorer.tasks)
     p = np.empty((n, t), np.float32)
     u_tasks = np.empty((n, t), np.float32)
@@ -418,6 +440,19 @@ def ope_sample(sc: Scored, j: int) -> tuple[np.ndarray, np.ndarray, int]:
     return sample, 1.0 / prop[sample], int(closed.sum())
 
 
+def bootstrap_sums(values: np.ndarray, boot: int, rng: np.random.Generator) -> np.ndarray:
+    """Column sums of `boot` resamples (with replacement, as many rows as `values` has) of the
+    rows of `values` [m, q] -> [boot, q].
+
+    Rows that are equal are one group and a resample is only how often it draws each group: a
+    multinomial of m draws over the groups (p = group size / m), the same distribution as
+    drawing row indices, at O(groups) per resample instead of O(m). The explore slice has few
+    distinct rows (one propensity per target, 0/1 labels and decisions)."""
+    groups, size = np.unique(values, axis=0, return_counts=True)
+    counts = rng.multinomial(len(values), size / len(values), size=boot)
+    return counts.astype(np.float64) @ groups
+
+
 def ope(sc: Scored, run: Run, boot: int = 1000, seed: int = 0) -> dict[str, Any] | None:
     """Self-normalised IPS estimates, from the explore slice, of the positives each task's
     filter `run` keeps (and their share of all positives), with percentile-bootstrap 95% CIs.
@@ -445,16 +480,10 @@ def ope(sc: Scored, run: Run, boot: int = 1000, seed: int = 0) -> dict[str, Any]
         ess = float(w.sum() ** 2 / (w ** 2).sum())
         kept = n_pop * float((w * k * y).sum() / w.sum())
         pos = n_pop * float((w * y).sum() / w.sum())
-        kept_b, share_b = np.empty(boot), np.empty(boot)
-        for s in range(0, boot, 100):  # resample indices in blocks: bounded memory
-            nb = min(100, boot - s)
-            idx = rng.integers(0, m, (nb, m))
-            wb, yb, kb = w[idx], y[idx], k[idx]
-            sw, swy = wb.sum(1), (wb * yb).sum(1)
-            swky = (wb * kb * yb).sum(1)
-            kept_b[s:s + nb] = n_pop * swky / sw
-            with np.errstate(invalid="ignore", divide="ignore"):
-                share_b[s:s + nb] = swky / swy
+        sw, swy, swky = bootstrap_sums(np.stack([w, w * y, w * k * y], axis=1), boot, rng).T
+        kept_b = n_pop * swky / sw
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share_b = swky / swy
         share_b = share_b[np.isfinite(share_b)]
         out["tasks"][t] = {
             "population": n_pop, "explore_rows": m, "ess": round(ess, 1), "positives_in_sample": int(y.sum()),
@@ -540,22 +569,26 @@ def summarize(sc: Scored, run: Run, truth: tuple[np.ndarray | None, np.ndarray |
 
 # ---- the whole replay -----------------------------------------------------------------------
 def decisions_table(sc: Scored, runs: list[Run]) -> pa.Table:
-    """decisions.parquet: one row per (run, request), the decision fields of the contract."""
+    """decisions.parquet: one row per (run, request), the decision fields of the contract.
+    Built from the arrays as they are: a string column is an index per row into its few words
+    (`_words`), so no Python string is made per row."""
     parts = []
-    rid = pa.array(sc.logs.request_id[sc.order].astype(str), pa.string())
+    rid = pa.array(sc.logs.request_id[sc.order], pa.string())
+    n = len(sc.order)
+    model = _words(np.zeros(n, np.int32), [sc.model])
     for k, run in enumerate(runs):
         steps = run.steps or [None]
         r = np.array([s.r if s else math.nan for s in steps])[run.step]
         cols: dict[str, Any] = {
-            "run": pa.array(np.full(len(run.block), k, np.int16)), "step": pa.array(run.step),
+            "run": pa.array(np.full(n, k, np.int16)), "step": pa.array(run.step),
             "request_id": rid, "ts_ms": pa.array(sc.ts_ms, pa.int64()),
-            "decision": pa.array(np.where(run.block, "block", "pass")),
-            "reason": pa.array(_REASON_NAMES[run.reason].astype(str)),
+            "decision": _words(run.block, ["pass", "block"]),
+            "reason": _words(run.reason, list(REASONS)),
             "score": pa.array(sc.e.astype(np.float64)), "uncertainty": pa.array(sc.u.astype(np.float64)),
             "threshold": pa.array(run.theta), "tau_u": pa.array(run.tau_u),
             "target_ratio": pa.array(r if run.steps else _logged(sc, "target_ratio")),
             "propensity": pa.array(run.propensity.astype(np.float64)),
-            "model": pa.array([sc.model] * len(run.block), pa.string()),
+            "model": model,
         }
         for j, t in enumerate(sc.tasks):
             cols[f"p_{t}"] = pa.array(sc.p[:, j].astype(np.float64))
@@ -569,6 +602,21 @@ def decisions_table(sc: Scored, runs: list[Run]) -> pa.Table:
     return pa.concat_tables(parts, promote_options="default")
 
 
+def _words(index: np.ndarray, words: list[str]) -> pa.Array:
+    """The string column whose row i is `words[index[i]]`: dictionary-encoded, then decoded by
+    Arrow (C++), so decisions.parquet's columns keep their plain string type."""
+    codes = pa.DictionaryArray.from_arrays(pa.array(np.asarray(index, np.int32)), pa.array(words, pa.string()))
+    return codes.cast(pa.string())
+
+
+def write_decisions(table: pa.Table, path: Path) -> None:
+    """decisions.parquet, zstd; Parquet dictionary pages for the string columns only (the float
+    columns' distinct values would overflow a dictionary page: tried, then written plain, which
+    took twice as long for a 40% larger file)."""
+    words = [f.name for f in table.schema if pa.types.is_string(f.type)]
+    pq.write_table(table, path, compression="zstd", use_dictionary=words)
+
+
 def _logged(sc: Scored, name: str) -> np.ndarray:
     return pc.fill_null(sc.logs.decisions.column(name).take(pa.array(sc.order)), math.nan).to_numpy(
         zero_copy_only=False).astype(np.float64)
@@ -576,9 +624,11 @@ def _logged(sc: Scored, name: str) -> np.ndarray:
 
 def replay(model: str | Path, logs: LogSet | str | Path, out: str | Path, cfg: ReplayConfig,
            truth_dir: str | Path | None = None, attribution: Attribution | None = None,
-           threads: int = 1, write: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+           threads: int = 1, write: bool = True, log: Callable[[str], None] | None = None,
+           plots: bool = True) -> dict[str, Any]:
     """Replay `logs` through `model` and write decisions.parquet + report.{json,md,html} + PNGs
-    into `out`; returns the report dict. The function the CLI, the benchmark and tests call."""
+    (unless `plots` is False) into `out`; returns the report dict. The function the CLI, the
+    benchmark and tests call."""
     t0 = time.perf_counter()
     say = log or (lambda _m: None)
     scorer = Scorer.load(model, intra_threads=threads)
@@ -624,10 +674,10 @@ def replay(model: str | Path, logs: LogSet | str | Path, out: str | Path, cfg: R
     if write:
         out_dir = Path(out)
         out_dir.mkdir(parents=True, exist_ok=True)
-        pq.write_table(decisions_table(sc, runs), out_dir / "decisions.parquet", compression="zstd")
+        write_decisions(decisions_table(sc, runs), out_dir / "decisions.parquet")
         from training.replay_report import write_replay_report
 
-        write_replay_report(report, sc, runs, out_dir)
+        write_replay_report(report, sc, runs, out_dir, plots=plots)
     t3 = time.perf_counter()
     report["timing"] = {"load_s": round(t_load, 3), "score_s": round(sc.score_s, 3),
                         "decide_s": round(t_decide, 3), "write_s": round(t3 - t2, 3),
@@ -695,12 +745,15 @@ def _counts_line(logs: LogSet) -> str:
 @click.option("--batch-rows", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Explore draws.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="onnxruntime threads.")
+@click.option("--no-plots", is_flag=True,
+              help="Skip the PNGs (report.json/.md/.html and decisions.parquet still written): "
+                   "matplotlib's import and drawing are ~2-3 s whatever the row count.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def replay_cmd(model_dir: Path, logs_path: Path, out: Path, thresholds: str, ratio: float | None,
                pass_share: float, explore: float, sweep: str | None, sweep_mode: str,
                step_seconds: float | None, truth_dir: Path | None, attribution: str | None,
                as_of_ms: int | None, speedup: float, batch_rows: int, seed: int, threads: int,
-               quiet: bool) -> None:
+               no_plots: bool, quiet: bool) -> None:
     """Replay logged traffic through the worker's engine on event time; write the report."""
     if thresholds == "logged" and (ratio is not None or sweep):
         raise click.UsageError("--thresholds logged uses the logged thresholds; drop --ratio/--sweep")
@@ -720,7 +773,7 @@ def replay_cmd(model_dir: Path, logs_path: Path, out: Path, thresholds: str, rat
                        batch_rows=batch_rows, speedup=speedup, seed=seed, progress=not quiet)
     report = replay(model_dir, logs_path, out, cfg, truth_dir=truth_dir,
                     attribution=Attribution.parse(attribution, as_of_ms), threads=threads,
-                    log=lambda m: click.echo(f"[rta replay] {m}", err=True))
+                    log=lambda m: click.echo(f"[rta replay] {m}", err=True), plots=not no_plots)
     for run in report["runs"]:
         click.echo(f"[rta replay] {run_line(run)}", err=True)
     click.echo(json.dumps({"report": str(out / "report.md"), "rows": report["rows"],

@@ -1,22 +1,36 @@
-"""What an analyst reads after `rta replay`: report.md, report.html and PNG plots."""
+"""What an analyst reads after `rta replay`: report.md, report.html and PNG plots.
+
+matplotlib is imported only when plots are drawn: its import alone is ~1.5-2 s of a 200k-row
+replay, which `rta replay --no-plots` does not pay."""
 
 from __future__ import annotations
 
 import html
 import math
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from stream.policy import REASONS  # noqa: E402
-from training.report import COLORS  # noqa: E402
+from stream.policy import REASONS
 
 PLOTS = ("block_share.png", "reason_mix.png", "task_kept.png", "operating_curve.png")
+
+
+def _pyplot() -> ModuleType:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _colors() -> dict[str, str]:
+    from training.report import COLORS
+
+    return COLORS
 
 
 def _windowed(t_s: np.ndarray, flag: np.ndarray, window: float) -> tuple[np.ndarray, np.ndarray]:
@@ -35,6 +49,7 @@ def _windowed(t_s: np.ndarray, flag: np.ndarray, window: float) -> tuple[np.ndar
 
 def plot_block_share(sc: Any, runs: list[Any], window: float, png: Path) -> None:
     """Block share over the controller's window vs the target, over event time."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(10, 4))
     t_s = sc.ts_ms.astype(np.float64) / 1000.0
     for run in runs[:6]:
@@ -51,6 +66,7 @@ def plot_block_share(sc: Any, runs: list[Any], window: float, png: Path) -> None
 
 
 def plot_reason_mix(report: dict[str, Any], png: Path) -> None:
+    plt = _pyplot()
     runs = report["runs"]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(runs) + 3), 4))
     bottom = np.zeros(len(runs))
@@ -69,6 +85,8 @@ def plot_reason_mix(report: dict[str, Any], png: Path) -> None:
 
 def plot_task_kept(report: dict[str, Any], png: Path) -> None:
     """Share of each task's value kept per run (truth), or the OPE estimate with its CI."""
+    plt = _pyplot()
+    colors = _colors()
     runs, tasks = report["runs"], report["tasks"]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(runs) + 3), 4))
     width = 0.8 / len(tasks)
@@ -90,7 +108,7 @@ def plot_task_kept(report: dict[str, Any], png: Path) -> None:
                 vals.append(np.nan)
                 lo.append(0.0)
                 hi.append(0.0)
-        ax.bar(xs, vals, width, yerr=[lo, hi], color=COLORS.get(t), label=t, capsize=2)
+        ax.bar(xs, vals, width, yerr=[lo, hi], color=colors.get(t), label=t, capsize=2)
         for x, v in zip(xs, vals, strict=True):
             if not np.isfinite(v):  # no truth and no closed window: say so rather than draw nothing
                 ax.text(x, 0.02, "n/a", ha="center", fontsize=7, rotation=90)
@@ -103,13 +121,15 @@ def plot_task_kept(report: dict[str, Any], png: Path) -> None:
 
 def plot_operating_curve(report: dict[str, Any], png: Path) -> None:
     """Value kept vs block share: the score-only curve (truth) and each run's point."""
+    plt = _pyplot()
+    colors = _colors()
     fig, ax = plt.subplots(figsize=(6, 4.5))
     task = report.get("operating_curve_task", "deal")
     curve = report.get("operating_curve") or []
     if curve:
         ax.plot([c["block_share"] for c in curve], [c["kept_share"] for c in curve], "-", color="tab:red",
                 label=f"block lowest score ({task}, truth)")
-        ax.plot([0, 1], [1, 0], ":", color=COLORS["random"], label="random filter")
+        ax.plot([0, 1], [1, 0], ":", color=colors["random"], label="random filter")
     for run in report["runs"]:
         v = (run.get("value") or {}).get(task)
         o = ((run.get("ope") or {}).get("tasks") or {}).get(task, {})
@@ -136,8 +156,8 @@ def _f(v: Any, d: int = 4) -> str:
     return f"{v:.{d}f}" if isinstance(v, float) else str(v)
 
 
-def markdown(report: dict[str, Any]) -> str:
-    """report.md: every figure of report.json an analyst reads first."""
+def markdown(report: dict[str, Any], plots: bool = True) -> str:
+    """report.md: every figure of report.json an analyst reads first (and the PNGs, if drawn)."""
     lines = [f"# Replay of {report['logs']}", "",
              f"Model `{report['model']}` ({report['bundle']}), {report['rows']} rows, mode "
              f"**{report['mode']}**" + (f" ({report['sweep_mode']})" if report.get("sweep_mode") else "")
@@ -199,20 +219,23 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append("")
         elif o:
             lines += [f"Off-policy estimates: {o.get('note')}", ""]
-    lines += [f"![{p}]({p})" for p in PLOTS] + [""]
+    if plots:
+        lines += [f"![{p}]({p})" for p in PLOTS] + [""]
     if "timing" in report:
         lines += [f"Timing: {report['timing']}", ""]
     return "\n".join(lines)
 
 
-def write_replay_report(report: dict[str, Any], sc: Any, runs: list[Any], out: Path) -> None:
-    """The PNGs, report.md and a self-contained-enough report.html (PNGs beside it)."""
-    window = float(report["controller"]["window_seconds"]) * float(report.get("speedup", 1.0))
-    plot_block_share(sc, runs, window, out / PLOTS[0])
-    plot_reason_mix(report, out / PLOTS[1])
-    plot_task_kept(report, out / PLOTS[2])
-    plot_operating_curve(report, out / PLOTS[3])
-    md = markdown(report)
+def write_replay_report(report: dict[str, Any], sc: Any, runs: list[Any], out: Path, plots: bool = True) -> None:
+    """The PNGs (unless `plots` is False), report.md and a self-contained-enough report.html
+    (PNGs beside it)."""
+    if plots:
+        window = float(report["controller"]["window_seconds"]) * float(report.get("speedup", 1.0))
+        plot_block_share(sc, runs, window, out / PLOTS[0])
+        plot_reason_mix(report, out / PLOTS[1])
+        plot_task_kept(report, out / PLOTS[2])
+        plot_operating_curve(report, out / PLOTS[3])
+    md = markdown(report, plots)
     (out / "report.md").write_text(md)
     body = []
     for line in md.splitlines():
