@@ -104,7 +104,10 @@ def replay(rows: int, rows_per_s: float, model: Path | None, logs_path: Path | N
             "setup_s": round(setup_s, 1),
             "serving": {k: serving[k] for k in ("weights", "quantization") if k in serving},
         }
-        modes = {"logged": ReplayConfig(thresholds="logged"), "live": ReplayConfig(steps=[Step(0.5, 0.02, 0.05)])}
+        # live: explore draws of another seed than the log's own (`make_logged_layout` used `seed`),
+        # else replay explores exactly the logged explore rows and the OPE degenerates to [1, 1]
+        modes = {"logged": ReplayConfig(thresholds="logged"),
+                 "live": ReplayConfig(steps=[Step(0.5, 0.02, 0.05)], seed=seed + 1)}
         # with plots first: the first of them pays matplotlib's import, as one `rta replay` does
         for plots, suffix in ((True, ""), (False, "_no_plots")):
             for mode, cfg in modes.items():
