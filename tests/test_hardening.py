@@ -39,6 +39,7 @@ from worker_support import (
     spawn_worker,
     wait_for,
     worker_env,
+    worker_process,
 )
 
 from infra.stack import free_port
@@ -498,9 +499,8 @@ def test_a_fenced_exactly_once_worker_stops_with_one_line_instead_of_looping(set
     # this test's failure (exit -11), not everyone's
     ids, values = request_values(400)
     first = set(ids[:200])
-    proc = spawn_worker(settings, tmp_path, "--group", "h-fence", "--exactly-once", "--transactional-id", "slot-0",
-                        "--commit-interval-ms", "200")
-    try:
+    with worker_process(settings, tmp_path, "--group", "h-fence", "--exactly-once", "--transactional-id",
+                        "slot-0", "--commit-interval-ms", "200") as proc:
         produce(settings, values[:200], ids[:200])
         assert _ids_seen(settings, "read_committed", first, 90) == first  # a first transaction committed
         # a second process takes the same slot: its init_transactions fences the worker's producer
@@ -508,10 +508,6 @@ def test_a_fenced_exactly_once_worker_stops_with_one_line_instead_of_looping(set
         twin.init_transactions(30)
         produce(settings, values[200:], ids[200:])  # the worker's next commit meets the fence
         code = proc.wait(90)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     (log,) = tmp_path.glob("worker-*.log")
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
     assert code == 2, (code, lines[-5:])  # stopped by itself with exit 2: not looping, not crashed

@@ -30,6 +30,7 @@ from worker_support import (
     running,
     spawn_worker,
     wait_for,
+    worker_process,
 )
 
 from infra.stack import free_port
@@ -206,15 +207,10 @@ def test_serve_with_redis_unreachable_from_the_start_serves_degraded(settings, b
     n = 2000
     ids, values = request_values(n)
     produce(settings, values, ids)
-    proc = spawn_worker(dead, tmp_path, "--group", "acc-no-redis")
-    try:
+    with worker_process(dead, tmp_path, "--group", "acc-no-redis") as proc:
         got = decisions(settings, n, timeout=90, quiet=0.5)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert sorted(d["request_id"] for d in got) == sorted(ids)
     # it never read any targets: the defaults (block nothing), and every rule decision says degraded
     rule = [d for d in got if d["reason"] not in ("explore", "invalid")]
