@@ -36,6 +36,7 @@ from worker_support import (
     read_topic,
     request_values,
     running,
+    serving,
     spawn_worker,
     wait_for,
     worker_env,
@@ -56,7 +57,7 @@ from stream.events import encode_requests
 from stream.kafka import make_consumer, make_producer
 from stream.policy import Targets, decide
 from stream.window import ACL_ROLES, RedisStore, StoreUnavailable
-from stream.worker import DLQ_MAX_BYTES
+from stream.worker import DLQ_MAX_BYTES, Worker, WorkerConfig
 
 
 def _big_request(rid: str, size: int = 2_000_000) -> bytes:
@@ -120,6 +121,44 @@ def test_permanently_failing_dlq_backs_off_names_the_topic_and_turns_unhealthy(s
     assert sum(max(o, 0) for o in done.values()) < 2003, done
     lines = [r.getMessage() for r in caplog.records if "checkpoint failed" in r.getMessage()]
     assert lines and all("no such topic!" in line and "in a row" in line for line in lines)
+
+
+class _CommitFails(Consumer):
+    """A real group consumer whose first `left` offset commits fail the way a group coordinator's
+    refusal does (fault injection at the client; the broker is real)."""
+
+    left = 0
+
+    def commit(self, *args, **kwargs):
+        if type(self).left > 0:
+            type(self).left -= 1
+            raise KafkaException(KafkaError(KafkaError.COORDINATOR_NOT_AVAILABLE, "injected: commit refused"))
+        return super().commit(*args, **kwargs)
+
+
+def test_a_failed_offset_commit_rewinds_replays_and_is_counted(settings, bundle, targets, monkeypatch):
+    n, fails = 1000, 2
+    ids, values = request_values(n)
+    produce(settings, values, ids)
+
+    class Fails(_CommitFails):
+        left = fails
+
+    with monkeypatch.context() as m:  # only the worker's consumer
+        m.setattr("stream.kafka.Consumer", Fails)
+        worker = Worker(settings, WorkerConfig(group_id="h-commit", seed=0, commit_interval_s=0.2,
+                                               checkpoint_backoff_s=0.1))
+    with serving(worker, "worker-h-commit") as w:
+        wait_for(lambda: sum(committed(settings, "h-commit").values()) == n, 60, "every offset committed")
+    assert Fails.left == 0 and w.stats.checkpoint_failures == fails
+    # the metric by value, as /metrics exports it
+    failures = w.metrics.registry.get_sample_value("rta_checkpoint_failures_total", {"kind": "CheckpointCommitError"})
+    assert failures == fails
+    # rewound: the failed checkpoints' requests were decided again (their first decisions had been
+    # delivered, so they appear twice), and nothing is missing
+    got = decisions(settings, n, quiet=0.5)
+    assert {d["request_id"] for d in got} == set(ids)
+    assert w.stats.events == len(got) > n
 
 
 # --- 3. a rewind that cannot seek back never commits over the gap -------------------------
