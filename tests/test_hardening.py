@@ -52,7 +52,7 @@ from stream.checkpoint import (
     DeliveryReports,
 )
 from stream.controller import ControllerConfig, RatioController
-from stream.errors import InfeasibleTargets
+from stream.errors import ConfigError, InfeasibleTargets
 from stream.events import encode_requests
 from stream.kafka import make_consumer, make_producer
 from stream.policy import Targets, decide
@@ -552,6 +552,23 @@ def test_a_fenced_exactly_once_worker_stops_with_one_line_instead_of_looping(set
     assert code == 2, (code, lines[-5:])  # stopped by itself with exit 2: not looping, not crashed
     assert lines[-1].startswith("rta: ") and "fenced" in lines[-1], lines[-5:]
     assert "Traceback" not in "\n".join(lines)
+
+
+def test_exactly_once_against_a_frozen_coordinator_is_one_line_not_a_hang(settings, bundle, targets, kafka, capfd):
+    # Tansu grants every transactional producer (it accepts any transaction.timeout.ms, so it
+    # cannot be made to refuse one): a frozen broker (SIGSTOP) is the coordinator that never answers
+    cfg = WorkerConfig(group_id="h-eos-frozen", exactly_once=True, flush_timeout_s=3.0, startup_timeout_s=0)
+    kafka.freeze()
+    try:
+        with pytest.raises(ConfigError) as err:
+            Worker(settings, cfg)
+    finally:
+        kafka.thaw()
+    msg = str(err.value)
+    assert msg.startswith("--exactly-once:") and "\n" not in msg and "Timed out" in msg, msg
+    # nothing else on stderr (librdkafka's own log lines): `rta serve` prints this one line
+    stderr = capfd.readouterr().err
+    assert stderr.strip() == "", stderr[-2000:]
 
 
 # --- 10. the user's librdkafka settings win; no secret in any output ------------------------
