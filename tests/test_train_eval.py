@@ -143,18 +143,18 @@ def test_fig2_downstream_deals_by_hand():
     """Fig. 2's definition on ten rows, worked out by hand (training/evaluate.py docstring)."""
     from training.evaluate import downstream_deals
 
-    y = np.array([1, 0, 0, 1, 1, 0, 1, 1, 0, 1])  # 6 deals
+    y = np.array([1, 0, 0, 0, 1, 0, 1, 1, 0, 1])  # 5 deals: rows 0, 4, 6, 7, 9
     p = np.array([0.01, 0.9, 0.5, 0.05, 0.7, 0.2, 0.03, 0.8, 0.6, 0.02])
     u = np.array([0.9, 0.1, 0.8, 0.2, 0.3, 0.4, 0.5, 0.05, 0.6, 0.15])
-    # share 0.2: rows 0 and 2 (the most uncertain) pass directly, one deal; of the rest, the 3
-    # lowest p (rows 9, 6, 3: all deals) are blocked; rows 4 and 7 keep their deals
-    assert downstream_deals(y, p, u, 0.2, 0.3) == {"direct": 1, "kept": 2, "total": 3, "blocked_deals": 3}
-    # share 0: nothing passes; the 3 lowest p overall are rows 0, 9, 6 (row 0's deal is lost now)
-    assert downstream_deals(y, p, u, 0.0, 0.3) == {"direct": 0, "kept": 3, "total": 3, "blocked_deals": 3}
-    # block share 0.2: share 0.1 passes row 0 directly and blocks rows 9 and 6; share 0 blocks
-    # rows 0 and 9
-    assert downstream_deals(y, p, u, 0.1, 0.2) == {"direct": 1, "kept": 3, "total": 4, "blocked_deals": 2}
-    assert downstream_deals(y, p, u, 0.0, 0.2) == {"direct": 0, "kept": 4, "total": 4, "blocked_deals": 2}
+    # share 0.2: rows 0 and 2 (the most uncertain) pass directly, one deal; of the REST the 3
+    # lowest p are blocked (rows 9, 6, 3: two deals; row 0, the lowest p of all, passed); rows 4
+    # and 7 keep theirs
+    assert downstream_deals(y, p, u, 0.2, 0.3) == {"direct": 1, "kept": 2, "total": 3, "blocked_deals": 2}
+    # share 0: nothing passes; the 3 lowest p overall are rows 0, 9, 6 (three deals lost)
+    assert downstream_deals(y, p, u, 0.0, 0.3) == {"direct": 0, "kept": 2, "total": 2, "blocked_deals": 3}
+    # block share 0.2: share 0.1 passes row 0 and blocks rows 9 and 6; share 0 blocks rows 0 and 9
+    assert downstream_deals(y, p, u, 0.1, 0.2) == {"direct": 1, "kept": 2, "total": 3, "blocked_deals": 2}
+    assert downstream_deals(y, p, u, 0.0, 0.2) == {"direct": 0, "kept": 3, "total": 3, "blocked_deals": 2}
 
 
 # ---- end to end ---------------------------------------------------------------------------
