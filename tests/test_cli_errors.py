@@ -63,10 +63,12 @@ def test_serve_with_a_bad_config_file(clean_env, tmp_path: Path, text: str, need
     _one_line(_run(["serve", "--config", str(cfg), "--no-metrics"], clean_env), needle)
 
 
-def test_world_stream_with_no_broker_is_one_line(clean_env):
+def test_world_stream_with_no_broker_fails_fast_in_one_line(clean_env):
     port = free_port()
-    res = _run(["world", "stream", "--count", "10", "--bootstrap", f"127.0.0.1:{port}"], clean_env)
-    _one_line(res, f"cannot reach Kafka at 127.0.0.1:{port}")
+    res = _run(["world", "stream", "--count", "10", "--bootstrap", f"127.0.0.1:{port}",
+                "--startup-timeout", "1.5"], clean_env)
+    # the message names the wait it gave up after: the flag, not the 10 s default, was used
+    _one_line(res, f"cannot reach Kafka at 127.0.0.1:{port} within 1.5s")
 
 
 def test_dev_down_with_nothing_running(clean_env):
@@ -80,6 +82,10 @@ def test_dev_down_with_nothing_running(clean_env):
     (["bench", "worker", "--loads", "abc"], "--loads must be comma-separated integers"),
     (["bench", "codec", "--batch", "0"], "'--batch'"),
     (["bench", "nope"], "No such command 'nope'"),
+    (["bench", "replay", "--rows", "5"], "'--rows'"),
+    (["bench", "replay", "--model", "."], "give --model and --logs together"),
+    (["bench", "soak", "--workers", "9"], "'--workers'"),
+    (["bench", "soak", "--rate", "abc"], "'--rate'"),
 ])
 def test_bench_verbs_bad_arguments(clean_env, args: list[str], needle: str):
     _one_line(_run(args, clean_env), needle)

@@ -71,7 +71,8 @@ _SEEN_SETTINGS: list[tuple[frozenset[str], str]] = []
 
 
 @pytest.mark.parametrize("run", [1, 2])
-def test_settings_are_unique_per_test(settings: Settings, kafka, run: int) -> None:
+def test_settings_are_unique_per_test_and_cleaned_up(settings: Settings, kafka, redis_client: redis.Redis,
+                                                     run: int) -> None:
     # two tests (the two parametrised runs) must never share a topic or the Redis prefix
     assert all(name.startswith("t.") and name.endswith(DEFAULT_TOPICS[role])
                for role, name in settings.topics.items())
@@ -80,6 +81,13 @@ def test_settings_are_unique_per_test(settings: Settings, kafka, run: int) -> No
     mine = (frozenset(settings.topics.values()), settings.redis_prefix)
     for topics_seen, prefix_seen in _SEEN_SETTINGS:
         assert not mine[0] & topics_seen and mine[1] != prefix_seen
+    # ... and an earlier test's topics and Redis keys are gone once it ended (the fixture's teardown)
+    existing = set(make_admin(settings).list_topics(timeout=10).topics)
+    assert mine[0] <= existing
+    for topics_seen, prefix_seen in _SEEN_SETTINGS:
+        assert not topics_seen & existing, sorted(topics_seen & existing)
+        assert not list(redis_client.scan_iter(f"{prefix_seen}:*")), prefix_seen
+    redis_client.set(f"{settings.redis_prefix}:probe", "1")  # for the next run to find deleted
     _SEEN_SETTINGS.append(mine)
     if run == 2:
         assert len(_SEEN_SETTINGS) >= 2

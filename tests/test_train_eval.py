@@ -139,6 +139,24 @@ def test_residual_mask_and_overlap():
     assert top_overlap(u, u, 0.4) == 1.0 and top_overlap(u, -u, 0.4) == 0.0
 
 
+def test_fig2_downstream_deals_by_hand():
+    """Fig. 2's definition on ten rows, worked out by hand (training/evaluate.py docstring)."""
+    from training.evaluate import downstream_deals
+
+    y = np.array([1, 0, 0, 0, 1, 0, 1, 1, 0, 1])  # 5 deals: rows 0, 4, 6, 7, 9
+    p = np.array([0.01, 0.9, 0.5, 0.05, 0.7, 0.2, 0.03, 0.8, 0.6, 0.02])
+    u = np.array([0.9, 0.1, 0.8, 0.2, 0.3, 0.4, 0.5, 0.05, 0.6, 0.15])
+    # share 0.2: rows 0 and 2 (the most uncertain) pass directly, one deal; of the REST the 3
+    # lowest p are blocked (rows 9, 6, 3: two deals; row 0, the lowest p of all, passed); rows 4
+    # and 7 keep theirs
+    assert downstream_deals(y, p, u, 0.2, 0.3) == {"direct": 1, "kept": 2, "total": 3, "blocked_deals": 2}
+    # share 0: nothing passes; the 3 lowest p overall are rows 0, 9, 6 (three deals lost)
+    assert downstream_deals(y, p, u, 0.0, 0.3) == {"direct": 0, "kept": 2, "total": 2, "blocked_deals": 3}
+    # block share 0.2: share 0.1 passes row 0 and blocks rows 9 and 6; share 0 blocks rows 0 and 9
+    assert downstream_deals(y, p, u, 0.1, 0.2) == {"direct": 1, "kept": 2, "total": 3, "blocked_deals": 2}
+    assert downstream_deals(y, p, u, 0.0, 0.2) == {"direct": 0, "kept": 3, "total": 3, "blocked_deals": 2}
+
+
 # ---- end to end ---------------------------------------------------------------------------
 @pytest.mark.slow
 def test_tiny_train_then_eval_end_to_end(tmp_path: Path):
@@ -171,6 +189,11 @@ def test_tiny_train_then_eval_end_to_end(tmp_path: Path):
     for curve in [f2["random"], *(f2[m][t] for m in ("prob_var", "logit_var") for t in ("click", "deal"))]:
         assert all(k + b == f2["deals"] for k, b in zip(curve["total"], curve["blocked_deals"], strict=True))
         assert all(0 <= d <= k for d, k in zip(curve["direct"], curve["total"], strict=True))
+        # passing share 0 passes nothing, and a larger share passes a superset of requests
+        assert curve["direct"][0] == 0 and curve["direct"] == sorted(curve["direct"]), curve["direct"]
+    # at share 0 no u plays a part: every curve blocks the same requests
+    assert len({c["blocked_deals"][0] for c in [f2["random"], *(f2[m][t] for m in ("prob_var", "logit_var")
+                                                                for t in ("click", "deal"))]}) == 1
     assert "calibration" in report["truth"] and "uncertainty_vs_error" in report["truth"]
     md = (tmp_path / "report" / "report.md").read_text()
     assert "Table I analog" in md and "Table II analog" in md and "Fig. 2 analog" in md

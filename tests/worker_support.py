@@ -178,6 +178,19 @@ def spawn_worker(settings: Settings, cwd: Path, *args: str) -> subprocess.Popen:
         env=worker_env(settings), cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
 
 
+@contextmanager
+def worker_process(settings: Settings, cwd: Path, *args: str) -> Iterator[subprocess.Popen]:
+    """`spawn_worker`, killed on exit if the test left it running (a failed assert must not leave
+    a worker consuming into later tests)."""
+    proc = spawn_worker(settings, cwd, *args)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def committed(settings: Settings, group: str) -> dict[int, int]:
     c = make_consumer(settings, group)
     topic = settings.topic("requests")

@@ -182,15 +182,16 @@ class TruthChunks:
 def stream_requests(settings: Settings, count: int, rate: float = 0.0, seed: int = 0,
                     config: WorldConfig | None = None, spec: FeatureSpec | None = None,
                     positional: bool = False, truth_out: Path | None = None,
-                    progress: bool = False, truth_dir: Path | None = None) -> dict[str, Any]:
+                    progress: bool = False, truth_dir: Path | None = None,
+                    startup_timeout: float = 10.0) -> dict[str, Any]:
     """Publish `count` world rows as request events; returns what was sent.
 
     `spec` selects and orders features (a bundle's spec; required for positional). Events carry
     the wall-clock send time as ts_ms. `truth_out` is one Parquet file written as the stream
     goes; `truth_dir` gets the same rows in chunk files renamed into place as the stream runs
     (`TruthChunks`), so a downstream simulator running meanwhile picks them up. Raises
-    StackError when the broker is unreachable, the topic is missing, or events are not
-    acknowledged.
+    StackError when the broker is unreachable (within `startup_timeout` s), the topic is
+    missing, or events are not acknowledged.
     """
     from confluent_kafka import KafkaException
 
@@ -199,7 +200,7 @@ def stream_requests(settings: Settings, count: int, rate: float = 0.0, seed: int
     cfg = config or WorldConfig()
     spec = spec or cfg.feature_spec()
     topic = settings.topic("requests")
-    wait_reachable(settings, 10.0)  # one line, not librdkafka's retries, when nothing answers
+    wait_reachable(settings, startup_timeout)  # one line, not librdkafka's retries, when nothing answers
     try:
         meta = make_admin(settings).list_topics(timeout=10)
     except KafkaException as exc:
@@ -306,13 +307,16 @@ def stream_requests(settings: Settings, count: int, rate: float = 0.0, seed: int
               help="Write the sent requests' labels and true_* columns here, in chunk files renamed "
                    "into place as the stream runs (what `rta world outcomes` reads).")
 @click.option("--bootstrap", default=None, help="Kafka bootstrap servers (else env/config/dev stack).")
+@click.option("--startup-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              help="Seconds to wait for the cluster to answer before failing with one line.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="Config file (TOML/JSON).")
 @shift_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def stream_cmd(rate: float, count: int, seed: int, drift: float, features: int, positional: bool,
                model_dir: Path | None, truth_out: Path | None, bootstrap: str | None,
-               config_file: str | None, quiet: bool, truth_dir: Path | None = None, **shifts: Any) -> None:
+               config_file: str | None, quiet: bool, truth_dir: Path | None = None,
+               startup_timeout: float = 10.0, **shifts: Any) -> None:
     """Publish synthetic request events to the requests topic, keyed by request_id."""
     if positional and model_dir is None:
         raise click.UsageError("--positional needs --model-dir (the fingerprint is the bundle's)")
@@ -320,7 +324,8 @@ def stream_cmd(rate: float, count: int, seed: int, drift: float, features: int, 
     spec = _bundle_spec(model_dir) if model_dir is not None else None
     cfg = WorldConfig(features=features, drift=drift, **_shift_config(shifts))
     summary = stream_requests(settings, count, rate, seed, cfg, spec=spec, positional=positional,
-                              truth_out=truth_out, progress=not quiet, truth_dir=truth_dir)
+                              truth_out=truth_out, progress=not quiet, truth_dir=truth_dir,
+                              startup_timeout=startup_timeout)
     click.echo(json.dumps(summary))
 
 
