@@ -153,3 +153,39 @@ def test_tail_weights_have_mean_one_and_favour_the_tail():
     assert np.allclose(w.mean(axis=0), 1.0)
     assert np.allclose(w[u >= thr] / w[u < thr].max(), 3.0)
     assert np.allclose(tail_weights(u, thr, 0.0), 1.0)
+
+
+@pytest.mark.slow
+def test_int8_that_would_lose_a_fidelity_bar_serves_float(tmp_path, monkeypatch):
+    """int8 serves only where fidelity holds: here the int8 graph is made to miss every bar the
+    float one meets (our own acceptance wrapped; its figures are real), so the bundle must serve
+    the float graph, say why, and still verify."""
+    import training.distill as distill
+
+    train, tp_train = _world(12_000, 0)
+    valid, tp_valid = _world(4_000, 1)
+    pre = Preprocessor.fit(train.spec, train.num, train.cat)
+    real, calls = distill.acceptance, []
+
+    def int8_misses_top10(report, source="click"):
+        out = real(report, source)
+        calls.append(out)
+        if len(calls) == 2:  # the float graph's bars first, then the int8 graph's
+            out = {k: False for k in out}
+        return out
+
+    monkeypatch.setattr(distill, "acceptance", int8_misses_top10)
+    cfg = SimpleNamespace(student={"hidden": [64, 32], "epochs": 6, "batch_size": 512, "lr": 3e-3})
+    metrics = distill_and_export_ok(tmp_path / "v1", pre, tp_train, train, tp_valid, valid, cfg)
+    m = bundle.read_manifest(tmp_path / "v1")
+    if not m["serving"]["quantization"]["kept"] and "fidelity_lost" not in m["serving"]["quantization"]:
+        pytest.skip("the parity gate already refused int8 on this bundle; nothing to fall back from")
+    met = [k for k, ok in calls[0].items() if k != "passed" and ok]
+    assert met, "the float student must meet a bar for this test to mean anything"
+    assert m["serving"]["weights"] == "float32" and metrics["served_vs_float"]["weights"] == "float32"
+    assert m["serving"]["quantization"]["fidelity_lost"] == met == metrics["served_vs_float"]["int8_lost"]
+    scorer = Scorer.load(tmp_path / "v1")  # re-hashed: the float graph verifies
+    ref = scorer.session.run(["p"], {"num": valid.num, "cat": valid.cat.astype(object)})[0]
+    assert np.abs(scorer.score(valid.num, valid.cat)[0] - ref).max() <= 1e-5  # the float graph serves
+    assert not any(n.op_type == "QLinearMatMul" for n in __import__("onnx").load(
+        tmp_path / "v1" / "student_codes.onnx").graph.node)
