@@ -62,8 +62,9 @@ class StudentConfig:
     novelty: bool = True
     novelty_gate_share: float = 0.001  # share of validation traffic past the novelty gate
     # The serving graph's weights: "int8" (static int8 matmuls, kept only where the export's
-    # parity gate holds, else float32; model.export.quantize_serving) or "none" (float32). int8
-    # halves the network's call and kept the fidelity bars on the demo bundle (docs/benchmarks.md).
+    # parity gate and the fidelity bars hold, else float32; model.export.quantize_serving) or
+    # "none" (float32). On the demo bundle int8 cut the graph's call by a quarter to a third and
+    # the worker's score stage by half (docs/benchmarks.md).
     quantize: str = "int8"
     patience: int = 3  # epochs without validation improvement before stopping
     # Distillation inputs beyond the logged rows: `augment_copies` x the training rows, each a

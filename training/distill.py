@@ -287,8 +287,8 @@ def _anchor_targets(anchor: str | Path, pre: Preprocessor, train: Any, aug_mean:
 
 def _serve_float(bundle_dir: Path, pre: Preprocessor, student: Student, novelty: Novelty | None,
                  combine: dict[str, Any] | None, lost: list[str]) -> None:
-    """Replace an int8 serving graph by the float32 one, and say in the manifest which fidelity
-    bars int8 would have lost (the files are re-hashed by the metrics update that follows)."""
+    """Replace an int8 serving graph by the float32 one and say in the manifest which fidelity
+    bars int8 would have lost (`update_manifest` re-hashes the rewritten graph)."""
     export_onnx(pre, student, bundle_dir / SERVING_ONNX, model=build_onnx(pre, student, novelty, combine, codes=True))
     serving = bundle.read_manifest(bundle_dir)["serving"]
     serving["weights"] = "float32"
