@@ -140,17 +140,14 @@ def test_a_failed_offset_commit_rewinds_replays_and_is_counted(settings, bundle,
     n, fails = 1000, 2
     ids, values = request_values(n)
     produce(settings, values, ids)
-
-    class Fails(_CommitFails):
-        left = fails
-
+    monkeypatch.setattr(_CommitFails, "left", fails)
     with monkeypatch.context() as m:  # only the worker's consumer
-        m.setattr("stream.kafka.Consumer", Fails)
+        m.setattr("stream.kafka.Consumer", _CommitFails)
         worker = Worker(settings, WorkerConfig(group_id="h-commit", seed=0, commit_interval_s=0.2,
                                                checkpoint_backoff_s=0.1))
     with serving(worker, "worker-h-commit") as w:
         wait_for(lambda: sum(committed(settings, "h-commit").values()) == n, 60, "every offset committed")
-    assert Fails.left == 0 and w.stats.checkpoint_failures == fails
+    assert _CommitFails.left == 0 and w.stats.checkpoint_failures == fails
     # the metric by value, as /metrics exports it
     failures = w.metrics.registry.get_sample_value("rta_checkpoint_failures_total", {"kind": "CheckpointCommitError"})
     assert failures == fails

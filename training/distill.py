@@ -29,8 +29,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from model import bundle
-from model.export import QUANT_PROBE_ROWS as QUANT_CHECK_ROWS
-from model.export import SERVING_ONNX, build_onnx, export_bundle, export_onnx
+from model.export import QUANT_PROBE_ROWS, SERVING_ONNX, build_onnx, export_bundle, export_onnx
 from model.novelty import Novelty
 from model.preprocess import Preprocessor
 from model.student import LOG_FLOOR, TARGET_MODES, Student, StudentConfig
@@ -378,7 +377,7 @@ def distill_and_export(
     exported = export_bundle(bundle_dir, pre, student, measure=cfg.uncertainty_measure, source_map=source_map,
                              novelty=novelty, combine=combine, selection=selection,
                              quantize=None if cfg.quantize == "none" else cfg.quantize,
-                             quantize_check=(valid.num[:QUANT_CHECK_ROWS], valid.cat[:QUANT_CHECK_ROWS]))
+                             quantize_check=(valid.num[:QUANT_PROBE_ROWS], valid.cat[:QUANT_PROBE_ROWS]))
     sess = ort.InferenceSession(str(bundle_dir / bundle.STUDENT_ONNX), providers=["CPUExecutionProvider"])
     feeds = {"num": np.asarray(valid.num, np.float32), "cat": np.asarray(valid.cat, dtype=object)}
     s_p, s_served = sess.run(["p", "u"], feeds)
