@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
 import math
 import os
@@ -158,10 +159,8 @@ class ControlService:
             w["last_seen_s"] = round((now_ms - ts) / 1000, 1) if isinstance(ts, int) else None
         models = sorted({str(w.get("model")) for w in workers if w.get("model")})
         current = None
-        try:
+        with contextlib.suppress(OSError, BundleError):
             current = bundle.current_version(self.settings.model_dir)
-        except (OSError, BundleError):
-            pass
         return {**self.targets(), "workers": workers, "models": models, "mixed_models": len(models) > 1,
                 "registry_current": current, "now_ms": now_ms}
 
