@@ -6,6 +6,7 @@ health/metrics, and the start-up refusal of the workers' Redis credentials."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import json
 import subprocess
@@ -51,7 +52,9 @@ def _audit_topic(settings, timeout: float = 20.0) -> list[dict]:
             await c.stop()
         return out
 
-    return asyncio.run(read())
+    # in a thread of its own: the caller may be inside an event loop (playwright's sync API)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, read()).result()
 
 
 def test_roles_tokens_and_target_changes_with_versions(settings, tmp_path):
