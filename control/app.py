@@ -105,6 +105,10 @@ def create_app(service: ControlService, auth: Auth, secure_cookie: bool = False)
     async def not_found(request: Request, exc: Exception) -> JSONResponse:
         return _bad(404, f"no such path {request.url.path}")
 
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        return _bad(500, f"internal error ({type(exc).__name__}); see the control plane's log")
+
     @app.exception_handler(405)
     async def not_allowed(request: Request, exc: Exception) -> JSONResponse:
         return _bad(405, f"{request.method} is not allowed on {request.url.path}")

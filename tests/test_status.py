@@ -44,3 +44,22 @@ def test_status_never_raises_and_skips_while_degraded(settings):
     assert pub.maybe_publish(_worker(), now=0.0) is False and pub.errors == 1
     degraded = StatusPublisher(dead, "w2")
     assert degraded.maybe_publish(_worker(degraded=True), now=0.0) is False and degraded.errors == 0
+
+
+def test_the_workers_acl_user_may_publish_and_the_operators_read(settings, redis_client):
+    import uuid
+
+    from stream.window import apply_acl
+
+    users = {role: f"st-{role}-{uuid.uuid4().hex[:6]}" for role in ("worker", "operator")}
+    try:
+        for role, user in users.items():
+            apply_acl(redis_client, settings.redis_prefix, role, user, "pw")
+        url = {r: settings.redis_url.replace("redis://", f"redis://{u}:pw@", 1) for r, u in users.items()}
+        pub = StatusPublisher(RedisStore.from_url(url["worker"], settings.redis_prefix), "w1")
+        assert pub.maybe_publish(_worker(), now=0.0) and pub.errors == 0
+        op = RedisStore.from_url(url["operator"], settings.redis_prefix)
+        assert json.loads(op.r.get(status_key(settings.redis_prefix, "w1")))["model"] == "v3"
+    finally:
+        for user in users.values():
+            redis_client.execute_command("ACL", "DELUSER", user)
