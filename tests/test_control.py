@@ -298,3 +298,32 @@ def test_serve_refuses_the_workers_redis_credentials(settings, redis_client, tmp
     finally:
         for user in users.values():
             redis_client.execute_command("ACL", "DELUSER", user)
+
+
+def test_dev_up_with_control_records_pid_and_url_and_down_stops_it(kafka, redis_server, clean_env, tmp_path):
+    import httpx
+
+    from infra.stack import alive, free_port
+    from stream.config import DEFAULT_TOPICS
+
+    prefix = f"ctl{uuid.uuid4().hex[:8]}"
+    env = {**clean_env, "RTA_KAFKA_BOOTSTRAP": kafka.bootstrap, "RTA_REDIS_URL": redis_server.url,
+           "RTA_REDIS_PREFIX": prefix,
+           **{f"RTA_TOPIC_{role.upper()}": f"{prefix}.{name}" for role, name in DEFAULT_TOPICS.items()}}
+    port = free_port()
+    rta = [sys.executable, "-m", "infra.cli", "dev"]
+    up = subprocess.run([*rta, "up", "--with-control", "--control-port", str(port)], env=env, cwd=tmp_path,
+                        capture_output=True, text=True, timeout=90)
+    state = json.loads((tmp_path / "state" / "stack.json").read_text())
+    try:
+        assert up.returncode == 0, up.stderr
+        url = f"http://127.0.0.1:{port}/"
+        assert state["control"]["url"] == url and alive(state["control"]["pid"]) and url in up.stdout
+        assert httpx.get(url + "healthz", timeout=10).json()["redis"] == "ok"
+        assert httpx.get(url + "api/v1/fleet", timeout=10).status_code == 401
+        status = subprocess.run([*rta, "status"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0 and "control up" in status.stdout, status.stdout
+    finally:
+        down = subprocess.run([*rta, "down"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert down.returncode == 0 and "control: stopped" in down.stdout, down.stdout + down.stderr
+    assert not alive(state["control"]["pid"])
