@@ -327,3 +327,20 @@ def test_dev_up_with_control_records_pid_and_url_and_down_stops_it(kafka, redis_
         down = subprocess.run([*rta, "down"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert down.returncode == 0 and "control: stopped" in down.stdout, down.stdout + down.stderr
     assert not alive(state["control"]["pid"])
+
+
+def test_fleet_shows_mixed_models_during_a_reload_and_survives_a_bad_record(settings, redis_client, tmp_path):
+    from test_status import _worker
+
+    from stream.status import StatusPublisher, status_key
+
+    store = RedisStore.from_url(settings.redis_url, settings.redis_prefix)
+    for wid, version in (("w-a", "v1"), ("w-b", "v2")):
+        w = _worker()
+        w.scorer.version = version
+        assert StatusPublisher(store, wid).maybe_publish(w, now=0.0)
+    redis_client.set(status_key(settings.redis_prefix, "w-bad"), b"\xff not json", ex=15)
+    with control_plane(settings, tmp_path) as cp:
+        fleet = cp.client(cp.viewer).get("/api/v1/fleet").json()
+    assert [w["id"] for w in fleet["workers"]] == ["w-a", "w-b"]
+    assert fleet["models"] == ["v1", "v2"] and fleet["mixed_models"] is True
