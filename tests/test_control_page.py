@@ -63,8 +63,9 @@ def test_operator_changes_r_on_the_page_and_the_fleet_follows(settings, tmp_path
             assert "v1" in page.inner_text("#model")
 
             def recent_block(since: float, n: int = 3) -> float | None:
-                t, block = _chart(page, "block")[:2]
-                tot = page.evaluate("window.rta.series.series.total")
+                # one evaluate: the chart and the series it was drawn from, from the same tick
+                t, block, tot = page.evaluate("[window.rta.charts.block.data[0], window.rta.charts.block.data[1],"
+                                              " window.rta.series.series.total]")
                 rows = [(b, k) for s, b, k in zip(t, block, tot, strict=True)
                         if s >= since and b is not None and k and k >= RATE // 4 and s < time.time() - 1]
                 return sum(b for b, _ in rows[-n:]) / n if len(rows) >= n else None
