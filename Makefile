@@ -23,7 +23,8 @@ demo: $(STAMP)
 # download). Installed once when missing and we may (root + apt, as on CI); else they skip.
 $(CHROMIUM):
 	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+			|| echo "warning: apt-get install chromium failed (browser tests fail under CI=true, else skip)"; \
 	else echo "note: $(CHROMIUM) missing and apt-get unavailable (not root?): browser tests will skip"; fi
 
 test: $(STAMP) $(CHROMIUM)
