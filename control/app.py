@@ -212,7 +212,9 @@ def create_app(service: ControlService, auth: Auth, secure_cookie: bool = False)
     @guarded
     async def report(request: Request, path: str) -> Any:
         who(request, "viewer")
-        return FileResponse(str(service.report(path)))
+        # a report file (html, svg) runs nothing with the operator's session: a sandboxed origin
+        return FileResponse(str(service.report(path)), headers={
+            "Content-Security-Policy": "sandbox; default-src 'none'; img-src 'self'; style-src 'unsafe-inline'"})
 
     # --- writes (operators) ------------------------------------------------------------------------
 

@@ -234,7 +234,8 @@ def test_models_list_show_promote_job_rollback_and_reports(settings, bundle, tmp
         # reports: listing and files, confined to the directory (no symlink, no ..)
         assert v.get("/api/v1/reports").json()["reports"][0]["path"] == "replay-1/report.json"
         assert len(v.get("/api/v1/reports").json()["reports"]) == 1
-        assert v.get("/api/v1/reports/replay-1/report.json").json() == {"rows": 10}
+        got = v.get("/api/v1/reports/replay-1/report.json")
+        assert got.json() == {"rows": 10} and got.headers["content-security-policy"].startswith("sandbox")
         for bad in ("../secret.json", "..%2Fsecret.json", "link.json", "%2Fetc%2Fpasswd", "../tokens.json"):
             r = v.get(f"/api/v1/reports/{bad}")
             assert r.status_code == 404 and "TOPSECRET" not in r.text and "sha256" not in r.text, (bad, r.text)
