@@ -31,6 +31,7 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "model": ("training.model_cli:model", "Model registry: list, show, promote (gated), rollback, diff; audited.",
               "train"),
     "retrain": ("training.retrain:retrain", "One shot: recent logs -> train -> gate -> promote or refuse.", "train"),
+    "control": ("control.cli:control", "Operator control plane: HTTP API with roles + live status page.", "control"),
 }
 
 
@@ -50,7 +51,7 @@ class LazyGroup(click.Group):
             return getattr(module, attr)
         except ModuleNotFoundError as exc:
             missing = exc.name or "?"
-            if missing.split(".")[0] in {"stream", "model", "training", "infra", "bench"}:
+            if missing.split(".")[0] in {"stream", "model", "training", "infra", "bench", "control"}:
                 msg = f"{name}: not built yet ({missing} is missing)."
             else:
                 msg = f"{name}: needs the '{extra}' extra (missing module {missing!r}); pip install 'rta-filter[{extra}]'."

@@ -103,6 +103,33 @@ def _child_env(settings: Settings, model_dir: Path) -> dict[str, str]:
     return env
 
 
+@contextlib.contextmanager
+def _control_plane(env: dict[str, str], workdir: Path):
+    """`rta control serve` beside the demo (the live status page); yields its URL, or None when
+    the control extra is not installed or it does not start (the demo goes on without it)."""
+    from infra.stack import free_port, wait_control
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    tokens = workdir / "control-tokens.json"
+    proc = subprocess.Popen([sys.executable, "-m", "infra.cli", "control", "serve", "--port", str(port),
+                             "--tokens", str(tokens), "--reports-dir", str(workdir)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_control(url, 20.0)
+        _say(f"status page: {url}  (a token: rta control token add --role viewer --name NAME --tokens {tokens})")
+        yield url
+    except StackError:
+        _say("status page not started (needs the control extra: pip install 'rta-filter[control]')")
+        yield None
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 class _Reader:
     """The decisions topic read once from the start, kept open: the demo reads what it has while
     v2 trains (its own process is idle then) and only the rest at the end."""
@@ -303,7 +330,7 @@ def demo(rows: int, events: int, loop_events: int, rate: float, ratios: str, war
         timings[name] = round(time.monotonic() - since, 1)
         return time.monotonic()
 
-    with _stack(settings, workdir) as settings:
+    with _stack(settings, workdir) as settings, contextlib.ExitStack() as stack:
         from stream.kafka import ensure_topics, make_admin
         from stream.window import RedisStore
 
@@ -337,6 +364,7 @@ def demo(rows: int, events: int, loop_events: int, rate: float, ratios: str, war
 
         store = RedisStore.from_url(settings.redis_url, settings.redis_prefix)
         store.update_targets("rta demo", "demo phase 1", r=r1, p_u=0.02, epsilon=EPSILON)
+        page = stack.enter_context(_control_plane(env, workdir))
         _say(f"3/7 serve: model {manifest['version']}, r={r1}, p_u=0.02, epsilon={EPSILON}; the logger and "
              f"the downstream simulator ({TIME_SCALE:.0f}x real time) record what it lets through")
         procs: dict[str, subprocess.Popen] = {}
@@ -377,7 +405,8 @@ def demo(rows: int, events: int, loop_events: int, rate: float, ratios: str, war
                                                    strict=True)):
                 if i == 2:
                     store.update_targets("rta demo", "demo phase 2: budget changed", r=r2)
-                    _say(f"operator: rta ratio set {r2} --reason 'demo phase 2' (live)")
+                    _say(f"operator: rta ratio set {r2} --reason 'demo phase 2' (live)"
+                         + (f"; watch the fleet follow on {page}" if page else ""))
                 stream(phase, count, 1000 + i)
             t = lap("serve_v1", t)
             ns = WorldConfig(**NEW_SOURCE)
@@ -460,6 +489,7 @@ def demo(rows: int, events: int, loop_events: int, rate: float, ratios: str, war
         "phases": summaries, "loop": loop, "timings_s": timings,
         "seconds": round(time.monotonic() - started, 1),
         "summary": str(workdir / "summary.json"),
+        "status_page": page,  # served while the demo ran
     }
     latency = _latency(list(decisions.values()))
     if latency:

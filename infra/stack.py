@@ -16,7 +16,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -111,7 +113,8 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _spawn(kind: str, argv: list[str], port: int, address: str, log_path: Path, attached: bool) -> Proc:
+def _spawn(kind: str, argv: list[str], port: int, address: str, log_path: Path, attached: bool,
+           env: dict[str, str] | None = None) -> Proc:
     if port_taken(port):
         raise StackError(f"{kind}: port {HOST}:{port} is already in use; pick another with --{kind}-port")
     log_path = Path(log_path)
@@ -126,6 +129,7 @@ def _spawn(kind: str, argv: list[str], port: int, address: str, log_path: Path, 
                 start_new_session=True,  # own process group: Ctrl-C in the shell does not reach it
                 preexec_fn=_die_with_parent if attached else None,
                 cwd=log_path.parent,
+                env=env,
             )
         except OSError as exc:
             raise StackError(f"{kind}: cannot start {argv[0]}: {exc.strerror}") from None
@@ -148,6 +152,28 @@ def start_redis(port: int, log_path: Path, attached: bool = False) -> Proc:
     argv = [binary, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no",
             "--protected-mode", "no", "--daemonize", "no", "--logfile", ""]
     return _spawn("redis", argv, port, f"redis://{HOST}:{port}/0", log_path, attached)
+
+
+def start_control(port: int, log_path: Path, settings: Settings) -> Proc:
+    """`rta control serve` on loopback, detached, with the stack's absolute paths (its cwd is
+    the state directory)."""
+    env = {**os.environ, "RTA_STATE_DIR": str(Path(settings.state_dir).resolve()),
+           "RTA_MODEL_DIR": str(Path(settings.model_dir).resolve()),
+           "RTA_REPORTS_DIR": os.environ.get("RTA_REPORTS_DIR") or str(Path("reports").resolve())}
+    argv = [sys.executable, "-m", "infra.cli", "control", "serve", "--host", HOST, "--port", str(port)]
+    return _spawn("control", argv, port, f"http://{HOST}:{port}/", log_path, attached=False, env=env)
+
+
+def wait_control(url: str, timeout: float = 30.0, proc: Proc | None = None) -> None:
+    def probe(t: float) -> None:
+        try:
+            with urllib.request.urlopen(url + "healthz", timeout=t) as resp:
+                if resp.status != 200:
+                    raise StackError(f"healthz answered {resp.status}")
+        except OSError as exc:
+            raise StackError(str(exc)) from None
+
+    _wait("control", probe, timeout, proc)
 
 
 def alive(pid: int) -> bool:
@@ -404,8 +430,12 @@ def dev() -> None:
               help="Partitions per topic [default: settings, 3].")
 @click.option("--timeout", type=click.FloatRange(min=1), default=30.0, show_default=True,
               help="Seconds to wait for each component to answer.")
-def up(kafka_port: int, redis_port: int, partitions: int | None, timeout: float) -> None:
-    """Start the broker and Redis (unless configured externally), wait, create the topics."""
+@click.option("--with-control", is_flag=True, help="Also start the control plane (`rta control serve`) on loopback.")
+@click.option("--control-port", type=click.IntRange(1, 65535), default=6066, show_default=True)
+def up(kafka_port: int, redis_port: int, partitions: int | None, timeout: float, with_control: bool,
+       control_port: int) -> None:
+    """Start the broker and Redis (unless configured externally), wait, create the topics;
+    with --with-control also the control plane (its pid and URL go into the stack state)."""
     settings = load_settings()
     state = read_state(settings)
     wanted = {"kafka": (kafka_port, "kafka_bootstrap"), "redis": (redis_port, "redis_url")}
@@ -444,13 +474,15 @@ def up(kafka_port: int, redis_port: int, partitions: int | None, timeout: float)
 
         n = partitions or settings.partitions
         result = ensure_topics(make_admin(settings), settings.topics.values(), n)
+        if with_control:
+            _up_control(settings, state, control_port, timeout, started)
     except BaseException:
         for proc in started:  # leave nothing half-started behind
             with contextlib.suppress(StackError):
                 stop(proc)
         for proc in started:
             state.pop(proc.kind, None)
-        if any(k in state for k in KINDS):
+        if any(k in state for k in (*KINDS, "control")):
             _write_state(settings, state)
         else:
             state_path(settings).unlink(missing_ok=True)
@@ -458,7 +490,26 @@ def up(kafka_port: int, redis_port: int, partitions: int | None, timeout: float)
     created = sum(v == "created" for v in result.values())
     click.echo(f"topics: {created} created, {len(result) - created} existed ({n} partitions): "
                + ", ".join(result))
+    if "control" in state:
+        click.echo(f"control: {state['control']['url']}  (log in with a token: "
+                   "rta control token add --role operator --name NAME)")
     click.echo(f"state: {state_path(settings)}  (stop with `rta dev down`)")
+
+
+def _up_control(settings: Settings, state: dict[str, Any], port: int, timeout: float,
+                started: list[Proc]) -> None:
+    """Start the control plane unless the recorded one still runs; record its pid and URL."""
+    proc = _recorded_proc(state.get("control", {}))
+    if proc is not None and alive(proc.pid) and _is_ours(proc):
+        click.echo(f"control: already running at {proc.address} (pid {proc.pid})")
+        return
+    log_path = Path(settings.state_dir).resolve() / "control.log"
+    proc = start_control(port, log_path, settings)
+    started.append(proc)
+    wait_control(proc.address, timeout, proc)
+    state["control"] = {**proc.to_json(), "external": False, "url": proc.address}
+    _write_state(settings, state)
+    click.echo(f"control: started at {proc.address} (pid {proc.pid}, log {proc.log})")
 
 
 @dev.command()
@@ -485,7 +536,20 @@ def status(ctx: click.Context) -> None:
         all_up &= up_
         who = "external" if entry.get("external") else f"pid {entry['pid']}"
         click.echo(f"{kind:6} {'up' if up_ else 'DOWN':4}  {entry['address']}  ({who})")
+    ctl = _recorded_proc(state.get("control", {}))
+    if ctl is not None:  # started with --with-control
+        up_ = alive(ctl.pid) and _is_ours(ctl) and _control_answers(ctl.address)
+        all_up &= up_
+        click.echo(f"{'control':7} {'up' if up_ else 'DOWN':4}  {ctl.address}  (pid {ctl.pid})")
     ctx.exit(0 if all_up else 1)
+
+
+def _control_answers(url: str) -> bool:
+    try:
+        wait_control(url, 3.0)
+        return True
+    except StackError:
+        return False
 
 
 @dev.command()
@@ -499,10 +563,10 @@ def down(timeout: float) -> None:
         click.echo("no dev stack recorded; nothing to stop")
         state_path(settings).unlink(missing_ok=True)
         return
-    for kind in KINDS:
+    for kind in ("control", *KINDS):  # the control plane first: it talks to both
         proc = _recorded_proc(state.get(kind, {}))
         if proc is None:
-            if kind in state:
+            if kind in state and kind != "control":
                 click.echo(f"{kind}: external, left alone")
             continue
         was_running = alive(proc.pid) and _is_ours(proc)

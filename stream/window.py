@@ -484,15 +484,16 @@ ACL_ROLES = ("worker", "operator")
 def acl_rules(prefix: str, role: str) -> list[str]:
     """`ACL SETUSER <name> on ><password> <rules...>` rules for a role (DESIGN.md, security):
 
-    - worker: write its window buckets, the window epoch and its status; READ the targets (never
-      write them or the audit list);
-    - operator: write targets and append the audit list; read the window and statuses.
+    - worker: write its window buckets, the window epoch, its controller state and its status
+      record (``stream.status``); READ the targets (never write them or the audit list);
+    - operator (also the control plane's user): write targets and append the audit list; read the
+      window, controller states and worker status records.
     Needs Redis >= 7 (read-only key selectors ``%R~``)."""
     if role == "worker":
-        keys = [f"~{prefix}:win:*", f"~{prefix}:ctl:*", f"%R~{prefix}:ratio:targets"]
+        keys = [f"~{prefix}:win:*", f"~{prefix}:ctl:*", f"~{prefix}:status:*", f"%R~{prefix}:ratio:targets"]
         cmds = "+hset +hgetall +expire +incr +get +set +mget +scan +time"
     elif role == "operator":
-        keys = [f"~{prefix}:ratio:*", f"%R~{prefix}:win:*", f"%R~{prefix}:ctl:*"]
+        keys = [f"~{prefix}:ratio:*", f"%R~{prefix}:win:*", f"%R~{prefix}:ctl:*", f"%R~{prefix}:status:*"]
         cmds = "+hgetall +hset +lpush +ltrim +lrange +watch +unwatch +multi +exec +discard +get +mget +scan +ttl"
     else:
         raise ValueError(f"unknown role {role!r}; known: {', '.join(ACL_ROLES)}")

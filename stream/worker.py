@@ -61,6 +61,7 @@ from stream.metrics import MetricsServer, WorkerMetrics
 from stream.policy import DEGRADED, EXPLORE, NAN_OUTPUT, REASONS, UNCERTAIN, ScorePolicy, decide
 from stream.prior import ScoreDistribution
 from stream.scorer import Scorer
+from stream.status import StatusPublisher
 
 log = logging.getLogger("rta.worker")
 
@@ -189,6 +190,7 @@ class Worker:
             settings, cfg.controller, controller_id=cfg.worker_id)
         self.controller.set_model(self.scorer.version, self.prior)
         self.controller.refresh()  # read the live targets now, before the first batch
+        self.status = StatusPublisher(self.controller.store, cfg.worker_id)  # fleet view, every 2 s
 
         self.reports = DeliveryReports()
         self.transactional_id = cfg.transactional_id or f"{cfg.group_id}-{socket.gethostname()}"
@@ -303,6 +305,7 @@ class Worker:
                 if self.checkpoint.expired():
                     self._commit()
                 self.maybe_reload()
+                self.status.maybe_publish(self)  # bounded cadence: a clock read per turn
                 if deadline is not None and time.monotonic() >= deadline:
                     break
         except CheckpointFatalError as exc:  # e.g. fenced while serving delivery reports

@@ -26,6 +26,8 @@ def test_tiny_demo_decides_everything_and_follows_the_live_ratio(kafka, redis_se
     assert res.returncode == 0, res.stderr[-3000:]
     assert "using the running stack" in res.stderr  # reused, not an embedded stack of its own
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    # the status page ran beside the story (rta control serve) and its URL was printed
+    assert summary["status_page"].startswith("http://127.0.0.1:") and summary["status_page"] in res.stderr
     assert summary["events_sent"] == 10_000 + 16_000 + 24_000 + 6_000 + 24_000
     assert summary["missing_decisions"] == 0 and summary["events_decided"] == summary["events_sent"]
     warm, one, two, before, switch, after = summary["phases"]

@@ -52,3 +52,14 @@ def test_cli_modules_alone_import_no_torch(module: str):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=_ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("module", ["control.app", "control.cli", "control.service", "control.auth"])
+def test_control_plane_imports_no_torch_training_or_ray(module: str):
+    # the control image carries the serving core + fastapi/uvicorn only (DESIGN.md)
+    forbidden = (*FORBIDDEN, "ray")
+    code = (f"import sys, {module}\n"
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {forbidden!r}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=_ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
