@@ -169,8 +169,13 @@ class Auth:
 
     # --- sessions (browsers) ------------------------------------------------------------------
 
-    def login(self, token: Any) -> tuple[str, Principal]:
-        """A session for a valid token: (session id for the cookie, principal)."""
+    def login(self, token: Any, origin: str | None = None, host: str | None = None,
+              scheme: str = "http") -> tuple[str, Principal]:
+        """A session for a valid token: (session id for the cookie, principal). A login posted
+        from another origin is refused (login CSRF: a page elsewhere must not log this browser
+        in, under any name); one without an Origin (not a browser) is let through."""
+        if origin and not self._same_origin(origin, host, scheme):
+            raise AuthError(403, f"cross-origin log in refused (Origin {origin})")
         if not isinstance(token, str) or not token:
             raise AuthError(400, "body must be {\"token\": \"...\"}")
         who = self.tokens.check(token)
@@ -222,7 +227,11 @@ class Auth:
             raise AuthError(403, f"{p.name} is a {p.role}; this needs the {role} role")
         if not write:
             return
-        allowed = self.origins | ({f"{scheme}://{host}"} if host else set())
-        if p.via == "cookie" and (not origin or origin.rstrip("/") not in allowed):
+        if p.via == "cookie" and not (origin and self._same_origin(origin, host, scheme)):
             raise AuthError(403, f"cross-origin write refused (Origin {origin or 'missing'})")
         self.rate_limit.take(p.name)
+
+    def _same_origin(self, origin: str, host: str | None, scheme: str) -> bool:
+        """Is ``origin`` this server (as the browser addressed it) or a configured public origin?"""
+        allowed = self.origins | ({f"{scheme}://{host}"} if host else set())
+        return origin.rstrip("/") in allowed

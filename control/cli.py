@@ -90,7 +90,7 @@ def serve(host: str, port: int, config_file: str | None, redis_url: str | None, 
     if not tokens.list():
         click.echo(f"warning: no tokens in {tokens.path}; add one with `rta control token add`", err=True)
     reports = reports_dir or os.environ.get("RTA_REPORTS_DIR") or "reports"
-    service = ControlService(settings, store, reports_dir=reports, audit_topic=audit_topic)
+    service = ControlService(settings, store, reports_dir=reports, audit_topic=audit_topic, private=[tokens.path])
     auth = Auth(tokens, RateLimit(writes_per_minute), origins=public_origin)
     app = create_app(service, auth, secure_cookie=secure_cookie)
     sock = _bind(host, port)

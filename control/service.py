@@ -28,6 +28,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,10 +84,15 @@ class ControlService:
     """The control plane's operations over Redis, the audit topic and the model directory."""
 
     def __init__(self, settings: Settings, store: RedisStore, reports_dir: str | Path | None = None,
-                 ring_seconds: int = 3600, audit_topic: bool = True) -> None:
+                 ring_seconds: int = 3600, audit_topic: bool = True,
+                 private: Iterable[str | Path] = ()) -> None:
+        """``private``: files never listed or served as reports (the token file, should it sit
+        inside the reports directory)."""
         self.settings = settings
         self.store = store
         self.reports_dir = Path(reports_dir) if reports_dir else None
+        self.private = {Path(p).resolve() for p in private}
+        self._write_lock = threading.Lock()  # one target change at a time (set_targets)
         self.audit_topic = audit_topic
         self.ring_seconds = int(ring_seconds)
         self.ring: OrderedDict[int, dict[str, Any]] = OrderedDict()
@@ -125,9 +131,15 @@ class ControlService:
                     raise Unavailable(f"audit topic {self.settings.topic('audit')} not written ({redact(why)}); "
                                       "targets NOT changed")
 
-        return self._redis(lambda: self.store.update_targets(
-            who, req["reason"], req["r"], req["p_u"], req["epsilon"],
-            max_step=self.settings.ratio_max_step, before_write=before_write))
+        # One change at a time from this process: the audit record is produced before the WATCHed
+        # EXEC, so two changes racing from one version would both reach the topic while only one
+        # lands (the loser's retry then ends in Conflict). Serialised here, the loser reads the
+        # moved version and is refused before producing anything. (`rta ratio set` from elsewhere
+        # can still race one change: docs/operations.md.)
+        with self._write_lock:
+            return self._redis(lambda: self.store.update_targets(
+                who, req["reason"], req["r"], req["p_u"], req["epsilon"],
+                max_step=self.settings.ratio_max_step, before_write=before_write))
 
     def audit(self, n: int = 50) -> list[dict[str, Any]]:
         """Newest-first target changes (the Redis audit list; the topic is the durable copy)."""
@@ -362,7 +374,8 @@ class ControlService:
         root = self._reports_root()
         out = []
         for p in sorted(root.rglob("*")):
-            if p.is_symlink() or not p.is_file() or p.suffix.lower() not in REPORT_SUFFIXES:
+            if (p.is_symlink() or not p.is_file() or p.suffix.lower() not in REPORT_SUFFIXES
+                    or p.resolve() in self.private):
                 continue
             st = p.stat()
             out.append({"path": p.relative_to(root).as_posix(), "bytes": st.st_size, "mtime_ms": int(st.st_mtime * 1000)})
@@ -374,7 +387,8 @@ class ControlService:
         if not rel or "\x00" in rel or rel.startswith("/"):
             raise NotFound(f"no report {rel!r}")
         path = (root / rel).resolve()
-        if not path.is_relative_to(root) or not path.is_file() or path.suffix.lower() not in REPORT_SUFFIXES:
+        if (not path.is_relative_to(root) or not path.is_file() or path.suffix.lower() not in REPORT_SUFFIXES
+                or path in self.private):
             raise NotFound(f"no report {rel!r}")
         return path
 

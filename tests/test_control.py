@@ -11,6 +11,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -345,3 +346,73 @@ def test_fleet_shows_mixed_models_during_a_reload_and_survives_a_bad_record(sett
         fleet = cp.client(cp.viewer).get("/api/v1/fleet").json()
     assert [w["id"] for w in fleet["workers"]] == ["w-a", "w-b"]
     assert fleet["models"] == ["v1", "v2"] and fleet["mixed_models"] is True
+
+
+def test_concurrent_changes_from_one_version_one_wins_and_the_topic_records_only_it(settings, tmp_path):
+    """Five operators submit against the same version at once: exactly one change lands (200), the
+    others get 409, and the audit topic holds exactly the one change that was made (a change that
+    lost the race must not leave a record of a change that never happened)."""
+    RedisStore.from_url(settings.redis_url, settings.redis_prefix).set_targets(Targets(0.3), "setup", "start")
+    with control_plane(settings, tmp_path) as cp:
+        clients = [cp.client(cp.operator) for _ in range(5)]
+        barrier = threading.Barrier(len(clients))
+
+        def post(i: int) -> int:
+            barrier.wait(10)
+            return clients[i].post("/api/v1/targets", json={"r": 0.3 + 0.01 * (i + 1), "reason": f"op {i}",
+                                                            "expected_version": 1}).status_code
+
+        with concurrent.futures.ThreadPoolExecutor(len(clients)) as pool:
+            codes = sorted(pool.map(post, range(len(clients))))
+        assert codes == [200, 409, 409, 409, 409], codes
+        t, version, n_audit = _state(settings)
+        assert version == "2" and n_audit == 2
+        topic = _audit_topic(settings)
+        assert [(e["version"], e["new"]["r"]) for e in topic] == [(2, t.r)], topic
+
+
+def test_writes_need_a_json_media_type_and_a_login_from_elsewhere_is_refused(settings, tmp_path):
+    """A cross-origin page can send a "simple" request without a CORS preflight, whose
+    Content-Type is text/plain with any parameters: it must not pass for JSON. A login posted
+    from another origin (login CSRF) is refused."""
+    RedisStore.from_url(settings.redis_url, settings.redis_prefix).set_targets(Targets(0.3), "setup", "start")
+    with control_plane(settings, tmp_path, audit_topic=False) as cp:
+        op = cp.client(cp.operator)
+        before = _state(settings)
+        body = json.dumps({"r": 0.35, "reason": "simple request", "expected_version": 1})
+        for ctype in ("text/plain; a=application/json", "text/plain;charset=application/json",
+                      "application/jsonx", "multipart/form-data; boundary=application/json"):
+            r = op.post("/api/v1/targets", content=body, headers={"Content-Type": ctype})
+            assert r.status_code == 422 and "application/json" in r.json()["error"], (ctype, r.text)
+        assert _state(settings) == before
+        ok = op.post("/api/v1/targets", content=body, headers={"Content-Type": "Application/JSON; charset=utf-8"})
+        assert ok.status_code == 200, ok.text
+        c = cp.client()
+        r = c.post("/api/v1/session", json={"token": cp.operator}, headers={"Origin": "http://evil.example"})
+        assert r.status_code == 403 and "set-cookie" not in r.headers
+        assert c.post("/api/v1/session", json={"token": cp.operator}, headers={"Origin": cp.url}).status_code == 200
+
+
+def test_a_bad_audit_entry_hides_nothing_and_the_sampler_keeps_running(settings, redis_client, tmp_path):
+    store = RedisStore.from_url(settings.redis_url, settings.redis_prefix)
+    store.set_targets(Targets(0.3), "setup", "start")
+    redis_client.lpush(store.k_audit, b"\xff not json", b"[1, 2]")
+    with control_plane(settings, tmp_path, sample_interval=0.2) as cp:
+        v = cp.client(cp.viewer)
+        r = v.get("/api/v1/audit")
+        assert r.status_code == 200 and [e["who"] for e in r.json()["entries"]] == ["setup"], r.text
+        wait_for(lambda: cp.service.samples >= 3, 20, "three sampler ticks")
+        assert cp.service._thread is not None and cp.service._thread.is_alive()
+
+
+def test_the_token_file_is_never_served_as_a_report(settings, tmp_path):
+    """`rta demo` (or a careless deployment) may put the token file inside the reports dir: its
+    hashes are not listed or served to viewers."""
+    (tmp_path / "r.json").write_text("{}")
+    with control_plane(settings, tmp_path, reports_dir=tmp_path) as cp:
+        v = cp.client(cp.viewer)
+        listed = [r["path"] for r in v.get("/api/v1/reports").json()["reports"]]
+        assert "r.json" in listed and "tokens.json" not in listed, listed
+        r = v.get("/api/v1/reports/tokens.json")
+        assert r.status_code == 404 and "sha256" not in r.text
+        assert v.get("/api/v1/reports/./tokens.json").status_code == 404
