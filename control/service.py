@@ -20,6 +20,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import json
+import logging
 import math
 import os
 import subprocess
@@ -40,6 +41,8 @@ from stream.operators import produce_audit
 from stream.policy import check_targets
 from stream.status import status_pattern
 from stream.window import N_COUNTS, RedisStore, StoreUnavailable, counts_dict
+
+log = logging.getLogger("rta.control")
 
 REPORT_SUFFIXES = {".json", ".md", ".png", ".csv", ".html", ".txt", ".svg"}
 
@@ -100,6 +103,7 @@ class ControlService:
         self._changes: list[tuple[int, dict[str, float]]] = []  # (ts_ms, targets) from the audit list
         self._changes_version = -1
         self.sampler_errors = 0
+        self._sampler_logged: set[str] = set()
         self.samples = 0
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self._stop = threading.Event()
@@ -240,18 +244,29 @@ class ControlService:
         return {"seconds": seconds, "ring_seconds": self.ring_seconds, "samples": self.samples,
                 "sampler_errors": self.sampler_errors, "series": cols}
 
+    def _tick(self, back: int = 5) -> None:
+        """One sampler tick that never ends the sampler: a Redis outage or an odd reply (a
+        malformed bucket, a bad record) is counted, logged once per kind, and the next tick
+        retries. A dead sampler would freeze the page's charts with no sign of it."""
+        try:
+            self.sample(back=back)
+        except Exception as exc:  # noqa: BLE001 - the sampler must outlive any one reply
+            self.sampler_errors += 1
+            kind = type(exc).__name__
+            if kind not in self._sampler_logged:
+                self._sampler_logged.add(kind)
+                log.warning("series sampler: %s: %s (counted in /healthz sampler_errors; retrying)",
+                            kind, redact(str(exc).splitlines()[0] if str(exc) else kind))
+
     def start(self, interval: float = 1.0) -> None:
-        """Run the sampler in a daemon thread (stopped by ``stop()``)."""
+        """Run the sampler in a daemon thread (stopped by ``stop()``); a second call is a no-op."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+
         def loop() -> None:
-            try:
-                self.sample(back=min(self.ring_seconds, 110))  # back-fill what Redis still holds
-            except (StoreUnavailable, RtaError):
-                self.sampler_errors += 1
+            self._tick(back=min(self.ring_seconds, 110))  # back-fill what Redis still holds
             while not self._stop.wait(interval):
-                try:
-                    self.sample()
-                except (StoreUnavailable, RtaError, ValueError, KeyError, TypeError):
-                    self.sampler_errors += 1  # a Redis outage or one odd reply: next tick retries
+                self._tick()
 
         self._thread = threading.Thread(target=loop, name="rta-control-sampler", daemon=True)
         self._thread.start()

@@ -416,3 +416,16 @@ def test_the_token_file_is_never_served_as_a_report(settings, tmp_path):
         r = v.get("/api/v1/reports/tokens.json")
         assert r.status_code == 404 and "sha256" not in r.text
         assert v.get("/api/v1/reports/./tokens.json").status_code == 404
+
+
+def test_the_sampler_survives_a_bad_window_bucket_in_its_back_fill(settings, redis_client, tmp_path):
+    """A malformed bucket field (3 bytes: not a vector of u32) in the window Redis still holds: the
+    back-fill tick fails, is counted, and the sampler goes on (it used to end the thread)."""
+    store = RedisStore.from_url(settings.redis_url, settings.redis_prefix)
+    store.set_targets(Targets(0.3), "setup", "start")
+    redis_client.hset(store.bucket_key(int(time.time()) - 30), "w-bad", b"\x00\x01\x02")
+    with control_plane(settings, tmp_path, sample_interval=0.2) as cp:
+        wait_for(lambda: cp.service.samples >= 3, 20, "three sampler ticks after a failed back-fill")
+        assert cp.service.sampler_errors >= 1 and cp.service._thread.is_alive()
+        health = cp.client().get("/healthz").json()
+        assert health["sampler_errors"] >= 1 and health["samples"] >= 3
