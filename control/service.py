@@ -106,6 +106,10 @@ class ControlService:
         self._sampler_logged: set[str] = set()
         self.samples = 0
         self.jobs: OrderedDict[str, Job] = OrderedDict()
+        self.job_timeout_s = 3600.0  # a promote's gate reads logs: long, but never forever
+        self.rollback_timeout_s = 120.0
+        self._model_change = threading.Lock()  # one promote or rollback at a time
+        self._running: Job | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -334,33 +338,63 @@ class ControlService:
         if not self.audit_topic:
             args.append("--no-audit-topic")
         job = Job(uuid.uuid4().hex[:12], "promote", who, args)
+        self._begin_model_change(job)
         self.jobs[job.id] = job
         while len(self.jobs) > 100:
-            self.jobs.popitem(last=False)
-        threading.Thread(target=self._run_job, args=(job,), name=f"rta-control-job-{job.id}", daemon=True).start()
+            self.jobs.popitem(last=False)  # only finished ones: one job runs at a time
+        try:
+            threading.Thread(target=self._run_job, args=(job,), name=f"rta-control-job-{job.id}",
+                             daemon=True).start()
+        except RuntimeError:
+            self._end_model_change()
+            raise
         return job
 
+    def _begin_model_change(self, job: Job | None) -> None:
+        """Take the one model-change slot, or Conflict: two gates racing to switch `current`, or a
+        rollback under a running promote, would leave the fleet on whichever finished last."""
+        if not self._model_change.acquire(blocking=False):
+            running = self._running
+            if running is None:
+                raise Conflict("a rollback is running; try again when it has ended")
+            raise Conflict(f"promote job {running.id} (by {running.who}) is running; wait for it "
+                           f"(GET /api/v1/jobs/{running.id})")
+        self._running = job
+
+    def _end_model_change(self) -> None:
+        self._running = None
+        self._model_change.release()
+
     def _run_job(self, job: Job) -> None:
+        """Run the child to its end; whatever happens the job ends (state done or failed) and
+        frees the model-change slot."""
+        state, error, exit_code, result = "failed", None, None, None
         try:
             proc = subprocess.run(self._rta_model(job.args), env=self._env(), capture_output=True, text=True,
-                                  timeout=3600)
-            job.exit_code = proc.returncode
+                                  errors="replace", timeout=self.job_timeout_s)
+            exit_code = proc.returncode
             lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
-            try:
-                job.result = json.loads(lines[-1]) if lines else None
-            except ValueError:
-                job.result = None
+            with contextlib.suppress(ValueError):
+                result = json.loads(lines[-1]) if lines else None
             err = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-            job.error = None if proc.returncode == 0 else (err[-1] if err else f"exit {proc.returncode}")
-            job.state = "done" if proc.returncode in (0, 3) else "failed"  # 3: the gate refused
-        except (OSError, subprocess.SubprocessError) as exc:
-            job.state, job.error = "failed", str(exc)
-        job.ended_ms = int(time.time() * 1000)
+            error = None if proc.returncode == 0 else (err[-1] if err else f"exit {proc.returncode}")
+            state = "done" if proc.returncode in (0, 3) else "failed"  # 3: the gate refused
+        except subprocess.TimeoutExpired:
+            error = f"timed out after {self.job_timeout_s:g} s (the child was killed; `current` is as the registry says)"
+        except Exception as exc:  # noqa: BLE001 - the job must end, whatever failed
+            error = f"{type(exc).__name__}: {redact(str(exc))}"
+            log.warning("promote job %s: %s", job.id, error)
+        finally:
+            job.exit_code, job.result, job.error = exit_code, result, error
+            job.ended_ms = int(time.time() * 1000)
+            job.state = state  # last: a reader that sees the end sees all of it
+            self._end_model_change()
 
     def job(self, job_id: str) -> Job:
-        if job_id not in self.jobs:
+        job = self.jobs.get(job_id)
+        if job is None:
             raise NotFound(f"no job {job_id!r}")
-        return self.jobs[job_id]
+        return job
 
     def rollback(self, who: str, body: Any) -> dict[str, Any]:
         """`rta model rollback` (the audited switch back along the registry's chain), synchronous."""
@@ -369,7 +403,17 @@ class ControlService:
         args = ["rollback", "--model-dir", str(self.settings.model_dir), "--reason", body["reason"], "--who", who]
         if not self.audit_topic:
             args.append("--no-audit-topic")
-        proc = subprocess.run(self._rta_model(args), env=self._env(), capture_output=True, text=True, timeout=120)
+        self._begin_model_change(None)
+        try:
+            proc = subprocess.run(self._rta_model(args), env=self._env(), capture_output=True, text=True,
+                                  errors="replace", timeout=self.rollback_timeout_s)
+        except subprocess.TimeoutExpired:
+            raise Unavailable(f"rollback timed out after {self.rollback_timeout_s:g} s (the child was killed); "
+                              "check `current` (GET /api/v1/models)") from None
+        except OSError as exc:
+            raise Unavailable(f"rollback could not start: {exc.strerror or exc}") from None
+        finally:
+            self._end_model_change()
         if proc.returncode != 0:
             err = [ln for ln in proc.stderr.splitlines() if ln.strip()]
             raise ConfigError((err[-1] if err else f"rollback failed (exit {proc.returncode})").removeprefix("rta: "))

@@ -429,3 +429,37 @@ def test_the_sampler_survives_a_bad_window_bucket_in_its_back_fill(settings, red
         assert cp.service.sampler_errors >= 1 and cp.service._thread.is_alive()
         health = cp.client().get("/healthz").json()
         assert health["sampler_errors"] >= 1 and health["samples"] >= 3
+
+
+def test_model_changes_one_at_a_time_with_timeouts_and_any_child_output(settings, bundle, tmp_path):
+    """The job machinery around `rta model promote|rollback`, with stand-in children (a hang, a
+    crash printing bytes that are not UTF-8): a second model change while a promote runs is a 409;
+    a job always ends (timed out: the child killed, state failed); a hung rollback is one 503."""
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    garbage = [sys.executable, "-c", "import sys; sys.stdout.buffer.write(b'\\xff\\xfe{\\n'); "
+               "sys.stderr.buffer.write(b'rta: broken \\xff\\n'); sys.exit(1)"]
+    with control_plane(settings, tmp_path) as cp:
+        op, v, svc = cp.client(cp.operator), cp.client(cp.viewer), cp.service
+        svc.job_timeout_s, svc.rollback_timeout_s = 2.0, 1.0
+        svc._rta_model = lambda args: sleeper  # type: ignore[method-assign]
+        r = op.post("/api/v1/models/promote", json={"version": "v1", "reason": "slow gate"})
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+        again = op.post("/api/v1/models/promote", json={"version": "v1", "reason": "again"})
+        assert again.status_code == 409 and job_id in again.json()["error"], again.text
+        rb = op.post("/api/v1/models/rollback", json={"reason": "meanwhile"})
+        assert rb.status_code == 409 and job_id in rb.json()["error"], rb.text
+        wait_for(lambda: v.get(f"/api/v1/jobs/{job_id}").json()["state"] != "running", 30, "the job's timeout")
+        job = v.get(f"/api/v1/jobs/{job_id}").json()
+        assert job["state"] == "failed" and "timed out" in job["error"] and job["ended_ms"] is not None, job
+        # the next change is accepted again; a child's undecodable output still ends the job
+        svc._rta_model = lambda args: garbage  # type: ignore[method-assign]
+        r = op.post("/api/v1/models/promote", json={"version": "v1", "reason": "crash"})
+        assert r.status_code == 202, r.text
+        wait_for(lambda: v.get(f"/api/v1/jobs/{r.json()['id']}").json()["state"] != "running", 30, "the crash")
+        job = v.get(f"/api/v1/jobs/{r.json()['id']}").json()
+        assert job["state"] == "failed" and "broken" in job["error"] and job["exit_code"] == 1, job
+        svc._rta_model = lambda args: sleeper  # type: ignore[method-assign]
+        rb = op.post("/api/v1/models/rollback", json={"reason": "hangs"})
+        assert rb.status_code == 503 and "timed out" in rb.json()["error"], rb.text
+        assert v.get("/api/v1/models").json()["current"] == "v1"
