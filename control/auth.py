@@ -38,6 +38,7 @@ ROLES = ("viewer", "operator")
 TOKEN_PREFIX = "rta_"
 COOKIE = "rta_session"
 SESSION_TTL_S = 12 * 3600
+MAX_SESSIONS_PER_TOKEN = 50  # a login loop ends its own oldest sessions, never others'
 
 
 class AuthError(Exception):
@@ -94,6 +95,7 @@ class TokenStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a temporary file left behind
         with os.fdopen(fd, "w") as f:
             json.dump({"tokens": tokens}, f, indent=1)
         os.replace(tmp, self.path)
@@ -182,10 +184,14 @@ class Auth:
         if who is None:
             raise AuthError(401, "unknown token")
         sid = secrets.token_urlsafe(32)
+        digest = _hash(token)
         with self._lock:
             now = time.time()
             self._sessions = {k: v for k, v in self._sessions.items() if v[1] > now}
-            self._sessions[_hash(sid)] = (_hash(token), now + SESSION_TTL_S)
+            mine = [k for k, v in self._sessions.items() if v[0] == digest]  # oldest first
+            for k in mine[: max(0, len(mine) - MAX_SESSIONS_PER_TOKEN + 1)]:
+                del self._sessions[k]
+            self._sessions[_hash(sid)] = (digest, now + SESSION_TTL_S)
         return sid, Principal(who[0], who[1], "cookie")
 
     def logout(self, sid: str | None) -> None:

@@ -19,7 +19,7 @@ import pytest
 from control_support import control_plane
 from worker_support import request_values, running, wait_for
 
-from control.auth import TokenStore
+from control.auth import AuthError, TokenStore
 from stream.policy import Targets
 from stream.window import ACL_ROLES, RedisStore, apply_acl
 
@@ -463,3 +463,28 @@ def test_model_changes_one_at_a_time_with_timeouts_and_any_child_output(settings
         rb = op.post("/api/v1/models/rollback", json={"reason": "hangs"})
         assert rb.status_code == 503 and "timed out" in rb.json()["error"], rb.text
         assert v.get("/api/v1/models").json()["current"] == "v1"
+
+
+def test_sessions_are_bounded_per_token_and_the_token_file_stays_private(tmp_path):
+    """A token holder logging in in a loop cannot grow the server's memory or push anyone else's
+    session out: past the per-token cap its own oldest session ends. The token file is 0600 even
+    when a stale temporary file with wider permissions was left beside it."""
+    import os
+
+    from control.auth import MAX_SESSIONS_PER_TOKEN, Auth
+
+    (tmp_path / "t.tmp").write_text("{}")
+    os.chmod(tmp_path / "t.tmp", 0o644)
+    tokens = TokenStore(tmp_path / "t.json")
+    alice, _ = tokens.add("alice", "operator")
+    assert (tmp_path / "t.json").stat().st_mode & 0o777 == 0o600
+    bob, _ = tokens.add("bob", "viewer")
+    auth = Auth(tokens)
+    bob_sid, _ = auth.login(bob)
+    sids = [auth.login(alice)[0] for _ in range(MAX_SESSIONS_PER_TOKEN + 1)]
+    assert len(auth._sessions) == MAX_SESSIONS_PER_TOKEN + 1  # alice's cap + bob's one
+    assert auth.authenticate(None, bob_sid).name == "bob"
+    assert auth.authenticate(None, sids[-1]).name == "alice" and auth.authenticate(None, sids[1]).name == "alice"
+    with pytest.raises(AuthError) as err:
+        auth.authenticate(None, sids[0])  # alice's oldest session
+    assert err.value.status == 401
