@@ -493,3 +493,13 @@ def test_sessions_are_bounded_per_token_and_the_token_file_stays_private(tmp_pat
     with pytest.raises(AuthError) as err:
         auth.authenticate(None, sids[0])  # alice's oldest session
     assert err.value.status == 401
+
+
+def test_start_up_warnings_say_what_weakens_this_start(tmp_path):
+    from control.cli import start_up_warnings
+
+    assert start_up_warnings("127.0.0.1", "rta-operator", False, True, tmp_path) == []
+    assert start_up_warnings("::1", "rta-operator", False, True, tmp_path) == []
+    got = start_up_warnings("0.0.0.0", "default", False, False, tmp_path / "t.json")
+    assert len(got) == 3 and "no tokens" in got[0] and "'default'" in got[1] and "--secure-cookie" in got[2]
+    assert start_up_warnings("0.0.0.0", "rta-operator", True, True, tmp_path) == []
