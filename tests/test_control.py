@@ -445,7 +445,7 @@ def test_model_changes_one_at_a_time_with_timeouts_and_any_child_output(settings
                "sys.stderr.buffer.write(b'rta: broken \\xff\\n'); sys.exit(1)"]
     with control_plane(settings, tmp_path) as cp:
         op, v, svc = cp.client(cp.operator), cp.client(cp.viewer), cp.service
-        svc.job_timeout_s, svc.rollback_timeout_s = 2.0, 1.0
+        svc.job_timeout_s, svc.rollback_timeout_s = 5.0, 1.0  # 5 s: the 409s below land well inside it
         svc._rta_model = lambda args: sleeper  # type: ignore[method-assign]
         r = op.post("/api/v1/models/promote", json={"version": "v1", "reason": "slow gate"})
         assert r.status_code == 202, r.text
