@@ -81,7 +81,10 @@ def create_app(service: ControlService, auth: Auth, secure_cookie: bool = False)
         return p
 
     async def body(request: Request) -> Any:
-        if "application/json" not in request.headers.get("content-type", ""):
+        # the media type itself, not a substring: a cross-origin "simple" request (no CORS
+        # preflight) may send `text/plain; x=application/json`
+        media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if media != "application/json":
             raise ConfigError("send the body as application/json")
         try:
             return await request.json()
@@ -137,7 +140,8 @@ def create_app(service: ControlService, auth: Auth, secure_cookie: bool = False)
     @guarded
     async def login(request: Request) -> JSONResponse:
         data = await body(request)
-        sid, p = auth.login(data.get("token") if isinstance(data, dict) else None)
+        sid, p = auth.login(data.get("token") if isinstance(data, dict) else None, request.headers.get("origin"),
+                            request.headers.get("host"), request.url.scheme)
         resp = JSONResponse({"name": p.name, "role": p.role})
         resp.set_cookie(COOKIE, sid, max_age=SESSION_TTL_S, httponly=True, samesite="strict",
                         secure=secure_cookie, path="/")

@@ -38,6 +38,7 @@ ROLES = ("viewer", "operator")
 TOKEN_PREFIX = "rta_"
 COOKIE = "rta_session"
 SESSION_TTL_S = 12 * 3600
+MAX_SESSIONS_PER_TOKEN = 50  # a login loop ends its own oldest sessions, never others'
 
 
 class AuthError(Exception):
@@ -94,6 +95,7 @@ class TokenStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a temporary file left behind
         with os.fdopen(fd, "w") as f:
             json.dump({"tokens": tokens}, f, indent=1)
         os.replace(tmp, self.path)
@@ -169,18 +171,27 @@ class Auth:
 
     # --- sessions (browsers) ------------------------------------------------------------------
 
-    def login(self, token: Any) -> tuple[str, Principal]:
-        """A session for a valid token: (session id for the cookie, principal)."""
+    def login(self, token: Any, origin: str | None = None, host: str | None = None,
+              scheme: str = "http") -> tuple[str, Principal]:
+        """A session for a valid token: (session id for the cookie, principal). A login posted
+        from another origin is refused (login CSRF: a page elsewhere must not log this browser
+        in, under any name); one without an Origin (not a browser) is let through."""
+        if origin and not self._same_origin(origin, host, scheme):
+            raise AuthError(403, f"cross-origin log in refused (Origin {origin})")
         if not isinstance(token, str) or not token:
             raise AuthError(400, "body must be {\"token\": \"...\"}")
         who = self.tokens.check(token)
         if who is None:
             raise AuthError(401, "unknown token")
         sid = secrets.token_urlsafe(32)
+        digest = _hash(token)
         with self._lock:
             now = time.time()
             self._sessions = {k: v for k, v in self._sessions.items() if v[1] > now}
-            self._sessions[_hash(sid)] = (_hash(token), now + SESSION_TTL_S)
+            mine = [k for k, v in self._sessions.items() if v[0] == digest]  # oldest first
+            for k in mine[: max(0, len(mine) - MAX_SESSIONS_PER_TOKEN + 1)]:
+                del self._sessions[k]
+            self._sessions[_hash(sid)] = (digest, now + SESSION_TTL_S)
         return sid, Principal(who[0], who[1], "cookie")
 
     def logout(self, sid: str | None) -> None:
@@ -222,7 +233,11 @@ class Auth:
             raise AuthError(403, f"{p.name} is a {p.role}; this needs the {role} role")
         if not write:
             return
-        allowed = self.origins | ({f"{scheme}://{host}"} if host else set())
-        if p.via == "cookie" and (not origin or origin.rstrip("/") not in allowed):
+        if p.via == "cookie" and not (origin and self._same_origin(origin, host, scheme)):
             raise AuthError(403, f"cross-origin write refused (Origin {origin or 'missing'})")
         self.rate_limit.take(p.name)
+
+    def _same_origin(self, origin: str, host: str | None, scheme: str) -> bool:
+        """Is ``origin`` this server (as the browser addressed it) or a configured public origin?"""
+        allowed = self.origins | ({f"{scheme}://{host}"} if host else set())
+        return origin.rstrip("/") in allowed

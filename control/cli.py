@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from pathlib import Path
@@ -43,6 +44,28 @@ def check_operator_credentials(store: RedisStore, url: str, worker_user: str) ->
         raise RtaError(f"redis user {user or 'default'!r} cannot write {store.k_audit} ({exc}): these are not "
                        "the operator's credentials (the workers'?); use the operator user (`rta ratio acl`)") from None
     return user or "default"
+
+
+def start_up_warnings(host: str, redis_user: str, secure_cookie: bool, have_tokens: bool,
+                      tokens_file: Path) -> list[str]:
+    """What an operator should know before trusting this start: each a line on stderr."""
+    out = []
+    if not have_tokens:
+        out.append(f"no tokens in {tokens_file}; add one with `rta control token add`")
+    if redis_user == "default":
+        out.append("redis user 'default' (no ACL users): the workers' credentials cannot be told from the "
+                   "operator's; `rta ratio acl --apply` sets up least privilege")
+    if not _loopback(host) and not secure_cookie:
+        out.append(f"listening on {host} without --secure-cookie: tokens and session cookies cross the network "
+                   "in clear unless TLS terminates in front (then pass --secure-cookie)")
+    return out
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 @click.group("control")
@@ -87,10 +110,10 @@ def serve(host: str, port: int, config_file: str | None, redis_url: str | None, 
     store = RedisStore.from_url(settings.redis_url, settings.redis_prefix, socket_timeout=2.0, connect_timeout=2.0)
     user = check_operator_credentials(store, settings.redis_url, worker_user)
     tokens = TokenStore(tokens_path(settings, tokens_file))
-    if not tokens.list():
-        click.echo(f"warning: no tokens in {tokens.path}; add one with `rta control token add`", err=True)
+    for warning in start_up_warnings(host, user, secure_cookie, bool(tokens.list()), tokens.path):
+        click.echo(f"warning: {warning}", err=True)
     reports = reports_dir or os.environ.get("RTA_REPORTS_DIR") or "reports"
-    service = ControlService(settings, store, reports_dir=reports, audit_topic=audit_topic)
+    service = ControlService(settings, store, reports_dir=reports, audit_topic=audit_topic, private=[tokens.path])
     auth = Auth(tokens, RateLimit(writes_per_minute), origins=public_origin)
     app = create_app(service, auth, secure_cookie=secure_cookie)
     sock = _bind(host, port)

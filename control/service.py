@@ -20,6 +20,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import json
+import logging
 import math
 import os
 import subprocess
@@ -28,6 +29,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,8 @@ from stream.operators import produce_audit
 from stream.policy import check_targets
 from stream.status import status_pattern
 from stream.window import N_COUNTS, RedisStore, StoreUnavailable, counts_dict
+
+log = logging.getLogger("rta.control")
 
 REPORT_SUFFIXES = {".json", ".md", ".png", ".csv", ".html", ".txt", ".svg"}
 
@@ -83,10 +87,15 @@ class ControlService:
     """The control plane's operations over Redis, the audit topic and the model directory."""
 
     def __init__(self, settings: Settings, store: RedisStore, reports_dir: str | Path | None = None,
-                 ring_seconds: int = 3600, audit_topic: bool = True) -> None:
+                 ring_seconds: int = 3600, audit_topic: bool = True,
+                 private: Iterable[str | Path] = ()) -> None:
+        """``private``: files never listed or served as reports (the token file, should it sit
+        inside the reports directory)."""
         self.settings = settings
         self.store = store
         self.reports_dir = Path(reports_dir) if reports_dir else None
+        self.private = {Path(p).resolve() for p in private}
+        self._write_lock = threading.Lock()  # one target change at a time (set_targets)
         self.audit_topic = audit_topic
         self.ring_seconds = int(ring_seconds)
         self.ring: OrderedDict[int, dict[str, Any]] = OrderedDict()
@@ -94,8 +103,13 @@ class ControlService:
         self._changes: list[tuple[int, dict[str, float]]] = []  # (ts_ms, targets) from the audit list
         self._changes_version = -1
         self.sampler_errors = 0
+        self._sampler_logged: set[str] = set()
         self.samples = 0
         self.jobs: OrderedDict[str, Job] = OrderedDict()
+        self.job_timeout_s = 3600.0  # a promote's gate reads logs: long, but never forever
+        self.rollback_timeout_s = 120.0
+        self._model_change = threading.Lock()  # one promote or rollback at a time
+        self._running: Job | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -125,9 +139,15 @@ class ControlService:
                     raise Unavailable(f"audit topic {self.settings.topic('audit')} not written ({redact(why)}); "
                                       "targets NOT changed")
 
-        return self._redis(lambda: self.store.update_targets(
-            who, req["reason"], req["r"], req["p_u"], req["epsilon"],
-            max_step=self.settings.ratio_max_step, before_write=before_write))
+        # One change at a time from this process: the audit record is produced before the WATCHed
+        # EXEC, so two changes racing from one version would both reach the topic while only one
+        # lands (the loser's retry then ends in Conflict). Serialised here, the loser reads the
+        # moved version and is refused before producing anything. (`rta ratio set` from elsewhere
+        # can still race one change: docs/operations.md.)
+        with self._write_lock:
+            return self._redis(lambda: self.store.update_targets(
+                who, req["reason"], req["r"], req["p_u"], req["epsilon"],
+                max_step=self.settings.ratio_max_step, before_write=before_write))
 
     def audit(self, n: int = 50) -> list[dict[str, Any]]:
         """Newest-first target changes (the Redis audit list; the topic is the durable copy)."""
@@ -228,18 +248,29 @@ class ControlService:
         return {"seconds": seconds, "ring_seconds": self.ring_seconds, "samples": self.samples,
                 "sampler_errors": self.sampler_errors, "series": cols}
 
+    def _tick(self, back: int = 5) -> None:
+        """One sampler tick that never ends the sampler: a Redis outage or an odd reply (a
+        malformed bucket, a bad record) is counted, logged once per kind, and the next tick
+        retries. A dead sampler would freeze the page's charts with no sign of it."""
+        try:
+            self.sample(back=back)
+        except Exception as exc:  # noqa: BLE001 - the sampler must outlive any one reply
+            self.sampler_errors += 1
+            kind = type(exc).__name__
+            if kind not in self._sampler_logged:
+                self._sampler_logged.add(kind)
+                log.warning("series sampler: %s: %s (counted in /healthz sampler_errors; retrying)",
+                            kind, redact(str(exc).splitlines()[0] if str(exc) else kind))
+
     def start(self, interval: float = 1.0) -> None:
-        """Run the sampler in a daemon thread (stopped by ``stop()``)."""
+        """Run the sampler in a daemon thread (stopped by ``stop()``); a second call is a no-op."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+
         def loop() -> None:
-            try:
-                self.sample(back=min(self.ring_seconds, 110))  # back-fill what Redis still holds
-            except (StoreUnavailable, RtaError):
-                self.sampler_errors += 1
+            self._tick(back=min(self.ring_seconds, 110))  # back-fill what Redis still holds
             while not self._stop.wait(interval):
-                try:
-                    self.sample()
-                except (StoreUnavailable, RtaError, ValueError, KeyError, TypeError):
-                    self.sampler_errors += 1  # a Redis outage or one odd reply: next tick retries
+                self._tick()
 
         self._thread = threading.Thread(target=loop, name="rta-control-sampler", daemon=True)
         self._thread.start()
@@ -307,33 +338,63 @@ class ControlService:
         if not self.audit_topic:
             args.append("--no-audit-topic")
         job = Job(uuid.uuid4().hex[:12], "promote", who, args)
+        self._begin_model_change(job)
         self.jobs[job.id] = job
         while len(self.jobs) > 100:
-            self.jobs.popitem(last=False)
-        threading.Thread(target=self._run_job, args=(job,), name=f"rta-control-job-{job.id}", daemon=True).start()
+            self.jobs.popitem(last=False)  # only finished ones: one job runs at a time
+        try:
+            threading.Thread(target=self._run_job, args=(job,), name=f"rta-control-job-{job.id}",
+                             daemon=True).start()
+        except RuntimeError:
+            self._end_model_change()
+            raise
         return job
 
+    def _begin_model_change(self, job: Job | None) -> None:
+        """Take the one model-change slot, or Conflict: two gates racing to switch `current`, or a
+        rollback under a running promote, would leave the fleet on whichever finished last."""
+        if not self._model_change.acquire(blocking=False):
+            running = self._running
+            if running is None:
+                raise Conflict("a rollback is running; try again when it has ended")
+            raise Conflict(f"promote job {running.id} (by {running.who}) is running; wait for it "
+                           f"(GET /api/v1/jobs/{running.id})")
+        self._running = job
+
+    def _end_model_change(self) -> None:
+        self._running = None
+        self._model_change.release()
+
     def _run_job(self, job: Job) -> None:
+        """Run the child to its end; whatever happens the job ends (state done or failed) and
+        frees the model-change slot."""
+        state, error, exit_code, result = "failed", None, None, None
         try:
             proc = subprocess.run(self._rta_model(job.args), env=self._env(), capture_output=True, text=True,
-                                  timeout=3600)
-            job.exit_code = proc.returncode
+                                  errors="replace", timeout=self.job_timeout_s)
+            exit_code = proc.returncode
             lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
-            try:
-                job.result = json.loads(lines[-1]) if lines else None
-            except ValueError:
-                job.result = None
+            with contextlib.suppress(ValueError):
+                result = json.loads(lines[-1]) if lines else None
             err = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-            job.error = None if proc.returncode == 0 else (err[-1] if err else f"exit {proc.returncode}")
-            job.state = "done" if proc.returncode in (0, 3) else "failed"  # 3: the gate refused
-        except (OSError, subprocess.SubprocessError) as exc:
-            job.state, job.error = "failed", str(exc)
-        job.ended_ms = int(time.time() * 1000)
+            error = None if proc.returncode == 0 else (err[-1] if err else f"exit {proc.returncode}")
+            state = "done" if proc.returncode in (0, 3) else "failed"  # 3: the gate refused
+        except subprocess.TimeoutExpired:
+            error = f"timed out after {self.job_timeout_s:g} s (the child was killed; `current` is as the registry says)"
+        except Exception as exc:  # noqa: BLE001 - the job must end, whatever failed
+            error = f"{type(exc).__name__}: {redact(str(exc))}"
+            log.warning("promote job %s: %s", job.id, error)
+        finally:
+            job.exit_code, job.result, job.error = exit_code, result, error
+            job.ended_ms = int(time.time() * 1000)
+            job.state = state  # last: a reader that sees the end sees all of it
+            self._end_model_change()
 
     def job(self, job_id: str) -> Job:
-        if job_id not in self.jobs:
+        job = self.jobs.get(job_id)
+        if job is None:
             raise NotFound(f"no job {job_id!r}")
-        return self.jobs[job_id]
+        return job
 
     def rollback(self, who: str, body: Any) -> dict[str, Any]:
         """`rta model rollback` (the audited switch back along the registry's chain), synchronous."""
@@ -342,7 +403,17 @@ class ControlService:
         args = ["rollback", "--model-dir", str(self.settings.model_dir), "--reason", body["reason"], "--who", who]
         if not self.audit_topic:
             args.append("--no-audit-topic")
-        proc = subprocess.run(self._rta_model(args), env=self._env(), capture_output=True, text=True, timeout=120)
+        self._begin_model_change(None)
+        try:
+            proc = subprocess.run(self._rta_model(args), env=self._env(), capture_output=True, text=True,
+                                  errors="replace", timeout=self.rollback_timeout_s)
+        except subprocess.TimeoutExpired:
+            raise Unavailable(f"rollback timed out after {self.rollback_timeout_s:g} s (the child was killed); "
+                              "check `current` (GET /api/v1/models)") from None
+        except OSError as exc:
+            raise Unavailable(f"rollback could not start: {exc.strerror or exc}") from None
+        finally:
+            self._end_model_change()
         if proc.returncode != 0:
             err = [ln for ln in proc.stderr.splitlines() if ln.strip()]
             raise ConfigError((err[-1] if err else f"rollback failed (exit {proc.returncode})").removeprefix("rta: "))
@@ -362,7 +433,8 @@ class ControlService:
         root = self._reports_root()
         out = []
         for p in sorted(root.rglob("*")):
-            if p.is_symlink() or not p.is_file() or p.suffix.lower() not in REPORT_SUFFIXES:
+            if (p.is_symlink() or not p.is_file() or p.suffix.lower() not in REPORT_SUFFIXES
+                    or p.resolve() in self.private):
                 continue
             st = p.stat()
             out.append({"path": p.relative_to(root).as_posix(), "bytes": st.st_size, "mtime_ms": int(st.st_mtime * 1000)})
@@ -374,7 +446,8 @@ class ControlService:
         if not rel or "\x00" in rel or rel.startswith("/"):
             raise NotFound(f"no report {rel!r}")
         path = (root / rel).resolve()
-        if not path.is_relative_to(root) or not path.is_file() or path.suffix.lower() not in REPORT_SUFFIXES:
+        if (not path.is_relative_to(root) or not path.is_file() or path.suffix.lower() not in REPORT_SUFFIXES
+                or path in self.private):
             raise NotFound(f"no report {rel!r}")
         return path
 

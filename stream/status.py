@@ -13,12 +13,14 @@ The record (all JSON)::
 
 While the controller is degraded (Redis unreachable) nothing is published: the controller owns
 the retry policy, and a dead Redis must not cost the hot path another timeout. A failed write is
-counted and never raised (bad Redis replies must not stop a worker).
+counted and never raised (bad Redis replies must not stop a worker), and so is anything else
+that goes wrong building the record (logged).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import socket
@@ -26,6 +28,8 @@ import time
 from typing import Any
 
 from stream.window import StoreUnavailable
+
+log = logging.getLogger("rta.status")
 
 STATUS_KEY = "status:worker:"  # after "<prefix>:"
 
@@ -71,8 +75,14 @@ class StatusPublisher:
         try:
             body = json.dumps(self.record(worker))
             self.store._call(lambda: client.set(self.key, body, ex=self.ttl))
-        except (StoreUnavailable, TypeError, ValueError):
+        except StoreUnavailable:
             self.errors += 1
+            return False
+        except Exception as exc:  # noqa: BLE001 - a status record is never worth a worker
+            self.errors += 1
+            if self.errors == 1 or self.errors % 1000 == 0:
+                log.warning("status record %s not published (%s: %s); the worker goes on", self.key,
+                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
             return False
         self.published += 1
         return True

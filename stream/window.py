@@ -453,8 +453,18 @@ class RedisStore:
         return _targets_from_hash(hd)[0], hd
 
     def history(self, n: int = 20) -> list[dict[str, Any]]:
+        """Newest-first audit entries; an entry that is not a JSON object is skipped (one bad
+        entry must not hide the trail from `rta ratio history` or the control plane)."""
         rows = self._call(lambda: self.r.lrange(self.k_audit, 0, max(n, 1) - 1))
-        return [json.loads(x) for x in rows]
+        out = []
+        for x in rows:
+            try:
+                entry = json.loads(x)
+            except ValueError:  # also UnicodeDecodeError
+                continue
+            if isinstance(entry, dict):
+                out.append(entry)
+        return out
 
     def controllers(self) -> list[dict[str, Any]]:
         def run() -> list[Any]:

@@ -36,13 +36,15 @@ class Control:
 
 @contextmanager
 def control_plane(settings: Settings, tmp: Path, writes_per_minute: float = 600.0,
-                  sample_interval: float = 1.0, audit_topic: bool = True) -> Iterator[Control]:
+                  sample_interval: float = 1.0, audit_topic: bool = True,
+                  reports_dir: Path | None = None) -> Iterator[Control]:
     tokens = TokenStore(tmp / "tokens.json")
     operator, _ = tokens.add("alice", "operator")
     viewer, _ = tokens.add("victor", "viewer")
     store = RedisStore.from_url(settings.redis_url, settings.redis_prefix, socket_timeout=2.0, connect_timeout=2.0)
-    (tmp / "reports").mkdir(exist_ok=True)
-    service = ControlService(settings, store, reports_dir=tmp / "reports", audit_topic=audit_topic)
+    reports = reports_dir or tmp / "reports"
+    reports.mkdir(exist_ok=True)
+    service = ControlService(settings, store, reports_dir=reports, audit_topic=audit_topic, private=[tokens.path])
     app = create_app(service, Auth(tokens, RateLimit(writes_per_minute, burst=5)))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

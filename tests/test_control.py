@@ -11,6 +11,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -18,7 +19,7 @@ import pytest
 from control_support import control_plane
 from worker_support import request_values, running, wait_for
 
-from control.auth import TokenStore
+from control.auth import AuthError, TokenStore
 from stream.policy import Targets
 from stream.window import ACL_ROLES, RedisStore, apply_acl
 
@@ -33,7 +34,8 @@ def _state(settings) -> tuple:
 
 
 def _audit_topic(settings, timeout: float = 20.0) -> list[dict]:
-    """The audit topic read with an independent client (aiokafka)."""
+    """The whole audit topic, read with an independent client (aiokafka) up to its end offsets
+    (every writer waited for the broker's ack, so "nothing more" is an assertion, not a guess)."""
     from aiokafka import AIOKafkaConsumer
     from aiokafka import TopicPartition as AioTP
 
@@ -42,15 +44,19 @@ def _audit_topic(settings, timeout: float = 20.0) -> list[dict]:
         await c.start()
         out: list[dict] = []
         try:
-            c.assign([AioTP(settings.topic("audit"), p) for p in range(settings.partitions)])
+            tps = [AioTP(settings.topic("audit"), p) for p in range(settings.partitions)]
+            c.assign(tps)
             await c.seek_to_beginning()
+            ends = await c.end_offsets(tps)
             deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and not out:
+            while [tp for tp in tps if await c.position(tp) < ends[tp]]:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"audit topic not read to its end {ends} in {timeout:.0f} s")
                 for msgs in (await c.getmany(timeout_ms=500)).values():
                     out += [json.loads(m.value) for m in msgs]
         finally:
             await c.stop()
-        return out
+        return sorted(out, key=lambda e: e.get("ts_ms", 0))
 
     # in a thread of its own: the caller may be inside an event loop (playwright's sync API)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -95,7 +101,7 @@ def test_roles_tokens_and_target_changes_with_versions(settings, tmp_path):
         r = op.post("/api/v1/targets", json={"r": 0.45, "reason": "stale", "expected_version": 1})
         assert r.status_code == 409 and "version 2" in r.json()["error"]
         assert _state(settings) == before
-        assert len(_audit_topic(settings, timeout=3)) == 1  # the refused change never reached the topic
+        assert len(_audit_topic(settings)) == 1  # the refused change never reached the topic
         audit = viewer.get("/api/v1/audit", params={"n": 5}).json()["entries"]
         assert audit[0]["who"] == "alice" and len(audit) == 2
 
@@ -345,3 +351,155 @@ def test_fleet_shows_mixed_models_during_a_reload_and_survives_a_bad_record(sett
         fleet = cp.client(cp.viewer).get("/api/v1/fleet").json()
     assert [w["id"] for w in fleet["workers"]] == ["w-a", "w-b"]
     assert fleet["models"] == ["v1", "v2"] and fleet["mixed_models"] is True
+
+
+def test_concurrent_changes_from_one_version_one_wins_and_the_topic_records_only_it(settings, tmp_path):
+    """Five operators submit against the same version at once: exactly one change lands (200), the
+    others get 409, and the audit topic holds exactly the one change that was made (a change that
+    lost the race must not leave a record of a change that never happened)."""
+    RedisStore.from_url(settings.redis_url, settings.redis_prefix).set_targets(Targets(0.3), "setup", "start")
+    with control_plane(settings, tmp_path) as cp:
+        clients = [cp.client(cp.operator) for _ in range(5)]
+        barrier = threading.Barrier(len(clients))
+
+        def post(i: int) -> int:
+            barrier.wait(10)
+            return clients[i].post("/api/v1/targets", json={"r": 0.3 + 0.01 * (i + 1), "reason": f"op {i}",
+                                                            "expected_version": 1}).status_code
+
+        with concurrent.futures.ThreadPoolExecutor(len(clients)) as pool:
+            codes = sorted(pool.map(post, range(len(clients))))
+        assert codes == [200, 409, 409, 409, 409], codes
+        t, version, n_audit = _state(settings)
+        assert version == "2" and n_audit == 2
+        topic = _audit_topic(settings)
+        assert [(e["version"], e["new"]["r"]) for e in topic] == [(2, t.r)], topic
+
+
+def test_writes_need_a_json_media_type_and_a_login_from_elsewhere_is_refused(settings, tmp_path):
+    """A cross-origin page can send a "simple" request without a CORS preflight, whose
+    Content-Type is text/plain with any parameters: it must not pass for JSON. A login posted
+    from another origin (login CSRF) is refused."""
+    RedisStore.from_url(settings.redis_url, settings.redis_prefix).set_targets(Targets(0.3), "setup", "start")
+    with control_plane(settings, tmp_path, audit_topic=False) as cp:
+        op = cp.client(cp.operator)
+        before = _state(settings)
+        body = json.dumps({"r": 0.35, "reason": "simple request", "expected_version": 1})
+        for ctype in ("text/plain; a=application/json", "text/plain;charset=application/json",
+                      "application/jsonx", "multipart/form-data; boundary=application/json"):
+            r = op.post("/api/v1/targets", content=body, headers={"Content-Type": ctype})
+            assert r.status_code == 422 and "application/json" in r.json()["error"], (ctype, r.text)
+        assert _state(settings) == before
+        ok = op.post("/api/v1/targets", content=body, headers={"Content-Type": "Application/JSON; charset=utf-8"})
+        assert ok.status_code == 200, ok.text
+        c = cp.client()
+        r = c.post("/api/v1/session", json={"token": cp.operator}, headers={"Origin": "http://evil.example"})
+        assert r.status_code == 403 and "set-cookie" not in r.headers
+        assert c.post("/api/v1/session", json={"token": cp.operator}, headers={"Origin": cp.url}).status_code == 200
+
+
+def test_a_bad_audit_entry_hides_nothing_and_the_sampler_keeps_running(settings, redis_client, tmp_path):
+    store = RedisStore.from_url(settings.redis_url, settings.redis_prefix)
+    store.set_targets(Targets(0.3), "setup", "start")
+    redis_client.lpush(store.k_audit, b"\xff not json", b"[1, 2]")
+    with control_plane(settings, tmp_path, sample_interval=0.2) as cp:
+        v = cp.client(cp.viewer)
+        r = v.get("/api/v1/audit")
+        assert r.status_code == 200 and [e["who"] for e in r.json()["entries"]] == ["setup"], r.text
+        wait_for(lambda: cp.service.samples >= 3, 20, "three sampler ticks")
+        assert cp.service._thread is not None and cp.service._thread.is_alive()
+
+
+def test_the_token_file_is_never_served_as_a_report(settings, tmp_path):
+    """`rta demo` (or a careless deployment) may put the token file inside the reports dir: its
+    hashes are not listed or served to viewers."""
+    (tmp_path / "r.json").write_text("{}")
+    with control_plane(settings, tmp_path, reports_dir=tmp_path) as cp:
+        v = cp.client(cp.viewer)
+        listed = [r["path"] for r in v.get("/api/v1/reports").json()["reports"]]
+        assert "r.json" in listed and "tokens.json" not in listed, listed
+        r = v.get("/api/v1/reports/tokens.json")
+        assert r.status_code == 404 and "sha256" not in r.text
+        assert v.get("/api/v1/reports/./tokens.json").status_code == 404
+
+
+def test_the_sampler_survives_a_bad_window_bucket_in_its_back_fill(settings, redis_client, tmp_path):
+    """A malformed bucket field (3 bytes: not a vector of u32) in the window Redis still holds: the
+    back-fill tick fails, is counted, and the sampler goes on (it used to end the thread)."""
+    store = RedisStore.from_url(settings.redis_url, settings.redis_prefix)
+    store.set_targets(Targets(0.3), "setup", "start")
+    redis_client.hset(store.bucket_key(int(time.time()) - 30), "w-bad", b"\x00\x01\x02")
+    with control_plane(settings, tmp_path, sample_interval=0.2) as cp:
+        wait_for(lambda: cp.service.samples >= 3, 20, "three sampler ticks after a failed back-fill")
+        assert cp.service.sampler_errors >= 1 and cp.service._thread.is_alive()
+        health = cp.client().get("/healthz").json()
+        assert health["sampler_errors"] >= 1 and health["samples"] >= 3
+
+
+def test_model_changes_one_at_a_time_with_timeouts_and_any_child_output(settings, bundle, tmp_path):
+    """The job machinery around `rta model promote|rollback`, with stand-in children (a hang, a
+    crash printing bytes that are not UTF-8): a second model change while a promote runs is a 409;
+    a job always ends (timed out: the child killed, state failed); a hung rollback is one 503."""
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    garbage = [sys.executable, "-c", "import sys; sys.stdout.buffer.write(b'\\xff\\xfe{\\n'); "
+               "sys.stderr.buffer.write(b'rta: broken \\xff\\n'); sys.exit(1)"]
+    with control_plane(settings, tmp_path) as cp:
+        op, v, svc = cp.client(cp.operator), cp.client(cp.viewer), cp.service
+        svc.job_timeout_s, svc.rollback_timeout_s = 5.0, 1.0  # 5 s: the 409s below land well inside it
+        svc._rta_model = lambda args: sleeper  # type: ignore[method-assign]
+        r = op.post("/api/v1/models/promote", json={"version": "v1", "reason": "slow gate"})
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+        again = op.post("/api/v1/models/promote", json={"version": "v1", "reason": "again"})
+        assert again.status_code == 409 and job_id in again.json()["error"], again.text
+        rb = op.post("/api/v1/models/rollback", json={"reason": "meanwhile"})
+        assert rb.status_code == 409 and job_id in rb.json()["error"], rb.text
+        wait_for(lambda: v.get(f"/api/v1/jobs/{job_id}").json()["state"] != "running", 30, "the job's timeout")
+        job = v.get(f"/api/v1/jobs/{job_id}").json()
+        assert job["state"] == "failed" and "timed out" in job["error"] and job["ended_ms"] is not None, job
+        # the next change is accepted again; a child's undecodable output still ends the job
+        svc._rta_model = lambda args: garbage  # type: ignore[method-assign]
+        r = op.post("/api/v1/models/promote", json={"version": "v1", "reason": "crash"})
+        assert r.status_code == 202, r.text
+        wait_for(lambda: v.get(f"/api/v1/jobs/{r.json()['id']}").json()["state"] != "running", 30, "the crash")
+        job = v.get(f"/api/v1/jobs/{r.json()['id']}").json()
+        assert job["state"] == "failed" and "broken" in job["error"] and job["exit_code"] == 1, job
+        svc._rta_model = lambda args: sleeper  # type: ignore[method-assign]
+        rb = op.post("/api/v1/models/rollback", json={"reason": "hangs"})
+        assert rb.status_code == 503 and "timed out" in rb.json()["error"], rb.text
+        assert v.get("/api/v1/models").json()["current"] == "v1"
+
+
+def test_sessions_are_bounded_per_token_and_the_token_file_stays_private(tmp_path):
+    """A token holder logging in in a loop cannot grow the server's memory or push anyone else's
+    session out: past the per-token cap its own oldest session ends. The token file is 0600 even
+    when a stale temporary file with wider permissions was left beside it."""
+    import os
+
+    from control.auth import MAX_SESSIONS_PER_TOKEN, Auth
+
+    (tmp_path / "t.tmp").write_text("{}")
+    os.chmod(tmp_path / "t.tmp", 0o644)
+    tokens = TokenStore(tmp_path / "t.json")
+    alice, _ = tokens.add("alice", "operator")
+    assert (tmp_path / "t.json").stat().st_mode & 0o777 == 0o600
+    bob, _ = tokens.add("bob", "viewer")
+    auth = Auth(tokens)
+    bob_sid, _ = auth.login(bob)
+    sids = [auth.login(alice)[0] for _ in range(MAX_SESSIONS_PER_TOKEN + 1)]
+    assert len(auth._sessions) == MAX_SESSIONS_PER_TOKEN + 1  # alice's cap + bob's one
+    assert auth.authenticate(None, bob_sid).name == "bob"
+    assert auth.authenticate(None, sids[-1]).name == "alice" and auth.authenticate(None, sids[1]).name == "alice"
+    with pytest.raises(AuthError) as err:
+        auth.authenticate(None, sids[0])  # alice's oldest session
+    assert err.value.status == 401
+
+
+def test_start_up_warnings_say_what_weakens_this_start(tmp_path):
+    from control.cli import start_up_warnings
+
+    assert start_up_warnings("127.0.0.1", "rta-operator", False, True, tmp_path) == []
+    assert start_up_warnings("::1", "rta-operator", False, True, tmp_path) == []
+    got = start_up_warnings("0.0.0.0", "default", False, False, tmp_path / "t.json")
+    assert len(got) == 3 and "no tokens" in got[0] and "'default'" in got[1] and "--secure-cookie" in got[2]
+    assert start_up_warnings("0.0.0.0", "rta-operator", True, True, tmp_path) == []

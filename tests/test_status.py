@@ -46,6 +46,21 @@ def test_status_never_raises_and_skips_while_degraded(settings):
     assert degraded.maybe_publish(_worker(degraded=True), now=0.0) is False and degraded.errors == 0
 
 
+
+def test_status_never_raises_whatever_building_the_record_hits(settings):
+    """A record that cannot be built (here: the controller raises) costs a counted error, never an
+    exception in the worker's loop; the next interval tries again."""
+    pub = StatusPublisher(RedisStore.from_url(settings.redis_url, settings.redis_prefix), "w1")
+    w = _worker()
+
+    def broken() -> None:
+        raise RuntimeError("mid-reload")
+
+    w.controller.thresholds = broken
+    assert pub.maybe_publish(w, now=0.0) is False and pub.errors == 1 and pub.published == 0
+    assert pub.maybe_publish(w, now=1.0) is False and pub.errors == 1  # not before the interval
+
+
 def test_the_workers_acl_user_may_publish_and_the_operators_read(settings, redis_client):
     import uuid
 
