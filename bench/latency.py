@@ -1,0 +1,178 @@
+"""`rta bench latency`: the worker's own latency, against a passthrough at the same rate, same run.
+
+An end-to-end percentile on this machine is mostly the broker's and the box's: the embedded
+broker's fetch does not wake on new data, and the load generator, the broker, the reader and
+the worker share two cores. So the bench runs, in one sitting and each on FRESH topics (the
+embedded broker's fetch cost grows with what a topic has stored):
+
+- **passthrough**: its own process, consume -> produce the same bytes, with the worker's consumer
+  and producer configuration, batch size, batch wait and commit policy (`Checkpoint`);
+- **worker**: `rta serve` as its own process;
+
+and offers each the same fixed rate (ts stamped at send), reading the output topic back. The
+worker's added latency is the difference of the two runs' percentiles. The worker's side is split
+by the timestamps its messages carry: sent -> decided (the decision's own ts_ms, after the
+policy: broker in, fetch, batch wait, decode, score), decided -> produced (the Kafka timestamp
+of the decision: encode, produce call), produced -> read (linger, broker, the reader's fetch).
+`--rounds 2` interleaves the order (passthrough first, then worker first). Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from bench.worker import (
+    _bundle,
+    _stack,
+    _world,
+    latency_figures,
+    offer_and_read,
+    percentiles,
+    serve_command,
+)
+from stream.config import load_settings
+from stream.kafka import ensure_topics, make_admin
+
+
+def passthrough_process() -> None:
+    """The passthrough as a process (argv: group batch_size batch_wait_ms commit_interval_ms):
+    requests topic -> decisions topic, the same bytes, until SIGTERM. Same consumer (the worker's
+    group settings), producer and checkpoint policy as `rta serve`."""
+    from stream.checkpoint import Checkpoint, DeliveryReports
+    from stream.kafka import make_consumer, make_producer
+    from stream.worker import GROUP_DEFAULTS
+
+    group, batch_size, wait_ms, commit_ms = sys.argv[1], *map(int, sys.argv[2:5])
+    settings = load_settings()
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+    reports = DeliveryReports()
+    producer = make_producer(settings, **reports.producer_config())
+    consumer = make_consumer(settings, group, GROUP_DEFAULTS)
+    cp = Checkpoint(consumer, producer, reports, commit_interval_s=commit_ms / 1000)
+    src, dst = settings.topic("requests"), settings.topic("decisions")
+    consumer.subscribe([src])
+    produce = producer.produce
+    while not stopping:
+        msgs = consumer.consume(batch_size, wait_ms / 1000)
+        if msgs:
+            msgs = [m for m in msgs if m.error() is None]
+            for m in msgs:
+                produce(dst, m.value(), m.key())
+            producer.poll(0)
+            cp.store_offsets(src, np.fromiter([m.partition() for m in msgs], np.int32, len(msgs)),
+                             np.fromiter([m.offset() for m in msgs], np.int64, len(msgs)))
+        else:
+            producer.poll(0)
+        if cp.expired():
+            cp.commit()
+    cp.commit()
+    consumer.close()
+
+
+def _passthrough_command(group: str, batch_size: int, batch_wait_ms: int, commit_ms: int) -> list[str]:
+    return [sys.executable, "-c", "from bench.latency import passthrough_process; passthrough_process()",
+            group, str(batch_size), str(batch_wait_ms), str(commit_ms)]
+
+
+def _stages(run: Any) -> dict[str, Any]:
+    """Where one run's time went, by the timestamps its output carries (module docstring)."""
+    out = {"sent_to_produced": percentiles(run.produced_ms - run.send_ms),
+           "produced_to_read": percentiles(run.recv_ms - run.produced_ms)}
+    if np.isfinite(run.decided_ms).any():
+        out["sent_to_decided"] = percentiles(run.decided_ms - run.send_ms)
+        out["decided_to_produced"] = percentiles(run.produced_ms - run.decided_ms)
+    return out
+
+
+def _added(worker: dict[str, Any], passthrough: dict[str, Any]) -> dict[str, float | None]:
+    return {k: (round(worker[k] - passthrough[k], 2) if worker[k] is not None and passthrough[k] is not None
+                else None) for k in ("p50_ms", "p99_ms", "p999_ms")}
+
+
+@click.command(name="latency")
+@click.option("--rate", type=click.IntRange(min=1), default=10_000, show_default=True,
+              help="Offered requests/s, the same for both runs.")
+@click.option("--seconds", type=click.FloatRange(min=1), default=10.0, show_default=True,
+              help="Duration of each run.")
+@click.option("--rounds", type=click.IntRange(min=1, max=10), default=1, show_default=True,
+              help="Pairs of runs; every second pair runs the worker first.")
+@click.option("--features", type=click.IntRange(28, 108), default=108, show_default=True,
+              help="Features per request (the world's catalogue, first N).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--batch-wait-ms", type=click.IntRange(min=0), default=None,
+              help="Batch wait of both processes [default: rta serve's].")
+@click.option("--commit-interval-ms", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="The passthrough's commit interval (rta serve's default is 1 s).")
+@click.option("--quantize", type=click.Choice(["int8", "none"]), default="int8", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the JSON here.")
+def latency(rate: int, seconds: float, rounds: int, features: int, batch_size: int, batch_wait_ms: int | None,
+            commit_interval_ms: int, quantize: str, out: str | None) -> None:
+    """Passthrough and worker at the same offered rate on fresh topics: p50/p99/p99.9 of both,
+    the worker's added latency, and the worker-side stages."""
+    import json
+
+    from stream.worker import WorkerConfig
+
+    wait = WorkerConfig().batch_wait_ms if batch_wait_ms is None else batch_wait_ms
+    work = Path(tempfile.mkdtemp(prefix="rta-bench-latency-"))
+    results: list[dict[str, Any]] = []
+    try:
+        with _stack(load_settings(), work) as settings:
+            from dataclasses import replace
+
+            from stream.policy import Targets
+            from stream.window import RedisStore
+
+            tag = f"lat{os.getpid()}"
+            settings = replace(settings, model_dir=work / "models", state_dir=work / ".rta", redis_prefix=f"bench:{tag}")
+            click.echo("bench: building requests and a bundle ...", err=True)
+            spec, num, cat = _world(20_000, features)
+            _bundle(settings.model_dir, spec, num, cat, None if quantize == "none" else quantize)
+            store = RedisStore.from_url(settings.redis_url, settings.redis_prefix)
+            store.set_targets(Targets(0.25, 0.05, 0.01), "bench", "bench latency")
+            for r in range(rounds):
+                order = ("passthrough", "worker") if r % 2 == 0 else ("worker", "passthrough")
+                row: dict[str, Any] = {"round": r + 1, "order": list(order)}
+                for phase in order:
+                    click.echo(f"bench: {phase} at {rate}/s (round {r + 1}) ...", err=True)
+                    s = settings.with_topic_prefix(f"{tag}-{r}-{phase}")  # fresh topics per phase
+                    ensure_topics(make_admin(s), s.topics.values(), s.partitions)
+                    group = f"{tag}-{r}-{phase}"
+                    cmd = (serve_command(group, batch_size, wait) if phase == "worker"
+                           else _passthrough_command(group, batch_size, wait, commit_interval_ms))
+                    run = offer_and_read(s, cmd, work / f"{phase}-{r}.log", s.topic("decisions"), spec, num, cat,
+                                         rate, seconds, False, decisions=phase == "worker")
+                    row[phase] = {**latency_figures(run, rate), "stages": _stages(run),
+                                  "load_avg_1m": round(os.getloadavg()[0], 2)}
+                row["worker_added"] = _added(row["worker"], row["passthrough"])
+                results.append(row)
+            store.clear()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    from stream.kafka import CONSUMER_DEFAULTS
+
+    result = {"bench": "latency", "rate": rate, "seconds": seconds, "features": features,
+              "batch_size": batch_size, "batch_wait_ms": wait,
+              "consumer_defaults": {k: v for k, v in CONSUMER_DEFAULTS.items() if k.startswith("fetch")},
+              "rounds": results,
+              "worker_added_p99_ms_max": max((r["worker_added"]["p99_ms"] or np.inf) for r in results),
+              "target_worker_added_p99_ms": 20.0,
+              "worker_p99_ms_max": max((r["worker"]["p99_ms"] or np.inf) for r in results),
+              "target_p99_ms": 100.0,
+              "machine": {"cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2)},
+              "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    text = json.dumps(result, indent=2)
+    if out:
+        Path(out).write_text(text + "\n")
+    click.echo(text)
