@@ -105,6 +105,59 @@ def _added(worker: dict[str, Any], passthrough: dict[str, Any]) -> dict[str, flo
                 else None) for k in ("p50_ms", "p99_ms", "p999_ms")}
 
 
+def fetch_probe(settings: Any, wait_ms: int, stored: int, seconds: float) -> dict[str, Any]:
+    """One caught-up consumer (`fetch.wait.max.ms` = wait_ms) and one message at a time on a
+    fresh 1-partition topic holding `stored` batches: send -> consume latency, and how many
+    fetch requests a second the consumer sends (librdkafka statistics). What the embedded
+    broker's fetch (no wake-up on new data, a listing of the stored batches per check) asks of
+    the setting, with little of the box's CPU noise in it: one message in flight."""
+    import json
+
+    from confluent_kafka import OFFSET_END, TopicPartition
+
+    from stream.kafka import make_consumer, make_producer
+
+    topic = f"{settings.topic('requests')}.probe-{wait_ms}-{stored}-{time.monotonic_ns()}"
+    ensure_topics(make_admin(settings), [topic], 1)
+    producer = make_producer(settings, **{"linger.ms": 0})
+    for i in range(stored):  # one batch each: a flush per message
+        producer.produce(topic, b"x" * 100, b"s%d" % i)
+        producer.flush(10)
+    fetches: list[int] = []
+
+    def stats(text: str) -> None:
+        doc = json.loads(text)
+        fetches.append(sum(b.get("req", {}).get("Fetch", 0) for b in doc.get("brokers", {}).values()))
+
+    consumer = make_consumer(settings, f"probe-{time.monotonic_ns()}", **{
+        "fetch.wait.max.ms": wait_ms, "statistics.interval.ms": 500, "stats_cb": stats})
+    consumer.assign([TopicPartition(topic, 0, OFFSET_END)])
+    consumer.consume(10, 1.0)  # connect and fetch once
+    lat: list[float] = []
+    t_end = time.monotonic() + seconds
+    f0 = None
+    while time.monotonic() < t_end:
+        time.sleep(0.02)
+        sent = time.perf_counter()
+        producer.produce(topic, b"p", b"p")
+        producer.poll(0)
+        got = False
+        while not got and time.perf_counter() - sent < 5:
+            got = any(m.error() is None and m.key() == b"p" for m in consumer.consume(1, 0.5))
+        if got:
+            lat.append(1000 * (time.perf_counter() - sent))
+        if f0 is None and fetches:
+            f0 = (fetches[-1], time.monotonic())
+    consumer.consume(1, 0.6)  # one more statistics report
+    consumer.close()
+    p = np.percentile(lat, [50, 99]) if lat else [np.nan, np.nan]
+    rate = ((fetches[-1] - f0[0]) / (time.monotonic() - f0[1])) if f0 and fetches else None
+    return {"fetch_wait_max_ms": wait_ms, "stored_batches": stored, "messages": len(lat),
+            "p50_ms": round(float(p[0]), 2), "p99_ms": round(float(p[1]), 2),
+            "max_ms": round(max(lat), 2) if lat else None,
+            "fetch_requests_per_s": round(rate, 1) if rate is not None else None}
+
+
 @click.command(name="latency")
 @click.option("--rate", type=click.IntRange(min=1), default=10_000, show_default=True,
               help="Offered requests/s, the same for both runs.")
@@ -120,9 +173,13 @@ def _added(worker: dict[str, Any], passthrough: dict[str, Any]) -> dict[str, flo
 @click.option("--commit-interval-ms", type=click.IntRange(min=0), default=1000, show_default=True,
               help="The passthrough's commit interval (rta serve's default is 1 s).")
 @click.option("--quantize", type=click.Choice(["int8", "none"]), default="int8", show_default=True)
+@click.option("--fetch-probe", "probe_waits", default="", show_default=True,
+              help="Instead: the one-message probe (fetch_probe) at these fetch.wait.max.ms values, "
+                   "e.g. '10,20,50', on an empty topic and one holding --probe-stored batches.")
+@click.option("--probe-stored", type=click.IntRange(min=0), default=3000, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the JSON here.")
 def latency(rate: int, seconds: float, rounds: int, features: int, batch_size: int, batch_wait_ms: int | None,
-            commit_interval_ms: int, quantize: str, out: str | None) -> None:
+            commit_interval_ms: int, quantize: str, probe_waits: str, probe_stored: int, out: str | None) -> None:
     """Passthrough and worker at the same offered rate on fresh topics: p50/p99/p99.9 of both,
     the worker's added latency, and the worker-side stages."""
     import json
@@ -131,6 +188,25 @@ def latency(rate: int, seconds: float, rounds: int, features: int, batch_size: i
 
     wait = WorkerConfig().batch_wait_ms if batch_wait_ms is None else batch_wait_ms
     work = Path(tempfile.mkdtemp(prefix="rta-bench-latency-"))
+    if probe_waits:
+        try:
+            waits = [int(x) for x in probe_waits.split(",") if x.strip()]
+        except ValueError:
+            raise click.BadParameter(f"--fetch-probe takes comma-separated integers (ms), got {probe_waits!r}") from None
+        try:
+            with _stack(load_settings(), work) as settings:
+                settings = settings.with_topic_prefix(f"probe{os.getpid()}")
+                rows = [fetch_probe(settings, w, stored, seconds)
+                        for stored in dict.fromkeys((0, probe_stored)) for w in waits]
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        text = json.dumps({"bench": "latency.fetch_probe", "seconds": seconds, "probes": rows,
+                           "machine": {"cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2)}},
+                          indent=2)
+        if out:
+            Path(out).write_text(text + "\n")
+        click.echo(text)
+        return
     results: list[dict[str, Any]] = []
     try:
         with _stack(load_settings(), work) as settings:
