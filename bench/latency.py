@@ -187,12 +187,14 @@ def latency(rate: int, seconds: float, rounds: int, features: int, batch_size: i
     from stream.worker import WorkerConfig
 
     wait = WorkerConfig().batch_wait_ms if batch_wait_ms is None else batch_wait_ms
+    try:
+        waits = [int(x) for x in probe_waits.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"--fetch-probe takes comma-separated integers (ms), got {probe_waits!r}") from None
+    if any(w < 0 for w in waits):
+        raise click.BadParameter("--fetch-probe values must be >= 0 ms")
     work = Path(tempfile.mkdtemp(prefix="rta-bench-latency-"))
-    if probe_waits:
-        try:
-            waits = [int(x) for x in probe_waits.split(",") if x.strip()]
-        except ValueError:
-            raise click.BadParameter(f"--fetch-probe takes comma-separated integers (ms), got {probe_waits!r}") from None
+    if waits:
         try:
             with _stack(load_settings(), work) as settings:
                 settings = settings.with_topic_prefix(f"probe{os.getpid()}")
