@@ -8,7 +8,8 @@ CHROMIUM ?= /usr/bin/chromium
 
 .PHONY: demo test test-fast lint bench clean
 
-$(STAMP): pyproject.toml
+# setup.py + the C source: a changed decoder is rebuilt (pip install -e compiles stream/_fastreq.c)
+$(STAMP): pyproject.toml setup.py stream/_fastreq.c
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned exactly: the CPU build; any other spec pulls CUDA packages.

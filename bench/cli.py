@@ -9,6 +9,7 @@ import click
 BENCHES = {
     "inference": ("bench.inference:inference", "Teacher (M SWAG samples, torch) vs student (ONNX)."),
     "worker": ("bench.worker:worker", "Worker events/s vs a plain consume->produce passthrough."),
+    "latency": ("bench.latency:latency", "Worker vs passthrough latency at one rate, fresh topics."),
     "controller": ("bench.controller:controller", "Ratio controller settling after steps of r."),
     "codec": ("bench.codec:codec", "Request decode and decision encode rates (hot-path codecs)."),
     "replay": ("bench.replay:replay", "rta replay rows/s end to end on a logged layout (200k rows)."),

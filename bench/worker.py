@@ -22,6 +22,7 @@ import gc
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -31,7 +32,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import click
 import numpy as np
@@ -191,6 +192,27 @@ def passthrough(settings: Settings, n: int, batch_size: int, batch_wait_ms: int,
     return {"events": done, "seconds": round(seconds, 3), "events_per_s": round(done / max(seconds, 1e-9), 1)}
 
 
+class _TimedConsume:
+    """The worker's consumer, with the wall and thread-CPU time of its loop's consume() calls
+    counted (the rest of the client passes through untouched)."""
+
+    def __init__(self, consumer: Any) -> None:
+        self._consumer = consumer
+        self.calls, self.wall_s, self.cpu_s = 0, 0.0, 0.0
+
+    def consume(self, *args: Any, **kwargs: Any) -> Any:
+        w, c = time.perf_counter(), time.thread_time()
+        try:
+            return self._consumer.consume(*args, **kwargs)
+        finally:
+            self.calls += 1
+            self.wall_s += time.perf_counter() - w
+            self.cpu_s += time.thread_time() - c
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._consumer, name)
+
+
 def worker_run(settings: Settings, n: int, batch_size: int, batch_wait_ms: int,
                commit_interval_s: float, group: str, profile: str | None) -> dict[str, float]:
     """The real worker, in-process, over the same preloaded requests."""
@@ -209,6 +231,8 @@ def worker_run(settings: Settings, n: int, batch_size: int, batch_wait_ms: int,
             w.stop()
 
     w.process = timed  # type: ignore[method-assign]
+    polled = _TimedConsume(w.consumer)  # the loop's consume() wall time: where a fetch waits
+    w.consumer = polled  # type: ignore[assignment]
     gc_s = [0.0, 0.0]  # seconds inside the cyclic garbage collector, collections
 
     def gc_clock(phase: str, info: dict[str, Any]) -> None:
@@ -242,6 +266,8 @@ def worker_run(settings: Settings, n: int, batch_size: int, batch_wait_ms: int,
             "stages_us_per_event": {k: {"cpu": round(1e6 * s.stage_cpu_s[k] / events, 2),
                                         "wall": round(1e6 * s.stage_s[k] / events, 2)} for k in s.stage_s},
             "gc_cpu_s": round(gc_s[0], 3), "gc_collections": int(gc_s[1]),
+            "consume_calls": polled.calls, "consume_wall_s": round(polled.wall_s, 3),
+            "consume_cpu_s": round(polled.cpu_s, 3),
             "blocked_share": round(s.blocked / max(s.events, 1), 4)}
 
 
@@ -257,37 +283,76 @@ def _worker_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def serve_command(group: str, batch_size: int, batch_wait_ms: int) -> list[str]:
+    """`rta serve` as its own process (as deployed), reading the env of `_worker_env`."""
+    return [sys.executable, "-c", "from infra.cli import main; main()", "serve", "--no-metrics",
+            "--group", group, "--batch-size", str(batch_size), "--batch-wait-ms", str(batch_wait_ms)]
+
+
 def latency_at(settings: Settings, spec: FeatureSpec, num: np.ndarray, cat: np.ndarray, rate: int,
                seconds: float, positional: bool, batch_size: int, batch_wait_ms: int,
                log_dir: Path) -> dict[str, Any]:
     """Offer `rate` requests/s for `seconds` to a `rta serve` process; percentiles of latency."""
-    n = int(rate * seconds)
-    send_ms = np.zeros(n, np.float64)
-    recv_ms = np.full(n, np.nan, np.float64)
-    log = open(log_dir / f"worker-{rate}.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from infra.cli import main; main()", "serve", "--no-metrics",
-         "--group", f"lat-{rate}", "--batch-size", str(batch_size), "--batch-wait-ms", str(batch_wait_ms)],
-        env=_worker_env(settings), stdout=log, stderr=subprocess.STDOUT)
-    reader = make_consumer(settings, f"lat-reader-{rate}", **{"fetch.wait.max.ms": 5})
+    log_path = log_dir / f"worker-{rate}.log"
+    run = offer_and_read(settings, serve_command(f"lat-{rate}", batch_size, batch_wait_ms), log_path,
+                         settings.topic("decisions"), spec, num, cat, rate, seconds, positional)
+    return {**latency_figures(run, rate), **_commit_figures(log_path)}
+
+
+class OfferedRun(NamedTuple):
+    """One fixed-rate run: per request (index = key L<i>), wall-clock ms (NaN = not read)."""
+
+    send_ms: np.ndarray  # the request's send time (also its ts_ms)
+    recv_ms: np.ndarray  # when the reader got the output message
+    produced_ms: np.ndarray  # the output message's Kafka timestamp (its producer's produce() call)
+    decided_ms: np.ndarray  # a decision body's own ts_ms (the worker's clock after the policy); NaN else
+    achieved_per_s: float
+
+
+# The load generator's request templates: this id and ts_ms are replaced at each send (same widths).
+_POOL = 4096
+_RID_HOLE, _TS_HOLE = "L#########", 1_000_000_000_000
+_RID_FIELD, _TS_FIELD = b'"request_id":"%s"' % _RID_HOLE.encode(), b'"ts_ms":%d' % _TS_HOLE
+_DECIDED_TS = re.compile(rb'"ts_ms":(\d+)')
+
+
+def offer_and_read(settings: Settings, command: list[str], log_path: Path, read_topic: str,
+                   spec: FeatureSpec, num: np.ndarray, cat: np.ndarray, rate: int, seconds: float,
+                   positional: bool | str, decisions: bool = True) -> OfferedRun:
+    """Start `command` (a worker or a passthrough process on `settings`' topics), warm it up,
+    offer `rate` requests/s for `seconds` (ts stamped at send) and read its output topic back
+    (`decisions`: its messages are decisions, whose own ts_ms is read too)."""
     from confluent_kafka import TopicPartition
 
-    reader.assign([TopicPartition(settings.topic("decisions"), p, 0) for p in range(settings.partitions)])
+    n = int(rate * seconds)
+    send_ms = np.zeros(n, np.float64)
+    recv_ms, produced_ms, decided_ms = (np.full(n, np.nan, np.float64) for _ in range(3))
+    log = open(log_path, "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(command, env=_worker_env(settings), stdout=log, stderr=subprocess.STDOUT)
+    reader = make_consumer(settings, f"lat-reader-{rate}-{time.monotonic_ns()}", **{"fetch.wait.max.ms": 5})
+    reader.assign([TopicPartition(read_topic, p, 0) for p in range(settings.partitions)])
     stop = threading.Event()
+    find_ts = _DECIDED_TS.findall
 
     def read() -> None:
         while not stop.is_set():
-            msgs = reader.consume(2000, 0.05)
+            msgs = reader.consume(2000, 0.002)  # a short wait: it is not batching what it stamps
             now = time.time() * 1000
             for m in msgs:
                 if m.error() is None and m.key()[:1] == b"L":  # not the warm-up's decisions
-                    recv_ms[int(m.key()[1:])] = now
+                    i = int(m.key()[1:])
+                    recv_ms[i] = now
+                    produced_ms[i] = m.timestamp()[1]
+                    if decisions:  # a decision carries one ts_ms: the worker's, after the policy
+                        found = find_ts(m.value())
+                        if found:
+                            decided_ms[i] = float(found[0])
 
     t = threading.Thread(target=read, daemon=True)
     producer = make_producer(settings, **{"linger.ms": 1})
     topic = settings.topic("requests")
     try:
-        # Warm up before the clock starts: the worker joins the group and decides requests on
+        # Warm up before the clock starts: the process joins the group and handles requests on
         # every partition, through the producer that will offer the load. A cold producer
         # holds its first messages until it has the topic's metadata, which would show up as
         # ~0.5-1 s of "worker latency" in the first second of the run.
@@ -296,7 +361,12 @@ def latency_at(settings: Settings, spec: FeatureSpec, num: np.ndarray, cat: np.n
                         warm_ids, strict=True):
             produce_waiting(producer, topic, v, k)
         producer.flush(30)
-        _wait_decided(settings, set(warm_ids), proc)
+        _wait_decided(settings, set(warm_ids), proc, topic=read_topic)
+        # JSON requests are encoded before the clock starts, with a placeholder id and ts_ms that
+        # each send patches in place: encoding 10k requests/s would take the load generator (and
+        # the reader thread beside it) a core of their own on this 2-core box.
+        pool = (None if positional == "binary" else
+                _requests(spec, num[:_POOL], cat[:_POOL], [_RID_HOLE] * min(_POOL, len(num)), _TS_HOLE, positional))
         t.start()
         chunk = max(1, rate // 200)  # every 5 ms
         t0 = time.monotonic()
@@ -307,9 +377,14 @@ def latency_at(settings: Settings, spec: FeatureSpec, num: np.ndarray, cat: np.n
                 time.sleep(delay)
             idx = range(start, min(start + chunk, n))
             now = time.time() * 1000
-            ids = [f"L{i}" for i in idx]
-            values = _requests(spec, num[[i % len(num) for i in idx]], cat[[i % len(cat) for i in idx]],
-                               ids, int(now), positional)
+            ids = [f"L{i:09d}" for i in idx]
+            if pool is None:
+                values = _requests(spec, num[[i % len(num) for i in idx]], cat[[i % len(cat) for i in idx]],
+                                   ids, int(now), positional)
+            else:
+                ts = b'"ts_ms":%d' % int(now)
+                values = [pool[i % len(pool)].replace(_RID_FIELD, b'"request_id":"%s"' % k.encode(), 1)
+                          .replace(_TS_FIELD, ts, 1) for i, k in zip(idx, ids, strict=True)]
             send_ms[start:start + len(ids)] = now
             for v, k in zip(values, ids, strict=True):
                 producer.produce(topic, v, k)
@@ -331,15 +406,27 @@ def latency_at(settings: Settings, spec: FeatureSpec, num: np.ndarray, cat: np.n
             proc.kill()
             proc.wait()
         log.close()
-    lat = recv_ms - send_ms
+    return OfferedRun(send_ms, recv_ms, produced_ms, decided_ms, achieved)
+
+
+def percentiles(x: np.ndarray) -> dict[str, float | None]:
+    """p50 / p99 / p99.9 (ms) of the finite values."""
+    got = x[np.isfinite(x)]
+    if not got.size:
+        return {"p50_ms": None, "p99_ms": None, "p999_ms": None}
+    p = np.percentile(got, [50, 99, 99.9])
+    return {"p50_ms": round(float(p[0]), 2), "p99_ms": round(float(p[1]), 2), "p999_ms": round(float(p[2]), 2)}
+
+
+def latency_figures(run: OfferedRun, rate: int) -> dict[str, Any]:
+    """End-to-end percentiles of one run, its first second, and what was lost."""
+    lat = run.recv_ms - run.send_ms
     got = lat[np.isfinite(lat)]
-    pct = np.percentile(got, [50, 99, 99.9]) if got.size else [float("nan")] * 3
     first = lat[:rate][np.isfinite(lat[:rate])]  # the first second of the load
-    return {"offered_per_s": rate, "achieved_per_s": round(achieved, 1), "decided": int(got.size),
-            "missing": int(n - got.size), "p50_ms": round(float(pct[0]), 2), "p99_ms": round(float(pct[1]), 2),
-            "p999_ms": round(float(pct[2]), 2), "max_ms": round(float(got.max()), 2) if got.size else None,
-            "first_second_max_ms": round(float(first.max()), 2) if first.size else None,
-            **_commit_figures(log_dir / f"worker-{rate}.log")}
+    return {"offered_per_s": rate, "achieved_per_s": round(run.achieved_per_s, 1), "decided": int(got.size),
+            "missing": int(len(lat) - got.size), **percentiles(lat),
+            "max_ms": round(float(got.max()), 2) if got.size else None,
+            "first_second_max_ms": round(float(first.max()), 2) if first.size else None}
 
 
 def _commit_figures(log_path: Path) -> dict[str, Any]:
@@ -354,11 +441,12 @@ def _commit_figures(log_path: Path) -> dict[str, Any]:
     return {}
 
 
-def _wait_decided(settings: Settings, rids: set[str], proc: subprocess.Popen, timeout: float = 90) -> None:
+def _wait_decided(settings: Settings, rids: set[str], proc: subprocess.Popen, timeout: float = 90,
+                  topic: str | None = None) -> None:
     from confluent_kafka import TopicPartition
 
     c = make_consumer(settings, f"warm-{time.monotonic_ns()}")
-    c.assign([TopicPartition(settings.topic("decisions"), p, 0) for p in range(settings.partitions)])
+    c.assign([TopicPartition(topic or settings.topic("decisions"), p, 0) for p in range(settings.partitions)])
     waiting = {r.encode() for r in rids}
     deadline = time.monotonic() + timeout
     try:

@@ -110,6 +110,18 @@ class CategoryCodes:
         ids += self._row
         return self._flat_table[ids], ints
 
+    def union_vocabulary(self) -> tuple[list[str], list[int], int, int]:
+        """(words, their union ids, the unknown id, the missing id): what the compiled request
+        decoder (stream/_fastreq.c) looks strings up in, so that `codes_from_ids` of its ids
+        gives exactly `encode`'s codes."""
+        words = [w for w in self._wid if type(w) is str and w != ""]
+        return words, [self._wid[w] for w in words], self._unknown, self._missing
+
+    def codes_from_ids(self, ids: np.ndarray) -> np.ndarray:
+        """int64[N, n_cat] union ids (`union_vocabulary`) -> codes; `ids` is reused in place."""
+        ids += self._row
+        return self._flat_table[ids]
+
     def _arrow_ids(self, cat: np.ndarray) -> np.ndarray | None:
         """Union ids through Arrow's C++ hash lookup, or None when a value is not a string/null
         (an int: the dict pass handles those)."""

@@ -14,6 +14,7 @@ import gc
 import hashlib
 import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -33,6 +34,11 @@ try:  # optional accelerator of the request decoder; the checked path is complet
     import msgspec
 except ImportError:  # pragma: no cover - exercised only where msgspec is not installed
     msgspec = None
+
+try:  # the compiled decoder (setup.py builds it at install); the Python path is complete without it
+    from stream import _fastreq
+except ImportError:  # pragma: no cover - exercised where the extension was not built
+    _fastreq = None
 
 VERSION = 1
 MAX_BYTES = 64 * 1024
@@ -296,7 +302,8 @@ def decode_requests(
 
 def _decode(values: Sequence[bytes | None], keys: Sequence[bytes | None] | None, spec: FeatureSpec,
             fingerprint: str | None, max_bytes: int, encoder: CategoryCodes | None = None) -> RequestBatch:
-    """Typed fast path for the messages it takes clean; the checked path for all the others."""
+    """Binary requests apart; JSON ones through the compiled parser where built (else, and for
+    what it does not accept, the typed msgspec path, then the checked one)."""
     n = len(values)
     fingerprint = fingerprint or spec.fingerprint()
     keys = keys if keys is not None else [None] * n
@@ -316,6 +323,18 @@ def _decode(values: Sequence[bytes | None], keys: Sequence[bytes | None] | None,
                 sub.codes = encoder.encode(sub.cat)
             parts.append((at, sub))
         return _merge(n, len(spec.numeric), len(spec.categorical), parts, encoder is not None)
+    native = _native_decoder(spec.numeric, spec.categorical, encoder) if _decoder != "python" else None
+    if native is not None:
+        return _decode_native(native, values, keys, spec, fingerprint, max_bytes, encoder)
+    return _decode_python(values, keys, spec, fingerprint, max_bytes, encoder)
+
+
+def _decode_python(values: Sequence[bytes | None], keys: Sequence[bytes | None], spec: FeatureSpec,
+                   fingerprint: str, max_bytes: int, encoder: CategoryCodes | None) -> RequestBatch:
+    """The Python decoder of JSON requests (msgspec's typed path, then the checked one): the
+    whole decoder where the compiled one is absent or switched off, and the rest of a batch
+    (whatever the compiled one does not accept) where it is on. Same rows either way."""
+    n = len(values)
     decoder = _typed_decoder(spec.numeric, spec.categorical) if _use_typed else None
     if decoder is None:
         return _decode_checked(values, keys, spec, fingerprint, max_bytes)
@@ -339,6 +358,81 @@ def _decode(values: Sequence[bytes | None], keys: Sequence[bytes | None] | None,
         dst[at] = fast_rows
         dst[rest] = checked_rows
     return out
+
+
+# --------------------------------------------------------------------------- compiled path
+#
+# stream/_fastreq.c parses canonical requests straight into the float32 matrix and the
+# vocabulary's union ids (no Python object per number; vocabulary words are shared, not copied).
+# It accepts a strict subset of valid requests and gives exactly the Python path's row for each;
+# every message it does not accept (anything invalid, and valid but rarer forms: escapes,
+# integer categoricals, unknown names, positional requests) goes through `_decode_python`, so
+# a malformed message still costs only itself. `RTA_DECODER=python` (or `set_decoder`) turns
+# it off; without the compiled module the Python path is used, with the same results.
+
+DECODERS = ("auto", "native", "python")
+_decoder = os.environ.get("RTA_DECODER", "auto")
+if _decoder not in DECODERS:  # a typo must not turn the service off: the default, and tests catch it
+    _decoder = "auto"
+
+
+def set_decoder(name: str) -> str:
+    """Choose the request decoder ("auto": compiled if built, "native": compiled or an error,
+    "python"); returns the previous choice. Both give the same rows: this is for tests and benches."""
+    global _decoder
+    if name not in DECODERS:
+        raise ValueError(f"unknown decoder {name!r}; known: {', '.join(DECODERS)}")
+    if name == "native" and _fastreq is None:
+        raise RuntimeError("the compiled request decoder (stream._fastreq) is not built; "
+                           "reinstall with a C compiler (pip install -e .)")
+    previous, _decoder = _decoder, name
+    return previous
+
+
+def decoder_in_use() -> str:
+    """"native" or "python": what decode_requests uses for JSON requests now."""
+    return "native" if _decoder != "python" and _fastreq is not None else "python"
+
+
+@lru_cache(maxsize=16)
+def _native_decoder(numeric: tuple[str, ...], categorical: tuple[str, ...],
+                    encoder: CategoryCodes | None) -> Any:
+    """The compiled decoder of one spec (and vocabulary), or None without the extension."""
+    if _fastreq is None:
+        return None
+    if encoder is None:
+        return _fastreq.Decoder(numeric, categorical)
+    words, ids, unknown, missing = encoder.union_vocabulary()
+    return _fastreq.Decoder(numeric, categorical, words, ids, unknown, missing)
+
+
+def _decode_native(native: Any, values: Sequence[bytes | None], keys: Sequence[bytes | None],
+                   spec: FeatureSpec, fingerprint: str, max_bytes: int,
+                   encoder: CategoryCodes | None) -> RequestBatch:
+    """The compiled parser for the messages it accepts, `_decode_python` for the rest."""
+    n, n_num, n_cat = len(values), len(spec.numeric), len(spec.categorical)
+    num = np.empty((n, n_num), np.float32)
+    ids = None if encoder is None else np.empty((n, n_cat), np.int64)
+    ts_ms = np.zeros(n, np.int64)
+    ok = np.zeros(n, np.uint8)
+    rids, flat_cat = native.decode(values if type(values) is list else list(values), num, ids, ts_ms, ok,
+                                   max_bytes)
+    cat = np.array(flat_cat, dtype=object).reshape(n, n_cat)
+    codes = None if ids is None else encoder.codes_from_ids(ids)
+    valid = ok.astype(bool)
+    batch = RequestBatch(np.array(rids, dtype=object), ts_ms, num, cat, valid, codes=codes)
+    if n == 0 or valid.all():
+        return batch
+    rest = np.flatnonzero(~valid).tolist()
+    sub = _decode_python([values[i] for i in rest], [keys[i] for i in rest], spec, fingerprint,
+                         max_bytes, encoder)
+    if encoder is not None and sub.codes is None:
+        sub.codes = encoder.encode(sub.cat)
+    for name in ("request_id", "ts_ms", "num", "cat", "valid", *(("codes",) if encoder is not None else ())):
+        getattr(batch, name)[rest] = getattr(sub, name)
+    batch.errors = [DecodeError(rest[e.index], e.code, e.message) for e in sub.errors]  # rest is sorted
+    batch.unknown_features = sub.unknown_features
+    return batch
 
 
 def _merge(n: int, n_num: int, n_cat: int, parts: list[tuple[list[int], RequestBatch]], codes: bool) -> RequestBatch:

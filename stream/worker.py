@@ -54,6 +54,7 @@ from stream.events import (
     dead_letters,
     decision_headers,
     decode_requests,
+    decoder_in_use,
     encode_decisions,
 )
 from stream.kafka import make_consumer, make_producer, wait_reachable
@@ -290,7 +291,8 @@ class Worker:
                                 on_revoke=self._on_revoke, on_lost=self._on_lost)
         self.metrics.state = "running"
         log.info("worker %s serving model %s: %s -> %s", cfg.worker_id, self.scorer.version,
-                 self.requests_topic, self.decisions_topic, extra={"event": "started"})
+                 self.requests_topic, self.decisions_topic,
+                 extra={"event": "started", "decoder": decoder_in_use()})
         try:
             while not self._stop.is_set():
                 self.metrics.last_loop = now = time.monotonic()

@@ -86,6 +86,8 @@ def test_dev_down_with_nothing_running(clean_env):
     (["bench", "replay", "--model", "."], "give --model and --logs together"),
     (["bench", "soak", "--workers", "9"], "'--workers'"),
     (["bench", "soak", "--rate", "abc"], "'--rate'"),
+    (["bench", "latency", "--fetch-probe", "a,b"], "--fetch-probe takes comma-separated integers"),
+    (["bench", "latency", "--rate", "0"], "'--rate'"),
 ])
 def test_bench_verbs_bad_arguments(clean_env, args: list[str], needle: str):
     _one_line(_run(args, clean_env), needle)

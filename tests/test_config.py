@@ -134,3 +134,16 @@ def test_missing_config_file_and_bad_values(tmp_path: Path) -> None:
         load_settings(env={}, bootstrap="x")
     with pytest.raises(ConfigError, match="unknown topic role"):
         Settings().topic("request")
+
+
+def test_the_users_fetch_settings_win_over_the_consumer_defaults() -> None:
+    from stream.kafka import CONSUMER_DEFAULTS, make_consumer
+    from stream.worker import GROUP_DEFAULTS
+
+    defaults = {**CONSUMER_DEFAULTS, **GROUP_DEFAULTS}
+    assert defaults["fetch.queue.backoff.ms"] == 50 and defaults["fetch.wait.max.ms"] == 50
+    env = {"RTA_KAFKA_FETCH_WAIT_MAX_MS": "7", "RTA_KAFKA_FETCH_QUEUE_BACKOFF_MS": "3"}
+    conf = load_settings(env=env).kafka_config(defaults, **{"group.id": "g"})
+    assert conf["fetch.wait.max.ms"] == "7" and conf["fetch.queue.backoff.ms"] == "3"
+    # librdkafka knows every default by name (it refuses an unknown property at construction)
+    make_consumer(load_settings(env={}), "g", GROUP_DEFAULTS).close()
