@@ -20,7 +20,7 @@ import pytest
 from live_log_support import dedup_impressions, duckdb_count, live_pipeline, read_log, read_truth
 
 from stream.events import OUTCOME_EVENTS
-from stream.logschema import DECISION_COLUMNS
+from stream.logger.schema import DECISION_COLUMNS
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,7 @@ from worker_support import committed, wait_for
 from stream.config import Settings
 from stream.events import encode_decisions, encode_outcome, encode_requests
 from stream.kafka import make_producer, produce_waiting
-from stream.logschema import DECISION_COLUMNS, partition_dir, task_columns
+from stream.logger.schema import DECISION_COLUMNS, partition_dir, task_columns
 
 pytestmark = pytest.mark.slow  # each test joins a consumer group (~3 s on the embedded broker)
 
@@ -85,7 +85,7 @@ def test_requests_join_their_decisions_into_hourly_parquet_and_offsets_commit(se
 
     table = read_log(out)
     assert table.num_rows == n and sorted(table["request_id"].to_pylist()) == sorted(ids)
-    # layout: partitioned by the request's event hour; columns per stream.logschema
+    # layout: partitioned by the request's event hour; columns per stream.logger.schema
     expected_dirs = {partition_dir(int(t)) for t in ts}
     assert len(expected_dirs) == 2
     assert {str(p.parent.relative_to(out / "impressions")) for p in (out / "impressions").rglob("*.parquet")} \
@@ -260,7 +260,7 @@ def test_nothing_is_committed_before_its_file_is_renamed_and_kill_9_loses_nothin
 
 def test_a_restart_can_write_a_decided_request_again_without_its_decision_and_dedup_keeps_the_decided_one(
         settings, tmp_path: Path):
-    """The case stream.logschema's dedup rule is for: request 0 waits (no decision yet), so the
+    """The case stream.logger.schema's dedup rule is for: request 0 waits (no decision yet), so the
     requests commit stays at it, while requests 1.. and their decisions are written and the
     decisions commit moves past them. After a restart requests 1.. are read again, their
     decisions are not: they expire without one, next to their decided copies."""

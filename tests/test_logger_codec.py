@@ -13,14 +13,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from stream.events import encode_decisions, encode_outcome
-from stream.logcodec import (
+from stream.logger.codec import (
     concat,
     decision_schema,
     decode_decisions_generic,
     decode_outcomes_generic,
     decode_requests_generic,
 )
-from stream.logschema import MAX_LOG_TS_MS, partition_dir, reserved_columns
+from stream.logger.schema import MAX_LOG_TS_MS, partition_dir, reserved_columns
 from training.outcomes import MEDIAN_DELAY_S, outcome_times
 
 TASKS = ("click", "online", "cart", "deal")
@@ -135,7 +135,7 @@ def test_positional_requests_are_named_by_a_bundle_spec_and_equal_canonical_ones
     from student_data import random_batch
 
     from stream.events import encode_requests, encode_requests_positional
-    from stream.logger import bundle_specs
+    from stream.logger.service import bundle_specs
 
     spec, num, cat = random_batch(300, seed=4)
     ids, ts = [f"q{i}" for i in range(300)], np.arange(300, dtype=np.int64)
@@ -155,7 +155,7 @@ def test_positional_requests_are_named_by_a_bundle_spec_and_equal_canonical_ones
 def test_the_join_aligns_pairs_compacts_mostly_resolved_batches_and_holds_commits(tmp_path: Path):
     """The join state machine driven directly (its consumer never connects: no broker needed)."""
     from stream.config import Settings
-    from stream.logger import Logger, LoggerConfig
+    from stream.logger.service import Logger, LoggerConfig
 
     settings = Settings(kafka_bootstrap="127.0.0.1:1", model_dir=tmp_path / "models")
     lg = Logger(settings, LoggerConfig(out_dir=tmp_path / "log", roll_seconds=3600))
@@ -197,7 +197,7 @@ def test_the_join_aligns_pairs_compacts_mostly_resolved_batches_and_holds_commit
 
 
 def test_open_files_beyond_the_cap_roll_oldest_first(tmp_path: Path):
-    from stream.logger import _Sink
+    from stream.logger.files import _Sink
 
     sink = _Sink(tmp_path, "impressions", "p", lambda t: t)
     for h in range(5):
@@ -209,7 +209,7 @@ def test_the_one_call_arrow_path_equals_the_per_message_path(monkeypatch):
     """A clean batch takes pyarrow's JSON reader; it must give exactly the per-message result."""
     from student_data import random_batch
 
-    import stream.logcodec as lg
+    import stream.logger.codec as lg
     from stream.events import encode_requests
 
     spec, num, cat = random_batch(500, seed=5)
@@ -235,7 +235,7 @@ def test_the_one_call_arrow_path_equals_the_per_message_path(monkeypatch):
 
 
 def test_a_dirty_batch_is_refused_by_the_arrow_path():
-    import stream.logcodec as lg
+    import stream.logger.codec as lg
 
     clean = [_req(f"a{i}", {"x": i}) for i in range(3)]
     assert lg._decode_requests_arrow(clean, np.arange(3), 0, reserved_columns(), 65536) is not None

@@ -1,8 +1,8 @@
-"""`rta log`: requests + decisions + outcomes -> logged traffic (Parquet, stream.logschema).
+"""`rta log`: requests + decisions + outcomes -> logged traffic (Parquet, stream.logger.schema).
 
 One consumer-group member (group `rta-logger`) reads the three topics and follows one path:
 
-    consume  ->  decode (stream.logcodec, columnar)  ->  join request + decision by request_id
+    consume  ->  decode (stream.logger.codec, columnar)  ->  join request + decision by request_id
     ->  buffer rows per event hour (one open file per hour and kind)
     ->  roll: write to a hidden temp file, fsync, rename, fsync the directory
     ->  commit the offsets that are now durable
@@ -11,7 +11,7 @@ The guarantee is at-least-once, and it is the commit rule's: the offset committe
 (topic, partition) is the smallest offset still held by a row that is not yet in a renamed file
 (a request waiting for its decision, a decision waiting for its request, a row in an open file),
 else the next offset to consume. A crash anywhere replays from there; rows already renamed are
-written again, so readers drop duplicates (stream.logschema says how).
+written again, so readers drop duplicates (stream.logger.schema says how).
 
 The join. Requests and decisions share the key (request_id) and the partition count, so the
 range assignor gives one member partition p of both topics. A request waits in a bounded buffer
@@ -48,20 +48,18 @@ from itertools import chain, repeat
 from pathlib import Path
 from typing import Any
 
-import click
 import numpy as np
 import orjson
 import pyarrow as pa
-import pyarrow.parquet as pq
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from stream.config import Settings, load_settings
-from stream.errors import ConfigError, RtaError, StackError
+from stream.config import Settings
+from stream.errors import ConfigError
 from stream.events import MAX_BYTES
 from stream.features import DEFAULT_TASKS, FeatureSpec
 from stream.kafka import make_consumer
-from stream.logcodec import (
+from stream.logger.codec import (
     Decoded,
     concat,
     decision_schema,
@@ -69,24 +67,22 @@ from stream.logcodec import (
     decode_outcomes_generic,
     decode_requests_generic,
 )
-from stream.logschema import (
+from stream.logger.files import Holds, _merge_holds, _remove_stale_temps, _Sink
+from stream.logger.schema import (
     IMPRESSIONS_DIR,
     OUTCOMES_DIR,
-    partition_dir,
     reserved_columns,
 )
 from stream.metrics import MetricsServer
 
 log = logging.getLogger("rta.logger")
 
-HOUR_MS = 3_600_000
 ROLES = ("requests", "decisions", "outcomes")
 # Range assignment gives one member partition p of every topic (the join needs requests p and
 # decisions p together); the short session is the worker's (Tansu, killed members).
 GROUP_DEFAULTS: dict[str, Any] = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000,
                                   "partition.assignment.strategy": "range"}
 _STRING_FIELDS = ("decision", "reason", "model")
-_TEMP_MAX_AGE_S = 60.0  # a temp file lives for one write; older ones are a crash's leftovers
 
 
 _FUTURE_SLACK_MS = 3_600_000  # event times past wall clock + 1 h do not move watermarks
@@ -201,14 +197,6 @@ class _Pending:
         return int(self.offsets[self.alive].min())
 
 
-Holds = dict[tuple[str, int], int]
-
-
-def _merge_holds(into: Holds, other: Holds) -> None:
-    for tp, o in other.items():
-        if o < into.get(tp, o + 1):
-            into[tp] = o
-
 
 def _take(pairs_batches: list[_Pending], rows: np.ndarray, holds: Holds) -> pa.Table:
     """The rows (`pairs_batches[i]`, `rows[i]`) as one table in that order; they stop waiting."""
@@ -230,116 +218,6 @@ def _take(pairs_batches: list[_Pending], rows: np.ndarray, holds: Holds) -> pa.T
         table = table.take(pa.array(np.argsort(order, kind="stable")))
     return table
 
-
-@dataclass
-class _OpenFile:
-    tables: list[pa.Table] = field(default_factory=list)
-    nbytes: int = 0
-    rows: int = 0
-    opened: float = field(default_factory=time.monotonic)
-    holds: Holds = field(default_factory=dict)
-
-
-class _Sink:
-    """Open files of one kind (impressions or outcomes), one per event hour, rolled to disk."""
-
-    def __init__(self, root: Path, kind: str, prefix: str, order: Any) -> None:
-        self.root, self.kind, self.prefix, self.order = root / kind, kind, prefix, order
-        self.files: dict[int, _OpenFile] = {}
-        self.seq = 0
-
-    def add(self, table: pa.Table, holds: Holds) -> None:
-        """Rows to their event hour's open file; the file holds `holds` until it is renamed."""
-        if not table.num_rows:
-            return
-        hours = table.column("ts_ms").to_numpy() // HOUR_MS
-        uniq, inv = np.unique(hours, return_inverse=True)
-        for k, hour in enumerate(uniq.tolist()):
-            part = table if len(uniq) == 1 else table.filter(pa.array(inv == k))
-            f = self.files.setdefault(hour, _OpenFile())
-            f.tables.append(part)
-            f.nbytes += part.nbytes
-            f.rows += part.num_rows
-            _merge_holds(f.holds, holds)
-
-    def due(self, now: float, roll_bytes: int, roll_seconds: float, max_open: int) -> list[int]:
-        """Hours whose file is big or old enough, plus the oldest beyond `max_open` open files
-        (traffic spread over many event hours must not hold many small files open)."""
-        due = [h for h, f in self.files.items() if f.nbytes >= roll_bytes or now - f.opened >= roll_seconds]
-        extra = len(self.files) - len(due) - max_open
-        if extra > 0:
-            rest = sorted((f.opened, h) for h, f in self.files.items() if h not in set(due))
-            due += [h for _, h in rest[:extra]]
-        return due
-
-    def roll(self, hour: int) -> tuple[Path, int, int]:
-        """Write one open file: temp name, fsync, rename, fsync the directory. (path, rows, bytes).
-        The file leaves `files` (and so its rows stop holding their offsets back) only once it
-        is renamed into place: a failed write keeps holding them, nothing is committed past it."""
-        f = self.files[hour]
-        table = self.order(concat(f.tables))
-        directory = self.root / partition_dir(hour * HOUR_MS)
-        _makedirs(directory)
-        self.seq += 1
-        final = directory / f"part-{self.prefix}-{self.seq:06d}.parquet"
-        temp = directory / f".{final.name}.tmp"
-        pq.write_table(table, temp, compression="zstd")
-        fd = os.open(temp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, final)
-        _fsync_dir(directory)
-        del self.files[hour]
-        return final, f.rows, final.stat().st_size
-
-    def holds(self) -> Holds:
-        out: Holds = {}
-        for f in self.files.values():
-            _merge_holds(out, f.holds)
-        return out
-
-    @property
-    def buffered_rows(self) -> int:
-        return sum(f.rows for f in self.files.values())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _makedirs(directory: Path) -> None:
-    """mkdir -p, fsyncing each parent whose entry was created (a renamed file must survive)."""
-    if directory.is_dir():
-        return
-    missing = []
-    d = directory
-    while not d.is_dir():
-        missing.append(d)
-        d = d.parent
-    for d in reversed(missing):
-        d.mkdir(exist_ok=True)
-        _fsync_dir(d.parent)
-
-
-def _remove_stale_temps(root: Path) -> int:
-    """Temp files of a crashed writer (never renamed, so no offset of theirs was committed)."""
-    removed = 0
-    now = time.time()
-    for kind in (IMPRESSIONS_DIR, OUTCOMES_DIR):
-        for p in (root / kind).glob("date=*/hour=*/.part-*.tmp"):
-            try:
-                if now - p.stat().st_mtime > _TEMP_MAX_AGE_S:
-                    p.unlink()
-                    removed += 1
-            except FileNotFoundError:
-                pass
-    return removed
 
 
 def bundle_specs(model_dir: Path) -> dict[str, tuple[str, ...]]:
@@ -761,86 +639,3 @@ def _tps(partitions: list[TopicPartition]) -> str:
     return ",".join(f"{tp.topic}[{tp.partition}]" for tp in partitions)
 
 
-# --- CLI ----------------------------------------------------------------------------------
-
-
-def check_topics(settings: Settings, roles: tuple[str, ...] = ROLES) -> None:
-    """The broker answers and the topics of `roles` exist, else a one-line StackError."""
-    from stream.kafka import make_admin
-
-    try:
-        meta = make_admin(settings).list_topics(timeout=10)
-    except KafkaException as exc:
-        raise StackError(f"cannot reach Kafka at {settings.kafka_bootstrap}: {exc.args[0].str()}") from None
-    missing = [settings.topic(r) for r in roles if settings.topic(r) not in meta.topics]
-    if missing:
-        raise StackError(f"topic(s) {', '.join(missing)} do not exist on {settings.kafka_bootstrap}; "
-                         "run `rta topics create`")
-
-
-@click.command(name="log")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Root of the logged traffic (impressions/ and outcomes/ under it).")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
-              help="Config file (TOML/JSON).")
-@click.option("--bootstrap", default=None, help="Kafka bootstrap servers [default: settings].")
-@click.option("--group", "group_id", default="rta-logger", show_default=True, help="Consumer group id.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=5000, show_default=True,
-              help="Most messages per consume call.")
-@click.option("--batch-wait-ms", type=click.IntRange(min=0), default=100, show_default=True,
-              help="Longest wait to fill a batch.")
-@click.option("--roll-mb", type=click.FloatRange(min=0, min_open=True), default=64.0, show_default=True,
-              help="Roll a file when its rows hold this many MiB in memory (Arrow, before compression).")
-@click.option("--roll-seconds", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
-              help="Roll a file this long after its first row (bounds how stale the log and the "
-                   "committed offsets are).")
-@click.option("--join-timeout-s", type=click.FloatRange(min=0), default=60.0, show_default=True,
-              help="Event time a request waits for its decision (and the reverse) once its partition "
-                   "has moved past it.")
-@click.option("--max-wait-s", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
-              help="Wall time anything waits for its pair, whatever the event times say.")
-@click.option("--max-buffered", type=click.IntRange(min=1), default=200_000, show_default=True,
-              help="Most requests + decisions waiting; beyond it the oldest expire.")
-@click.option("--max-open-files", type=click.IntRange(min=1), default=48, show_default=True,
-              help="Most files filling at once per kind (one per event hour); beyond it the oldest rolls.")
-@click.option("--model-dir", type=click.Path(file_okay=False), default=None,
-              help="Bundles whose feature specs name positional requests [default: settings].")
-@click.option("--tasks", default=",".join(DEFAULT_TASKS), show_default=True,
-              help="Tasks whose p_<task>, u_<task> columns to write.")
-@click.option("--metrics-port", type=click.IntRange(0, 65535), default=9410, show_default=True,
-              help="Port for /metrics and /healthz (0: any free port).")
-@click.option("--no-metrics", is_flag=True, help="Do not start the HTTP server.")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
-              show_default=True)
-def log_cmd(out_dir: Path, config_file: str | None, bootstrap: str | None, group_id: str, batch_size: int,
-            batch_wait_ms: int, roll_mb: float, roll_seconds: float, join_timeout_s: float,
-            max_wait_s: float, max_buffered: int, tasks: str, metrics_port: int, no_metrics: bool,
-            log_level: str, max_open_files: int = 48, model_dir: str | None = None) -> None:
-    """Requests + decisions + outcomes -> logged traffic (Parquet by event hour); at-least-once."""
-    from stream.logs import setup_json_logging
-
-    setup_json_logging(log_level)
-    settings = load_settings(config_file, kafka_bootstrap=bootstrap, model_dir=model_dir)
-    check_topics(settings)
-    cfg = LoggerConfig(out_dir=out_dir, group_id=group_id, batch_size=batch_size, batch_wait_ms=batch_wait_ms,
-                       roll_bytes=max(1, int(roll_mb * (1 << 20))), roll_seconds=roll_seconds,
-                       join_timeout_s=join_timeout_s, max_wait_s=max_wait_s, max_buffered=max_buffered,
-                       max_open_files=max_open_files, tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()),
-                       metrics_port=None if no_metrics else metrics_port)
-    try:
-        logger = Logger(settings, cfg)
-    except OSError as exc:  # the metrics port is taken, the output directory is not writable
-        raise RtaError(f"log: cannot start: {exc.strerror or exc}") from None
-    if logger.server is not None:
-        log.info("metrics on http://%s:%d/metrics", cfg.metrics_host, logger.server.port,
-                 extra={"event": "metrics", "port": logger.server.port})
-    try:
-        logger.run(install_signals=True)
-    except OSError as exc:  # disk full, permissions: offsets past the failed file stay uncommitted
-        raise RtaError(f"log: cannot write under {out_dir}: {exc.strerror or exc}") from None
-    except RtaError:
-        raise
-    except Exception as exc:  # a bug or input nobody foresaw: one line out, the trace in the log
-        log.exception("logger stopped", extra={"event": "crashed"})
-        raise RtaError(f"log: stopped ({type(exc).__name__}: {exc}); nothing past the last renamed "
-                       "file was committed") from None

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.json as pajson
 
 from stream.events import DECISIONS, MAX_BYTES, decode_decision, decode_outcome
-from stream.logschema import DECISION_COLUMNS, MAX_LOG_TS_MS
+from stream.logger.schema import DECISION_COLUMNS, MAX_LOG_TS_MS
 from stream.policy import REASONS
 
 _STRING_FIELDS = ("decision", "reason", "model")
