@@ -35,17 +35,80 @@ def test_request_features_are_typed_per_column_and_bad_rows_counted():
         _req("a", {"x": 1, "city": "c1", "score": 3.0}),
         _req("b", {"x": 2.5, "city": 7}),  # an integer among strings: a string column, like the worker
         _req("c", {"city": None, "x": None, "new": "n"}),  # other keys, other order: the slow path
-        _req("d", {"x": True}),  # a boolean feature: bad row
-        _req("e", {"x": [1]}),  # an array: bad row
+        _req("d", {"x": True}),  # a boolean feature: the value is odd, the row stays (issue 27)
+        _req("e", {"x": [1]}),  # an array: the same
         b"{not json", None, _req("", {}), b'{"v": 1, "request_id": "f", "ts_ms": 1, "fp": "ab", "x": [1]}',
     ]
     rows, bad, reserved = decode_requests_generic(values, np.arange(len(values)), 2, reserved_columns())
-    assert rows.ids == ["a", "b", "c"] and bad == 6 and reserved == 1
+    assert rows.ids == ["a", "b", "c", "d", "e"] and bad == 4 and reserved == 1
     t = rows.table
     assert t.schema.field("x").type == pa.float64() and t.schema.field("city").type == pa.string()
-    assert t["x"].to_pylist() == [1.0, 2.5, None] and t["city"].to_pylist() == ["c1", "7", None]
-    assert t["new"].to_pylist() == [None, None, "n"] and "score" not in t.column_names
-    assert t["kafka_partition"].to_pylist() == [2, 2, 2] and rows.offsets.tolist() == [0, 1, 2]
+    assert t["x"].to_pylist() == [1.0, 2.5, None, None, None]
+    assert t["city"].to_pylist() == ["c1", "7", None, None, None]
+    assert t["new"].to_pylist() == [None, None, "n", None, None] and "score" not in t.column_names
+    assert t["kafka_partition"].to_pylist() == [2] * 5 and rows.offsets.tolist() == [0, 1, 2, 3, 4]
+    assert rows.odd == {"feature_type": 2}
+
+
+BIG = 2**63 - 25  # a 64-bit id: no float64 holds it
+
+
+@pytest.mark.parametrize("path", ["arrow", "per_message"])
+def test_a_64bit_integer_feature_costs_nothing_and_is_counted(path):
+    """Issue 27 item 3. On main the Arrow path's safe cast raised ArrowInvalid out of the decoder
+    (the logger crash-looped on one value). Break tried: `safe=False` removed -> this fails."""
+    values = [_req(f"r{i}", {"x": float(i), "uid": i}) for i in range(300)]
+    values[150] = _req("r150", {"x": 150.0, "uid": BIG})
+    if path == "per_message":
+        values.append(_req("extra", {"y": "s"}))  # other keys: the batch goes message by message
+    rows, bad, _ = decode_requests_generic(values, np.arange(len(values)), 0, reserved_columns())
+    assert bad == 0 and len(rows.ids) == len(values) and rows.odd == {"int_beyond_2^53": 1}
+    uid = rows.table["uid"].to_pylist()
+    assert uid[150] == float(BIG) and uid[149] == 149.0
+    # a bundle that reads it as a categorical gets its exact decimals
+    rows, bad, _ = decode_requests_generic(values, np.arange(len(values)), 0, reserved_columns(),
+                                           kinds={"uid": "categorical"})
+    assert bad == 0 and rows.table["uid"].to_pylist()[150] == str(BIG) and not rows.odd
+
+
+def test_a_conversion_failure_costs_only_its_message(monkeypatch):
+    """Whatever raises while converting a batch, the batch is retried message by message and
+    only the message that fails is lost (counted malformed). Break tried: no per-message retry
+    in decode_requests_generic -> the exception escapes."""
+    import stream.logger.codec as codec
+
+    real = codec._feature_array
+
+    def fragile(values, kind, odd):
+        if "boom" in values.tolist():
+            raise pa.ArrowInvalid("a conversion nobody foresaw")
+        return real(values, kind, odd)
+
+    monkeypatch.setattr(codec, "_feature_array", fragile)
+    monkeypatch.setattr(codec, "_read_json_batch", lambda *a: None)  # every batch per message
+    values = [_req("a", {"x": 1.0, "s": "ok"}), _req("b", {"x": 2.0, "s": "boom"}), _req("c", {"x": 3, "t": 1})]
+    rows, bad, _ = decode_requests_generic(values, np.arange(3), 0, reserved_columns())
+    assert rows.ids == ["a", "c"] and bad == 1 and rows.offsets.tolist() == [0, 2]
+    assert rows.table["x"].to_pylist() == [1.0, 3.0]
+
+
+def test_fields_no_bundle_reads_never_drop_the_impression_and_bundle_features_keep_their_types():
+    """Issue 27 item 4: `"gdpr": true`, objects and arrays drop nothing (the worker ignores such
+    fields); an integer categorical is written as the bundle's string, so replay accepts it.
+    On main the rows with odd fields were dropped as malformed and `city` was float64."""
+    kinds = {"x": "numeric", "city": "categorical"}
+    clean = [_req(f"q{i}", {"x": float(i), "city": i % 7, "gdpr": True, "meta": {"a": 1}, "tags": [1, 2]})
+             for i in range(50)]
+    mixed = [*clean, _req("q50", {"x": "high", "city": 3.5, "gdpr": False})]  # kinds the bundle cannot read
+    for values in (clean, mixed):
+        rows, bad, _ = decode_requests_generic(values, np.arange(len(values)), 0, reserved_columns(), kinds=kinds)
+        t = rows.table
+        assert bad == 0 and len(rows.ids) == len(values)
+        assert t.schema.field("city").type == pa.string() and t["city"].to_pylist()[:8] == [str(i % 7) for i in range(8)]
+        assert t.schema.field("x").type == pa.float64()
+        assert not {"gdpr", "meta", "tags"} & set(t.column_names)
+    assert t["x"].to_pylist()[-1] is None and t["city"].to_pylist()[-1] is None
+    assert rows.odd["feature_type"] == 3 * 50 + 3
 
 
 def test_event_times_no_hour_partition_can_name_are_malformed_not_fatal():
@@ -205,8 +268,10 @@ def test_open_files_beyond_the_cap_roll_oldest_first(tmp_path: Path):
     assert sink.due(0.0, 1 << 30, 1e9, max_open=3) == [0, 1]
 
 
-def test_the_one_call_arrow_path_equals_the_per_message_path(monkeypatch):
-    """A clean batch takes pyarrow's JSON reader; it must give exactly the per-message result."""
+@pytest.mark.parametrize("typed", [False, True])
+def test_the_one_call_arrow_path_equals_the_per_message_path(monkeypatch, typed: bool):
+    """A clean batch takes pyarrow's JSON reader; it must give exactly the per-message result,
+    with or without the bundle's feature kinds."""
     from student_data import random_batch
 
     import stream.logger.codec as lg
@@ -222,12 +287,13 @@ def test_the_one_call_arrow_path_equals_the_per_message_path(monkeypatch):
                             latency_ms=np.where(rng.random(500) < 0.05, np.nan, 2.0), propensity=0.98,
                             tau_u=0.5, u_tasks=rng.random((500, 4)))
     offs = np.arange(500)
-    fast_r = lg._decode_requests_arrow(reqs, offs, 1, reserved_columns(), 65536)
+    kinds = {**dict.fromkeys(spec.numeric, "numeric"), **dict.fromkeys(spec.categorical, "categorical")} if typed else {}
+    fast_r = lg._decode_requests_arrow(reqs, offs, 1, reserved_columns(), 65536, kinds)
     fast_d = lg._decode_decisions_arrow(decs, offs, TASKS)
     assert fast_r is not None and fast_d is not None
     monkeypatch.setattr(lg, "_decode_requests_arrow", lambda *a: None)
     monkeypatch.setattr(lg, "_decode_decisions_arrow", lambda *a: None)
-    slow_r = decode_requests_generic(reqs, offs, 1, reserved_columns())
+    slow_r = decode_requests_generic(reqs, offs, 1, reserved_columns(), kinds=kinds)
     slow_d = decode_decisions_generic(decs, offs, TASKS)
     for fast, slow in ((fast_r[0], slow_r[0]), (fast_d[0], slow_d[0])):
         assert fast.table.equals(slow.table) and fast.ids == slow.ids
@@ -238,8 +304,8 @@ def test_a_dirty_batch_is_refused_by_the_arrow_path():
     import stream.logger.codec as lg
 
     clean = [_req(f"a{i}", {"x": i}) for i in range(3)]
-    assert lg._decode_requests_arrow(clean, np.arange(3), 0, reserved_columns(), 65536) is not None
+    assert lg._decode_requests_arrow(clean, np.arange(3), 0, reserved_columns(), 65536, {}) is not None
     for dirty in ([*clean, b"not json"], [*clean, None], [*clean, _req("b", {"x": "s"})],
                   [*clean, _req("c", {"x": True})], [*clean, b'{"v": 2, "request_id": "d", "ts_ms": 1, "features": {}}'],
                   [*clean, b'{"v": 1, "request_id": "e",\n "ts_ms": 1, "features": {}}']):
-        assert lg._decode_requests_arrow(dirty, np.arange(len(dirty)), 0, reserved_columns(), 65536) is None
+        assert lg._decode_requests_arrow(dirty, np.arange(len(dirty)), 0, reserved_columns(), 65536, {}) is None

@@ -57,7 +57,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from stream.config import Settings
 from stream.errors import ConfigError
 from stream.events import MAX_BYTES
-from stream.features import DEFAULT_TASKS, FeatureSpec
+from stream.features import CATEGORICAL, DEFAULT_TASKS, NUMERIC, FeatureSpec
 from stream.kafka import make_consumer
 from stream.logger.codec import (
     Decoded,
@@ -133,6 +133,7 @@ class LoggerStats:
     orphan_decisions: int = 0
     duplicates: int = 0  # a request or decision whose id was already waiting
     reserved_features: int = 0
+    odd: Tally = field(default_factory=Tally)  # odd inputs kept going through, by cause
     files: int = 0
     commits: int = 0
     commit_failures: int = 0
@@ -160,6 +161,8 @@ class LoggerMetrics:
         self.orphans = Counter("rta_log_orphans", "Requests written without a decision / decisions "
                                "dropped without a request, by cause.", ["side", "why"], registry=r)
         self.duplicates = Counter("rta_log_duplicates", "Ids already waiting (replays).", ["side"], registry=r)
+        self.odd = Counter("rta_log_odd_inputs", "Odd inputs the logger kept its rows through, by cause "
+                           "(feature_type, int_beyond_2^53, future_ts, ...).", ["what"], registry=r)
         self.reserved = Counter("rta_log_reserved_features", "Features dropped: the name is a reserved "
                                 "column of the layout.", registry=r)
         self.lag = Gauge("rta_log_lag", "Messages behind the end of the assigned partitions.", ["topic"],
@@ -220,17 +223,36 @@ def _take(pairs_batches: list[_Pending], rows: np.ndarray, holds: Holds) -> pa.T
 
 
 
-def bundle_specs(model_dir: Path) -> dict[str, tuple[str, ...]]:
-    """Fingerprint -> feature names of every bundle under `model_dir` (and of model_dir itself
-    when it is a bundle): what names a positional request's values."""
-    out: dict[str, tuple[str, ...]] = {}
-    for manifest in [model_dir / "manifest.json", *model_dir.glob("*/manifest.json")]:
+def _manifest_specs(model_dir: Path) -> list[FeatureSpec]:
+    """Feature specs of the bundles under `model_dir` (and of model_dir itself when it is a
+    bundle), the served one (`current`) first."""
+    out: list[FeatureSpec] = []
+    manifests = [model_dir / "current" / "manifest.json", model_dir / "manifest.json",
+                 *sorted(model_dir.glob("*/manifest.json"))]
+    for manifest in manifests:
         try:
-            spec = FeatureSpec.from_dict(orjson.loads(manifest.read_bytes())["feature_spec"])
+            out.append(FeatureSpec.from_dict(orjson.loads(manifest.read_bytes())["feature_spec"]))
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        out[spec.fingerprint()] = spec.names
     return out
+
+
+def bundle_specs(model_dir: Path) -> dict[str, tuple[str, ...]]:
+    """Fingerprint -> feature names of every bundle under `model_dir`: what names a positional
+    request's values."""
+    return {spec.fingerprint(): spec.names for spec in _manifest_specs(model_dir)}
+
+
+def bundle_kinds(model_dir: Path) -> dict[str, str]:
+    """Feature name -> numeric | categorical, as the bundles read it (the served one wins a
+    conflict): the logger writes a feature with the type its bundle and replay expect."""
+    kinds: dict[str, str] = {}
+    for spec in _manifest_specs(model_dir):
+        for name in spec.numeric:
+            kinds.setdefault(name, NUMERIC)
+        for name in spec.categorical:
+            kinds.setdefault(name, CATEGORICAL)
+    return kinds
 
 
 # --------------------------------------------------------------------------- the logger
@@ -250,6 +272,7 @@ class Logger:
         self._reserved = reserved_columns(cfg.tasks)
         self._dec_schema = decision_schema(cfg.tasks)
         self._positional = bundle_specs(Path(settings.model_dir))
+        self._kinds = bundle_kinds(Path(settings.model_dir))
         self._next_spec_scan = time.monotonic() + 10.0
         cfg.out_dir.mkdir(parents=True, exist_ok=True)
         self.stats.temp_files_removed = _remove_stale_temps(cfg.out_dir)
@@ -330,20 +353,20 @@ class Logger:
             self.stats.consumed[role] += len(group)
             self.metrics.messages.labels(role).inc(len(group))
             if role == "requests":
-                rows, bad, reserved = decode_requests_generic(values, offsets, tp[1], self._reserved,
-                                                              self.config.max_bytes, self._positional)
-                if bad and now >= self._next_spec_scan:  # a bundle published since may name them
+                if now >= self._next_spec_scan:  # a bundle published since may name or type features
                     self._next_spec_scan = now + 10.0
-                    specs = bundle_specs(Path(self.settings.model_dir))
-                    if specs.keys() - self._positional.keys():
-                        self._positional = specs
-                        rows, bad, reserved = decode_requests_generic(
-                            values, offsets, tp[1], self._reserved, self.config.max_bytes, specs)
+                    self._positional = bundle_specs(Path(self.settings.model_dir))
+                    self._kinds = bundle_kinds(Path(self.settings.model_dir))
+                rows, bad, reserved = decode_requests_generic(values, offsets, tp[1], self._reserved,
+                                                              self.config.max_bytes, self._positional,
+                                                              self._kinds)
                 if reserved:
                     self.stats.reserved_features += reserved
                     self.metrics.reserved.inc(reserved)
                     log.warning("%d feature values dropped: their names are reserved columns",
                                 reserved, extra={"event": "reserved_features"})
+                for what, n in rows.odd.items():
+                    self._odd(what, n, rows.ids[0] if rows.ids else "")
                 self._malformed(role, bad)
                 self._on_requests(tp, rows, now)
             elif role == "decisions":
@@ -355,6 +378,14 @@ class Logger:
                 self._malformed(role, bad)
                 if len(rows.ids):
                     self.outcomes.add(rows.table, {tp: int(rows.offsets.min())})
+
+    def _odd(self, what: str, n: int, example: str) -> None:
+        """An odd input the logger kept going through (the row is written; see the causes in
+        stream.logger.codec and `_arrive`): counted by name, one warning line per batch."""
+        self.stats.odd[what] += n
+        self.metrics.odd.labels(what).inc(n)
+        log.warning("%d odd input(s): %s (batch of e.g. %s)", n, what, example,
+                    extra={"event": "odd_input", "what": what, "rows": n})
 
     def _malformed(self, role: str, n: int) -> None:
         if n:
