@@ -7,10 +7,14 @@ controls exactly which pairs exist; the live pipeline is tests/test_live_log.py.
 from __future__ import annotations
 
 import signal
+import sys
+import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from live_log_support import duckdb_count, group_of, logging_to, read_log, spawn_logger
@@ -20,7 +24,7 @@ from worker_support import committed, wait_for
 from stream.config import Settings
 from stream.events import encode_decisions, encode_outcome, encode_requests
 from stream.kafka import make_producer, produce_waiting
-from stream.logger.schema import DECISION_COLUMNS, partition_dir, task_columns
+from stream.logger.schema import DECISION_COLUMNS, MAX_LOG_TS_MS, partition_dir, task_columns
 
 pytestmark = pytest.mark.slow  # each test joins a consumer group (~3 s on the embedded broker)
 
@@ -117,7 +121,7 @@ def test_orphans_malformed_and_reserved_names_are_counted_never_fatal(settings, 
     late_ids, late_ts, late_reqs = _requests(50, "late", t0=T0 + 10 * 3_600_000, seed=1)  # move time on
     late_bodies, _ = _decisions(late_ids, late_ts)
     bad = [b"not json", b'{"v": 1, "request_id": "x", "ts_ms": -1, "features": {}}', b"",
-           b'{"v": 1, "request_id": "y", "ts_ms": 5, "features": {"n0": [1, 2]}}']
+           b'{"v": 1, "request_id": "y", "ts_ms": 5, "features": {"n0": [1, 2]}}']  # kept: n0 null, counted
     reserved = b'{"v": 1, "request_id": "rsv", "ts_ms": %d, "features": {"n0": 1.5, "score": 9}}' % T0
     _produce(settings, "requests", reqs + bad + [reserved] + late_reqs, ids + [None, "x", None, "y", "rsv"] + late_ids)
     _produce(settings, "decisions", bodies[:300] + ghost_bodies + [b"{}", b"[1]"] + late_bodies,
@@ -125,16 +129,16 @@ def test_orphans_malformed_and_reserved_names_are_counted_never_fatal(settings, 
     _produce(settings, "outcomes", [b"nope", encode_outcome("b1", "deal", T0)], [None, "b1"])
     out = tmp_path / "log"
     with logging_to(settings, out, roll_seconds=0.5, batch_wait_ms=20, join_timeout_s=60) as lg:
-        # "rsv" waits for a decision that never comes and expires like the other 100
-        wait_for(lambda: lg.stats.orphan_requests >= 101 and lg.stats.orphan_decisions >= 20
-                 and lg.stats.impressions >= 451, 60, "orphans expired and written")
-    assert lg.stats.orphan_requests == 101 and lg.stats.orphan_decisions == 20
-    assert lg.stats.malformed == {"requests": 4, "decisions": 2, "outcomes": 1}
-    assert lg.stats.reserved_features == 1
+        # "rsv" and "y" wait for a decision that never comes and expire like the other 100
+        wait_for(lambda: lg.stats.orphan_requests >= 102 and lg.stats.orphan_decisions >= 20
+                 and lg.stats.impressions >= 452, 60, "orphans expired and written")
+    assert lg.stats.orphan_requests == 102 and lg.stats.orphan_decisions == 20
+    assert lg.stats.malformed == {"requests": 3, "decisions": 2, "outcomes": 1}
+    assert lg.stats.reserved_features == 1 and lg.stats.odd == {"feature_type": 1}
     table = read_log(out)
-    assert table.num_rows == 451
+    assert table.num_rows == 452
     orphans = table.filter(table["decision"].is_null())
-    assert sorted(orphans["request_id"].to_pylist()) == sorted(ids[300:] + ["rsv"])
+    assert sorted(orphans["request_id"].to_pylist()) == sorted(ids[300:] + ["rsv", "y"])
     assert orphans["score"].null_count == orphans.num_rows and orphans["n0"].null_count < orphans.num_rows
     rsv = [r for r in table.to_pylist() if r["request_id"] == "rsv"][0]
     assert rsv["n0"] == 1.5 and rsv["score"] is None  # the reserved feature never posed as a decision field
@@ -291,3 +295,131 @@ def test_a_restart_can_write_a_decided_request_again_without_its_decision_and_de
     assert raw.num_rows == 99 and raw["decision"].null_count == 49
     table = dedup_impressions(raw)
     assert table.num_rows == 50 and table["decision"].null_count == 0
+
+
+def _put(settings: Settings, role: str, values: list[bytes], keys: list[str], partition: int | None = 0) -> None:
+    """Produce to one partition (one order), or by key with partition=None."""
+    p = make_producer(settings)
+    for v, k in zip(values, keys, strict=True):
+        if partition is None:
+            produce_waiting(p, settings.topic(role), v, k)
+        else:
+            produce_waiting(p, settings.topic(role), v, k, partition=partition)
+    assert p.flush(30) == 0
+
+
+def test_a_stalled_worker_pauses_the_requests_and_costs_no_row(settings, tmp_path: Path):
+    """Issue 27 item 1: decisions stop (a stalled worker) while requests go on. The requests
+    partition that runs ahead is paused at its share of --max-buffered; nothing is written without
+    its decision, and once decisions come back every request is logged with its own. On main the
+    overflow expiry wrote ~2,400 of them without a decision (and max_wait would after 300 s)."""
+    n, decided = 3000, 300
+    ids, ts, reqs = _requests(n, "s")
+    bodies, _ = _decisions(ids, ts)
+    _put(settings, "requests", reqs, ids)
+    _put(settings, "decisions", bodies[:decided], ids[:decided])
+    out = tmp_path / "log"
+    with logging_to(settings, out, roll_seconds=0.3, batch_wait_ms=20, batch_size=200, max_buffered=600,
+                    metrics_port=0) as lg:
+        wait_for(lambda: lg.stats.pauses >= 1 and lg.stats.impressions >= decided, 60, "requests paused")
+        time.sleep(3)  # the stall goes on: nothing expires, memory stays bounded
+        waiting = sum(b.n_alive for b in lg._req.values())
+        assert lg.stats.orphan_requests == 0 and waiting <= 600 + 200, waiting
+        assert 'rta_log_paused_partitions{topic="requests"} 1.0' in _metrics(lg)
+        assert committed(settings, group_of(settings)).get(0, 0) <= decided  # held at the first waiting
+        _put(settings, "decisions", bodies[decided:], ids[decided:])  # the worker is back
+        wait_for(lambda: lg.stats.impressions >= n, 90, "every request written")
+        wait_for(lambda: committed(settings, group_of(settings)).get(0) == n, 30, "all committed")
+    assert lg.stats.orphan_requests == lg.stats.orphan_decisions == 0
+    table = read_log(out)
+    assert table.num_rows == n and table["decision"].null_count == 0
+
+
+def test_one_request_stamped_ahead_moves_no_watermark_and_is_counted(settings, tmp_path: Path):
+    """Issue 27 item 2: a request 10 minutes ahead and one in year 9999 are decided at once; the
+    decisions of the others come 3 s later. On main their decisions' watermark jumped (to the
+    future, bounded at wall clock + 1 h), every other request of the partition expired without
+    its decision and the late decisions were dropped as orphans."""
+    now = int(time.time() * 1000)
+    spec, num, cat = random_batch(200, seed=3)
+    ids, ts = [f"w{i}" for i in range(200)], now - 3000 + np.arange(200, dtype=np.int64) * 10
+    reqs = encode_requests(ids, ts, num, cat, spec)
+    odd_ids, odd_ts = ["ahead", "y9999"], np.array([now + 600_000, MAX_LOG_TS_MS - 1], np.int64)
+    spec, num, cat = random_batch(2, seed=2)
+    odd_reqs = encode_requests(odd_ids, odd_ts, num, cat, spec)
+    odd_bodies = encode_decisions(odd_ids, np.zeros(2, bool), ["score"] * 2, np.ones(2), np.ones(2),
+                                  np.ones((2, 4)), threshold=0.5, target_ratio=0.3, model="v7", ts_ms=now,
+                                  latency_ms=(now - odd_ts).astype(float))
+    bodies, _ = _decisions(ids, ts)
+    _put(settings, "requests", reqs + odd_reqs, ids + odd_ids)
+    _put(settings, "decisions", odd_bodies, odd_ids)
+    out = tmp_path / "log"
+    with logging_to(settings, out, roll_seconds=0.3, batch_wait_ms=20, join_timeout_s=60) as lg:
+        wait_for(lambda: lg.stats.impressions >= 2, 60, "the odd pair written")
+        time.sleep(3)
+        _put(settings, "decisions", bodies, ids)
+        wait_for(lambda: lg.stats.impressions >= 202, 60, "every request written")
+    assert lg.stats.orphan_requests == lg.stats.orphan_decisions == 0
+    assert lg.stats.odd["future_ts"] == 2
+    table = read_log(out)
+    assert table.num_rows == 202 and table["decision"].null_count == 0
+    assert sorted(table.filter(pc.is_in(table["request_id"], pa.array(odd_ids)))["ts_ms"].to_pylist()) \
+        == sorted(odd_ts.tolist())  # written with their own time
+
+
+def test_a_decisions_topic_with_another_partition_count_is_refused_in_one_line(settings, tmp_path: Path):
+    """Issue 27 item 5: the join needs one partition count; on main `rta log` started anyway."""
+    import subprocess
+
+    from worker_support import worker_env
+
+    from stream.kafka import ensure_topics, make_admin
+
+    admin = make_admin(settings)
+    for fut in admin.delete_topics([settings.topic("decisions")], operation_timeout=10).values():
+        fut.result(15)
+    wait_for(lambda: settings.topic("decisions") not in admin.list_topics(timeout=5).topics, 30, "deleted")
+    ensure_topics(admin, [settings.topic("decisions")], settings.partitions + 1)
+    try:
+        r = subprocess.run([sys.executable, "-c", "from infra.cli import main; main()", "log", "--out",
+                            str(tmp_path / "log"), "--no-metrics"], env=worker_env(settings), cwd=tmp_path,
+                           capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("rta log started with mismatched partition counts")
+    lines = [x for x in r.stderr.strip().splitlines() if not x.startswith("%")]
+    assert r.returncode == 2 and len(lines) == 1 and "partitions" in lines[0], r.stderr[-2000:]
+
+
+def test_a_request_and_its_decision_on_other_partition_numbers_are_counted(settings, tmp_path: Path):
+    """Issue 27 item 5: when the producers partition one key differently the join still works on
+    a member holding both, and the mismatch is visible (rta_log_cross_partition_joins)."""
+    ids, ts, reqs = _requests(20, "x")
+    bodies, _ = _decisions(ids, ts)
+    _put(settings, "requests", reqs, ids, partition=0)
+    _put(settings, "decisions", bodies, ids, partition=1)
+    with logging_to(settings, tmp_path / "log", roll_seconds=0.3, batch_wait_ms=20, metrics_port=0) as lg:
+        wait_for(lambda: lg.stats.impressions >= 20, 60, "rows written")
+        assert "rta_log_cross_partition_joins_total 20.0" in _metrics(lg)
+    assert lg.stats.cross_partition_joins == 20
+
+
+def test_every_producer_partitions_a_key_as_the_java_client_does(settings):
+    """Issue 27 item 5: murmur2 (checked with aiokafka's own partitioner, an independent client);
+    librdkafka's default (CRC32) put most of these keys elsewhere."""
+    from aiokafka.partitioner import murmur2
+    from confluent_kafka import Consumer
+
+    keys = [f"key-{i}" for i in range(60)]
+    _put(settings, "requests", [b"{}"] * len(keys), keys, partition=None)
+    c = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group_of(settings),
+                  "auto.offset.reset": "earliest"})
+    c.subscribe([settings.topic("requests")])
+    got: dict[str, int] = {}
+    deadline = time.monotonic() + 60
+    while len(got) < len(keys) and time.monotonic() < deadline:
+        for m in c.consume(100, 0.5):
+            if m.error() is None:
+                got[m.key().decode()] = m.partition()
+    c.close()
+    n = settings.partitions
+    assert got == {k: (murmur2(k.encode()) & 0x7FFFFFFF) % n for k in keys}

@@ -31,6 +31,12 @@ def check_topics(settings: Settings, roles: tuple[str, ...] = ROLES) -> None:
     if missing:
         raise StackError(f"topic(s) {', '.join(missing)} do not exist on {settings.kafka_bootstrap}; "
                          "run `rta topics create`")
+    if "requests" in roles and "decisions" in roles:
+        req, dec = settings.topic("requests"), settings.topic("decisions")
+        n_req, n_dec = len(meta.topics[req].partitions), len(meta.topics[dec].partitions)
+        if n_req != n_dec:
+            raise StackError(f"{req} has {n_req} partitions and {dec} {n_dec}: the logger joins request and "
+                             "decision by partition, so both topics need the same count")
 
 
 @click.command(name="log")
@@ -52,10 +58,9 @@ def check_topics(settings: Settings, roles: tuple[str, ...] = ROLES) -> None:
 @click.option("--join-timeout-s", type=click.FloatRange(min=0), default=60.0, show_default=True,
               help="Event time a request waits for its decision (and the reverse) once its partition "
                    "has moved past it.")
-@click.option("--max-wait-s", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
-              help="Wall time anything waits for its pair, whatever the event times say.")
 @click.option("--max-buffered", type=click.IntRange(min=1), default=200_000, show_default=True,
-              help="Most requests + decisions waiting; beyond it the oldest expire.")
+              help="Most requests + decisions waiting for their pair; a partition over its share pauses "
+                   "until the other side catches up (back-pressure: a stall costs latency, never rows).")
 @click.option("--max-open-files", type=click.IntRange(min=1), default=48, show_default=True,
               help="Most files filling at once per kind (one per event hour); beyond it the oldest rolls.")
 @click.option("--model-dir", type=click.Path(file_okay=False), default=None,
@@ -69,7 +74,7 @@ def check_topics(settings: Settings, roles: tuple[str, ...] = ROLES) -> None:
               show_default=True)
 def log_cmd(out_dir: Path, config_file: str | None, bootstrap: str | None, group_id: str, batch_size: int,
             batch_wait_ms: int, roll_mb: float, roll_seconds: float, join_timeout_s: float,
-            max_wait_s: float, max_buffered: int, tasks: str, metrics_port: int, no_metrics: bool,
+            max_buffered: int, tasks: str, metrics_port: int, no_metrics: bool,
             log_level: str, max_open_files: int = 48, model_dir: str | None = None) -> None:
     """Requests + decisions + outcomes -> logged traffic (Parquet by event hour); at-least-once."""
     from stream.logs import setup_json_logging
@@ -79,7 +84,7 @@ def log_cmd(out_dir: Path, config_file: str | None, bootstrap: str | None, group
     check_topics(settings)
     cfg = LoggerConfig(out_dir=out_dir, group_id=group_id, batch_size=batch_size, batch_wait_ms=batch_wait_ms,
                        roll_bytes=max(1, int(roll_mb * (1 << 20))), roll_seconds=roll_seconds,
-                       join_timeout_s=join_timeout_s, max_wait_s=max_wait_s, max_buffered=max_buffered,
+                       join_timeout_s=join_timeout_s, max_buffered=max_buffered,
                        max_open_files=max_open_files, tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()),
                        metrics_port=None if no_metrics else metrics_port)
     try:

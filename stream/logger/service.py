@@ -13,20 +13,29 @@ The guarantee is at-least-once, and it is the commit rule's: the offset committe
 else the next offset to consume. A crash anywhere replays from there; rows already renamed are
 written again, so readers drop duplicates (stream.logger.schema says how).
 
-The join. Requests and decisions share the key (request_id) and the partition count, so the
-range assignor gives one member partition p of both topics. A request waits in a bounded buffer
-for its decision and the reverse (decisions can be read first). Expiry is in request event time,
-so a backlog replayed after a restart does not expire anything early:
+The join. Requests and decisions share the key (request_id) and the partition count (checked
+at start-up, `rta log` refuses otherwise), so the range assignor (forced, whatever the shared
+consumer settings say) gives one member partition p of both topics. A request waits for its
+decision and the reverse (decisions can be read first). Expiry is in request event time, so
+neither a backlog replayed after a restart nor a stall of the worker expires anything:
 
 * a request whose decision has not come when the decisions of its partition have reached
   request times `--join-timeout-s` past its own (a decision's request time is its `ts_ms` minus
-  its `latency_ms`), or after `--max-wait-s` of wall time, is written with null decision fields
-  (counted: `rta_log_orphans{side="request"}`);
+  its `latency_ms`) is written with null decision fields (`rta_log_orphans{side="request"}`);
 * a decision whose request has not come when the requests of its partition have passed its
-  request time by `--join-timeout-s` (or after `--max-wait-s`) is dropped and counted
-  (`rta_log_orphans{side="decision"}`): without features it is no impression;
-* when more than `--max-buffered` rows wait, the oldest batches are expired the same way
-  (`why="overflow"`), so memory stays bounded whatever the producers do.
+  request time by `--join-timeout-s` is dropped and counted (`rta_log_orphans{side="decision"}`):
+  without features it is no impression.
+
+Event times are the producers' clocks, so the watermarks use them bounded by the broker
+timestamp of the message (and the logger's clock) plus `_CLOCK_SLACK_MS`: one request stamped
+minutes (or years) ahead moves no watermark and expires nobody; it is counted
+(`rta_log_odd_inputs{what="future_ts"}`) and written with its own `ts_ms`.
+
+Memory is bounded by back-pressure, not expiry: when the rows waiting on one (topic, partition)
+reach its share of `--max-buffered`, that partition is paused (its side runs ahead of the other:
+a stalled worker, a lagging requests topic) and resumed once it is under half its share. A stall
+of any length costs latency and lag, never a row. (Should both sides of one partition be over
+their share at once, neither is paused: the join cannot make progress with one side stopped.)
 
 Malformed messages (any topic) are counted and skipped; a feature whose name is a reserved column
 of the layout is dropped from the row and counted; neither ever stops the logger. pyarrow is
@@ -85,7 +94,11 @@ GROUP_DEFAULTS: dict[str, Any] = {"session.timeout.ms": 6000, "heartbeat.interva
 _STRING_FIELDS = ("decision", "reason", "model")
 
 
-_FUTURE_SLACK_MS = 3_600_000  # event times past wall clock + 1 h do not move watermarks
+# A row's join clock is its event time bounded by its message's broker timestamp (and the
+# logger's clock) plus this: a producer's clock ahead moves no watermark.
+_CLOCK_SLACK_MS = 10_000
+# A request stamped this far past its broker timestamp is counted as future_ts.
+_FUTURE_FLAG_MS = 60_000
 
 
 @dataclass
@@ -99,8 +112,7 @@ class LoggerConfig:
     roll_bytes: int = 64 << 20  # in-memory Arrow bytes of one open file
     roll_seconds: float = 60.0
     join_timeout_s: float = 60.0  # event time
-    max_wait_s: float = 300.0  # wall time
-    max_buffered: int = 200_000
+    max_buffered: int = 200_000  # rows waiting for their pair, beyond which partitions pause
     max_open_files: int = 48  # per kind: one per event hour being filled
     commit_interval_s: float = 1.0
     tasks: tuple[str, ...] = DEFAULT_TASKS
@@ -115,8 +127,8 @@ class LoggerConfig:
             raise ConfigError("batch size must be >= 1 and batch wait >= 0 ms")
         if self.roll_bytes < 1 or self.roll_seconds <= 0:
             raise ConfigError("--roll-mb and --roll-seconds must be positive")
-        if self.join_timeout_s < 0 or self.max_wait_s <= 0 or self.max_buffered < 1:
-            raise ConfigError("join timeout must be >= 0, max wait > 0 and max buffered >= 1")
+        if self.join_timeout_s < 0 or self.max_buffered < 1:
+            raise ConfigError("join timeout must be >= 0 and max buffered >= 1")
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise ConfigError(f"tasks must be distinct and non-empty, got {self.tasks}")
 
@@ -132,6 +144,8 @@ class LoggerStats:
     orphan_requests: int = 0
     orphan_decisions: int = 0
     duplicates: int = 0  # a request or decision whose id was already waiting
+    cross_partition_joins: int = 0  # a request and its decision on different partition numbers
+    pauses: int = 0  # (topic, partition) paused by back-pressure
     reserved_features: int = 0
     odd: Tally = field(default_factory=Tally)  # odd inputs kept going through, by cause
     files: int = 0
@@ -160,6 +174,11 @@ class LoggerMetrics:
                               "for their pair, rows in open files.", ["side"], registry=r)
         self.orphans = Counter("rta_log_orphans", "Requests written without a decision / decisions "
                                "dropped without a request, by cause.", ["side", "why"], registry=r)
+        self.cross_partition = Counter("rta_log_cross_partition_joins", "Requests joined with a decision "
+                                       "from another partition number: the producers partition one key "
+                                       "differently (co-partitioning broken).", registry=r)
+        self.paused = Gauge("rta_log_paused_partitions", "Partitions paused by back-pressure (their side "
+                            "runs ahead of the other), by topic role.", ["topic"], registry=r)
         self.duplicates = Counter("rta_log_duplicates", "Ids already waiting (replays).", ["side"], registry=r)
         self.odd = Counter("rta_log_odd_inputs", "Odd inputs the logger kept its rows through, by cause "
                            "(feature_type, int_beyond_2^53, future_ts, ...).", ["what"], registry=r)
@@ -289,10 +308,17 @@ class Logger:
         self._next: dict[tuple[str, int], int] = {}  # next offset to consume
         self._committed: dict[tuple[str, int], int] = {}
         self.assignment: set[tuple[str, int]] = set()
+        self._paused: set[tuple[str, int]] = set()
         self._last_commit = time.monotonic()
         self._last_tick = time.monotonic()
         self._tick_rows = {IMPRESSIONS_DIR: 0, OUTCOMES_DIR: 0}
-        self.consumer = make_consumer(settings, cfg.group_id, **{**GROUP_DEFAULTS, **settings.kafka})
+        assignor = settings.kafka.get("partition.assignment.strategy", "range")
+        if assignor != "range":
+            log.warning("partition.assignment.strategy=%s in the Kafka settings is not used by the logger: "
+                        "the join needs partition p of requests and decisions on one member (range)",
+                        assignor, extra={"event": "assignor_overridden"})
+        self.consumer = make_consumer(settings, cfg.group_id, **{**GROUP_DEFAULTS, **settings.kafka,
+                                                                 "partition.assignment.strategy": "range"})
         self.server = (MetricsServer(self.metrics, cfg.metrics_host, cfg.metrics_port)  # type: ignore[arg-type]
                        if cfg.metrics_port is not None else None)
 
@@ -317,6 +343,7 @@ class Logger:
                 if msgs:
                     self.process(msgs)
                 self.expire(now)
+                self.pressure()
                 rolled = self.roll(due_only=True)
                 if rolled or now - self._last_commit >= cfg.commit_interval_s:
                     self.commit()
@@ -349,6 +376,7 @@ class Logger:
                 continue
             values = [m.value() for m in group]
             offsets = np.fromiter((m.offset() for m in group), np.int64, len(group))
+            broker_ts = np.fromiter((m.timestamp()[1] for m in group), np.int64, len(group))
             self._next[tp] = int(offsets.max()) + 1
             self.stats.consumed[role] += len(group)
             self.metrics.messages.labels(role).inc(len(group))
@@ -368,11 +396,11 @@ class Logger:
                 for what, n in rows.odd.items():
                     self._odd(what, n, rows.ids[0] if rows.ids else "")
                 self._malformed(role, bad)
-                self._on_requests(tp, rows, now)
+                self._on_requests(tp, rows, now, _at(broker_ts, offsets, rows.offsets))
             elif role == "decisions":
                 rows, bad = decode_decisions_generic(values, offsets, self.tasks)
                 self._malformed(role, bad)
-                self._on_decisions(tp, rows, now)
+                self._on_decisions(tp, rows, now, _at(broker_ts, offsets, rows.offsets))
             else:
                 rows, bad = decode_outcomes_generic(values, offsets)
                 self._malformed(role, bad)
@@ -412,22 +440,33 @@ class Logger:
             self.metrics.duplicates.labels(side).inc(int(dup.sum()))
         return b
 
-    def _on_requests(self, tp: tuple[str, int], rows: Decoded, now: float) -> None:
-        self._arrive(tp, rows, now, is_req=True)
+    def _on_requests(self, tp: tuple[str, int], rows: Decoded, now: float,
+                     broker_ts: np.ndarray | None = None) -> None:
+        if len(rows.ids):
+            limit = (broker_ts if broker_ts is not None else np.full(len(rows.ids), int(time.time() * 1000)))
+            future = rows.ts > np.where(limit > 0, limit, int(time.time() * 1000)) + _FUTURE_FLAG_MS
+            if future.any():
+                self._odd("future_ts", int(future.sum()), rows.ids[int(np.flatnonzero(future)[0])])
+        self._arrive(tp, rows, now, is_req=True, broker_ts=broker_ts)
 
-    def _on_decisions(self, tp: tuple[str, int], rows: Decoded, now: float) -> None:
-        self._arrive(tp, rows, now, is_req=False)
+    def _on_decisions(self, tp: tuple[str, int], rows: Decoded, now: float,
+                      broker_ts: np.ndarray | None = None) -> None:
+        self._arrive(tp, rows, now, is_req=False, broker_ts=broker_ts)
 
-    def _arrive(self, tp: tuple[str, int], rows: Decoded, now: float, is_req: bool) -> None:
+    def _arrive(self, tp: tuple[str, int], rows: Decoded, now: float, is_req: bool,
+                broker_ts: np.ndarray | None = None) -> None:
         """A batch of one side: rows whose pair waits are joined now, the others wait."""
         if not len(rows.ids):
             return
         wm, store = (self._req_wm, self._req) if is_req else (self._dec_wm, self._dec)
         index, other = (self._req_index, self._dec_index) if is_req else (self._dec_index, self._req_index)
-        # A request stamped in the far future (a producer's clock, microseconds for ms) must not
-        # drag the event-time watermark along and expire every pair still waiting on the partition.
-        newest = min(int(rows.ts.max()), int(time.time() * 1000) + _FUTURE_SLACK_MS)
-        wm[tp[1]] = max(wm.get(tp[1], 0), newest)
+        # The join clock: event time, but never past the broker's timestamp of the message (nor
+        # the logger's clock) by more than the slack, so one producer clock ahead (or a request
+        # stamped in year 9999) neither drags the watermark along nor waits for ever itself.
+        wall = int(time.time() * 1000)
+        bound = np.full(len(rows.ids), wall) if broker_ts is None else np.where(broker_ts > 0, broker_ts, wall)
+        rows.ts = np.minimum(rows.ts, np.minimum(bound, wall) + _CLOCK_SLACK_MS)
+        wm[tp[1]] = max(wm.get(tp[1], 0), int(rows.ts.max()))
         b = self._new_pending(tp, rows, now, index, "request" if is_req else "decision")
         live = np.flatnonzero(b.alive)
         hits = list(map(other.pop, (b.ids[i] for i in live.tolist()), repeat(None)))
@@ -446,6 +485,10 @@ class Logger:
               dec_rows: np.ndarray) -> None:
         """Matched (request, decision) rows -> impression rows in the open files."""
         holds: Holds = {}
+        cross = sum(r.tp[1] != d.tp[1] for r, d in zip(req_b, dec_b, strict=True))
+        if cross:  # one member holds both partitions: joined anyway, but the producers disagree
+            self.stats.cross_partition_joins += cross
+            self.metrics.cross_partition.inc(cross)
         req = _take(req_b, req_rows, holds)
         dec = _take(dec_b, dec_rows, holds)
         self.impressions.add(self._impression(req, dec.drop_columns(["request_id"])), holds)
@@ -481,28 +524,57 @@ class Logger:
                     index.update(zip(b.ids, zip(repeat(b), range(len(keep))), strict=False))
 
     def expire(self, now: float) -> None:
-        """Orphans: requests and decisions whose pair will not come (event-time rule), or that
-        waited `max_wait_s`, or the oldest beyond `max_buffered`."""
-        cfg = self.config
-        timeout_ms = int(cfg.join_timeout_s * 1000)
-        over = (sum(b.n_alive for b in self._req.values()) + sum(b.n_alive for b in self._dec.values())
-                - cfg.max_buffered)
-        # oldest first across both sides: an overflow expires whole batches until under the bound
-        for b in sorted(chain(self._req.values(), self._dec.values()), key=lambda b: b.arrived):
+        """Orphans: requests and decisions whose pair will not come (the event-time rule). Nothing
+        expires for wall time or memory: `pressure` pauses partitions instead."""
+        timeout_ms = int(self.config.join_timeout_s * 1000)
+        for b in list(chain(self._req.values(), self._dec.values())):
             is_req = b.seq in self._req
-            if over > 0:
-                mask, why = b.alive.copy(), "overflow"
-                over -= b.n_alive
-            elif now - b.arrived >= cfg.max_wait_s:
-                mask, why = b.alive.copy(), "max_wait"
-            else:
-                wm = (self._dec_wm if is_req else self._req_wm).get(b.tp[1])
-                if wm is None:
-                    continue
-                mask, why = b.alive & (b.ts + timeout_ms < wm), "timeout"
+            wm = (self._dec_wm if is_req else self._req_wm).get(b.tp[1])
+            if wm is None:
+                continue
+            mask = b.alive & (b.ts + timeout_ms < wm)
             if mask.any():
-                self._expire(b, np.flatnonzero(mask), is_req, why)
+                self._expire(b, np.flatnonzero(mask), is_req, "timeout")
         self._forget_done()
+
+    def pressure(self) -> None:
+        """Back-pressure: pause a request or decision partition whose waiting rows reached its
+        share of `max_buffered` (its side runs ahead: a stalled worker, a lagging topic), resume
+        it under half its share. A stall then costs latency, never a row."""
+        req_t, dec_t = self.settings.topic("requests"), self.settings.topic("decisions")
+        join_tps = [tp for tp in self.assignment if tp[0] in (req_t, dec_t)]
+        if not join_tps:
+            return
+        share = max(1, self.config.max_buffered // len(join_tps))
+        waiting: dict[tuple[str, int], int] = dict.fromkeys(join_tps, 0)
+        for b in chain(self._req.values(), self._dec.values()):
+            if b.tp in waiting:
+                waiting[b.tp] += b.n_alive
+        pause, resume = [], []
+        for tp in join_tps:
+            twin = (dec_t if tp[0] == req_t else req_t, tp[1])
+            over, twin_over = waiting[tp] >= share, waiting.get(twin, 0) >= share
+            if tp not in self._paused and over and not twin_over:
+                pause.append(tp)
+            elif tp in self._paused and (waiting[tp] < share // 2 or twin_over):
+                resume.append(tp)
+        try:
+            if pause:
+                self.consumer.pause([TopicPartition(t, p) for t, p in pause])
+            if resume:
+                self.consumer.resume([TopicPartition(t, p) for t, p in resume])
+        except KafkaException as exc:  # a partition revoked meanwhile: the next turn sees the truth
+            log.warning("pause/resume: %s", exc, extra={"event": "pause_failed"})
+            return
+        if pause:
+            self.stats.pauses += len(pause)
+            log.info("paused %s: waiting for the other side (%d rows each at most)",
+                     ",".join(f"{t}[{p}]" for t, p in pause), share, extra={"event": "paused"})
+        if resume:
+            log.info("resumed %s", ",".join(f"{t}[{p}]" for t, p in resume), extra={"event": "resumed"})
+        self._paused = (self._paused | set(pause)) - set(resume)
+        for role, topic in (("requests", req_t), ("decisions", dec_t)):
+            self.metrics.paused.labels(role).set(sum(1 for t, _ in self._paused if t == topic))
 
     def _expire(self, b: _Pending, rows: np.ndarray, is_req: bool, why: str) -> None:
         ids = [b.ids[i] for i in rows.tolist()]
@@ -645,6 +717,7 @@ class Logger:
             self._next.pop(tp, None)
             self._committed.pop(tp, None)
         self.assignment -= tps
+        self._paused -= tps
 
     def _drain(self) -> None:
         self.metrics.state = "draining"
@@ -664,6 +737,14 @@ class Logger:
                  "%d orphan decisions, %d left waiting (uncommitted)", self.config.logger_id, st.impressions,
                  st.outcomes, st.files, st.orphan_requests, st.orphan_decisions, waiting,
                  extra={"event": "stopped", "impressions": st.impressions, "outcomes": st.outcomes})
+
+
+def _at(values: np.ndarray, offsets: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """`values[i]` of the messages at `wanted` offsets (`offsets` ascending, as consumed)."""
+    if not len(wanted):
+        return wanted
+    order = np.argsort(offsets, kind="stable")
+    return values[order[np.searchsorted(offsets[order], wanted)]]
 
 
 def _tps(partitions: list[TopicPartition]) -> str:
