@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import pytest
 from live_log_support import duckdb_count, group_of, logging_to, read_log, spawn_logger
 from student_data import random_batch
@@ -25,6 +24,7 @@ from stream.config import Settings
 from stream.events import encode_decisions, encode_outcome, encode_requests
 from stream.kafka import make_producer, produce_waiting
 from stream.logger.schema import DECISION_COLUMNS, MAX_LOG_TS_MS, partition_dir, task_columns
+from training.logs import load_logged
 
 pytestmark = pytest.mark.slow  # each test joins a consumer group (~3 s on the embedded broker)
 
@@ -51,6 +51,27 @@ def _decisions(ids: list[str], ts: np.ndarray, seed: int = 0) -> tuple[list[byte
                               latency_ms=5.0, tasks=TASKS, propensity=cols["propensity"], tau_u=cols["tau_u"],
                               u_tasks=cols["u"])
     return bodies, cols
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _scrape(port: int, series: str) -> float:
+    """One series of a logger process's /metrics (-1: not up yet)."""
+    import urllib.error
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+            text = r.read().decode()
+    except (urllib.error.URLError, ConnectionError):
+        return -1.0
+    line = [x for x in text.splitlines() if x.startswith(series + " ")]
+    return float(line[0].split()[-1]) if line else -1.0
 
 
 def _metrics(lg) -> str:
@@ -168,15 +189,22 @@ def test_a_waiting_request_holds_its_partition_commit_back(settings, tmp_path: P
 
 
 def test_files_roll_by_size_and_sigterm_drains(settings, tmp_path: Path):
-    ids, ts, reqs = _requests(3000, "d")
+    ids, ts, reqs = _requests(2990, "d")
+    tail_ids, tail_ts, tail_reqs = _requests(10, "dt", t0=T0 + 5 * 3_600_000, seed=1)  # too few to roll
+    ids, ts, reqs = ids + tail_ids, np.r_[ts, tail_ts], reqs + tail_reqs
     bodies, _ = _decisions(ids, ts)
     _produce(settings, "requests", reqs, ids)
     _produce(settings, "decisions", bodies, ids)
     out = tmp_path / "log"
+    port = _free_port()
     proc = spawn_logger(settings, out, tmp_path, "--roll-mb", "0.05", "--roll-seconds", "3600",
-                        "--batch-wait-ms", "20", "--batch-size", "100")
+                        "--batch-wait-ms", "20", "--batch-size", "100", metrics_port=port)
     try:
         wait_for(lambda: len(list((out / "impressions").rglob("*.parquet"))) >= 3, 20, "size rolls")
+        # every pair read and joined; the last rows sit in an open file (no time roll) when SIGTERM comes
+        wait_for(lambda: _scrape(port, 'rta_log_messages_total{topic="decisions"}') == 3000, 60, "all read",
+                 step=0.2)
+        wait_for(lambda: _scrape(port, 'rta_log_buffered{side="open_files"}') >= 10, 10, "rows in open files")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
     finally:
@@ -184,20 +212,15 @@ def test_files_roll_by_size_and_sigterm_drains(settings, tmp_path: Path):
             proc.kill()
     files = list((out / "impressions").rglob("*.parquet"))
     assert len(files) >= 3, files
-    written = sum(pq.read_metadata(f).num_rows for f in files)
     assert not list(out.rglob("*.tmp"))
-    # drained: nothing is committed that is not in a renamed file
-    assert sum(committed(settings, group_of(settings)).values()) <= written
-    # a second run picks up where the first committed: together they hold every request
-    with logging_to(settings, out, roll_seconds=0.3, batch_wait_ms=20) as lg:
-        wait_for(lambda: sum(committed(settings, group_of(settings)).values()) == 3000, 60, "all committed")
+    # drained: every buffered row is in a renamed file, and exactly those offsets are committed
+    # (break tried: _drain without its roll -> the open file's rows are missing here)
     table = read_log(out)
-    assert set(table["request_id"].to_pylist()) == set(ids)
-    assert lg.stats.orphan_requests == 0
+    assert table.num_rows == 3000 and set(table["request_id"].to_pylist()) == set(ids)
+    assert sum(committed(settings, group_of(settings)).values()) == 3000
 
 
 def test_two_members_split_the_partitions_and_a_rebalance_loses_nothing(settings, tmp_path: Path):
-    from live_log_support import dedup_impressions
 
     ids, ts, reqs = _requests(8000, "e")
     bodies, _ = _decisions(ids, ts)
@@ -217,8 +240,8 @@ def test_two_members_split_the_partitions_and_a_rebalance_loses_nothing(settings
             _produce(settings, "decisions", bodies[4000:], ids[4000:])
             wait_for(lambda: sum(committed(settings, group_of(settings)).values()) == 8000, 60, "all committed")
     assert a.stats.orphan_requests == b.stats.orphan_requests == 0
-    table = dedup_impressions(read_log(out))
-    assert table.num_rows == 8000 and table["decision"].null_count == 0
+    logs = load_logged(out)  # the production reader drops the rebalance's duplicates
+    assert len(logs) == 8000 and logs.decisions["decision"].null_count == 0
     assert b.stats.impressions > 0
 
 
@@ -268,7 +291,6 @@ def test_a_restart_can_write_a_decided_request_again_without_its_decision_and_de
     requests commit stays at it, while requests 1.. and their decisions are written and the
     decisions commit moves past them. After a restart requests 1.. are read again, their
     decisions are not: they expire without one, next to their decided copies."""
-    from live_log_support import dedup_impressions
 
     ids, ts, reqs = _requests(50, "g")
     bodies, _ = _decisions(ids, ts)
@@ -293,8 +315,10 @@ def test_a_restart_can_write_a_decided_request_again_without_its_decision_and_de
         wait_for(lambda: lg.stats.orphan_requests >= 49 and lg.stats.impressions >= 50, 60, "replayed rows")
     raw = read_log(out)
     assert raw.num_rows == 99 and raw["decision"].null_count == 49
-    table = dedup_impressions(raw)
-    assert table.num_rows == 50 and table["decision"].null_count == 0
+    # the production reader (what rta train / replay use) keeps the decided copy of each
+    logs = load_logged(out)
+    assert len(logs) == 50 and sorted(logs.request_id.tolist()) == sorted(ids)
+    assert logs.decisions["decision"].null_count == 0 and logs.info["counts"]["duplicate_impressions"] == 49
 
 
 def _put(settings: Settings, role: str, values: list[bytes], keys: list[str], partition: int | None = 0) -> None:
@@ -395,12 +419,15 @@ def test_a_request_and_its_decision_on_other_partition_numbers_are_counted(setti
     a member holding both, and the mismatch is visible (rta_log_cross_partition_joins)."""
     ids, ts, reqs = _requests(20, "x")
     bodies, _ = _decisions(ids, ts)
-    _put(settings, "requests", reqs, ids, partition=0)
+    _put(settings, "requests", reqs + reqs, ids + ids, partition=0)  # each request twice (a replay)
     _put(settings, "decisions", bodies, ids, partition=1)
     with logging_to(settings, tmp_path / "log", roll_seconds=0.3, batch_wait_ms=20, metrics_port=0) as lg:
         wait_for(lambda: lg.stats.impressions >= 20, 60, "rows written")
-        assert "rta_log_cross_partition_joins_total 20.0" in _metrics(lg)
-    assert lg.stats.cross_partition_joins == 20
+        text = _metrics(lg)
+        assert "rta_log_cross_partition_joins_total 20.0" in text
+        assert 'rta_log_duplicates_total{side="request"} 20.0' in text
+    assert lg.stats.cross_partition_joins == 20 and lg.stats.duplicates == 20
+    assert read_log(tmp_path / "log").num_rows == 20
 
 
 def test_every_producer_partitions_a_key_as_the_java_client_does(settings):
@@ -423,3 +450,33 @@ def test_every_producer_partitions_a_key_as_the_java_client_does(settings):
     c.close()
     n = settings.partitions
     assert got == {k: (murmur2(k.encode()) & 0x7FFFFFFF) % n for k in keys}
+
+
+def test_a_full_disk_stops_the_logger_in_one_line_and_commits_nothing_unwritten(settings, tmp_path: Path):
+    """Issue 27 item 9: a write that fails (here EFBIG from a file-size limit, as a full disk
+    gives ENOSPC) stops `rta log` with one `rta:` line, exit 2, no traceback, and commits no
+    offset past the file that failed. Break tried: catching OSError in roll and carrying on ->
+    the offsets committed, rows lost."""
+    import resource
+    import subprocess
+
+    from worker_support import worker_env
+
+    ids, ts, reqs = _requests(500, "f")
+    bodies, _ = _decisions(ids, ts)
+    _produce(settings, "requests", reqs, ids)
+    _produce(settings, "decisions", bodies, ids)
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
+
+    r = subprocess.run([sys.executable, "-c", "from infra.cli import main; main()", "log", "--out",
+                        str(tmp_path / "log"), "--no-metrics", "--group", group_of(settings),
+                        "--roll-seconds", "0.3", "--batch-wait-ms", "20"],
+                       env=worker_env(settings), cwd=tmp_path, capture_output=True, text=True, timeout=90,
+                       preexec_fn=small_files)
+    lines = [x for x in r.stderr.strip().splitlines() if x.startswith("rta:")]
+    assert r.returncode == 2 and len(lines) == 1 and "cannot write under" in lines[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert all(o <= 0 for o in committed(settings, group_of(settings)).values())
+    assert not list((tmp_path / "log").rglob("*.parquet"))

@@ -309,3 +309,24 @@ def test_a_dirty_batch_is_refused_by_the_arrow_path():
                   [*clean, _req("c", {"x": True})], [*clean, b'{"v": 2, "request_id": "d", "ts_ms": 1, "features": {}}'],
                   [*clean, b'{"v": 1, "request_id": "e",\n "ts_ms": 1, "features": {}}']):
         assert lg._decode_requests_arrow(dirty, np.arange(len(dirty)), 0, reserved_columns(), 65536, {}) is None
+
+
+def test_a_crashed_writers_temp_files_are_removed_at_start_and_fresh_ones_kept(tmp_path: Path):
+    """Issue 27 item 9: a temp file older than one write is a crash's leftover (never renamed, so
+    none of its offsets were committed); a fresh one may be another live writer's."""
+    import os
+    import time
+
+    from stream.config import Settings
+    from stream.logger.service import Logger, LoggerConfig
+
+    d = tmp_path / "log" / "impressions" / "date=2025-01-01" / "hour=00"
+    d.mkdir(parents=True)
+    stale, fresh = d / ".part-a-000001.parquet.tmp", d / ".part-b-000001.parquet.tmp"
+    for f in (stale, fresh):
+        f.write_bytes(b"PAR1")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    lg = Logger(Settings(kafka_bootstrap="127.0.0.1:1", model_dir=tmp_path / "models"),
+                LoggerConfig(out_dir=tmp_path / "log"))
+    lg.consumer.close()
+    assert lg.stats.temp_files_removed == 1 and not stale.exists() and fresh.exists()
