@@ -153,28 +153,38 @@ def run_logger_soak(cfg: LoggerSoakConfig, settings: Settings, workdir: Path,
     worker = _spawn(settings, workdir, 0)
     loggers = [_spawn_logger(settings, workdir, 0, cfg)]
     events: list[dict[str, Any]] = []
-    plan = [("stall", 0.25), *(("kill_logger", f) for f in np.linspace(0.45, 0.8, cfg.logger_kills).tolist())]
     t_start = time.time()
     try:
         feeder = _Feeder(settings, values, ids, cfg.rate)
         t_feed = time.time()
         feeder.start()
-        for kind, frac in plan:
-            _wait(lambda frac=frac: feeder.sent >= frac * len(values) or feeder.error is not None,
-                  cfg.requests / cfg.rate * 3 + cfg.stall_s + 60, f"{kind} at {frac:.0%}", [worker])
-            at = time.time() - t_feed
-            if kind == "stall":
-                os.kill(worker.pid, signal.SIGSTOP)
-                say(f"worker stopped at {at:.1f} s ({feeder.sent} offered)")
-                time.sleep(cfg.stall_s)
-                os.kill(worker.pid, signal.SIGCONT)
-                events.append({"kind": "stall", "at_s": round(at, 1), "s": cfg.stall_s})
-            else:
-                loggers[-1].send_signal(signal.SIGKILL)
-                loggers[-1].wait(30)
-                loggers.append(_spawn_logger(settings, workdir, len(loggers), cfg))
-                events.append({"kind": "kill_logger", "at_s": round(at, 1)})
-            say(f"{kind} done at {time.time() - t_feed:.1f} s ({feeder.sent} offered)")
+        _wait(lambda: feeder.sent >= 0.25 * len(values) or feeder.error is not None,
+              cfg.requests / cfg.rate * 3 + 60, "a quarter of the feed", [worker])
+
+        def kill_logger() -> None:
+            loggers[-1].send_signal(signal.SIGKILL)
+            loggers[-1].wait(30)
+            loggers.append(_spawn_logger(settings, workdir, len(loggers), cfg))
+            events.append({"kind": "kill_logger", "at_s": round(time.time() - t_feed, 1), "offered": feeder.sent})
+            say(f"logger killed at {time.time() - t_feed:.1f} s ({feeder.sent} offered)")
+
+        # the stall; the first kill -9 halfway through it (the logger holds paused partitions and
+        # a full buffer), the others while the worker catches up after it
+        os.kill(worker.pid, signal.SIGSTOP)
+        events.append({"kind": "stall", "at_s": round(time.time() - t_feed, 1), "s": cfg.stall_s,
+                       "offered": feeder.sent})
+        say(f"worker stopped at {time.time() - t_feed:.1f} s ({feeder.sent} offered)")
+        if cfg.logger_kills:
+            time.sleep(cfg.stall_s / 2)
+            kill_logger()
+            time.sleep(cfg.stall_s / 2)
+        else:
+            time.sleep(cfg.stall_s)
+        os.kill(worker.pid, signal.SIGCONT)
+        say(f"worker continued at {time.time() - t_feed:.1f} s ({feeder.sent} offered)")
+        for _ in range(cfg.logger_kills - 1):
+            time.sleep(max(5.0, cfg.stall_s / 8))
+            kill_logger()
         feeder.join()
         if feeder.error is not None:
             raise feeder.error
