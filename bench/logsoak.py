@@ -109,20 +109,22 @@ def _spawn_logger(settings: Settings, cwd: Path, n: int, cfg: LoggerSoakConfig) 
                              str(cfg.max_buffered)], env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
 
 
-def _committed_all(settings: Settings, roles: tuple[str, ...]) -> bool:
-    """The logger group has committed the end of every partition of `roles`."""
+def _committed_all(settings: Settings, roles: tuple[str, ...], seen: list[tuple[int, ...]]) -> bool:
+    """The logger group has committed the end of every partition of `roles`, and its commits
+    stood still since the last call (the embedded broker's high watermark can lag a batch)."""
     from confluent_kafka import TopicPartition
 
     c = make_consumer(settings, _group(settings))
     try:
         tps = [TopicPartition(settings.topic(r), p) for r in roles for p in range(settings.partitions)]
-        for tp in c.committed(tps, 10):
-            _, hi = c.get_watermark_offsets(tp, timeout=10)
-            if tp.offset < hi:
-                return False
-        return True
+        got = c.committed(tps, 10)
+        offsets = tuple(tp.offset for tp in got)
+        at_end = all(tp.offset >= c.get_watermark_offsets(tp, timeout=10)[1] for tp in got)
     finally:
         c.close()
+    still = bool(seen) and seen[-1] == offsets
+    seen.append(offsets)
+    return at_end and still
 
 
 def _odd_counts(workdir: Path) -> dict[str, int]:
@@ -205,8 +207,9 @@ def run_logger_soak(cfg: LoggerSoakConfig, settings: Settings, workdir: Path,
         if p.flush(60):
             raise RuntimeError("soak: outcomes not delivered")
         say(f"all decided {t_decided - t_fed:.1f} s after the feed; {len(clicks)} outcomes published")
-        _wait(lambda: _committed_all(settings, ("requests", "decisions", "outcomes")), cfg.timeout_s,
-              "the logger committed everything", [worker, loggers[-1]])
+        seen: list[tuple[int, ...]] = []
+        _wait(lambda: _committed_all(settings, ("requests", "decisions", "outcomes"), seen) or time.sleep(3),
+              cfg.timeout_s, "the logger committed everything", [worker, loggers[-1]])
         t_logged = time.time()
         for proc in (loggers[-1], worker):
             proc.send_signal(signal.SIGTERM)

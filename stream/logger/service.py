@@ -112,6 +112,7 @@ class LoggerConfig:
     roll_bytes: int = 64 << 20  # in-memory Arrow bytes of one open file
     roll_seconds: float = 60.0
     join_timeout_s: float = 60.0  # event time
+    idle_s: float = 30.0  # a requests partition silent this long counts as at wall clock - idle_s
     max_buffered: int = 200_000  # rows waiting for their pair, beyond which partitions pause
     max_open_files: int = 48  # per kind: one per event hour being filled
     commit_interval_s: float = 1.0
@@ -127,7 +128,7 @@ class LoggerConfig:
             raise ConfigError("batch size must be >= 1 and batch wait >= 0 ms")
         if self.roll_bytes < 1 or self.roll_seconds <= 0:
             raise ConfigError("--roll-mb and --roll-seconds must be positive")
-        if self.join_timeout_s < 0 or self.max_buffered < 1:
+        if self.join_timeout_s < 0 or self.max_buffered < 1 or self.idle_s <= 0:
             raise ConfigError("join timeout must be >= 0 and max buffered >= 1")
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise ConfigError(f"tasks must be distinct and non-empty, got {self.tasks}")
@@ -309,6 +310,11 @@ class Logger:
         self._committed: dict[tuple[str, int], int] = {}
         self.assignment: set[tuple[str, int]] = set()
         self._paused: set[tuple[str, int]] = set()
+        # ids joined lately: a request or decision read again (a worker's replay) is a duplicate,
+        # not a row waiting for ever for a pair already written
+        self._joined: dict[str, None] = {}
+        self._joined_cap = max(100_000, 2 * cfg.max_buffered)
+        self._last_msg: dict[tuple[str, int], float] = {}  # monotonic time of the last message
         self._last_commit = time.monotonic()
         self._last_tick = time.monotonic()
         self._tick_rows = {IMPRESSIONS_DIR: 0, OUTCOMES_DIR: 0}
@@ -378,6 +384,7 @@ class Logger:
             offsets = np.fromiter((m.offset() for m in group), np.int64, len(group))
             broker_ts = np.fromiter((m.timestamp()[1] for m in group), np.int64, len(group))
             self._next[tp] = int(offsets.max()) + 1
+            self._last_msg[tp] = now
             self.stats.consumed[role] += len(group)
             self.metrics.messages.labels(role).inc(len(group))
             if role == "requests":
@@ -424,10 +431,12 @@ class Logger:
 
     def _new_pending(self, tp: tuple[str, int], rows: Decoded, now: float,
                      index: dict[str, tuple[_Pending, int]], side: str) -> _Pending:
-        """A batch that waits; ids already waiting on this side (replays) are dropped, counted."""
+        """A batch that waits; ids already waiting on this side, or joined lately (a replay, a
+        worker deciding a request again after a rebalance), are dropped and counted."""
         self._seq += 1
         b = _Pending(self._seq, tp, rows, now)
-        dup = np.fromiter(map(index.__contains__, b.ids), bool, len(b.ids))
+        joined = self._joined
+        dup = np.fromiter((rid in index or rid in joined for rid in b.ids), bool, len(b.ids))
         if len(set(b.ids)) != len(b.ids):
             seen: set[str] = set()
             for i, rid in enumerate(b.ids):
@@ -492,6 +501,9 @@ class Logger:
         req = _take(req_b, req_rows, holds)
         dec = _take(dec_b, dec_rows, holds)
         self.impressions.add(self._impression(req, dec.drop_columns(["request_id"])), holds)
+        self._joined.update(dict.fromkeys(req.column("request_id").to_pylist()))
+        while len(self._joined) > self._joined_cap:  # oldest first (insertion order)
+            del self._joined[next(iter(self._joined))]
         self._forget_done()
 
     def _impression(self, req: pa.Table, dec: pa.Table) -> pa.Table:
@@ -527,15 +539,32 @@ class Logger:
         """Orphans: requests and decisions whose pair will not come (the event-time rule). Nothing
         expires for wall time or memory: `pressure` pauses partitions instead."""
         timeout_ms = int(self.config.join_timeout_s * 1000)
+        req_wm = self._idle_requests_watermark(now)
         for b in list(chain(self._req.values(), self._dec.values())):
             is_req = b.seq in self._req
-            wm = (self._dec_wm if is_req else self._req_wm).get(b.tp[1])
+            wm = (self._dec_wm if is_req else req_wm).get(b.tp[1])
             if wm is None:
                 continue
             mask = b.alive & (b.ts + timeout_ms < wm)
             if mask.any():
                 self._expire(b, np.flatnonzero(mask), is_req, "timeout")
         self._forget_done()
+
+    def _idle_requests_watermark(self, now: float) -> dict[int, int]:
+        """The requests' watermarks, where a requests partition that delivered nothing for
+        `idle_s` (and is not paused: it is read to its end) counts as having reached wall clock
+        - `idle_s`: when traffic stops, a decision whose request never comes (one of another
+        partition, a lost one) is still dropped in time instead of holding its commit for ever.
+        Only the requests' side: an idle decisions partition is a stalled worker, whose requests
+        must wait (back-pressure), not expire."""
+        idle_s = self.config.idle_s
+        req_t = self.settings.topic("requests")
+        out = dict(self._req_wm)
+        wall_ms = int((time.time() - idle_s) * 1000)
+        for (t, p), last in self._last_msg.items():
+            if t == req_t and (t, p) in self.assignment and (t, p) not in self._paused and now - last >= idle_s:
+                out[p] = max(out.get(p, 0), wall_ms)
+        return out
 
     def pressure(self) -> None:
         """Back-pressure: pause a request or decision partition whose waiting rows reached its
@@ -692,6 +721,8 @@ class Logger:
 
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         self.assignment |= {(tp.topic, tp.partition) for tp in partitions}
+        now = time.monotonic()
+        self._last_msg.update({(tp.topic, tp.partition): now for tp in partitions})
         log.info("assigned %s", _tps(partitions), extra={"event": "assigned"})
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
@@ -718,6 +749,8 @@ class Logger:
             self._committed.pop(tp, None)
         self.assignment -= tps
         self._paused -= tps
+        for tp in tps:
+            self._last_msg.pop(tp, None)
 
     def _drain(self) -> None:
         self.metrics.state = "draining"
