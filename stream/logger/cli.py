@@ -58,6 +58,9 @@ def check_topics(settings: Settings, roles: tuple[str, ...] = ROLES) -> None:
 @click.option("--join-timeout-s", type=click.FloatRange(min=0), default=60.0, show_default=True,
               help="Event time a request waits for its decision (and the reverse) once its partition "
                    "has moved past it.")
+@click.option("--idle-s", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+              help="A requests partition silent this long (read to its end) counts as at wall clock minus "
+                   "this, so decisions whose request never comes are dropped when traffic stops.")
 @click.option("--max-buffered", type=click.IntRange(min=1), default=200_000, show_default=True,
               help="Most requests + decisions waiting for their pair; a partition over its share pauses "
                    "until the other side catches up (back-pressure: a stall costs latency, never rows).")
@@ -74,7 +77,7 @@ def check_topics(settings: Settings, roles: tuple[str, ...] = ROLES) -> None:
               show_default=True)
 def log_cmd(out_dir: Path, config_file: str | None, bootstrap: str | None, group_id: str, batch_size: int,
             batch_wait_ms: int, roll_mb: float, roll_seconds: float, join_timeout_s: float,
-            max_buffered: int, tasks: str, metrics_port: int, no_metrics: bool,
+            max_buffered: int, idle_s: float, tasks: str, metrics_port: int, no_metrics: bool,
             log_level: str, max_open_files: int = 48, model_dir: str | None = None) -> None:
     """Requests + decisions + outcomes -> logged traffic (Parquet by event hour); at-least-once."""
     from stream.logs import setup_json_logging
@@ -84,7 +87,7 @@ def log_cmd(out_dir: Path, config_file: str | None, bootstrap: str | None, group
     check_topics(settings)
     cfg = LoggerConfig(out_dir=out_dir, group_id=group_id, batch_size=batch_size, batch_wait_ms=batch_wait_ms,
                        roll_bytes=max(1, int(roll_mb * (1 << 20))), roll_seconds=roll_seconds,
-                       join_timeout_s=join_timeout_s, max_buffered=max_buffered,
+                       join_timeout_s=join_timeout_s, max_buffered=max_buffered, idle_s=idle_s,
                        max_open_files=max_open_files, tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()),
                        metrics_port=None if no_metrics else metrics_port)
     try:

@@ -24,7 +24,11 @@ neither a backlog replayed after a restart nor a stall of the worker expires any
   its `latency_ms`) is written with null decision fields (`rta_log_orphans{side="request"}`);
 * a decision whose request has not come when the requests of its partition have passed its
   request time by `--join-timeout-s` is dropped and counted (`rta_log_orphans{side="decision"}`):
-  without features it is no impression.
+  without features it is no impression. When traffic stops no request moves that watermark, so
+  a requests partition read to its end and silent for `--idle-s` counts as at wall clock minus
+  `--idle-s` (only this side: a silent decisions partition is a stalled worker);
+* an id read again after its pair was joined (a worker deciding a request again after a
+  rebalance, a replay) is a duplicate (`rta_log_duplicates`), dropped at once.
 
 Event times are the producers' clocks, so the watermarks use them bounded by the broker
 timestamp of the message (and the logger's clock) plus `_CLOCK_SLACK_MS`: one request stamped
