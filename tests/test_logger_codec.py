@@ -330,3 +330,42 @@ def test_a_crashed_writers_temp_files_are_removed_at_start_and_fresh_ones_kept(t
                 LoggerConfig(out_dir=tmp_path / "log"))
     lg.consumer.close()
     assert lg.stats.temp_files_removed == 1 and not stale.exists() and fresh.exists()
+
+
+def test_a_decision_of_a_request_stamped_ahead_moves_no_watermark_even_in_a_backlog(tmp_path: Path):
+    """Found by the full logger soak: after a 120 s stall the worker decided a request stamped 10
+    minutes ahead ~2 minutes late; bounded by its decision's broker time (+10 s) it still moved the
+    decisions' watermark ~2 minutes past the requests waiting for theirs, which were written
+    without a decision. An outlier now never moves a watermark. Break tried: bounding the outlier
+    by broker time + slack (the first fix) -> ten orphans here."""
+    from stream.config import Settings
+    from stream.logger.service import Logger, LoggerConfig
+
+    settings = Settings(kafka_bootstrap="127.0.0.1:1", model_dir=tmp_path / "models")
+    lg = Logger(settings, LoggerConfig(out_dir=tmp_path / "log", roll_seconds=3600, join_timeout_s=60))
+    rt, dt = settings.topic("requests"), settings.topic("decisions")
+    try:
+        t = 1_764_000_000_000
+        ids = [f"b{i}" for i in range(10)] + ["ahead"]
+        ts = np.r_[t + np.arange(10) * 100, t + 600_000].astype(np.int64)
+        reqs = [_req(r, {"x": 1.0}, ts=int(x)) for r, x in zip(ids, ts, strict=True)]
+        rows, _, _ = decode_requests_generic(reqs, np.arange(11), 0, reserved_columns())
+        lg._on_requests((rt, 0), rows, 0.0, broker_ts=np.full(11, t + 1000))
+        assert lg.stats.odd["future_ts"] == 1
+        # the worker, back from a stall, decides "ahead" first, 300 s after it was offered
+        late = t + 300_000
+        body = encode_decisions(["ahead"], np.zeros(1, bool), ["score"], np.ones(1), np.ones(1), np.ones((1, 4)),
+                                threshold=0.5, target_ratio=0.3, model="m", ts_ms=late,
+                                latency_ms=np.array([late - (t + 600_000)], float))
+        d, _ = decode_decisions_generic(body, np.arange(1), TASKS)
+        lg._on_decisions((dt, 0), d, 0.0, broker_ts=np.full(1, late))
+        lg.expire(0.0)
+        assert lg.stats.orphan_requests == 0 and len(lg._req_index) == 10
+        bodies = encode_decisions(ids[:10], np.zeros(10, bool), ["score"] * 10, np.ones(10), np.ones(10),
+                                  np.ones((10, 4)), threshold=0.5, target_ratio=0.3, model="m", ts_ms=late + 5,
+                                  latency_ms=(late + 5 - ts[:10]).astype(float))
+        d, _ = decode_decisions_generic(bodies, np.arange(1, 11), TASKS)
+        lg._on_decisions((dt, 0), d, 0.0, broker_ts=np.full(10, late + 5))
+        assert not lg._req_index and lg.stats.orphan_requests == 0
+    finally:
+        lg.consumer.close()

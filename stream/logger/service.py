@@ -30,9 +30,10 @@ neither a backlog replayed after a restart nor a stall of the worker expires any
 * an id read again after its pair was joined (a worker deciding a request again after a
   rebalance, a replay) is a duplicate (`rta_log_duplicates`), dropped at once.
 
-Event times are the producers' clocks, so the watermarks use them bounded by the broker
-timestamp of the message (and the logger's clock) plus `_CLOCK_SLACK_MS`: one request stamped
-minutes (or years) ahead moves no watermark and expires nobody; it is counted
+Event times are the producers' clocks, so a row whose event time is past its message's broker
+timestamp (or the logger's clock) by more than `_CLOCK_SLACK_MS` is an outlier: it never moves a
+watermark (neither the request stamped minutes or years ahead nor its decision, which may be
+decided long after in a backlog) and waits by its broker time instead. It is counted
 (`rta_log_odd_inputs{what="future_ts"}`) and written with its own `ts_ms`.
 
 Memory is bounded by back-pressure, not expiry: when the rows waiting on one (topic, partition)
@@ -473,13 +474,20 @@ class Logger:
             return
         wm, store = (self._req_wm, self._req) if is_req else (self._dec_wm, self._dec)
         index, other = (self._req_index, self._dec_index) if is_req else (self._dec_index, self._req_index)
-        # The join clock: event time, but never past the broker's timestamp of the message (nor
-        # the logger's clock) by more than the slack, so one producer clock ahead (or a request
-        # stamped in year 9999) neither drags the watermark along nor waits for ever itself.
+        # The join clock: the request's event time, unless it is past the broker's timestamp of
+        # the message (or the logger's clock) by more than the slack. Such a row (a producer's
+        # clock ahead, year 9999) is an outlier: it never moves the watermark (a decision is
+        # stamped when decided, so in a backlog its broker time is far past its request's: no
+        # bound derived from it is safe to move the watermark by), and it waits by its broker
+        # time instead, so it does not wait for ever either.
         wall = int(time.time() * 1000)
         bound = np.full(len(rows.ids), wall) if broker_ts is None else np.where(broker_ts > 0, broker_ts, wall)
-        rows.ts = np.minimum(rows.ts, np.minimum(bound, wall) + _CLOCK_SLACK_MS)
-        wm[tp[1]] = max(wm.get(tp[1], 0), int(rows.ts.max()))
+        bound = np.minimum(bound, wall)
+        outlier = rows.ts > bound + _CLOCK_SLACK_MS
+        if outlier.any():
+            rows.ts = np.where(outlier, bound, rows.ts)
+        if not outlier.all():
+            wm[tp[1]] = max(wm.get(tp[1], 0), int(rows.ts[~outlier].max()))
         b = self._new_pending(tp, rows, now, index, "request" if is_req else "decision")
         live = np.flatnonzero(b.alive)
         hits = list(map(other.pop, (b.ids[i] for i in live.tolist()), repeat(None)))
