@@ -240,7 +240,9 @@ def run_logger_soak(cfg: LoggerSoakConfig, settings: Settings, workdir: Path,
     expected = {"future_ts": cfg.ahead + 1, "int_beyond_2^53": cfg.big_ints, "feature_type": cfg.gdpr}
     out = {
         "bench": "soak --logger", "config": asdict(cfg),
-        "times": {"feed_s": round(t_fed - t_feed, 1), "decided_after_feed_s": round(t_decided - t_fed, 1),
+        "times": {"offered_in_s": round((feeder.done_at or t_fed) - t_feed, 1),
+                  "offered_rate": round(len(values) / max((feeder.done_at or t_fed) - t_feed, 1e-9)),
+                  "feed_s": round(t_fed - t_feed, 1), "decided_after_feed_s": round(t_decided - t_fed, 1),
                   "logged_after_decided_s": round(t_logged - t_decided, 1), "total_s": round(time.time() - t_start, 1)},
         "events": events,
         "requests": len(ids), "logged_after_dedup": len(logged), "logged_rows_read": logs.info["counts"].get(

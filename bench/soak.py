@@ -81,6 +81,7 @@ class _Feeder(threading.Thread):
         self.settings, self.values, self.keys, self.rate = settings, values, keys, rate
         self.sent = 0
         self.error: BaseException | None = None
+        self.done_at: float | None = None  # time.time() once every request is delivered
 
     def run(self) -> None:
         try:
@@ -96,6 +97,7 @@ class _Feeder(threading.Thread):
                 time.sleep(max(0.0, t0 + self.sent / self.rate - time.monotonic()))
             if p.flush(60):
                 raise RuntimeError("soak: the feeder could not deliver every request")
+            self.done_at = time.time()
         except BaseException as exc:  # reported by the main thread
             self.error = exc
 
