@@ -369,3 +369,37 @@ def test_a_decision_of_a_request_stamped_ahead_moves_no_watermark_even_in_a_back
         assert not lg._req_index and lg.stats.orphan_requests == 0
     finally:
         lg.consumer.close()
+
+
+def test_an_integer_categorical_is_logged_as_the_bundle_reads_it_and_the_trainer_agrees(tmp_path: Path):
+    """Issue 27 item 4, through the logger and the production reader: a bundle's categorical fed
+    integers is written as strings, so `load_logged` (what rta train and replay read) sees a
+    categorical. On main it was float64: a numeric feature, which replay refuses for the bundle."""
+    from stream.config import Settings
+    from stream.features import FeatureSpec
+    from stream.logger.service import Logger, LoggerConfig
+    from training.logs import load_logged
+
+    models = tmp_path / "models"
+    (models / "v1").mkdir(parents=True)
+    spec = FeatureSpec(("x",), ("city",))
+    (models / "v1" / "manifest.json").write_bytes(orjson.dumps({"feature_spec": spec.to_dict()}))
+    settings = Settings(kafka_bootstrap="127.0.0.1:1", model_dir=models)
+    lg = Logger(settings, LoggerConfig(out_dir=tmp_path / "log", roll_seconds=3600))
+    rt, dt = settings.topic("requests"), settings.topic("decisions")
+    try:
+        n, t = 40, 1_764_000_000_000
+        ids = [f"k{i}" for i in range(n)]
+        reqs = [_req(r, {"x": float(i), "city": i % 5, "gdpr": True}, ts=t + i) for i, r in enumerate(ids)]
+        rows, bad, _ = decode_requests_generic(reqs, np.arange(n), 0, reserved_columns(), kinds=lg._kinds)
+        lg._on_requests((rt, 0), rows, 0.0)
+        decs = encode_decisions(ids, np.zeros(n, bool), ["score"] * n, np.ones(n), np.ones(n), np.ones((n, 4)),
+                                threshold=0.5, target_ratio=0.3, model="v1", ts_ms=t + 100, latency_ms=1.0)
+        d, _ = decode_decisions_generic(decs, np.arange(n), TASKS)
+        lg._on_decisions((dt, 0), d, 0.0)
+        lg.roll(due_only=False)
+    finally:
+        lg.consumer.close()
+    logs = load_logged(tmp_path / "log")
+    assert bad == 0 and len(logs) == n and logs.spec.categorical == ("city",) and logs.spec.numeric == ("x",)
+    assert sorted(set(logs.cat[:, 0].tolist())) == ["0", "1", "2", "3", "4"]
