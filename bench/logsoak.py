@@ -56,6 +56,7 @@ class LoggerSoakConfig:
     features: int = 28
     partitions: int = 4
     max_buffered: int = 200_000
+    idle_s: float = 30.0  # the logger's --idle-s
     timeout_s: float = 600.0  # for the worker and the logger to catch up after the feed
 
 
@@ -106,7 +107,7 @@ def _spawn_logger(settings: Settings, cwd: Path, n: int, cfg: LoggerSoakConfig) 
     log = open(cwd / f"logger-{n}.log", "wb")  # noqa: SIM115 - closed with the process
     return subprocess.Popen([sys.executable, "-m", "infra.cli", "log", "--out", str(cwd / "log"), "--no-metrics",
                              "--group", _group(settings), "--roll-seconds", "2", "--max-buffered",
-                             str(cfg.max_buffered)], env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+                             str(cfg.max_buffered), "--idle-s", str(cfg.idle_s)], env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
 
 
 def _committed_all(settings: Settings, roles: tuple[str, ...], seen: list[tuple[int, ...]]) -> bool:

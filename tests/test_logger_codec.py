@@ -403,3 +403,31 @@ def test_an_integer_categorical_is_logged_as_the_bundle_reads_it_and_the_trainer
     logs = load_logged(tmp_path / "log")
     assert bad == 0 and len(logs) == n and logs.spec.categorical == ("city",) and logs.spec.numeric == ("x",)
     assert sorted(set(logs.cat[:, 0].tolist())) == ["0", "1", "2", "3", "4"]
+
+
+def test_a_silent_requests_partition_the_logger_is_behind_on_is_not_idle(tmp_path: Path):
+    """Found by a second full soak: a requests partition resumed after a long pause had delivered
+    nothing "for 60 s", so it counted as idle and the decisions waiting for its unread requests
+    were dropped (8,367 in one logger; their requests then waited for ever). Idle now needs it read
+    to its end (position at the high watermark; this consumer never fetched: not at its end).
+    Break tried: the silence test alone -> the decision is dropped here."""
+    import time
+
+    from stream.config import Settings
+    from stream.logger.service import Logger, LoggerConfig
+
+    settings = Settings(kafka_bootstrap="127.0.0.1:1", model_dir=tmp_path / "models")
+    lg = Logger(settings, LoggerConfig(out_dir=tmp_path / "log", roll_seconds=3600, idle_s=1.0))
+    rt, dt = settings.topic("requests"), settings.topic("decisions")
+    try:
+        t = int(time.time() * 1000) - 600_000  # decided 10 minutes ago: far behind the wall clock
+        body = encode_decisions(["d0"], np.zeros(1, bool), ["score"], np.ones(1), np.ones(1), np.ones((1, 4)),
+                                threshold=0.5, target_ratio=0.3, model="m", ts_ms=t, latency_ms=1.0)
+        d, _ = decode_decisions_generic(body, np.arange(1), TASKS)
+        lg.assignment = {(rt, 0), (dt, 0)}
+        lg._on_decisions((dt, 0), d, 0.0, broker_ts=np.full(1, t))
+        lg._last_msg[(rt, 0)] = time.monotonic() - 120  # silent for 2 minutes (it was paused)
+        lg.expire(time.monotonic())
+        assert lg.stats.orphan_decisions == 0 and "d0" in lg._dec_index
+    finally:
+        lg.consumer.close()

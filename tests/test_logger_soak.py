@@ -15,8 +15,10 @@ def test_logger_soak_stall_kill_9_and_odd_inputs_lose_no_decision(settings, tmp_
     worker's decision; every outcome logged; the counters name every odd input."""
     from bench.logsoak import LoggerSoakConfig, run_logger_soak
 
+    # --idle-s 2, shorter than the stall: a partition paused through it must not count as idle on
+    # resume (a full run dropped 8,367 decisions so; the codec test pins the at-end check down)
     cfg = LoggerSoakConfig(requests=8000, rate=1000, stall_s=10.0, logger_kills=2,
-                           partitions=settings.partitions, max_buffered=3000, timeout_s=120)
+                           partitions=settings.partitions, max_buffered=3000, timeout_s=120, idle_s=2.0)
     out = run_logger_soak(cfg, settings, tmp_path / "soak")
     assert out["missing"] == out["unexpected"] == out["without_decision"] == 0, out
     assert out["logged_after_dedup"] == 8000 and out["decision_differs_from_worker"] == 0, out

@@ -25,7 +25,8 @@ neither a backlog replayed after a restart nor a stall of the worker expires any
 * a decision whose request has not come when the requests of its partition have passed its
   request time by `--join-timeout-s` is dropped and counted (`rta_log_orphans{side="decision"}`):
   without features it is no impression. When traffic stops no request moves that watermark, so
-  a requests partition read to its end and silent for `--idle-s` counts as at wall clock minus
+  a requests partition read to its end (position at its high watermark) and silent for
+  `--idle-s` (since its last message or its last resume) counts as at wall clock minus
   `--idle-s` (only this side: a silent decisions partition is a stalled worker);
 * an id read again after its pair was joined (a worker deciding a request again after a
   rebalance, a replay) is a duplicate (`rta_log_duplicates`), dropped at once.
@@ -572,11 +573,28 @@ class Logger:
         idle_s = self.config.idle_s
         req_t = self.settings.topic("requests")
         out = dict(self._req_wm)
+        silent = [tp for tp, last in self._last_msg.items() if tp[0] == req_t and tp in self.assignment
+                  and tp not in self._paused and now - last >= idle_s]
         wall_ms = int((time.time() - idle_s) * 1000)
-        for (t, p), last in self._last_msg.items():
-            if t == req_t and (t, p) in self.assignment and (t, p) not in self._paused and now - last >= idle_s:
-                out[p] = max(out.get(p, 0), wall_ms)
+        for _t, p in self._at_end(silent):
+            out[p] = max(out.get(p, 0), wall_ms)
         return out
+
+    def _at_end(self, tps: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        """The partitions of `tps` whose position is at their high watermark (as last fetched):
+        silent because there is nothing to read, not because the logger is behind."""
+        if not tps:
+            return []
+        try:
+            positions = self.consumer.position([TopicPartition(t, p) for t, p in tps])
+            out = []
+            for tp in positions:
+                _, hi = self.consumer.get_watermark_offsets(tp, cached=True)
+                if hi >= 0 and tp.offset >= hi:
+                    out.append((tp.topic, tp.partition))
+            return out
+        except (KafkaException, RuntimeError):
+            return []
 
     def pressure(self) -> None:
         """Back-pressure: pause a request or decision partition whose waiting rows reached its
@@ -604,6 +622,8 @@ class Logger:
                 self.consumer.pause([TopicPartition(t, p) for t, p in pause])
             if resume:
                 self.consumer.resume([TopicPartition(t, p) for t, p in resume])
+                now = time.monotonic()  # silence is counted from here: a paused partition was not idle
+                self._last_msg.update(dict.fromkeys(resume, now))
         except KafkaException as exc:  # a partition revoked meanwhile: the next turn sees the truth
             log.warning("pause/resume: %s", exc, extra={"event": "pause_failed"})
             return
