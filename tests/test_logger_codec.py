@@ -426,8 +426,15 @@ def test_a_silent_requests_partition_the_logger_is_behind_on_is_not_idle(tmp_pat
         d, _ = decode_decisions_generic(body, np.arange(1), TASKS)
         lg.assignment = {(rt, 0), (dt, 0)}
         lg._on_decisions((dt, 0), d, 0.0, broker_ts=np.full(1, t))
+        lg._next[(rt, 0)] = 500  # it delivered requests before (its position: this consumer never fetched)
         lg._last_msg[(rt, 0)] = time.monotonic() - 120  # silent for 2 minutes (it was paused)
         lg.expire(time.monotonic())
         assert lg.stats.orphan_decisions == 0 and "d0" in lg._dec_index
+        # a restarted logger whose requests partition had nothing left to read (all committed)
+        # and delivered nothing since: at its end, so the replayed decision goes (a third full
+        # soak held the decisions' commit on such decisions for ever)
+        del lg._next[(rt, 0)]
+        lg.expire(time.monotonic())
+        assert lg.stats.orphan_decisions == 1 and not lg._dec_index
     finally:
         lg.consumer.close()

@@ -582,16 +582,23 @@ class Logger:
 
     def _at_end(self, tps: list[tuple[str, int]]) -> list[tuple[str, int]]:
         """The partitions of `tps` whose position is at their high watermark (as last fetched):
-        silent because there is nothing to read, not because the logger is behind."""
+        silent because there is nothing to read, not because the logger is behind. A partition
+        that delivered nothing since it was assigned has no position yet: silent for `idle_s`
+        since the assignment (or its last resume) with nothing fetched, it is at its end."""
         if not tps:
             return []
         try:
             positions = self.consumer.position([TopicPartition(t, p) for t, p in tps])
             out = []
             for tp in positions:
+                key = (tp.topic, tp.partition)
+                if tp.offset < 0:
+                    if key not in self._next:
+                        out.append(key)
+                    continue
                 _, hi = self.consumer.get_watermark_offsets(tp, cached=True)
                 if hi >= 0 and tp.offset >= hi:
-                    out.append((tp.topic, tp.partition))
+                    out.append(key)
             return out
         except (KafkaException, RuntimeError):
             return []
