@@ -349,11 +349,9 @@ def test_bootstrap_sums_resample_like_row_indices():
     assert abs(np.quantile(ratio, 0.975) - np.quantile(rows[:, 1] / rows[:, 0], 0.975)) < 0.005
 
 
-def _scored_with(small, e):
-    """The small world scored by the fixture's bundle, then its scores replaced by `e` (row
-    order of the world): what replay would do with a model that scores like `e`."""
-    scorer = Scorer.load(small["bundle"])
-    sc = score_logs(small["world"], scorer, ScorePolicy.from_manifest(scorer.manifest))
+def _scored_with(sc, e):
+    """`sc` with its scores replaced by `e` (row order of the log): what replay would do with a
+    model that scores like `e`."""
     return dataclasses.replace(sc, e=np.asarray(e, np.float32)[sc.order], prior=None)
 
 
@@ -366,10 +364,12 @@ def test_value_kept_beats_random_only_when_the_score_knows_value(small):
     j = world.tasks.index("deal")
     q = world.truth[:, j]
     cfg = ReplayConfig(steps=[Step(0.4)])
+    scorer = Scorer.load(small["bundle"])
+    scored = score_logs(world, scorer, ScorePolicy.from_manifest(scorer.manifest))
     got = {}
     for name, e in {"knows": q, "reverse": 1.0 - q,
                     "noise": np.random.default_rng(3).random(len(q))}.items():
-        sc = _scored_with(small, e)
+        sc = _scored_with(scored, e)
         run = replay_live(sc, cfg.steps, cfg)
         truth = (world.labels[sc.order], world.truth[sc.order])
         got[name] = summarize(sc, run, truth, cfg)["value"]["deal"]
