@@ -538,7 +538,7 @@ def summarize(sc: Scored, run: Run, truth: tuple[np.ndarray | None, np.ndarray |
         "reason_mix": {r: {"pass": int(reasons[i] - blocked_by[i]), "block": int(blocked_by[i])}
                        for i, r in enumerate(REASONS) if reasons[i]},
         "event_span_s": float(t_s[-1] - t_s[0]),
-        "speedup": speedup,
+        "speedup": speedup if run.steps else None,  # logged thresholds: no controller
     }
     steps = []
     for k, s in enumerate(run.steps):
