@@ -33,14 +33,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from model import bundle, registry
 from stream.errors import BundleError, ConfigError, DataError
-from stream.policy import Targets
+from stream.policy import ScorePolicy, Targets
 from training.churn import flips, load_window, replay_pair
-from training.logs import Attribution, is_logged_layout
-from training.replay import Scored, Step, _finite, ope_sample
+from training.logs import Attribution, is_logged_layout, ts_in_range
+from training.replay import Scored, Step, _finite, _logged, bootstrap_sums
 
 FIDELITY_MODES = ("required", "no-regression")
 
@@ -57,6 +59,13 @@ class GateConfig:
     seed: int = 0
     speedup: float = 1.0
     window_hours: float | None = None  # only the newest hours of the holdout (None: all of it)
+    non_inferiority: float = 0.01  # delta: promote while the value's lower bound > -delta * current's value
+    guard_margin: float = 0.05  # a task's kept positives may not drop by more than this share of current's
+    guards: tuple[str, ...] | None = None  # tasks with a guard rail (None: every task the value weighs)
+
+    def guard_tasks(self, tasks: dict[str, Any]) -> list[str]:
+        return [t for t in tasks if (self.guards is None and tasks[t].get("weight", 0) > 0)
+                or (self.guards is not None and t in self.guards)]
 
     def __post_init__(self) -> None:
         if self.fidelity not in FIDELITY_MODES:
@@ -65,6 +74,8 @@ class GateConfig:
             raise ConfigError("gate: bootstrap >= 100, 0.5 < confidence < 1 and min positives >= 1")
         if self.window_hours is not None and not self.window_hours > 0:
             raise ConfigError(f"--window-hours must be > 0, got {self.window_hours}")
+        if not 0 <= self.non_inferiority < 1 or not 0 <= self.guard_margin < 1:
+            raise ConfigError("--non-inferiority and --guard-margin must be shares in [0, 1)")
 
 
 def live_targets(settings: Any, ratio: float | None, p_u: float = 0.0, epsilon: float = 0.0) -> tuple[Targets, str]:
@@ -87,8 +98,10 @@ def live_targets(settings: Any, ratio: float | None, p_u: float = 0.0, epsilon: 
     return Targets(ratio, p_u, epsilon), "--ratio"
 
 
-def newest_ts_ms(path: str | Path) -> int | None:
-    """Newest ts_ms of a log path (the impressions of a logged layout), reading that column only."""
+def newest_ts_ms(path: str | Path, now_ms: int | None = None) -> int | None:
+    """Newest in-range ts_ms of a log path (the impressions of a logged layout), reading that
+    column only; a row stamped past the wall clock (year 9999, microseconds) is ignored, or it
+    would empty every window counted back from "newest" (`training.logs.ts_in_range`)."""
     root = Path(path)
     if not root.exists():
         return None
@@ -98,9 +111,9 @@ def newest_ts_ms(path: str | Path) -> int | None:
         col = ds.dataset(root, format="parquet", exclude_invalid_files=True).to_table(columns=["ts_ms"])["ts_ms"]
     except Exception:  # noqa: BLE001 - JSONL or an odd file: the caller asks for --holdout-from-ms
         return None
-    import pyarrow.compute as pc
-
-    return None if len(col) == 0 else int(pc.max(col).as_py())
+    ts = col.to_numpy().astype(np.int64) if col.null_count == 0 else col.drop_null().to_numpy().astype(np.int64)
+    ts = ts[ts_in_range(ts, now_ms)]
+    return None if len(ts) == 0 else int(ts.max())
 
 
 def _trained_until(bundle_dir: Path, logs: str | None, depth: int = 8) -> int | None:
@@ -172,53 +185,195 @@ def fidelity_check(candidate: dict[str, Any], current: dict[str, Any] | None, mo
     return out
 
 
-def _sample(sc: Scored, j: int) -> tuple[np.ndarray, np.ndarray, int, str]:
-    """Rows, weights and population of the estimate: the explore slice of a logged layout, every
-    labelled valid row of a world log."""
-    if sc.logs.decisions is not None:
-        mask, w, n_pop = ope_sample(sc, j)
-        return mask, w, n_pop, "self-normalised IPS on the explore slice"
-    mask = sc.valid & np.isfinite(sc.logs.labels[sc.order, j])
-    return mask, np.ones(int(mask.sum())), int(mask.sum()), "labels of every row (world log)"
+def logging_pass_probability(sc: Scored) -> tuple[np.ndarray, np.ndarray]:
+    """(logged action passed bool[N], P(logging policy passes the row) float64[N]) in scored
+    order, from the logged fields only (so it stays right after a rollback, or when the model
+    that logged is not `current`).
+
+    The policy (`stream.policy.decide`): an invalid row always passes; a valid one passes if
+    explored (probability epsilon) or if the rule passes it (u >= tau_u or score >= threshold).
+    So P(pass) = 1 where the rule passes and epsilon where it blocks. epsilon is the logged
+    propensity of an explore row and 1 - propensity of a rule-path row; the rule's verdict on
+    an explore row is recomputed from its logged score, uncertainty and thresholds."""
+    d = sc.logs.decisions.take(pa.array(sc.order))
+
+    def num(name: str) -> np.ndarray:
+        return pc.fill_null(d.column(name).cast(pa.float64()), math.nan).to_numpy(zero_copy_only=False)
+
+    def words(name: str, value: str) -> np.ndarray:
+        return pc.fill_null(pc.equal(d.column(name), value), False).to_numpy(zero_copy_only=False)
+
+    passed = words("decision", "pass")
+    explore = words("reason", "explore")
+    forced = words("reason", "invalid") | words("reason", "nan_output")
+    prop = num("propensity")
+    eps = np.where(explore, prop, 1.0 - prop)
+    with np.errstate(invalid="ignore"):
+        rule_pass = (num("uncertainty") >= num("tau_u")) | (num("score") >= num("threshold"))
+    rule_pass = np.where(explore, rule_pass, passed)  # a rule-path row's decision is the rule's
+    p_pass = np.where(forced, 1.0, np.where(rule_pass, 1.0, eps))
+    return passed, p_pass
 
 
-def paired_estimate(sc: Scored, j: int, passed_c: np.ndarray, passed_u: np.ndarray, boot: int,
-                    confidence: float, seed: int) -> dict[str, Any]:
-    """Value kept by candidate and current on one task and the paired bootstrap of their difference."""
-    mask, w, n_pop, estimator = _sample(sc, j)
-    y = np.nan_to_num(sc.logs.labels[sc.order][mask, j]).astype(np.float64)
-    kc, ku = passed_c[mask].astype(np.float64), passed_u[mask].astype(np.float64)
-    m = len(y)
-    out: dict[str, Any] = {"estimator": estimator, "population": n_pop, "sample_rows": m,
-                           "positives_in_sample": int(y.sum()),
-                           "interval": f"paired percentile bootstrap ({boot}) of candidate - current, "
-                                       f"{confidence:.0%}"}
-    if m == 0 or w.sum() <= 0:
-        return {**out, "candidate": math.nan, "current": math.nan, "difference": math.nan,
-                "difference_ci": [math.nan, math.nan]}
-    def est(k: np.ndarray) -> float:
-        return n_pop * float((w * k * y).sum() / w.sum())
+@dataclass
+class TaskContrib:
+    """Per-row contributions of one task to the paired estimate (rows: the task's population)."""
 
+    dr: np.ndarray  # doubly robust difference candidate - current
+    ips: np.ndarray  # inverse-propensity difference
+    den: np.ndarray  # inverse-propensity weight of an observed row (self-normalisation)
+    cur: float  # current's kept positives (DR)
+    positives: float  # positives in the population (DR)
+    population: int
+    observed: int  # rows whose label the difference reads (passed, matured)
+    discordant_positives: int  # observed positives where the two models disagree
+
+
+def task_contributions(sc: Scored, j: int, pass_c: np.ndarray, pass_u: np.ndarray,
+                       logged: tuple[np.ndarray, np.ndarray] | None) -> TaskContrib:
+    """The paired value difference of task j, row by row.
+
+    Value of a filter = positives it passes. Difference = sum over rows of (k_c - k_u) * y:
+    rows where the two agree add exactly 0. On logged traffic y is seen only where the logging
+    policy passed and the window closed: IPS weighs those rows by 1 / P(logged pass); DR adds a
+    reward model q (the logging model's own p of the task, logged as `p_<task>`) for every row
+    and corrects it where y is seen: (k_c - k_u) * (q + [seen] / P(pass) * (y - q)). A world log
+    (every label) is its own truth: q = y, P = 1."""
+    y_all = sc.logs.labels[sc.order, j].astype(np.float64)
+    diff = pass_c.astype(np.float64) - pass_u.astype(np.float64)
+    if logged is None:
+        pop = np.isfinite(y_all)
+        y = np.nan_to_num(y_all)
+        seen, p_pass, q = pop, np.ones(len(y)), y
+    else:
+        passed, p_pass = logged
+        info = sc.logs.info
+        as_of = info.get("as_of_ms", int(sc.ts_ms.max()))
+        w_ms = info.get("attribution_windows_s", {}).get(sc.tasks[j], 0.0) * 1000.0
+        pop = (as_of - sc.ts_ms) >= w_ms  # the rows whose label could have matured
+        seen = pop & passed & np.isfinite(y_all) & (p_pass > 0)
+        y = np.nan_to_num(y_all)
+        q = np.clip(np.nan_to_num(_logged(sc, f"p_{sc.tasks[j]}")), 0.0, 1.0) \
+            if f"p_{sc.tasks[j]}" in sc.logs.decisions.column_names else np.zeros(len(y))
+    inv = np.where(seen, 1.0 / np.where(seen, p_pass, 1.0), 0.0)
+    dr = np.where(pop, diff * (q + inv * (y - q)), 0.0)
+    ips = np.where(pop, diff * inv * y, 0.0)
+    den = np.where(pop, inv, 0.0)
+    kept_u = pass_u.astype(np.float64) * (q + inv * (y - q))
+    return TaskContrib(dr=dr, ips=ips, den=den, cur=float(kept_u[pop].sum()),
+                       positives=float((q + inv * (y - q))[pop].sum()), population=int(pop.sum()),
+                       observed=int(seen.sum()), discordant_positives=int((seen & (diff != 0) & (y > 0)).sum()))
+
+
+def score_weights(manifest: dict[str, Any]) -> dict[str, float]:
+    """The value's task weights: the bundle's score function (normalised), `stream.policy`."""
+    pol = ScorePolicy.from_manifest(manifest)
+    return {t: float(w) for t, w in zip(pol.tasks, pol.weights, strict=True) if w > 0}
+
+
+def _quantiles(b: np.ndarray, confidence: float) -> list[float]:
+    b = b[np.isfinite(b)]
+    if not len(b):
+        return [math.nan, math.nan]
+    lo = (1 - confidence) / 2
+    return [float(np.quantile(b, lo)), float(np.quantile(b, 1 - lo))]
+
+
+def paired_value(contrib: dict[str, TaskContrib], weights: dict[str, float], boot: int, confidence: float,
+                 seed: int) -> dict[str, Any]:
+    """The value difference candidate - current (score-function-weighted share of each task's
+    positives kept, DR), per-task differences (guard rails), IPS and self-normalised IPS as
+    checks; percentile intervals from one paired bootstrap of the rows (`replay.bootstrap_sums`:
+    rows where the models agree are one group, so a resample costs O(discordant rows))."""
+    tasks = list(contrib)
+    cols = np.stack([c for t in tasks for c in (contrib[t].dr, contrib[t].ips, contrib[t].den)], axis=1)
+    live = np.any(cols != 0, axis=1)
+    rows, m = cols[live], len(cols)
+    # the rows all zero are one more group: pad it so the multinomial draws over all m rows
+    if live.sum() < m:
+        rows = np.vstack([rows, np.zeros((m - int(live.sum()), cols.shape[1]))])
     rng = np.random.default_rng(seed)
-    diff_b, c_b, u_b = np.empty(boot), np.empty(boot), np.empty(boot)
-    for s in range(0, boot, 100):  # resample in blocks: bounded memory
-        nb = min(100, boot - s)
-        idx = rng.integers(0, m, (nb, m))
-        wb, yb = w[idx], y[idx]
-        sw = wb.sum(1)
-        c_b[s:s + nb] = n_pop * (wb * kc[idx] * yb).sum(1) / sw
-        u_b[s:s + nb] = n_pop * (wb * ku[idx] * yb).sum(1) / sw
-        diff_b[s:s + nb] = c_b[s:s + nb] - u_b[s:s + nb]
-    lo_q, hi_q = (1 - confidence) / 2, 1 - (1 - confidence) / 2
+    sums = np.vstack([bootstrap_sums(rows, min(200, boot - s), rng) for s in range(0, boot, 200)])
+    scale = {t: (weights.get(t, 0.0) / contrib[t].positives if contrib[t].positives > 0 else 0.0) for t in tasks}
+    cur_value = sum(scale[t] * contrib[t].cur for t in tasks)
+    out: dict[str, Any] = {"tasks": {}}
+    val_b = np.zeros(len(sums))
+    val = 0.0
+    for i, t in enumerate(tasks):
+        c = contrib[t]
+        dr_b, ips_b, den_b = sums[:, 3 * i], sums[:, 3 * i + 1], sums[:, 3 * i + 2]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            sn_b = c.population * ips_b / den_b
+        d = float(c.dr.sum())
+        sn = c.population * float(c.ips.sum()) / float(c.den.sum()) if c.den.sum() > 0 else math.nan
+        val += scale[t] * d
+        val_b += scale[t] * dr_b
+        out["tasks"][t] = {
+            "weight": weights.get(t, 0.0), "population": c.population, "observed": c.observed,
+            "positives": round(c.positives, 2), "discordant_positives": c.discordant_positives,
+            "current": round(c.cur, 3), "candidate": round(c.cur + d, 3),
+            "difference": d, "difference_ci": _quantiles(dr_b, confidence),
+            "relative": d / c.cur if c.cur > 0 else math.nan,
+            "relative_ci": ([v / c.cur for v in _quantiles(dr_b, confidence)] if c.cur > 0
+                            else [math.nan, math.nan]),
+            "ips": float(c.ips.sum()), "ips_ci": _quantiles(ips_b, confidence),
+            "snips": sn, "snips_ci": _quantiles(sn_b, confidence),
+        }
+    se = float(np.std(val_b, ddof=1)) if len(val_b) > 1 else math.nan
+    out.update(current=cur_value, candidate=cur_value + val, difference=val,
+               difference_ci=_quantiles(val_b, confidence), se=se,
+               relative=val / cur_value if cur_value > 0 else math.nan,
+               rows=m, discordant_rows=int(live.sum()), bootstrap=boot, confidence=confidence,
+               estimator="doubly robust (reward model: the logging model's p), paired bootstrap of the rows",
+               unit="score-weighted share of each task's positives kept")
+    return out
 
-    def ci(b: np.ndarray) -> list[float]:
-        return [float(np.quantile(b, lo_q)), float(np.quantile(b, hi_q))]
 
-    c, u = est(kc), est(ku)
-    return {**out, "ess": round(float(w.sum() ** 2 / (w ** 2).sum()), 1),
-            "candidate": c, "candidate_ci": ci(c_b), "current": u, "current_ci": ci(u_b),
-            "difference": c - u, "difference_ci": ci(diff_b),
-            "positives": n_pop * float((w * y).sum() / w.sum())}
+# z of a two-sided 95% interval and of 80% power: MDE = (z_a + z_b) * se
+_Z_POWER = 0.8416
+
+
+def decide(value: dict[str, Any], cfg: GateConfig, window_hours: float) -> dict[str, Any]:
+    """Promote / refuse / inconclusive (module docstring), the minimum detectable effect at this
+    sample and how much more traffic would resolve an inconclusive one."""
+    from statistics import NormalDist
+
+    d, (lo, hi), cur = value["difference"], value["difference_ci"], value["current"]
+    delta = cfg.non_inferiority * cur
+    z = NormalDist().inv_cdf(0.5 + cfg.confidence / 2)
+    se = value["se"]
+    mde = (z + _Z_POWER) * se
+    rails, broken, unsure = {}, [], []
+    for t, v in value["tasks"].items():
+        if t not in cfg.guard_tasks(value["tasks"]):
+            continue
+        floor = -cfg.guard_margin * v["current"]
+        r_lo, r_hi = v["difference_ci"]
+        state = "holds" if r_lo > floor else ("fails" if r_hi < floor else "unsure")
+        rails[t] = {"margin": cfg.guard_margin, "floor": floor, "difference_ci": [r_lo, r_hi], "state": state}
+        (broken if state == "fails" else unsure if state == "unsure" else []).append(t)
+    out: dict[str, Any] = {"non_inferiority_delta": delta, "guard_rails": rails,
+                           "mde": mde, "mde_relative": mde / cur if cur > 0 else math.nan}
+    if not all(map(math.isfinite, (d, lo, hi))):
+        return {**out, "decision": "inconclusive", "why": "no estimate (no rows with matured labels)"}
+    if hi < 0 or broken:
+        why = (f"worse beyond the interval: value difference {d:+.4f} [{lo:+.4f}, {hi:+.4f}]" if hi < 0 else
+               f"guard rail broken beyond the interval: {', '.join(broken)} drops more than "
+               f"{cfg.guard_margin:.0%} of current's kept positives")
+        return {**out, "decision": "refuse", "why": why}
+    if lo > -delta and not unsure:
+        return {**out, "decision": "promote", "why": f"non-inferior: lower bound {lo:+.4f} > -{delta:.4f} "
+                                                     f"({cfg.non_inferiority:.0%} of current's value)"}
+    # inconclusive: the interval's half-width must shrink to |d + delta| (to promote) or |d| (to
+    # refuse); it shrinks as 1/sqrt(rows)
+    half = (hi - lo) / 2
+    target = d + delta if d + delta > 0 else -d
+    factor = (half / target) ** 2 if target > 0 else math.inf
+    more = max(factor - 1.0, 0.0)
+    why = (f"inconclusive: value difference {d:+.4f} [{lo:+.4f}, {hi:+.4f}] neither excludes -{delta:.4f} "
+           f"nor 0" if not unsure else f"inconclusive: guard rail {', '.join(unsure)} neither holds nor fails")
+    return {**out, "decision": "inconclusive", "why": why, "more_traffic_factor": factor,
+            "more_hours": more * window_hours if math.isfinite(more) else math.inf}
 
 
 def run_gate(candidate: str | Path, current: str | Path, logs: str | Path, targets: Targets,
@@ -236,7 +391,7 @@ def run_gate(candidate: str | Path, current: str | Path, logs: str | Path, targe
         cand_manifest = registry.verify(cand_dir)
         result["verification"] = "ok"
     except BundleError as exc:
-        result.update(verification=str(exc), passed=False)
+        result.update(verification=str(exc), passed=False, decision="refuse")
         reasons.append(f"bundle verification failed: {exc}")
         result = _finite(result)
         if write and (cand_dir / bundle.MANIFEST).is_file():
@@ -260,43 +415,71 @@ def run_gate(candidate: str | Path, current: str | Path, logs: str | Path, targe
     sc_c, run_c, sc_u, run_u = replay_pair(cand_dir, cur_dir, window, step, cfg.seed, cfg.speedup)
     task = gate_task(cand_manifest, cfg.task)
     tasks = list(cand_manifest["tasks"])
-    per_task = {t: paired_estimate(sc_c, j, ~run_c.block, ~run_u.block, cfg.boot, cfg.confidence, cfg.seed)
-                for j, t in enumerate(tasks)}
-    est = {"task": task, **per_task[task]}
+    logged_pass = logging_pass_probability(sc_c) if logged else None
+    contrib = {t: task_contributions(sc_c, j, ~run_c.block, ~run_u.block, logged_pass) for j, t in enumerate(tasks)}
+    weights = score_weights(cand_manifest)
+    if cfg.task is not None:  # --task: the value is that task alone
+        weights = {cfg.task: 1.0}
+    value = paired_value(contrib, weights, cfg.boot, cfg.confidence, cfg.seed)
+    span_h = max(float(window.ts_ms.max() - window.ts_ms.min()) / 3.6e6, 1e-9)
+    verdict = decide(value, cfg, span_h)
+    observed_pos = int(np.nansum(window.labels[:, tasks.index(task)]))
+    if observed_pos < cfg.min_positives and verdict["decision"] == "promote":
+        verdict.update(decision="inconclusive", why=(
+            f"not enough evidence: {observed_pos} matured {task} positives in the window "
+            f"(need {cfg.min_positives})"))
+    est = {"task": task, "decision": verdict["decision"], "value": value["difference"],
+           "value_ci": value["difference_ci"], "value_current": value["current"],
+           "value_relative": value["relative"], "mde_relative": verdict["mde_relative"],
+           **{k: value["tasks"][task].get(k) for k in ("candidate", "current", "difference", "difference_ci")},
+           "positives_in_sample": observed_pos}
     result.update(
         window={"logs": window.source, "layout": "logged" if logged else "world", "from_ms": int(window.ts_ms.min()),
                 "to_ms": int(window.ts_ms.max()), "rows": len(window), "holdout_from_ms": from_ms,
-                "holdout_from": from_source},
-        estimate=est,
-        tasks={t: {k: v.get(k) for k in ("candidate", "current", "difference", "difference_ci",
-                                         "positives_in_sample")} for t, v in per_task.items()},
+                "holdout_from": from_source, "labels_as_of_ms": window.info.get("as_of_ms"),
+                "matured": window.info.get("matured")},
+        estimate=est, value=value, verdict=verdict,
+        tasks={t: {k: v.get(k) for k in ("candidate", "current", "difference", "difference_ci", "observed",
+                                         "discordant_positives")} for t, v in value["tasks"].items()},
         block_share={"candidate": float(run_c.block.mean()), "current": float(run_u.block.mean())},
         churn={k: v for k, v in flips(run_u, run_c).items() if k in ("share", "pass_to_block", "block_to_pass")},
     )
-    if est["positives_in_sample"] < cfg.min_positives:
-        reasons.append(f"not enough evidence: {est['positives_in_sample']} {task} positives in the "
-                       f"{est['sample_rows']}-row sample (need {cfg.min_positives})")
-    elif est["difference_ci"][1] < 0:
-        reasons.append(f"worse beyond the interval: {task} kept {est['candidate']:.1f} vs {est['current']:.1f} "
-                       f"(difference {est['difference']:.1f}, {cfg.confidence:.0%} CI "
-                       f"[{est['difference_ci'][0]:.1f}, {est['difference_ci'][1]:.1f}])")
-    result["passed"] = not reasons
+    if verdict["decision"] != "promote":
+        reasons.append(verdict["why"])
+    # a fidelity failure refuses; an inconclusive value stays inconclusive unless something refuses
+    result["decision"] = "refuse" if not fid["passed"] else verdict["decision"]
+    result["passed"] = result["decision"] == "promote"
     result = _finite(result)
     if write:
         registry.write_gate(cand_dir, result)
     return result
 
 
+DECISION_WORDS = {"promote": "passed", "refuse": "refused", "inconclusive": "inconclusive"}
+
+
 def outcome_line(result: dict[str, Any]) -> str:
-    """One line for the terminal."""
-    head = f"{result['candidate']} vs {result['current']}: " + ("passed" if result.get("passed") else "refused")
-    est = result.get("estimate")
-    parts = [head]
-    if est and est.get("difference") is not None and math.isfinite(est.get("difference", math.nan)):
+    """One line for the terminal: the decision, the value difference with its interval, the
+    gate task's kept positives, the MDE."""
+    decision = result.get("decision") or ("promote" if result.get("passed") else "refuse")
+    parts = [f"{result['candidate']} vs {result['current']}: {DECISION_WORDS[decision]}"]
+    est, value = result.get("estimate"), result.get("value")
+    if value and value.get("difference") is not None and value.get("current") \
+            and None not in (value.get("difference_ci") or [None]):
+        cur = value["current"]
+        lo, hi = value["difference_ci"]
+        parts.append(f"value {value['candidate']:.4f} vs {cur:.4f}, difference {value['difference'] / cur:+.2%} "
+                     f"[{lo / cur:+.2%}, {hi / cur:+.2%}] of current's"
+                     + (f", MDE {mde:.2%}" if (mde := (result.get("verdict") or {}).get("mde_relative")) is not None
+                        else ""))
+    if est and est.get("difference") is not None:
         lo, hi = est["difference_ci"]
         parts.append(f"{est['task']} kept {est['candidate']:.1f} vs {est['current']:.1f}, difference "
                      f"{est['difference']:+.1f} [{lo:+.1f}, {hi:+.1f}] on {result['window']['rows']} rows "
                      f"at r={result['targets']['r']:g}")
+    more = (result.get("verdict") or {}).get("more_hours")
+    if decision == "inconclusive" and more is not None:
+        parts.append(f"about {more:.3g} h more logged traffic would resolve it")
     if result.get("reasons"):
         parts.append("; ".join(result["reasons"]))
     return "; ".join(parts)
