@@ -99,3 +99,37 @@ def test_bad_input_is_one_line(setup, tmp_path, capsys, monkeypatch):
     assert code == 3 and json.loads(out)["outcome"] == "refused", (out, err)
     assert len(err.strip().splitlines()) == 1
     assert "refused before training" in err and "has its label yet" in err
+
+
+def test_refused_before_training_when_labels_have_not_matured(setup, tmp_path, capsys, monkeypatch):
+    # v0's logged traffic of the first 6k rows (6 event-seconds): with any window longer than
+    # that, no label has matured (a positive whose window is open is unobserved, like a
+    # negative), so no task can be trained: refused in one line, before training, no candidate
+    from test_operators import rta as in_process
+
+    from training.logs import load_logs
+    from training.offline_log import make_logged_layout
+    from training.replay import Step
+
+    monkeypatch.delenv("RTA_ATTRIBUTION", raising=False)
+    log = tmp_path / "log"
+    make_logged_layout(setup["models"] / "v0", load_logs(setup["small"]), log, Step(0.5, 0.02, 0.1), seed=2,
+                       delays_s={"click": 1.0, "online": 1.0, "cart": 1.0, "deal": 1.0})
+    code, out, err = in_process(capsys, "retrain", "--logs", str(log), "--gate-logs", str(setup["holdout"]),
+                                "--model-dir", str(setup["models"]), "--since-hours", "24", "--profile", "tiny",
+                                "--version", "never", "--reason", "x", "--ratio", "0.5", "--no-audit-topic",
+                                "--attribution", "click=1m,online=1m,cart=1m,deal=1m",
+                                "--redis-url", f"redis://127.0.0.1:{free_port()}/0")
+    assert code == 3, err
+    assert len(err.strip().splitlines()) == 1 and "refused before training: too few matured labels" in err
+    res = json.loads(out)
+    labels = res["gate"]["retrain"]["labels"]["tasks"]
+    assert all(v["matured"] == 0 and v["positives"] == 0 for v in labels.values()), labels
+    assert not (setup["models"] / "never").exists() and bundle.current_version(setup["models"]) == "v0"
+    # with windows that have closed it gets past that check, to the next one: a serving-only
+    # current (v0 has no teacher) records no training settings, so --profile is needed
+    code, _, err = in_process(capsys, "retrain", "--logs", str(log), "--gate-logs", str(setup["holdout"]),
+                              "--model-dir", str(setup["models"]), "--since-hours", "24", "--reason", "x",
+                              "--ratio", "0.5", "--no-audit-topic", "--attribution", "click=1s,online=1s,cart=1s,deal=1s",
+                              "--min-matured", "1", "--redis-url", f"redis://127.0.0.1:{free_port()}/0")
+    assert code == 2 and "serving-only bundle" in err and len(err.strip().splitlines()) == 1, err
