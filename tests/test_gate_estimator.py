@@ -13,7 +13,13 @@ import pyarrow as pa
 import pytest
 
 from stream.features import FeatureSpec
-from training.gate import GateConfig, decide, logging_pass_probability, paired_value, task_contributions
+from training.gate import (
+    GateConfig,
+    decide,
+    logging_pass_probability,
+    paired_value,
+    task_contributions,
+)
 from training.logs import LogSet
 from training.replay import Scored
 
