@@ -256,6 +256,12 @@ def task_contributions(sc: Scored, j: int, pass_c: np.ndarray, pass_u: np.ndarra
         q = np.clip(np.nan_to_num(_logged(sc, f"p_{sc.tasks[j]}")), 0.0, 1.0) \
             if f"p_{sc.tasks[j]}" in sc.logs.decisions.column_names else np.zeros(len(y))
     inv = np.where(seen, 1.0 / np.where(seen, p_pass, 1.0), 0.0)
+    if logged is not None:
+        # calibrate the reward model on the rows whose label is seen (one factor: its weighted
+        # mean matches the labels'): a miscalibrated q keeps DR unbiased but, times 1 / epsilon
+        # on the explore rows, inflates its variance far past IPS's
+        sq = float((inv * q)[seen].sum())
+        q = np.clip(q * (float((inv * y)[seen].sum()) / sq), 0.0, 1.0) if sq > 0 else q
     dr = np.where(pop, diff * (q + inv * (y - q)), 0.0)
     ips = np.where(pop, diff * inv * y, 0.0)
     den = np.where(pop, inv, 0.0)
