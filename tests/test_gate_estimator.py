@@ -112,3 +112,28 @@ def test_three_outcomes_and_the_traffic_that_would_resolve_one():
     # half-width 0.04 must shrink to d + delta = 0.02: 4x the rows, 30 more hours of a 10 h window
     assert inc["more_traffic_factor"] == pytest.approx(4.0) and inc["more_hours"] == pytest.approx(30.0)
     assert inc["mde_relative"] == pytest.approx((1.959964 + 0.8416) * 0.08 / 3.92, rel=1e-3)
+
+
+def test_fidelity_fails_only_beyond_its_interval_and_labels_gate_only_with_enough_positives():
+    from training.fidelity import window_fidelity
+
+    def world(n: int, noise: float, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        t_u = rng.random((n, 2))
+        s_u = t_u + rng.normal(0, noise, (n, 2))
+        t_p = rng.random((n, 2))
+        y = (rng.random((n, 2)) < 0.01).astype(np.float32)
+        return t_p, t_u, t_p, s_u, y
+
+    def spear(rep: dict) -> dict:
+        return next(c for c in rep["checks"] if c["check"].startswith("spearman_click_uncertainty"))
+
+    # the student's click-u Spearman is ~0.89 (bar 0.9): on 300 rows its interval spans the bar,
+    # so it does not fail; on 30,000 rows the same model is below the bar beyond noise
+    small = window_fidelity(*world(300, 0.16), ["click", "deal"], "click", boot=200)
+    big = window_fidelity(*world(30_000, 0.16), ["click", "deal"], "click", boot=100)
+    assert spear(small)["value"] < 0.9 and spear(small)["ci"][1] > 0.9 and not spear(small)["failed"]
+    assert spear(big)["ci"][1] < 0.9 and spear(big)["failed"] and not big["passed"]
+    # ~3 and ~300 positives: the AUC gap is reported only for the first, checked for the second
+    assert {r["check"] for r in small["not_gating"]} == {"auc_gap_click<=0.01", "auc_gap_deal<=0.01"}
+    assert any(c["check"] == "auc_gap_deal<=0.01" for c in big["checks"]) and not big["not_gating"]

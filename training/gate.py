@@ -62,6 +62,9 @@ class GateConfig:
     non_inferiority: float = 0.01  # delta: promote while the value's lower bound > -delta * current's value
     guard_margin: float = 0.05  # a task's kept positives may not drop by more than this share of current's
     guards: tuple[str, ...] | None = None  # tasks with a guard rail (None: every task the value weighs)
+    fidelity_rows: int = 20_000  # rows of the window the teacher re-scores for fidelity (sampled)
+    fidelity_boot: int = 200
+    fidelity_min_positives: int = 50  # a label-based fidelity check gates only with this many
 
     def guard_tasks(self, tasks: dict[str, Any]) -> list[str]:
         return [t for t in tasks if (self.guards is None and tasks[t].get("weight", 0) > 0)
@@ -162,6 +165,56 @@ def gate_task(manifest: dict[str, Any], task: str | None) -> str:
     weights = (manifest.get("score_function") or {}).get("weights") or {}
     weighted = {t: w for t, w in weights.items() if t in tasks and isinstance(w, int | float)}
     return max(weighted, key=lambda t: weighted[t]) if weighted else tasks[-1]
+
+
+def window_fidelity_of(bundle_dir: Path, manifest: dict[str, Any], window: Any, cfg: GateConfig
+                       ) -> dict[str, Any] | None:
+    """Teacher vs student of one bundle on (a sample of) the gate window, with intervals
+    (`training.fidelity.window_fidelity`); None for a serving-only bundle (no teacher)."""
+    from training.pipeline import TEACHER_FILE
+
+    if not (bundle_dir / TEACHER_FILE).is_file():
+        return None
+    from stream.scorer import Scorer
+    from training.distill import _measure
+    from training.fidelity import window_fidelity
+    from training.pipeline import load_teacher, teacher_predict
+
+    rng = np.random.default_rng(cfg.seed)
+    n = len(window)
+    sub = window.take(np.sort(rng.choice(n, min(n, cfg.fidelity_rows), replace=False)))
+    model, swag, pre, meta = load_teacher(bundle_dir)
+    pred = teacher_predict(model, swag, pre, sub, meta["profile"], seed=cfg.seed)
+    unc = manifest.get("uncertainty") or {}
+    t_u = _measure(pred, unc.get("measure", "prob_var"))
+    s_p, s_u = Scorer.load(bundle_dir).run(["p", "u_ambiguity" if unc.get("novelty") else "u"], sub.num, sub.cat)
+    return window_fidelity(np.asarray(pred.mean), t_u, s_p, s_u, sub.labels, list(manifest["tasks"]),
+                           ScorePolicy.from_manifest(manifest).source, boot=cfg.fidelity_boot,
+                           confidence=cfg.confidence, seed=cfg.seed, min_positives=cfg.fidelity_min_positives)
+
+
+def gate_fidelity(cand_dir: Path, cand_manifest: dict[str, Any], cur_dir: Path, cur_manifest: dict[str, Any],
+                  window: Any, cfg: GateConfig) -> dict[str, Any]:
+    """Fidelity measured on the gate window (a failure must be beyond its interval); a
+    candidate without a teacher falls back to the acceptance recorded at distillation."""
+    cand = window_fidelity_of(cand_dir, cand_manifest, window, cfg)
+    if cand is None:
+        return {**fidelity_check(cand_manifest, cur_manifest, cfg.fidelity), "source": "recorded at distillation"}
+    out: dict[str, Any] = {"mode": cfg.fidelity, "source": "gate window", "candidate": cand}
+    failed = cand["failed"]
+    if cfg.fidelity == "no-regression":
+        cur = window_fidelity_of(cur_dir, cur_manifest, window, cfg)
+        out["current"] = cur
+        held = set() if cur is None else {c["check"] for c in cur["checks"] if c["passed_point"]}
+        failed = [c for c in failed if c in held]
+    out.update(passed=not failed, failed=failed)
+    if failed:
+        detail = {c["check"]: c for c in cand["checks"]}
+        what = ", ".join(f"{k} ({detail[k]['value']:.3f} [{detail[k]['ci'][0]:.3f}, {detail[k]['ci'][1]:.3f}])"
+                         for k in failed)
+        out["why"] = (f"fidelity failed beyond its interval on the gate window: {what}" if cfg.fidelity == "required"
+                      else f"fidelity regressed beyond its interval: {what} pass for the current model")
+    return out
 
 
 def fidelity_check(candidate: dict[str, Any], current: dict[str, Any] | None, mode: str) -> dict[str, Any]:
@@ -404,11 +457,6 @@ def run_gate(candidate: str | Path, current: str | Path, logs: str | Path, targe
             registry.write_gate(cand_dir, result)
         return result
     cur_manifest = bundle.read_manifest(cur_dir)
-    fid = fidelity_check(cand_manifest, cur_manifest, cfg.fidelity)
-    result["fidelity"] = fid
-    if not fid["passed"]:
-        reasons.append(fid["why"])
-
     from_ms, from_source = holdout_start(cand_dir, holdout_from_ms, cur_dir)
     window = load_window(logs, tuple(cand_manifest["tasks"]), attribution, from_ms)
     if cfg.window_hours is not None:
@@ -417,6 +465,10 @@ def run_gate(candidate: str | Path, current: str | Path, logs: str | Path, targe
     if not logged and window.masked:
         raise DataError(f"{window.source}: the gate needs logged traffic (an `rta log` layout) or a world log "
                         "with every label")
+    fid = gate_fidelity(cand_dir, cand_manifest, cur_dir, cur_manifest, window, cfg)
+    result["fidelity"] = fid
+    if not fid["passed"]:
+        reasons.append(fid["why"])
     step = Step(targets.r, targets.p_u, targets.epsilon)
     sc_c, run_c, sc_u, run_u = replay_pair(cand_dir, cur_dir, window, step, cfg.seed, cfg.speedup)
     task = gate_task(cand_manifest, cfg.task)
