@@ -97,53 +97,66 @@ def gate(rows: int, seeds: int, profile: str, explore: float, ratio: float, plot
     pq.write_table(noised, tmp / "noised.parquet")
     pq.write_table(table.slice(cut_gate), tmp / "holdout.parquet")
     models = tmp / "models"
-    current = _train(tmp / "old.parquet", models, "cur", 0, profile)
-    shutil.copytree(current, models / "copy")
     deal_all = table.slice(0, cut_new)
     deal_all = deal_all.set_column(deal_all.schema.get_field_index("deal"), "deal",
                                    pq_array(rng.permutation(deal_all["deal"].to_numpy())))
     pq.write_table(deal_all, tmp / "deal-shuffled.parquet")
-    cands = {"with-new-0": _train(tmp / "with-new.parquet", models, "with-new-0", 0, profile),
-             "with-new-1": _train(tmp / "with-new.parquet", models, "with-new-1", 1, profile),
-             "same-data": _train(tmp / "old.parquet", models, "same-data", 1, profile),
-             "copy": models / "copy",
-             "deal-noised": _train(tmp / "noised.parquet", models, "deal-noised", 0, profile),
-             "deal-shuffled": _train(tmp / "deal-shuffled.parquet", models, "deal-shuffled", 0, profile)}
+    pool = {"old-s0": _train(tmp / "old.parquet", models, "old-s0", 0, profile),
+            "old-s1": _train(tmp / "old.parquet", models, "old-s1", 1, profile),
+            "with-new-s0": _train(tmp / "with-new.parquet", models, "with-new-s0", 0, profile),
+            "with-new-s1": _train(tmp / "with-new.parquet", models, "with-new-s1", 1, profile),
+            "deal-noised-s0": _train(tmp / "noised.parquet", models, "deal-noised-s0", 0, profile),
+            "deal-shuffled-s0": _train(tmp / "deal-shuffled.parquet", models, "deal-shuffled-s0", 0, profile)}
+    currents = ("old-s0", "old-s1")  # each serves in turn; every other model is its candidate
+    for cur in currents:
+        shutil.copytree(pool[cur], models / f"copy-of-{cur}")
     train_s = time.perf_counter() - t0
     holdout = load_logs(tmp / "holdout.parquet")
     targets = Targets(ratio, 0.02, explore)
-    truth = {k: _true_value(c, current, holdout, Targets(ratio, 0.02, explore)) for k, c in cands.items()}
-    counts = {k: {"promote": 0, "refuse": 0, "inconclusive": 0} for k in cands}
-    mde, est, lines = [], {k: [] for k in cands}, []
+    pairs = [(cur, k) for cur in currents for k in [*pool, f"copy-of-{cur}"] if k != cur]
+
+    def path(k: str) -> Path:
+        return models / k
+
+    truth = {(cur, k): _true_value(path(k), path(cur), holdout, targets) for cur, k in pairs}
+    counts = {pk: {"promote": 0, "refuse": 0, "inconclusive": 0} for pk in pairs}
+    mde, est, lines = [], {pk: [] for pk in pairs}, []
+    cfg_of = {s: GateConfig(fidelity="no-regression", boot=500, seed=s, window_fidelity=False) for s in range(seeds)}
     for s in range(seeds):
         rs = np.random.default_rng(1000 + s)
         drawn = replace(holdout, labels=(rs.random(holdout.truth.shape) < holdout.truth).astype(np.float32))
-        log = tmp / f"log-{s}"
-        info = make_logged_layout(current, drawn, log, Step(ratio, 0.02, explore), seed=s)
-        att = Attribution.parse(WINDOWS, info["newest_event_ms"] + 86_400_000)
-        for k, c in cands.items():
-            res = run_gate(c, current, log, targets, GateConfig(fidelity="no-regression", boot=500, seed=s),
-                           attribution=att, holdout_from_ms=0, write=False)
-            counts[k][res["decision"]] += 1
-            est[k].append(_num(res["value"]["relative"]))
-            mde.append(_num(res["verdict"]["mde_relative"]))
-            lines.append(f"seed {s} {k}: {res['decision']} {_num(res['value']['relative']):+.2%} "
-                         f"{[round(_num(x) / _num(res['value']['current']), 4) for x in res['value']['difference_ci']]}")
-        shutil.rmtree(log, ignore_errors=True)
-    classes: dict[str, list[str]] = {"gain>=2%": [], "equal(|d|<1%)": [], "loss>=2%": [], "unclassed": []}
-    for k in cands:
-        d = truth[k]["relative"]
+        for cur in currents:
+            log = tmp / f"log-{cur}-{s}"
+            info = make_logged_layout(path(cur), drawn, log, Step(ratio, 0.02, explore), seed=s)
+            att = Attribution.parse(WINDOWS, info["newest_event_ms"] + 86_400_000)
+            for c, k in pairs:
+                if c != cur:
+                    continue
+                res = run_gate(path(k), path(cur), log, targets, cfg_of[s], attribution=att, holdout_from_ms=0,
+                               write=False)
+                counts[(cur, k)][res["decision"]] += 1
+                rel = _num(res["value"]["relative"])
+                est[(cur, k)].append(rel)
+                mde.append(_num(res["verdict"]["mde_relative"]))
+                lo, hi = (_num(x) / _num(res["value"]["current"]) for x in res["value"]["difference_ci"])
+                lines.append(f"seed {s} {k} vs {cur}: {res['decision']} {rel:+.2%} [{lo:+.2%}, {hi:+.2%}]")
+            shutil.rmtree(log, ignore_errors=True)
+    classes: dict[str, list[tuple[str, str]]] = {"gain>=2%": [], "equal(|d|<1%)": [], "loss>=2%": [],
+                                                 "unclassed": []}
+    for pk in pairs:
+        d = truth[pk]["relative"]
         classes["gain>=2%" if d >= 0.02 else "loss>=2%" if d <= -0.02 else
-                "equal(|d|<1%)" if abs(d) < 0.01 else "unclassed"].append(k)
+                "equal(|d|<1%)" if abs(d) < 0.01 else "unclassed"].append(pk)
     window_rows = len(holdout)
     out = {
         "rows": rows, "window_rows": window_rows, "seeds": seeds, "profile": profile, "explore": explore,
         "ratio": ratio, "varies_across_seeds": "the window's labels (redrawn from the true probabilities), "
         "explore draws and outcome delays of the logged window; each class's model is trained once",
-        "candidates": {k: {"true_relative": round(truth[k]["relative"], 4),
-                           "rates": {d: n / seeds for d, n in counts[k].items()},
-                           "estimated_relative_median": round(float(np.nanmedian(est[k])), 4)} for k in cands},
-        "classes": {c: {"candidates": ks, "runs": seeds * len(ks),
+        "candidates": {f"{k} vs {cur}": {"true_relative": round(truth[(cur, k)]["relative"], 4),
+                                         "rates": {d: n / seeds for d, n in counts[(cur, k)].items()},
+                                         "estimated_relative_median": round(float(np.nanmedian(est[(cur, k)])), 4)}
+                       for cur, k in pairs},
+        "classes": {c: {"candidates": [f"{k} vs {cur}" for cur, k in ks], "runs": seeds * len(ks),
                         "rates": {d: sum(counts[k][d] for k in ks) / (seeds * len(ks)) if ks else None
                                   for d in ("promote", "refuse", "inconclusive")}}
                     for c, ks in classes.items()},
@@ -174,7 +187,7 @@ def _plot(out: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 3.8))
+    fig, ax = plt.subplots(figsize=(12, 4.2))
     cands = out["candidates"]
     names = sorted(cands, key=lambda k: -cands[k]["true_relative"])
     bottom = np.zeros(len(names))
@@ -182,7 +195,8 @@ def _plot(out: dict[str, Any], path: Path) -> None:
         v = np.array([cands[k]["rates"][d] for k in names])
         ax.bar(names, v, bottom=bottom, color=colour, label=d)
         bottom += v
-    ax.set_xticks(range(len(names)), [f"{k}\ntrue {cands[k]['true_relative']:+.1%}" for k in names], fontsize=7)
+    ax.set_xticks(range(len(names)), [f"{k.replace(' vs ', chr(10) + 'vs ')}\ntrue {cands[k]['true_relative']:+.1%}"
+                                      for k in names], fontsize=6, rotation=0)
     ax.set_ylabel(f"share of {out['seeds']} seeds")
     ax.set_title(f"rta bench gate: {out['window_rows']}-row window, epsilon {out['explore']:g}")
     ax.legend(loc="upper right", fontsize=8)

@@ -65,6 +65,7 @@ class GateConfig:
     fidelity_rows: int = 20_000  # rows of the window the teacher re-scores for fidelity (sampled)
     fidelity_boot: int = 200
     fidelity_min_positives: int = 50  # a label-based fidelity check gates only with this many
+    window_fidelity: bool = True  # False: the acceptance recorded at distillation (no re-scoring)
 
     def guard_tasks(self, tasks: dict[str, Any]) -> list[str]:
         return [t for t in tasks if (self.guards is None and tasks[t].get("weight", 0) > 0)
@@ -197,7 +198,7 @@ def gate_fidelity(cand_dir: Path, cand_manifest: dict[str, Any], cur_dir: Path, 
                   window: Any, cfg: GateConfig) -> dict[str, Any]:
     """Fidelity measured on the gate window (a failure must be beyond its interval); a
     candidate without a teacher falls back to the acceptance recorded at distillation."""
-    cand = window_fidelity_of(cand_dir, cand_manifest, window, cfg)
+    cand = window_fidelity_of(cand_dir, cand_manifest, window, cfg) if cfg.window_fidelity else None
     if cand is None:
         return {**fidelity_check(cand_manifest, cur_manifest, cfg.fidelity), "source": "recorded at distillation"}
     out: dict[str, Any] = {"mode": cfg.fidelity, "source": "gate window", "candidate": cand}
