@@ -133,3 +133,41 @@ def test_refused_before_training_when_labels_have_not_matured(setup, tmp_path, c
                               "--ratio", "0.5", "--no-audit-topic", "--attribution", "click=1s,online=1s,cart=1s,deal=1s",
                               "--min-matured", "1", "--redis-url", f"redis://127.0.0.1:{free_port()}/0")
     assert code == 2 and "serving-only bundle" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_current_that_moves_during_the_gate_is_not_overwritten(setup, capsys, monkeypatch):
+    # two overlapping retrains: while this one gates against v0, another promotes a version.
+    # retrain's switch names the current it was judged against (expect_current), so it must
+    # refuse in one line and leave the other's promotion alone; without it, it would replace it
+    from test_operators import rta as in_process
+
+    import training.retrain as rt
+
+    models = setup["models"]
+    before = bundle.current_version(models)
+    real_gate = rt.gate_from_options
+
+    def gate_then_move(candidate, current, logs, settings, opts):
+        result = real_gate(candidate, current, logs, settings, opts)
+        bundle.publish(models / "v0")  # the other run switched `current` (to a version dir)
+        (models / "current").unlink()
+        (models / "current").symlink_to("c-other")
+        return result
+
+    import shutil
+
+    shutil.copytree(models / "v0", models / "c-other", symlinks=True)
+    monkeypatch.setattr(rt, "gate_from_options", gate_then_move)
+    try:
+        code, _, err = in_process(capsys, "retrain", "--logs", str(setup["train"]), "--gate-logs",
+                                  str(setup["holdout"]), "--model-dir", str(models), "--since-hours", "24",
+                                  "--profile", "tiny", "--version", "c-race", "--reason", "race", "--ratio", "0.5",
+                                  "--quiet",
+                                  "--pass-share", "0.02", "--fidelity", "no-regression", "--no-audit-topic",
+                                  "--threads", "1", "--redis-url", f"redis://127.0.0.1:{free_port()}/0")
+        last = err.strip().splitlines()[-1]  # (the trainer's progress lines come before it)
+        assert code == 2 and "current moved to c-other" in last and "Traceback" not in err, err[-2000:]
+        assert bundle.current_version(models) == "c-other"
+    finally:
+        (models / "current").unlink()
+        (models / "current").symlink_to(before)
