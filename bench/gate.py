@@ -124,7 +124,9 @@ def gate(rows: int, seeds: int, profile: str, explore: float, ratio: float, plot
     cfg_of = {s: GateConfig(fidelity="no-regression", boot=500, seed=s, window_fidelity=False) for s in range(seeds)}
     for s in range(seeds):
         rs = np.random.default_rng(1000 + s)
-        drawn = replace(holdout, labels=(rs.random(holdout.truth.shape) < holdout.truth).astype(np.float32))
+        # one uniform per row: every task's label has its true marginal and the funnel stays
+        # nested (a deal implies an online visit), which the offline log's outcomes assume
+        drawn = replace(holdout, labels=(rs.random((len(holdout), 1)) < holdout.truth).astype(np.float32))
         for cur in currents:
             log = tmp / f"log-{cur}-{s}"
             info = make_logged_layout(path(cur), drawn, log, Step(ratio, 0.02, explore), seed=s)

@@ -1,7 +1,7 @@
 """`rta bench new-source`: the loop on a world the first model never saw, end to end offline.
 
-A world whose second half has a new high-intent source (docs/world.md "New source", larger
-units, its own ids). v1 is trained on the first half (no new source) and published; the second
+A world whose second half has a new high-intent source (docs/world.md "New source", its own
+units and ids). v1 is trained on the first half (no new source) and published; the second
 half is logged as v1 serving it (`training/offline_log.py`: its decisions, a 5 % explore slice,
 outcomes of passed requests after funnel delays). Then `rta retrain` runs as cron would, from
 those logs only, and gates the candidate against v1 on the newest logged window. Judged
@@ -55,12 +55,14 @@ def _kept_new_source(model: Path, world: Path, from_ms: int, ratio: float) -> di
 @click.command("new-source")
 @click.option("--rows", type=click.IntRange(min=20_000), default=90_000, show_default=True,
               help="World rows (1000 per event-second); the new source from the middle on.")
-@click.option("--share", type=float, default=0.08, show_default=True, help="New source's share of traffic.")
+@click.option("--share", type=float, default=0.10, show_default=True, help="New source's share of traffic.")
+@click.option("--units", type=click.Choice(["smaller", "larger"]), default="smaller", show_default=True,
+              help="The new source's units (docs/world.md); `larger` ones look so novel that v1 passes them.")
 @click.option("--profile", default="loop", show_default=True, help="v1's training profile (v2 inherits it).")
 @click.option("--ratio", type=float, default=0.5, show_default=True)
 @click.option("--seed", type=int, default=21, show_default=True)
 @click.option("--workdir", type=click.Path(path_type=Path), default=None)
-def new_source(rows: int, share: float, profile: str, ratio: float, seed: int, workdir: Path | None) -> None:
+def new_source(rows: int, share: float, units: str, profile: str, ratio: float, seed: int, workdir: Path | None) -> None:
     """v1 without the new source -> its logs -> rta retrain -> gate; judged on the world's truth."""
     from training.logs import load_logs
     from training.offline_log import make_logged_layout
@@ -72,7 +74,7 @@ def new_source(rows: int, share: float, profile: str, ratio: float, seed: int, w
     t0 = time.perf_counter()
     tmp = Path(workdir or tempfile.mkdtemp(prefix="rta-bench-new-source-"))
     cfg = WorldConfig(span_days=rows / ROWS_PER_S / 86_400.0, new_source_from=0.5, new_source_share=share,
-                      new_source_units="larger")
+                      new_source_units=units)
     write(tmp / "world", rows, seed=seed, config=cfg, progress=False)
     table = pq.read_table(tmp / "world" / "part-00000.parquet").sort_by("ts_ms")
     half = rows // 2
@@ -103,7 +105,7 @@ def new_source(rows: int, share: float, profile: str, ratio: float, seed: int, w
         for v in ("v1", "v2"):
             judged[v] = _kept_new_source(models / v, tmp / "after.parquet", int(window_from), ratio)
     value = gate.get("value") or {}
-    out = {"rows": rows, "new_source_share": share, "profile": profile, "ratio": ratio, "seed": seed,
+    out = {"rows": rows, "new_source_share": share, "units": units, "profile": profile, "ratio": ratio, "seed": seed,
            "logged": {k: info[k] for k in ("rows", "passed", "explore") if k in info},
            "command": "rta " + " ".join(argv), "exit_code": proc.returncode, "outcome": res.get("outcome"),
            "gate_line": human[-1] if human else proc.stderr[-2000:],
