@@ -137,3 +137,35 @@ def test_fidelity_fails_only_beyond_its_interval_and_labels_gate_only_with_enoug
     # ~3 and ~300 positives: the AUC gap is reported only for the first, checked for the second
     assert {r["check"] for r in small["not_gating"]} == {"auc_gap_click<=0.01", "auc_gap_deal<=0.01"}
     assert any(c["check"] == "auc_gap_deal<=0.01" for c in big["checks"]) and not big["not_gating"]
+
+
+def test_an_unseen_gain_widens_the_upper_bound_instead_of_refusing():
+    # the candidate blocks 800 rows the current passes (seen on every row: it loses their
+    # positives, exactly) and passes 20,000 rows the logging policy blocks, of which the explore
+    # slice holds ~1,000 rows and, here, no positive. The bootstrap alone says "worse, certainly";
+    # an exact Poisson bound on the unseen side says a gain of up to ~74 positives per explored
+    # row's weight was possible, so the gate may not refuse on that evidence.
+    sc, p = simulated(3)
+    logged = logging_pass_probability(sc)
+    passed, p_pass = logged
+    labels = sc.logs.labels.copy()
+    rule_blocked = p_pass < 1
+    labels[rule_blocked, 0] = np.where(np.isfinite(labels[rule_blocked, 0]), 0.0, np.nan)  # no explored positive
+    sc.logs.labels = labels
+    rng = np.random.default_rng(0)
+    pass_u = ~rule_blocked
+    pass_c = pass_u.copy()
+    pass_c[rng.choice(np.flatnonzero(pass_u), 800, replace=False)] = False
+    pass_c[rng.choice(np.flatnonzero(rule_blocked), 20_000, replace=False)] = True
+    c = task_contributions(sc, 0, pass_c, pass_u, logged)
+    (k_up, w_up), _ = c.explore_only
+    assert k_up == 0 and w_up == pytest.approx(1 / EPS)
+    v = paired_value({"deal": c}, {"deal": 1.0}, boot=200, confidence=0.95, seed=0)
+    t = v["tasks"]["deal"]
+    assert t["difference"] < 0 and t["difference_ci"][1] > 0  # could be better: not "worse beyond the interval"
+    assert decide(v, GateConfig(), 1.0)["decision"] != "refuse"
+    assert t["poisson_widening"][1] == pytest.approx(3.689 / EPS, rel=1e-3)
+    from training.gate import poisson_widening
+
+    assert poisson_widening(0, 20.0, 0.95) == pytest.approx(3.689 * 20, rel=1e-3)
+    assert poisson_widening(400, 20.0, 0.95) < 0.1 * 20 * 2 * 1.96 * 20  # many positives: the bootstrap is fine

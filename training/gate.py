@@ -281,6 +281,9 @@ class TaskContrib:
     population: int
     observed: int  # rows whose label the difference reads (passed, matured)
     discordant_positives: int  # observed positives where the two models disagree
+    # rows the two models disagree on that the logging policy passes only when it explores:
+    # (explored positives seen, mean 1 / P(pass)) on the candidate's side (+) and current's (-)
+    explore_only: tuple[tuple[int, float], tuple[int, float]] = ((0, 0.0), (0, 0.0))
 
 
 def task_contributions(sc: Scored, j: int, pass_c: np.ndarray, pass_u: np.ndarray,
@@ -320,9 +323,32 @@ def task_contributions(sc: Scored, j: int, pass_c: np.ndarray, pass_u: np.ndarra
     ips = np.where(pop, diff * inv * y, 0.0)
     den = np.where(pop, inv, 0.0)
     kept_u = pass_u.astype(np.float64) * (q + inv * (y - q))
+    rare = pop & (p_pass < 1)  # seen only through the explore slice
+
+    def side(on: np.ndarray) -> tuple[int, float]:
+        rows = rare & on
+        return int((seen & rows & (y > 0)).sum()), float(np.mean(1.0 / p_pass[rows])) if rows.any() else 0.0
+
     return TaskContrib(dr=dr, ips=ips, den=den, cur=float(kept_u[pop].sum()),
                        positives=float((q + inv * (y - q))[pop].sum()), population=int(pop.sum()),
-                       observed=int(seen.sum()), discordant_positives=int((seen & (diff != 0) & (y > 0)).sum()))
+                       observed=int(seen.sum()), discordant_positives=int((seen & (diff != 0) & (y > 0)).sum()),
+                       explore_only=(side(diff > 0), side(diff < 0)))
+
+
+def poisson_widening(k: int, weight: float, confidence: float) -> float:
+    """How far a percentile bootstrap's bound falls short of an exact Poisson bound when the
+    explore slice holds only k positives of a side (in weighted counts). With k = 0 the bootstrap
+    says "no gain, exactly", while up to -ln(alpha/2) positives per explored row's weight were
+    possible: the rows a candidate passes and the current blocks are seen only in the explore
+    slice, and a narrow interval there refuses better models."""
+    from statistics import NormalDist
+
+    from scipy.stats import chi2
+
+    alpha = 1 - confidence
+    z = NormalDist().inv_cdf(1 - alpha / 2)
+    exact = float(chi2.ppf(1 - alpha / 2, 2 * k + 2)) / 2
+    return max(0.0, exact - k - z * math.sqrt(k)) * weight
 
 
 def score_weights(manifest: dict[str, Any]) -> dict[str, float]:
@@ -359,32 +385,43 @@ def paired_value(contrib: dict[str, TaskContrib], weights: dict[str, float], boo
     out: dict[str, Any] = {"tasks": {}}
     val_b = np.zeros(len(sums))
     val = 0.0
+    widen = [0.0, 0.0]  # (lower, upper) widening of the value interval
     for i, t in enumerate(tasks):
         c = contrib[t]
         dr_b, ips_b, den_b = sums[:, 3 * i], sums[:, 3 * i + 1], sums[:, 3 * i + 2]
         with np.errstate(invalid="ignore", divide="ignore"):
             sn_b = c.population * ips_b / den_b
         d = float(c.dr.sum())
+        (k_up, w_up), (k_down, w_down) = c.explore_only
+        wide_hi = poisson_widening(k_up, w_up, confidence) if w_up else 0.0
+        wide_lo = poisson_widening(k_down, w_down, confidence) if w_down else 0.0
         sn = c.population * float(c.ips.sum()) / float(c.den.sum()) if c.den.sum() > 0 else math.nan
         val += scale[t] * d
         val_b += scale[t] * dr_b
+        widen[0] += scale[t] * wide_lo
+        widen[1] += scale[t] * wide_hi
+        ci = _quantiles(dr_b, confidence)
+        ci = [ci[0] - wide_lo, ci[1] + wide_hi]
         out["tasks"][t] = {
             "weight": weights.get(t, 0.0), "population": c.population, "observed": c.observed,
             "positives": round(c.positives, 2), "discordant_positives": c.discordant_positives,
             "current": round(c.cur, 3), "candidate": round(c.cur + d, 3),
-            "difference": d, "difference_ci": _quantiles(dr_b, confidence),
+            "difference": d, "difference_ci": ci,
             "relative": d / c.cur if c.cur > 0 else math.nan,
-            "relative_ci": ([v / c.cur for v in _quantiles(dr_b, confidence)] if c.cur > 0
-                            else [math.nan, math.nan]),
+            "relative_ci": [v / c.cur for v in ci] if c.cur > 0 else [math.nan, math.nan],
+            "explore_only_positives": {"candidate_side": k_up, "current_side": k_down},
+            "poisson_widening": [wide_lo, wide_hi],
             "ips": float(c.ips.sum()), "ips_ci": _quantiles(ips_b, confidence),
             "snips": sn, "snips_ci": _quantiles(sn_b, confidence),
         }
     se = float(np.std(val_b, ddof=1)) if len(val_b) > 1 else math.nan
+    vci = _quantiles(val_b, confidence)
     out.update(current=cur_value, candidate=cur_value + val, difference=val,
-               difference_ci=_quantiles(val_b, confidence), se=se,
+               difference_ci=[vci[0] - widen[0], vci[1] + widen[1]], se=se,
                relative=val / cur_value if cur_value > 0 else math.nan,
                rows=m, discordant_rows=int(live.sum()), bootstrap=boot, confidence=confidence,
-               estimator="doubly robust (reward model: the logging model's p), paired bootstrap of the rows",
+               estimator="doubly robust (reward model: the logging model's p), paired bootstrap of the rows, "
+                         "bounds widened to an exact Poisson bound where the explore slice holds few positives",
                unit="score-weighted share of each task's positives kept")
     return out
 
@@ -401,8 +438,8 @@ def decide(value: dict[str, Any], cfg: GateConfig, window_hours: float) -> dict[
     d, (lo, hi), cur = value["difference"], value["difference_ci"], value["current"]
     delta = cfg.non_inferiority * cur
     z = NormalDist().inv_cdf(0.5 + cfg.confidence / 2)
-    se = value["se"]
-    mde = (z + _Z_POWER) * se
+    # the interval's half-width (bootstrap, widened where the explore slice is thin) as z * se
+    mde = (z + _Z_POWER) * (hi - lo) / (2 * z) if math.isfinite(hi - lo) else math.nan
     rails, broken, unsure = {}, [], []
     for t, v in value["tasks"].items():
         if t not in cfg.guard_tasks(value["tasks"]):
