@@ -158,8 +158,8 @@ def test_an_unseen_gain_widens_the_upper_bound_instead_of_refusing():
     pass_c[rng.choice(np.flatnonzero(pass_u), 800, replace=False)] = False
     pass_c[rng.choice(np.flatnonzero(rule_blocked), 20_000, replace=False)] = True
     c = task_contributions(sc, 0, pass_c, pass_u, logged)
-    (k_up, w_up), _ = c.explore_only
-    assert k_up == 0 and w_up == pytest.approx(1 / EPS)
+    (k_up, w_up, n_up), _ = c.explore_only
+    assert k_up == 0 and w_up == pytest.approx(1 / EPS) and n_up > 18_000
     v = paired_value({"deal": c}, {"deal": 1.0}, boot=200, confidence=0.95, seed=0)
     t = v["tasks"]["deal"]
     assert t["difference"] < 0 and t["difference_ci"][1] > 0  # could be better: not "worse beyond the interval"

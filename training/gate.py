@@ -283,19 +283,23 @@ class TaskContrib:
     discordant_positives: int  # observed positives where the two models disagree
     # rows the two models disagree on that the logging policy passes only when it explores:
     # (explored positives seen, mean 1 / P(pass)) on the candidate's side (+) and current's (-)
-    explore_only: tuple[tuple[int, float], tuple[int, float]] = ((0, 0.0), (0, 0.0))
+    explore_only: tuple[tuple[int, float, int], tuple[int, float, int]] = ((0, 0.0, 0), (0, 0.0, 0))
 
 
 def task_contributions(sc: Scored, j: int, pass_c: np.ndarray, pass_u: np.ndarray,
-                       logged: tuple[np.ndarray, np.ndarray] | None) -> TaskContrib:
+                       logged: tuple[np.ndarray, np.ndarray] | None, q_cand: np.ndarray | None = None
+                       ) -> TaskContrib:
     """The paired value difference of task j, row by row.
 
     Value of a filter = positives it passes. Difference = sum over rows of (k_c - k_u) * y:
     rows where the two agree add exactly 0. On logged traffic y is seen only where the logging
     policy passed and the window closed: IPS weighs those rows by 1 / P(logged pass); DR adds a
     reward model q (the logging model's own p of the task, logged as `p_<task>`) for every row
-    and corrects it where y is seen: (k_c - k_u) * (q + [seen] / P(pass) * (y - q)). A world log
-    (every label) is its own truth: q = y, P = 1."""
+    and corrects it where y is seen: (k_c - k_u) * (q + [seen] / P(pass) * (y - q)). On the rows
+    only the candidate passes, q is the candidate's own p (`q_cand`, scored order) when given: the
+    logging model's p is lowest exactly on the rows it blocks (a new source it never saw), and any
+    q keeps DR unbiased; a better one only lowers its variance. Each q is rescaled by one factor
+    on the seen rows. A world log (every label) is its own truth: q = y, P = 1."""
     y_all = sc.logs.labels[sc.order, j].astype(np.float64)
     diff = pass_c.astype(np.float64) - pass_u.astype(np.float64)
     if logged is None:
@@ -313,21 +317,27 @@ def task_contributions(sc: Scored, j: int, pass_c: np.ndarray, pass_u: np.ndarra
         q = np.clip(np.nan_to_num(_logged(sc, f"p_{sc.tasks[j]}")), 0.0, 1.0) \
             if f"p_{sc.tasks[j]}" in sc.logs.decisions.column_names else np.zeros(len(y))
     inv = np.where(seen, 1.0 / np.where(seen, p_pass, 1.0), 0.0)
+    q_diff = q
     if logged is not None:
         # calibrate the reward model on the rows whose label is seen (one factor: its weighted
         # mean matches the labels'): a miscalibrated q keeps DR unbiased but, times 1 / epsilon
         # on the explore rows, inflates its variance far past IPS's
-        sq = float((inv * q)[seen].sum())
-        q = np.clip(q * (float((inv * y)[seen].sum()) / sq), 0.0, 1.0) if sq > 0 else q
-    dr = np.where(pop, diff * (q + inv * (y - q)), 0.0)
+        def calibrated(r: np.ndarray) -> np.ndarray:
+            sq = float((inv * r)[seen].sum())
+            return np.clip(r * (float((inv * y)[seen].sum()) / sq), 0.0, 1.0) if sq > 0 else r
+
+        q = calibrated(q)
+        q_diff = q if q_cand is None else np.where(diff > 0, calibrated(np.clip(np.nan_to_num(q_cand), 0, 1)), q)
+    dr = np.where(pop, diff * (q_diff + inv * (y - q_diff)), 0.0)
     ips = np.where(pop, diff * inv * y, 0.0)
     den = np.where(pop, inv, 0.0)
     kept_u = pass_u.astype(np.float64) * (q + inv * (y - q))
     rare = pop & (p_pass < 1)  # seen only through the explore slice
 
-    def side(on: np.ndarray) -> tuple[int, float]:
+    def side(on: np.ndarray) -> tuple[int, float, int]:
         rows = rare & on
-        return int((seen & rows & (y > 0)).sum()), float(np.mean(1.0 / p_pass[rows])) if rows.any() else 0.0
+        return (int((seen & rows & (y > 0)).sum()), float(np.mean(1.0 / p_pass[rows])) if rows.any() else 0.0,
+                int((rows & ~seen).sum()))
 
     return TaskContrib(dr=dr, ips=ips, den=den, cur=float(kept_u[pop].sum()),
                        positives=float((q + inv * (y - q))[pop].sum()), population=int(pop.sum()),
@@ -392,9 +402,10 @@ def paired_value(contrib: dict[str, TaskContrib], weights: dict[str, float], boo
         with np.errstate(invalid="ignore", divide="ignore"):
             sn_b = c.population * ips_b / den_b
         d = float(c.dr.sum())
-        (k_up, w_up), (k_down, w_down) = c.explore_only
-        wide_hi = poisson_widening(k_up, w_up, confidence) if w_up else 0.0
-        wide_lo = poisson_widening(k_down, w_down, confidence) if w_down else 0.0
+        # never more than the unseen rows of that side could hold (one positive each)
+        (k_up, w_up, n_up), (k_down, w_down, n_down) = c.explore_only
+        wide_hi = min(poisson_widening(k_up, w_up, confidence), n_up) if w_up else 0.0
+        wide_lo = min(poisson_widening(k_down, w_down, confidence), n_down) if w_down else 0.0
         sn = c.population * float(c.ips.sum()) / float(c.den.sum()) if c.den.sum() > 0 else math.nan
         val += scale[t] * d
         val_b += scale[t] * dr_b
@@ -512,7 +523,8 @@ def run_gate(candidate: str | Path, current: str | Path, logs: str | Path, targe
     task = gate_task(cand_manifest, cfg.task)
     tasks = list(cand_manifest["tasks"])
     logged_pass = logging_pass_probability(sc_c) if logged else None
-    contrib = {t: task_contributions(sc_c, j, ~run_c.block, ~run_u.block, logged_pass) for j, t in enumerate(tasks)}
+    contrib = {t: task_contributions(sc_c, j, ~run_c.block, ~run_u.block, logged_pass, sc_c.p[:, j])
+               for j, t in enumerate(tasks)}
     weights = score_weights(cand_manifest)
     if cfg.task is not None:  # --task: the value is that task alone
         weights = {cfg.task: 1.0}
