@@ -286,3 +286,12 @@ def diff_cmd(a: str, b: str, model_dir: Path, logs_path: Path, ratio: float, pas
     click.echo(f"[rta model] {a} -> {b} at r={ratio:g}: {c['share']:.2%} of {c['rows']} decisions flip "
                f"(pass->block {c['pass_to_block']:.2%}, block->pass {c['block_to_pass']:.2%})", err=True)
     click.echo(json.dumps(_finite(rep), indent=1))
+
+
+def _add_canary() -> None:
+    from stream.canary import canary_cmd
+
+    model.add_command(canary_cmd)
+
+
+_add_canary()
