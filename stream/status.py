@@ -108,5 +108,5 @@ class StatusPublisher:
             "request_age_ms": _finite(age) if worker.stats.events else None,
             "events": int(worker.stats.events),
             "partitions": len(worker.assignment),
-            "canary": worker.canary_status(),
+            "canary": getattr(worker, "canary_status", lambda: None)(),
         }
