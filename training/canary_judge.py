@@ -1,0 +1,105 @@
+"""Judging a canary on its own arm's outcomes: a randomised comparison, the gate's rule.
+
+The canary's arm is a hash of `request_id` (stream.canary), so the two arms are random halves
+(of unequal size) of the same traffic: the difference of their kept positives per request is
+an unbiased estimate of candidate minus current, with no propensity model. Per task t and arm a:
+
+    m_a,t = kept positives per matured request of arm a  (a blocked request keeps none; a request
+            whose attribution window is still open is left out: its label is not known yet)
+    current_t = m_cur,t x N_t,   difference_t = (m_can,t - m_cur,t) x N_t   (N_t: matured rows)
+
+The value is the gate's (training/gate.py): the score function's weights over every task of kept
+positives / the task's positives; `positives` (estimated from the explore slice by the caller)
+defaults to current's kept positives, so the value is then in units of "current's kept
+positives". Intervals: a bootstrap stratified by arm (each arm resampled on its own, as many rows
+as it has; `replay.bootstrap_sums`, so a resample costs O(distinct rows)). The decision is
+`gate.decide`: promote / refuse / inconclusive with the same non-inferiority margin, guard rails
+and minimum detectable effect.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from training.gate import GateConfig, _quantiles, decide
+from training.replay import bootstrap_sums
+
+
+def _arm_means(kept: np.ndarray, boot: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Per task: kept positives per matured row, and `boot` resampled values of it."""
+    known = np.isfinite(kept)
+    rows = np.concatenate([np.where(known, kept, 0.0), known.astype(np.float64)], axis=1)
+    t = kept.shape[1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = rows[:, :t].sum(axis=0) / rows[:, t:].sum(axis=0)
+        sums = np.vstack([bootstrap_sums(rows, min(200, boot - s), rng) for s in range(0, boot, 200)])
+        return mean, sums[:, :t] / sums[:, t:]
+
+
+def canary_value(kept: np.ndarray, to_canary: np.ndarray, tasks: tuple[str, ...], weights: dict[str, float],
+                 positives: dict[str, float] | None = None, boot: int = 1000, confidence: float = 0.95,
+                 seed: int = 0) -> dict[str, Any]:
+    """The value difference canary - current from the arms' own rows. `kept`: float[N, T], 1 = a
+    positive the arm's decision kept, 0 = none kept (blocked, or passed without an outcome),
+    NaN = not matured; `to_canary`: bool[N], the row's arm."""
+    kept = np.asarray(kept, dtype=np.float64)
+    to_canary = np.asarray(to_canary, dtype=bool)
+    if kept.ndim != 2 or kept.shape != (len(to_canary), len(tasks)):
+        raise ValueError(f"kept must be [rows, {len(tasks)}] aligned with the arms, got {kept.shape}")
+    rng = np.random.default_rng(seed)
+    m_cur, b_cur = _arm_means(kept[~to_canary], boot, rng)
+    m_can, b_can = _arm_means(kept[to_canary], boot, rng)
+    n_t = np.isfinite(kept).sum(axis=0).astype(np.float64)
+    out: dict[str, Any] = {"tasks": {}}
+    cur_value, val = 0.0, 0.0
+    val_b = np.zeros(len(b_cur))
+    for j, t in enumerate(tasks):
+        cur = float(m_cur[j] * n_t[j])
+        d = float((m_can[j] - m_cur[j]) * n_t[j])
+        d_b = (b_can[:, j] - b_cur[:, j]) * n_t[j]
+        pos = (positives or {}).get(t, cur)
+        scale = weights.get(t, 0.0) / pos if pos and pos > 0 else 0.0
+        if math.isfinite(d):
+            cur_value += scale * cur
+            val += scale * d
+            val_b += scale * np.nan_to_num(d_b)
+        ci = _quantiles(d_b, confidence)
+        out["tasks"][t] = {
+            "weight": weights.get(t, 0.0), "population": int(n_t[j]), "positives": pos,
+            "current": cur, "candidate": cur + d, "difference": d, "difference_ci": ci,
+            "relative": d / cur if cur > 0 else math.nan,
+            "relative_ci": [v / cur for v in ci] if cur > 0 else [math.nan, math.nan],
+            "kept_per_row": {"current": float(m_cur[j]), "canary": float(m_can[j])},
+            "kept_positives": {"current": float(np.nansum(kept[~to_canary, j])),
+                               "canary": float(np.nansum(kept[to_canary, j]))},
+        }
+    vci = _quantiles(val_b, confidence)
+    out.update(current=cur_value, candidate=cur_value + val, difference=val, difference_ci=vci,
+               se=float(np.std(val_b, ddof=1)) if len(val_b) > 1 else math.nan,
+               relative=val / cur_value if cur_value > 0 else math.nan,
+               rows={"current": int((~to_canary).sum()), "canary": int(to_canary.sum())},
+               bootstrap=boot, confidence=confidence,
+               estimator="randomised comparison of the canary's arm with current's (hash of request_id), "
+                         "bootstrap stratified by arm",
+               unit="score-weighted share of each task's positives kept")
+    return out
+
+
+def judge_canary(kept: np.ndarray, to_canary: np.ndarray, tasks: tuple[str, ...], weights: dict[str, float],
+                 cfg: GateConfig | None = None, window_hours: float = 1.0,
+                 positives: dict[str, float] | None = None, gate_task: str | None = None) -> dict[str, Any]:
+    """The gate's three outcomes on canary evidence: {"decision", "why", "value", ...}. Fewer than
+    `cfg.min_positives` kept positives of the gate task over both arms: inconclusive."""
+    cfg = cfg or GateConfig()
+    value = canary_value(kept, to_canary, tasks, weights, positives, cfg.boot, cfg.confidence, cfg.seed)
+    task = gate_task or max(weights, key=lambda t: weights[t])
+    verdict = decide(value, cfg, window_hours)
+    seen = sum(value["tasks"][task]["kept_positives"].values()) if task in value["tasks"] else 0.0
+    if verdict["decision"] == "promote" and seen < cfg.min_positives:
+        verdict = {**verdict, "decision": "inconclusive",
+                   "why": f"inconclusive: {seen:.0f} kept {task} positives over both arms, fewer than "
+                          f"{cfg.min_positives}"}
+    return {**verdict, "value": value, "evidence": "canary", "gate_task": task}
