@@ -198,11 +198,14 @@ def stop(model_dir: str | Path, who: str, reason: str, audit: Any = None, automa
 @dataclass
 class ArmGuard:
     """Guard rails measured live on one worker's canary arm (rows since the canary started here):
-    its block share off the target r beyond `block_bound`, its NaN/invalid output rate beyond the
-    current arm's plus `bad_bound`, its scoring time per row beyond `latency_ratio` x current's.
-    Judged once `min_rows` canary rows are in (a few hundred rows cannot tell 3 pp)."""
+    its block share off the target r beyond `block_bound` (over the rows after the arm's first
+    `warmup_rows`, while its controller's window fills: a bundle without a score distribution
+    blocks nothing until then), its NaN/invalid output rate beyond the current arm's plus
+    `bad_bound`, its scoring time per row beyond `latency_ratio` x current's. Judged once
+    `min_rows` canary rows are in (a few hundred rows cannot tell 3 pp)."""
 
     min_rows: int = 2000
+    warmup_rows: int = 2000
     block_bound: float = 0.05
     bad_bound: float = 0.01
     latency_ratio: float = 3.0
@@ -210,12 +213,14 @@ class ArmGuard:
     def breach(self, arms: dict[str, dict[str, float]], r: float) -> str | None:
         """One line naming the breached guard rail, or None."""
         c, k = arms.get("current", {}), arms.get("canary", {})
-        n = k.get("rows", 0)
+        n, n_w = k.get("rows", 0), k.get("rows_w", 0)
+        if n_w >= self.min_rows:
+            block = k["blocked_w"] / n_w
+            if abs(block - r) > self.block_bound:
+                return (f"canary arm block share {block:.3f} is off the target r={r:.3f} by more than "
+                        f"{self.block_bound:.3f} ({n_w} rows after warm-up)")
         if n < self.min_rows:
             return None
-        block = k["blocked"] / n
-        if abs(block - r) > self.block_bound:
-            return f"canary arm block share {block:.3f} is off the target r={r:.3f} by more than {self.block_bound:.3f} ({n} rows)"
         bad = k["nan"] / n
         base = c.get("nan", 0) / max(c.get("rows", 0), 1)
         if bad > base + self.bad_bound:

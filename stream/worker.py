@@ -123,7 +123,7 @@ class CanaryArm:
 
 
 def _arm_counts() -> dict[str, float]:
-    return {"rows": 0, "blocked": 0, "nan": 0, "score_s": 0.0}
+    return {"rows": 0, "blocked": 0, "nan": 0, "score_s": 0.0, "rows_w": 0, "blocked_w": 0}
 
 
 @dataclass
@@ -565,6 +565,9 @@ class Worker:
             a = self.arms[name]
             rows, blocked = len(d), int(np.count_nonzero(d.block))
             bad = int(np.count_nonzero((d.reason == NAN_OUTPUT) | (d.reason == INVALID)))
+            if a["rows"] >= self.guard.warmup_rows:  # block share judged after the warm-up
+                a["rows_w"] += rows
+                a["blocked_w"] += blocked
             a["rows"] += rows
             a["blocked"] += blocked
             a["nan"] += bad

@@ -61,13 +61,15 @@ def test_the_arm_is_the_same_in_another_process():
 def test_guard_rails_name_the_breach_in_one_line():
     g = ArmGuard(min_rows=1000, block_bound=0.05)
     arms = {"current": {"rows": 9000, "blocked": 2700, "nan": 0, "score_s": 0.009},
-            "canary": {"rows": 999, "blocked": 0, "nan": 0, "score_s": 0.001}}
+            "canary": {"rows": 999, "blocked": 0, "nan": 0, "score_s": 0.001, "rows_w": 0, "blocked_w": 0}}
     assert g.breach(arms, 0.3) is None  # too few rows to judge
-    arms["canary"].update(rows=1000, blocked=310)
+    arms["canary"].update(rows=1000, blocked=0, rows_w=999, blocked_w=0)
+    assert g.breach(arms, 0.3) is None  # the warm-up's rows (nothing blocked yet) are not judged
+    arms["canary"].update(rows=3000, blocked=310, rows_w=1000, blocked_w=310)
     assert g.breach(arms, 0.3) is None
-    arms["canary"].update(blocked=400)
+    arms["canary"].update(blocked_w=400)
     assert "block share 0.400 is off the target r=0.300" in g.breach(arms, 0.3)
-    arms["canary"].update(blocked=300, nan=30)
+    arms["canary"].update(blocked_w=300, rows=1000, nan=30)
     assert "NaN/invalid output rate 0.0300" in g.breach(arms, 0.3)
     arms["canary"].update(nan=0, score_s=0.01)
     assert "scoring" in g.breach(arms, 0.3) and "\n" not in g.breach(arms, 0.3)
@@ -185,7 +187,7 @@ def test_a_guard_rail_breach_stops_the_canary_audited_and_current_takes_all_traf
     ids, values = request_values(6000, prefix="g")
     with running(settings, group_id="g1", seed=1, reload_interval_s=0.2) as w:
         # a bound no arm can hold: the first judged batch breaches it
-        w.guard = ArmGuard(min_rows=500, block_bound=1e-9)
+        w.guard = ArmGuard(min_rows=500, warmup_rows=0, block_bound=1e-9)
         produce(settings, values[:3000], ids[:3000])
         wait_for(lambda: w.stats.events >= 3000, 60, "first half decided")
         wait_for(lambda: read_canary(settings.model_dir) is None, 10, "canary stopped")
