@@ -284,27 +284,6 @@ def expected_pass(sc: Scored, run: Any, epsilon: float) -> np.ndarray:
     return np.where(ok, epsilon + (1.0 - epsilon) * rule, 1.0)
 
 
-def logged_by(sc: Scored, version: str, share: float = 0.99) -> bool:
-    """Whether `version` decided (nearly) every row of the window (the `model` column)."""
-    col = sc.logs.decisions.column("model")
-    return len(col) > 0 and float(pc.sum(pc.fill_null(pc.equal(col, version), False)).as_py() or 0) >= share * len(col)
-
-
-def logged_expected_pass(sc: Scored, epsilon: float) -> np.ndarray:
-    """The logging policy's probability of passing each row, epsilon + (1 - epsilon) * its rule
-    recomputed from the logged score, uncertainty and thresholds (invalid rows: 1)."""
-    d = sc.logs.decisions.take(pa.array(sc.order))
-
-    def num(name: str) -> np.ndarray:
-        return pc.fill_null(d.column(name).cast(pa.float64()), math.nan).to_numpy(zero_copy_only=False)
-
-    forced = pc.fill_null(pc.is_in(d.column("reason"), pa.array(["invalid", "nan_output"])), False).to_numpy(
-        zero_copy_only=False)
-    with np.errstate(invalid="ignore"):
-        rule = (num("uncertainty") >= num("tau_u")) | (num("score") >= num("threshold"))
-    return np.where(forced, 1.0, epsilon + (1.0 - epsilon) * rule)
-
-
 @dataclass
 class TaskContrib:
     """Per-row contributions of one task to the paired estimate (rows: the task's population)."""
@@ -561,9 +540,6 @@ def run_gate(candidate: str | Path, current: str | Path, logs: str | Path, targe
     logged_pass = logging_pass_probability(sc_c) if logged else None
     pass_c, pass_u = (~run_c.block, ~run_u.block) if not logged else (
         expected_pass(sc_c, run_c, targets.epsilon), expected_pass(sc_u, run_u, targets.epsilon))
-    current_logged = logged and logged_by(sc_c, cur_dir.name)
-    if current_logged:  # what the current actually did: its rule at the logged thresholds
-        pass_u = logged_expected_pass(sc_c, targets.epsilon)
     contrib = {t: task_contributions(sc_c, j, pass_c, pass_u, logged_pass, sc_c.p[:, j])
                for j, t in enumerate(tasks)}
     weights = score_weights(cand_manifest)
@@ -587,8 +563,7 @@ def run_gate(candidate: str | Path, current: str | Path, logs: str | Path, targe
                 "to_ms": int(window.ts_ms.max()), "rows": len(window), "holdout_from_ms": from_ms,
                 "holdout_from": from_source, "labels_as_of_ms": window.info.get("as_of_ms"),
                 "matured": window.info.get("matured")},
-        estimate=est, value={**value, "current_decisions": "logged (its rule at the logged thresholds)"
-                             if current_logged else "replayed"}, verdict=verdict,
+        estimate=est, value=value, verdict=verdict,
         tasks={t: {k: v.get(k) for k in ("candidate", "current", "difference", "difference_ci", "observed",
                                          "discordant_positives")} for t, v in value["tasks"].items()},
         block_share={"candidate": float(run_c.block.mean()), "current": float(run_u.block.mean())},
