@@ -57,3 +57,39 @@ def test_too_few_positives_is_inconclusive_and_shapes_are_checked():
     assert out["decision"] == "inconclusive"
     with pytest.raises(ValueError, match="aligned"):
         judge_canary(kept[:, :1], arm, TASKS, WEIGHTS)
+
+
+def test_evidence_from_the_logged_layout_keeps_only_rows_on_their_hashed_arm():
+    import pyarrow as pa
+
+    from stream.features import FeatureSpec
+    from training.canary_judge import canary_evidence
+    from training.logs import LogSet
+
+    n = 4000
+    ids = np.asarray([f"e{i}" for i in range(n)], dtype=object)
+    hashed = canary_arm(ids, 0.25)
+    model = np.where(hashed, "v2", "v1").astype(object)
+    model[2000:2040] = "v1"  # a worker that could not load the canary: current decided its share too
+    ts = np.arange(n, dtype=np.int64) * 1000 + 1_000_000
+    blocked = np.arange(n) % 4 == 0
+    labels = np.where(blocked, np.nan, (np.arange(n) % 7 == 0)).astype(np.float32)[:, None]
+    labels[-10:] = np.nan  # the newest rows' window (5 s) is still open
+    as_of = int(ts[-1]) + 1
+    logs = LogSet(spec=FeatureSpec((), ()), num=np.zeros((n, 0), np.float32), cat=np.zeros((n, 0), object),
+                  labels=labels, truth=None, request_id=ids, ts_ms=ts, tasks=("deal",),
+                  decisions=pa.table({"model": model.tolist(), "decision": np.where(blocked, "block", "pass").tolist()}),
+                  info={"as_of_ms": as_of, "attribution_windows_s": {"deal": 5.0}})
+    kept, to_canary, info = canary_evidence(logs, "v1", "v2", 0.25)
+    first, last = np.flatnonzero(model == "v2")[[0, -1]]
+    period = (np.arange(n) >= first) & (np.arange(n) <= last)
+    on_arm = period & (hashed == (model == "v2"))
+    assert info["left_out_off_arm"] == int((hashed[2000:2040]).sum()) > 0
+    assert len(kept) == int(on_arm.sum()) and to_canary.sum() == int((on_arm & hashed).sum())
+    # blocked rows whose window closed kept 0 positives; rows whose window is open stay unknown
+    open_ = (as_of - ts) < 5000
+    want = np.where(blocked & ~open_, 0.0, labels[:, 0])[on_arm]
+    np.testing.assert_array_equal(kept[:, 0], want)
+    assert np.isnan(kept[:, 0][open_[on_arm]]).all() and (kept[:, 0][(blocked & ~open_)[on_arm]] == 0).all()
+    with pytest.raises(ValueError, match="no logged decision of v3"):
+        canary_evidence(logs, "v1", "v3", 0.25)

@@ -103,3 +103,33 @@ def judge_canary(kept: np.ndarray, to_canary: np.ndarray, tasks: tuple[str, ...]
                    "why": f"inconclusive: {seen:.0f} kept {task} positives over both arms, fewer than "
                           f"{cfg.min_positives}"}
     return {**verdict, "value": value, "evidence": "canary", "gate_task": task}
+
+
+def canary_evidence(logs: Any, current: str, candidate: str, share: float) -> tuple[np.ndarray, np.ndarray, dict]:
+    """`kept` and `to_canary` for `judge_canary` from `rta log`'s layout (training.logs.load_logged):
+    the rows of the canary's period (first to last row the candidate decided) whose decision came
+    from the arm their request_id hashes to (stream.canary.canary_arm at `share`): a request current
+    decided inside the canary's share (a worker that could not load the canary) is left out, so
+    the arms stay the random split. A blocked row whose window has closed kept no positive (0); a
+    row whose window is open is left out (NaN)."""
+    from stream.canary import canary_arm
+
+    if logs.decisions is None or "model" not in logs.decisions.column_names:
+        raise ValueError("canary evidence needs the logged layout's decision columns (model, decision)")
+    model = np.asarray(logs.decisions.column("model").to_pylist(), dtype=object)
+    blocked = np.asarray(logs.decisions.column("decision").to_pylist(), dtype=object) == "block"
+    by_cand = model == candidate
+    if not by_cand.any():
+        raise ValueError(f"no logged decision of {candidate}: has its canary run (and the logger logged it)?")
+    ts = np.asarray(logs.ts_ms)
+    period = (ts >= ts[by_cand].min()) & (ts <= ts[by_cand].max())
+    hashed = canary_arm(logs.request_id, share)
+    rows = period & ((by_cand & hashed) | ((model == current) & ~hashed))
+    as_of = logs.info["as_of_ms"]
+    windows = logs.info["attribution_windows_s"]
+    closed = np.stack([(as_of - ts) >= 1000.0 * windows[t] for t in logs.tasks], axis=1)
+    kept = np.asarray(logs.labels, dtype=np.float64).copy()
+    kept[blocked[:, None] & closed & np.isnan(kept)] = 0.0
+    info = {"rows": int(rows.sum()), "period_ms": [int(ts[by_cand].min()), int(ts[by_cand].max())],
+            "left_out_off_arm": int((period & ((by_cand & ~hashed) | ((model == current) & hashed))).sum())}
+    return kept[rows], by_cand[rows], info
