@@ -121,6 +121,9 @@ def test_cli_status_and_bad_args(tmp_path, clean_env):
     assert doc["redis_problem"] and doc["last"]["action"] == "canary-start"
     assert run("--stop", "--reason", "done", "--no-audit-topic").returncode == 0
     assert json.loads(run("status").stdout)["canary"] is None
+    judge = subprocess.run([*RTA, "model", "canary-judge", "v1", "--model-dir", str(tmp_path), "--logs",
+                            str(tmp_path)], capture_output=True, text=True, env=env, timeout=60)
+    assert judge.returncode == 2 and "no canary of v1" in judge.stderr and "Traceback" not in judge.stderr
 
 
 # --- the worker's two arms (real broker + Redis) -----------------------------------------------

@@ -24,12 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from training.gate import GateConfig, _quantiles, decide
-from training.replay import bootstrap_sums
+# training.gate / training.replay are imported where used: `rta model list` (which registers the
+# canary-judge command) stays light
 
 
 def _arm_means(kept: np.ndarray, boot: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Per task: kept positives per matured row, and `boot` resampled values of it."""
+    from training.replay import bootstrap_sums
+
     known = np.isfinite(kept)
     rows = np.concatenate([np.where(known, kept, 0.0), known.astype(np.float64)], axis=1)
     t = kept.shape[1]
@@ -45,6 +47,8 @@ def canary_value(kept: np.ndarray, to_canary: np.ndarray, tasks: tuple[str, ...]
     """The value difference canary - current from the arms' own rows. `kept`: float[N, T], 1 = a
     positive the arm's decision kept, 0 = none kept (blocked, or passed without an outcome),
     NaN = not matured; `to_canary`: bool[N], the row's arm."""
+    from training.gate import _quantiles
+
     kept = np.asarray(kept, dtype=np.float64)
     to_canary = np.asarray(to_canary, dtype=bool)
     if kept.ndim != 2 or kept.shape != (len(to_canary), len(tasks)):
@@ -89,10 +93,12 @@ def canary_value(kept: np.ndarray, to_canary: np.ndarray, tasks: tuple[str, ...]
 
 
 def judge_canary(kept: np.ndarray, to_canary: np.ndarray, tasks: tuple[str, ...], weights: dict[str, float],
-                 cfg: GateConfig | None = None, window_hours: float = 1.0,
+                 cfg: Any = None, window_hours: float = 1.0,
                  positives: dict[str, float] | None = None, gate_task: str | None = None) -> dict[str, Any]:
     """The gate's three outcomes on canary evidence: {"decision", "why", "value", ...}. Fewer than
     `cfg.min_positives` kept positives of the gate task over both arms: inconclusive."""
+    from training.gate import GateConfig, decide
+
     cfg = cfg or GateConfig()
     value = canary_value(kept, to_canary, tasks, weights, positives, cfg.boot, cfg.confidence, cfg.seed)
     task = gate_task or max(weights, key=lambda t: weights[t])
@@ -133,3 +139,65 @@ def canary_evidence(logs: Any, current: str, candidate: str, share: float) -> tu
     info = {"rows": int(rows.sum()), "period_ms": [int(ts[by_cand].min()), int(ts[by_cand].max())],
             "left_out_off_arm": int((period & ((by_cand & ~hashed) | ((model == current) & hashed))).sum())}
     return kept[rows], by_cand[rows], info
+
+
+def canary_run(model_dir: Any, version: str) -> dict[str, Any]:
+    """The newest canary-start of `version` in registry.jsonl (its share and the current it ran beside)."""
+    from model import registry
+    from stream.errors import BundleError
+
+    starts = [e for e in registry.read_log(model_dir) if e.get("action") == "canary-start" and e.get("new") == version]
+    if not starts:
+        raise BundleError(f"{model_dir}: no canary of {version} in registry.jsonl (start one: rta model canary "
+                          f"{version} --share S --reason ...)")
+    return starts[-1]
+
+
+def _cli() -> Any:
+    import json
+    from pathlib import Path
+
+    import click
+
+    @click.command("canary-judge")
+    @click.argument("version")
+    @click.option("--model-dir", required=True, type=click.Path(path_type=Path), help="Model directory.")
+    @click.option("--logs", "logs_path", required=True, type=click.Path(path_type=Path),
+                  help="`rta log`'s layout holding the canary's period.")
+    @click.option("--attribution", default=None, help="Attribution windows, e.g. 'click=15m,deal=7d'.")
+    @click.option("--as-of-ms", type=int, default=None, help="Labels as of [default: the log's as-of].")
+    @click.option("--min-positives", type=click.IntRange(min=1), default=10, show_default=True)
+    @click.option("--non-inferiority", type=float, default=0.01, show_default=True)
+    @click.option("--guard-margin", type=float, default=0.05, show_default=True)
+    @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+    def judge_cmd(version: str, model_dir: Path, logs_path: Path, attribution: str | None, as_of_ms: int | None,
+                  min_positives: int, non_inferiority: float, guard_margin: float, seed: int) -> None:
+        """Judge a canary on its own arm's matured outcomes (the gate's rule): JSON, exit 0 promote,
+        3 refuse, 4 inconclusive. Promoting stays `rta model promote` (this is the evidence)."""
+        from model import bundle
+        from training.gate import GateConfig, score_weights
+        from training.logs import Attribution, load_logged
+        from training.model_cli import exit_code
+
+        run = canary_run(model_dir, version)
+        current = run.get("old")
+        manifest = bundle.read_manifest(Path(model_dir) / version)
+        cfg = GateConfig(min_positives=min_positives, non_inferiority=non_inferiority, guard_margin=guard_margin,
+                         seed=seed)
+        logs = load_logged(logs_path, tuple(manifest["tasks"]), Attribution.parse(attribution, as_of_ms))
+        kept, to_canary, info = canary_evidence(logs, str(current), version, float(run["share"]))
+        hours = max((info["period_ms"][1] - info["period_ms"][0]) / 3.6e6, 1e-6)
+        out = judge_canary(kept, to_canary, tuple(manifest["tasks"]), score_weights(manifest), cfg, hours)
+        out.update(candidate=version, current=current, share=run["share"], rows=info)
+        v = out["value"]
+        click.echo(f"[rta model] canary {version} vs {current}: {out['decision']} - value {v['relative']:+.2%} "
+                   f"of current's [{v['difference_ci'][0] / v['current']:+.2%}, "
+                   f"{v['difference_ci'][1] / v['current']:+.2%}]" if v["current"] > 0 else
+                   f"[rta model] canary {version}: {out['decision']} ({out['why']})", err=True)
+        click.echo(json.dumps(out, default=str))
+        raise SystemExit(exit_code(out))
+
+    return judge_cmd
+
+
+judge_cmd = _cli()

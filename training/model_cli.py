@@ -290,8 +290,10 @@ def diff_cmd(a: str, b: str, model_dir: Path, logs_path: Path, ratio: float, pas
 
 def _add_canary() -> None:
     from stream.canary import canary_cmd
+    from training.canary_judge import judge_cmd
 
     model.add_command(canary_cmd)
+    model.add_command(judge_cmd)
 
 
 _add_canary()
