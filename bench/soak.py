@@ -81,6 +81,7 @@ class _Feeder(threading.Thread):
         self.settings, self.values, self.keys, self.rate = settings, values, keys, rate
         self.sent = 0
         self.error: BaseException | None = None
+        self.done_at: float | None = None  # time.time() once every request is delivered
 
     def run(self) -> None:
         try:
@@ -96,6 +97,7 @@ class _Feeder(threading.Thread):
                 time.sleep(max(0.0, t0 + self.sent / self.rate - time.monotonic()))
             if p.flush(60):
                 raise RuntimeError("soak: the feeder could not deliver every request")
+            self.done_at = time.time()
         except BaseException as exc:  # reported by the main thread
             self.error = exc
 
@@ -349,16 +351,37 @@ def _plot(ts: np.ndarray, block: np.ndarray, events: list[dict[str, Any]], cfg: 
 @click.option("--oversized", type=click.IntRange(min=0), default=20, show_default=True)
 @click.option("--settle-s", type=click.FloatRange(min=0), default=8.0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Write soak.json and soak.png here.")
+@click.option("--logger", "logger_soak", is_flag=True,
+              help="Soak `rta log` instead (bench/logsoak.py): a stalled worker, kill -9 of the logger, odd inputs.")
+@click.option("--stall-s", type=click.FloatRange(min=0), default=120.0, show_default=True,
+              help="--logger: how long the worker is SIGSTOPped.")
+@click.option("--logger-kills", type=click.IntRange(min=0), default=2, show_default=True,
+              help="--logger: kill -9s of the logger.")
 def soak(n: int, rate: int, workers: int, kills: int, redis_restarts: int, malformed: int, oversized: int,
-         settle_s: float, out: str | None) -> None:
-    """The worker fleet under kill -9, Redis restarts and malformed input (own embedded stack)."""
+         settle_s: float, out: str | None, logger_soak: bool = False, stall_s: float = 120.0,
+         logger_kills: int = 2) -> None:
+    """The worker fleet under kill -9, Redis restarts and malformed input (own embedded stack);
+    with --logger, the logger under a stalled worker, kill -9 and odd inputs."""
+    if logger_soak:
+        from bench.logsoak import LoggerSoakConfig, run_logger_soak
+
+        lcfg = LoggerSoakConfig(requests=n, rate=rate, stall_s=stall_s, logger_kills=logger_kills)
+        _on_owned_stack(lcfg.partitions, out, lambda settings, _, where: run_logger_soak(lcfg, settings, where,
+                                                                                           progress=True))
+        return
     cfg = SoakConfig(requests=n, rate=rate, workers=workers, kills=kills, redis_restarts=redis_restarts,
                      malformed=malformed, oversized=min(oversized, malformed), settle_s=settle_s)
+    _on_owned_stack(cfg.partitions, out, lambda settings, redis_server, where: run_soak(
+        cfg, settings, redis_server, where, progress=True))
+
+
+def _on_owned_stack(partitions: int, out: str | None, run: Any) -> None:
+    """`run(settings, redis_server, out_dir)` on a broker and Redis this run owns; prints its JSON."""
     with tempfile.TemporaryDirectory(prefix="rta-soak-") as tmp:
         tmp_path = Path(tmp)
         with _owned_stack(tmp_path) as (bootstrap, redis_url, redis_server):
             settings = replace(load_settings(env={}), kafka_bootstrap=bootstrap, redis_url=redis_url,
                                model_dir=tmp_path / "models", state_dir=tmp_path / "state",
-                               partitions=cfg.partitions, redis_prefix="soak")
-            result = run_soak(cfg, settings, redis_server, Path(out) if out else tmp_path / "out", progress=True)
+                               partitions=partitions, redis_prefix="soak")
+            result = run(settings, redis_server, Path(out) if out else tmp_path / "out")
     click.echo(json.dumps(result))

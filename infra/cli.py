@@ -22,7 +22,7 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "train": ("training.pipeline:train", "Teacher + SWAG + student + ONNX bundle + report.", "train"),
     "eval": ("training.evaluate:eval_cmd", "Paper-style tables and plots for a bundle on a log set.", "train"),
     "serve": ("stream.worker:serve", "The scoring worker (one consumer-group member).", "core"),
-    "log": ("stream.logger:log_cmd", "Logger: requests + decisions + outcomes -> logged traffic (Parquet).", "log"),
+    "log": ("stream.logger.cli:log_cmd", "Logger: requests + decisions + outcomes -> logged traffic (Parquet).", "log"),
     "ratio": ("stream.operators:ratio", "Target interception ratio: get, set, history.", "core"),
     "bench": ("bench.cli:bench", "Benchmarks (inference, worker, controller); JSON out.", "train"),
     "replay": ("training.replay:replay_cmd", "Analysts: logged traffic through the worker's engine, event time.",

@@ -351,14 +351,14 @@ def demo(rows: int, events: int, loop_events: int, rate: float, ratios: str, war
                   "--version", "v1", "--no-report"], env)
             t = lap("train_v1", t)
         else:
-            from model.bundle import publish
+            from model import registry
 
             _say(f"1-2/7 reusing v1 in {model_dir} (--retrain to train again)")
             for old in model_dir.glob("v2*"):  # an earlier run's v2: this run learns its own
                 import shutil
 
                 shutil.rmtree(old)
-            publish(model_dir / "v1")
+            registry.publish_trained(model_dir / "v1", "rta demo", "demo: reuse v1")
         bundle = resolve_bundle(model_dir)
         manifest = read_manifest(bundle)
 

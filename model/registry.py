@@ -2,7 +2,14 @@
 
     <model_dir>/<version>/        a bundle (model/bundle.py); `gate.json` beside its manifest once gated
     <model_dir>/current           the served version (bundle.publish: one rename)
-    <model_dir>/registry.jsonl    append-only: one JSON line per promote / rollback
+    <model_dir>/registry.jsonl    append-only: one JSON line per switch of `current`
+
+Every switch of `current` goes through `switch` (one lock, verify under it, audit, log): promote
+and rollback (`rta model`), the first bootstrap and `rta train --publish` (`publish_trained`).
+The registry line is written (fsynced) BEFORE `current` moves, so a crash between the two leaves
+a line for a switch that did not happen, never a switch with no line; such a line is recognised
+(the next line's `old`, or `current` itself, says where `current` really was) and ignored by
+the chain, so rollback keeps working.
 
 Who promoted what, when and why is on the Kafka audit topic (the durable record, as for
 `rta ratio set`) and in `registry.jsonl` (readable without a broker: `rta model list`). A switch
@@ -52,6 +59,9 @@ def version_dir(model_dir: str | Path, version: str) -> Path:
     if not version or "/" in version or version in (".", "..", bundle.CURRENT):
         raise ConfigError(f"{version!r} is not a version name")
     path = root / version
+    if path.is_symlink():
+        raise BundleError(f"{path} is a symlink: a version must be a directory of {root} (a link would "
+                          "switch `current` to a bundle this registry does not hold)")
     if not (path / bundle.MANIFEST).is_file():
         known = ", ".join(p.name for p in version_dirs(root)) or "none"
         raise BundleError(f"{root}: unknown version {version!r} (versions: {known})")
@@ -115,17 +125,33 @@ def _append_log(model_dir: Path, entry: dict[str, Any]) -> None:
         os.close(fd)
 
 
+_PUSHES = ("promote", "bootstrap", "publish")
+
+
+def applied_log(model_dir: str | Path) -> list[dict[str, Any]]:
+    """registry.jsonl without the lines of switches that never happened (a crash or an error
+    between the line and the switch): a line applied iff the next line's `old` is its `new`,
+    or, for the last line, `current` is its `new`."""
+    log = read_log(model_dir)
+    if not log:
+        return []
+    current = bundle.current_version(model_dir)
+    nxt = [e.get("old") for e in log[1:]] + [current]
+    return [e for e, after in zip(log, nxt, strict=True) if e.get("new") == after]
+
+
 def history_chain(model_dir: str | Path) -> list[str]:
-    """The versions `current` held, oldest first, as promotes push and rollbacks pop them."""
+    """The versions `current` held, oldest first, as promotes (and bootstraps, publishes) push
+    and rollbacks pop them."""
     chain: list[str] = []
-    for e in read_log(model_dir):
+    for e in applied_log(model_dir):
         old, new = e.get("old"), e.get("new")
         if e.get("action") == "rollback":
             if chain and chain[-1] == old:
                 chain.pop()
             if not chain or chain[-1] != new:
                 chain.append(new)
-        elif e.get("action") == "promote":
+        elif e.get("action") in _PUSHES:
             if old and (not chain or chain[-1] != old):
                 chain.append(old)
             chain.append(new)
@@ -152,9 +178,10 @@ def verify(bundle_dir: str | Path) -> dict[str, Any]:
 def switch(model_dir: str | Path, version: str, action: str, who: str, reason: str,
            audit: Any = None, forced: bool = False, gate: dict[str, Any] | None = None,
            expect_current: str | None = None) -> dict[str, Any]:
-    """Point `current` at `version` (promote or rollback), audited: the audit topic first
-    (`audit(entry)` returns None when acknowledged, else why not; None skips it), then the
-    atomic switch, then registry.jsonl. Returns the entry.
+    """Point `current` at `version` (promote, rollback, bootstrap, publish), locked, verified
+    under the lock and audited: the audit topic first (`audit(entry)` returns None when
+    acknowledged, else why not; None skips it), then registry.jsonl, then the atomic switch.
+    Returns the entry.
 
     `expect_current`: the version the decision was made against (the gate's `current`, the
     rollback's). Checked under the lock, so of two overlapping retrains the second cannot
@@ -163,10 +190,11 @@ def switch(model_dir: str | Path, version: str, action: str, who: str, reason: s
         raise ConfigError(f"{action} needs --reason (kept in the audit trail)")
     root = _model_dir(model_dir)
     target = version_dir(root, version)
-    verify(target)  # never serve a bundle that does not verify
     lock = os.open(root / LOCK_FILE, os.O_WRONLY | os.O_CREAT, 0o644)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two switches at once: each records the `old` it replaced
+        target = version_dir(root, version)  # again under the lock: not swapped for a link meanwhile
+        verify(target)  # under the lock: what is verified is what is served
         now = bundle.current_version(root)
         if expect_current is not None and now != expect_current:
             raise BundleError(f"current moved to {now} while this {action} was decided against {expect_current}; "
@@ -190,9 +218,18 @@ def _switch_locked(root: Path, target: Path, version: str, action: str, who: str
         if why is not None:
             raise BundleError(f"audit topic not written ({why}); current NOT changed (still {old}); "
                               "--no-audit-topic skips the topic")
+    _append_log(root, entry)  # first: a crash after it leaves a line `applied_log` drops, not a silent switch
     bundle.publish(target)
-    _append_log(root, entry)
     return entry
+
+
+def publish_trained(bundle_dir: str | Path, who: str, reason: str) -> dict[str, Any]:
+    """`rta train --publish` and the first bootstrap, through the same locked, audited `switch`:
+    `bootstrap` when there is no current yet, else `publish` (recorded as forced: no gate ran)."""
+    path = Path(bundle_dir)
+    root = path.parent
+    action = "bootstrap" if bundle.current_version(root) is None else "publish"
+    return switch(root, path.name, action, who, reason, forced=action == "publish")
 
 
 def summary(model_dir: str | Path) -> list[dict[str, Any]]:
@@ -200,7 +237,7 @@ def summary(model_dir: str | Path) -> list[dict[str, Any]]:
     root = _model_dir(model_dir)
     current = bundle.current_version(root)
     promoted: dict[str, dict[str, Any]] = {}
-    for e in read_log(root):
+    for e in applied_log(root):
         promoted[e.get("new")] = e
     rows = []
     for d in version_dirs(root):

@@ -28,7 +28,7 @@ _DECIMAL = re.compile(r"-?[0-9]+")  # what a JSON integer's decimal string looks
 try:  # Arrow's hash lookup is the fast path; the dict pass is complete without it
     import pyarrow as pa
     import pyarrow.compute as pc
-except ImportError:  # pragma: no cover - pyarrow is a serving dependency (stream.logcodec)
+except ImportError:  # pragma: no cover - pyarrow is a serving dependency (stream.logger.codec)
     pa = pc = None
 
 MISSING_CODE = 0

@@ -17,8 +17,12 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from stream.config import Settings
 from stream.errors import StackError
 
-# Throughput-oriented producer defaults; idempotence keeps retries from duplicating.
+# Throughput-oriented producer defaults; idempotence keeps retries from duplicating. The
+# partitioner is the Java client's (murmur2; random for a null key): a key lands on the same
+# partition whichever client produced it, which the logger's join of requests and decisions by
+# partition needs (librdkafka's own default, consistent_random, is CRC32).
 PRODUCER_DEFAULTS: dict[str, Any] = {
+    "partitioner": "murmur2_random",
     "linger.ms": 5,
     "batch.num.messages": 10000,
     "queue.buffering.max.messages": 500000,

@@ -16,7 +16,7 @@ import pyarrow.dataset as ds
 from worker_support import serving, worker_env
 
 from stream.config import Settings
-from stream.logger import Logger, LoggerConfig
+from stream.logger.service import Logger, LoggerConfig
 
 
 def group_of(settings: Settings) -> str:

@@ -20,7 +20,7 @@ import pytest
 from live_log_support import dedup_impressions, duckdb_count, live_pipeline, read_log, read_truth
 
 from stream.events import OUTCOME_EVENTS
-from stream.logschema import DECISION_COLUMNS
+from stream.logger.schema import DECISION_COLUMNS
 
 pytestmark = pytest.mark.slow
 
@@ -50,6 +50,12 @@ def test_live_log_has_every_request_once_with_its_decision_and_outcomes_only_whe
     table = dedup_impressions(raw)
     assert table.num_rows == N and set(table["request_id"].to_pylist()) == set(live.decisions)
     assert table["decision"].null_count == 0
+    # the production reader (rta train, replay) agrees: every request once, each with its decision
+    from training.logs import load_logged
+
+    logs = load_logged(live.log_dir)
+    assert len(logs) == N and set(logs.request_id.tolist()) == set(live.decisions)
+    assert logs.decisions["decision"].null_count == 0
     # every decision field equal to the decision event's
     rows = table.to_pylist()
     mismatches = []

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from stream.errors import DataError
-from stream.logschema import (
+from stream.logger.schema import (
     DECISION_COLUMNS,
     IMPRESSIONS_DIR,
     OUTCOMES_DIR,

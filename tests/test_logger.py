@@ -7,11 +7,14 @@ controls exactly which pairs exist; the live pipeline is tests/test_live_log.py.
 from __future__ import annotations
 
 import signal
+import sys
+import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from live_log_support import duckdb_count, group_of, logging_to, read_log, spawn_logger
 from student_data import random_batch
@@ -20,7 +23,8 @@ from worker_support import committed, wait_for
 from stream.config import Settings
 from stream.events import encode_decisions, encode_outcome, encode_requests
 from stream.kafka import make_producer, produce_waiting
-from stream.logschema import DECISION_COLUMNS, partition_dir, task_columns
+from stream.logger.schema import DECISION_COLUMNS, MAX_LOG_TS_MS, partition_dir, task_columns
+from training.logs import load_logged
 
 pytestmark = pytest.mark.slow  # each test joins a consumer group (~3 s on the embedded broker)
 
@@ -47,6 +51,27 @@ def _decisions(ids: list[str], ts: np.ndarray, seed: int = 0) -> tuple[list[byte
                               latency_ms=5.0, tasks=TASKS, propensity=cols["propensity"], tau_u=cols["tau_u"],
                               u_tasks=cols["u"])
     return bodies, cols
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _scrape(port: int, series: str) -> float:
+    """One series of a logger process's /metrics (-1: not up yet)."""
+    import urllib.error
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+            text = r.read().decode()
+    except (urllib.error.URLError, ConnectionError):
+        return -1.0
+    line = [x for x in text.splitlines() if x.startswith(series + " ")]
+    return float(line[0].split()[-1]) if line else -1.0
 
 
 def _metrics(lg) -> str:
@@ -85,7 +110,7 @@ def test_requests_join_their_decisions_into_hourly_parquet_and_offsets_commit(se
 
     table = read_log(out)
     assert table.num_rows == n and sorted(table["request_id"].to_pylist()) == sorted(ids)
-    # layout: partitioned by the request's event hour; columns per stream.logschema
+    # layout: partitioned by the request's event hour; columns per stream.logger.schema
     expected_dirs = {partition_dir(int(t)) for t in ts}
     assert len(expected_dirs) == 2
     assert {str(p.parent.relative_to(out / "impressions")) for p in (out / "impressions").rglob("*.parquet")} \
@@ -117,7 +142,7 @@ def test_orphans_malformed_and_reserved_names_are_counted_never_fatal(settings, 
     late_ids, late_ts, late_reqs = _requests(50, "late", t0=T0 + 10 * 3_600_000, seed=1)  # move time on
     late_bodies, _ = _decisions(late_ids, late_ts)
     bad = [b"not json", b'{"v": 1, "request_id": "x", "ts_ms": -1, "features": {}}', b"",
-           b'{"v": 1, "request_id": "y", "ts_ms": 5, "features": {"n0": [1, 2]}}']
+           b'{"v": 1, "request_id": "y", "ts_ms": 5, "features": {"n0": [1, 2]}}']  # kept: n0 null, counted
     reserved = b'{"v": 1, "request_id": "rsv", "ts_ms": %d, "features": {"n0": 1.5, "score": 9}}' % T0
     _produce(settings, "requests", reqs + bad + [reserved] + late_reqs, ids + [None, "x", None, "y", "rsv"] + late_ids)
     _produce(settings, "decisions", bodies[:300] + ghost_bodies + [b"{}", b"[1]"] + late_bodies,
@@ -125,16 +150,16 @@ def test_orphans_malformed_and_reserved_names_are_counted_never_fatal(settings, 
     _produce(settings, "outcomes", [b"nope", encode_outcome("b1", "deal", T0)], [None, "b1"])
     out = tmp_path / "log"
     with logging_to(settings, out, roll_seconds=0.5, batch_wait_ms=20, join_timeout_s=60) as lg:
-        # "rsv" waits for a decision that never comes and expires like the other 100
-        wait_for(lambda: lg.stats.orphan_requests >= 101 and lg.stats.orphan_decisions >= 20
-                 and lg.stats.impressions >= 451, 60, "orphans expired and written")
-    assert lg.stats.orphan_requests == 101 and lg.stats.orphan_decisions == 20
-    assert lg.stats.malformed == {"requests": 4, "decisions": 2, "outcomes": 1}
-    assert lg.stats.reserved_features == 1
+        # "rsv" and "y" wait for a decision that never comes and expire like the other 100
+        wait_for(lambda: lg.stats.orphan_requests >= 102 and lg.stats.orphan_decisions >= 20
+                 and lg.stats.impressions >= 452, 60, "orphans expired and written")
+    assert lg.stats.orphan_requests == 102 and lg.stats.orphan_decisions == 20
+    assert lg.stats.malformed == {"requests": 3, "decisions": 2, "outcomes": 1}
+    assert lg.stats.reserved_features == 1 and lg.stats.odd == {"feature_type": 1}
     table = read_log(out)
-    assert table.num_rows == 451
+    assert table.num_rows == 452
     orphans = table.filter(table["decision"].is_null())
-    assert sorted(orphans["request_id"].to_pylist()) == sorted(ids[300:] + ["rsv"])
+    assert sorted(orphans["request_id"].to_pylist()) == sorted(ids[300:] + ["rsv", "y"])
     assert orphans["score"].null_count == orphans.num_rows and orphans["n0"].null_count < orphans.num_rows
     rsv = [r for r in table.to_pylist() if r["request_id"] == "rsv"][0]
     assert rsv["n0"] == 1.5 and rsv["score"] is None  # the reserved feature never posed as a decision field
@@ -164,15 +189,22 @@ def test_a_waiting_request_holds_its_partition_commit_back(settings, tmp_path: P
 
 
 def test_files_roll_by_size_and_sigterm_drains(settings, tmp_path: Path):
-    ids, ts, reqs = _requests(3000, "d")
+    ids, ts, reqs = _requests(2990, "d")
+    tail_ids, tail_ts, tail_reqs = _requests(10, "dt", t0=T0 + 5 * 3_600_000, seed=1)  # too few to roll
+    ids, ts, reqs = ids + tail_ids, np.r_[ts, tail_ts], reqs + tail_reqs
     bodies, _ = _decisions(ids, ts)
     _produce(settings, "requests", reqs, ids)
     _produce(settings, "decisions", bodies, ids)
     out = tmp_path / "log"
+    port = _free_port()
     proc = spawn_logger(settings, out, tmp_path, "--roll-mb", "0.05", "--roll-seconds", "3600",
-                        "--batch-wait-ms", "20", "--batch-size", "100")
+                        "--batch-wait-ms", "20", "--batch-size", "100", metrics_port=port)
     try:
         wait_for(lambda: len(list((out / "impressions").rglob("*.parquet"))) >= 3, 20, "size rolls")
+        # every pair read and joined; the last rows sit in an open file (no time roll) when SIGTERM comes
+        wait_for(lambda: _scrape(port, 'rta_log_messages_total{topic="decisions"}') == 3000, 60, "all read",
+                 step=0.2)
+        wait_for(lambda: _scrape(port, 'rta_log_buffered{side="open_files"}') >= 10, 10, "rows in open files")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
     finally:
@@ -180,20 +212,15 @@ def test_files_roll_by_size_and_sigterm_drains(settings, tmp_path: Path):
             proc.kill()
     files = list((out / "impressions").rglob("*.parquet"))
     assert len(files) >= 3, files
-    written = sum(pq.read_metadata(f).num_rows for f in files)
     assert not list(out.rglob("*.tmp"))
-    # drained: nothing is committed that is not in a renamed file
-    assert sum(committed(settings, group_of(settings)).values()) <= written
-    # a second run picks up where the first committed: together they hold every request
-    with logging_to(settings, out, roll_seconds=0.3, batch_wait_ms=20) as lg:
-        wait_for(lambda: sum(committed(settings, group_of(settings)).values()) == 3000, 60, "all committed")
+    # drained: every buffered row is in a renamed file, and exactly those offsets are committed
+    # (break tried: _drain without its roll -> the open file's rows are missing here)
     table = read_log(out)
-    assert set(table["request_id"].to_pylist()) == set(ids)
-    assert lg.stats.orphan_requests == 0
+    assert table.num_rows == 3000 and set(table["request_id"].to_pylist()) == set(ids)
+    assert sum(committed(settings, group_of(settings)).values()) == 3000
 
 
 def test_two_members_split_the_partitions_and_a_rebalance_loses_nothing(settings, tmp_path: Path):
-    from live_log_support import dedup_impressions
 
     ids, ts, reqs = _requests(8000, "e")
     bodies, _ = _decisions(ids, ts)
@@ -213,8 +240,8 @@ def test_two_members_split_the_partitions_and_a_rebalance_loses_nothing(settings
             _produce(settings, "decisions", bodies[4000:], ids[4000:])
             wait_for(lambda: sum(committed(settings, group_of(settings)).values()) == 8000, 60, "all committed")
     assert a.stats.orphan_requests == b.stats.orphan_requests == 0
-    table = dedup_impressions(read_log(out))
-    assert table.num_rows == 8000 and table["decision"].null_count == 0
+    logs = load_logged(out)  # the production reader drops the rebalance's duplicates
+    assert len(logs) == 8000 and logs.decisions["decision"].null_count == 0
     assert b.stats.impressions > 0
 
 
@@ -260,11 +287,10 @@ def test_nothing_is_committed_before_its_file_is_renamed_and_kill_9_loses_nothin
 
 def test_a_restart_can_write_a_decided_request_again_without_its_decision_and_dedup_keeps_the_decided_one(
         settings, tmp_path: Path):
-    """The case stream.logschema's dedup rule is for: request 0 waits (no decision yet), so the
+    """The case stream.logger.schema's dedup rule is for: request 0 waits (no decision yet), so the
     requests commit stays at it, while requests 1.. and their decisions are written and the
     decisions commit moves past them. After a restart requests 1.. are read again, their
     decisions are not: they expire without one, next to their decided copies."""
-    from live_log_support import dedup_impressions
 
     ids, ts, reqs = _requests(50, "g")
     bodies, _ = _decisions(ids, ts)
@@ -289,5 +315,168 @@ def test_a_restart_can_write_a_decided_request_again_without_its_decision_and_de
         wait_for(lambda: lg.stats.orphan_requests >= 49 and lg.stats.impressions >= 50, 60, "replayed rows")
     raw = read_log(out)
     assert raw.num_rows == 99 and raw["decision"].null_count == 49
-    table = dedup_impressions(raw)
-    assert table.num_rows == 50 and table["decision"].null_count == 0
+    # the production reader (what rta train / replay use) keeps the decided copy of each
+    logs = load_logged(out)
+    assert len(logs) == 50 and sorted(logs.request_id.tolist()) == sorted(ids)
+    assert logs.decisions["decision"].null_count == 0 and logs.info["counts"]["duplicate_impressions"] == 49
+
+
+def _put(settings: Settings, role: str, values: list[bytes], keys: list[str], partition: int | None = 0) -> None:
+    """Produce to one partition (one order), or by key with partition=None."""
+    p = make_producer(settings)
+    for v, k in zip(values, keys, strict=True):
+        if partition is None:
+            produce_waiting(p, settings.topic(role), v, k)
+        else:
+            produce_waiting(p, settings.topic(role), v, k, partition=partition)
+    assert p.flush(30) == 0
+
+
+def test_a_stalled_worker_pauses_the_requests_and_costs_no_row(settings, tmp_path: Path):
+    """Issue 27 item 1: decisions stop (a stalled worker) while requests go on. The requests
+    partition that runs ahead is paused at its share of --max-buffered; nothing is written without
+    its decision, and once decisions come back every request is logged with its own. On main the
+    overflow expiry wrote ~2,400 of them without a decision (and max_wait would after 300 s)."""
+    n, decided = 3000, 300
+    ids, ts, reqs = _requests(n, "s")
+    bodies, _ = _decisions(ids, ts)
+    _put(settings, "requests", reqs, ids)
+    _put(settings, "decisions", bodies[:decided], ids[:decided])
+    out = tmp_path / "log"
+    with logging_to(settings, out, roll_seconds=0.3, batch_wait_ms=20, batch_size=200, max_buffered=600,
+                    metrics_port=0) as lg:
+        wait_for(lambda: lg.stats.pauses >= 1 and lg.stats.impressions >= decided, 60, "requests paused")
+        time.sleep(3)  # the stall goes on: nothing expires, memory stays bounded
+        waiting = sum(b.n_alive for b in lg._req.values())
+        assert lg.stats.orphan_requests == 0 and waiting <= 600 + 200, waiting
+        assert 'rta_log_paused_partitions{topic="requests"} 1.0' in _metrics(lg)
+        assert committed(settings, group_of(settings)).get(0, 0) <= decided  # held at the first waiting
+        _put(settings, "decisions", bodies[decided:], ids[decided:])  # the worker is back
+        wait_for(lambda: lg.stats.impressions >= n, 90, "every request written")
+        wait_for(lambda: committed(settings, group_of(settings)).get(0) == n, 30, "all committed")
+    assert lg.stats.orphan_requests == lg.stats.orphan_decisions == 0
+    table = read_log(out)
+    assert table.num_rows == n and table["decision"].null_count == 0
+
+
+def test_one_request_stamped_ahead_moves_no_watermark_and_is_counted(settings, tmp_path: Path):
+    """Issue 27 item 2: a request 10 minutes ahead and one in year 9999 are decided at once; the
+    decisions of the others come 3 s later. On main their decisions' watermark jumped (to the
+    future, bounded at wall clock + 1 h), every other request of the partition expired without
+    its decision and the late decisions were dropped as orphans."""
+    now = int(time.time() * 1000)
+    spec, num, cat = random_batch(200, seed=3)
+    ids, ts = [f"w{i}" for i in range(200)], now - 3000 + np.arange(200, dtype=np.int64) * 10
+    reqs = encode_requests(ids, ts, num, cat, spec)
+    odd_ids, odd_ts = ["ahead", "y9999"], np.array([now + 600_000, MAX_LOG_TS_MS - 1], np.int64)
+    spec, num, cat = random_batch(2, seed=2)
+    odd_reqs = encode_requests(odd_ids, odd_ts, num, cat, spec)
+    odd_bodies = encode_decisions(odd_ids, np.zeros(2, bool), ["score"] * 2, np.ones(2), np.ones(2),
+                                  np.ones((2, 4)), threshold=0.5, target_ratio=0.3, model="v7", ts_ms=now,
+                                  latency_ms=(now - odd_ts).astype(float))
+    bodies, _ = _decisions(ids, ts)
+    _put(settings, "requests", reqs + odd_reqs, ids + odd_ids)
+    _put(settings, "decisions", odd_bodies, odd_ids)
+    out = tmp_path / "log"
+    with logging_to(settings, out, roll_seconds=0.3, batch_wait_ms=20, join_timeout_s=60) as lg:
+        wait_for(lambda: lg.stats.impressions >= 2, 60, "the odd pair written")
+        time.sleep(3)
+        _put(settings, "decisions", bodies, ids)
+        wait_for(lambda: lg.stats.impressions >= 202, 60, "every request written")
+    assert lg.stats.orphan_requests == lg.stats.orphan_decisions == 0
+    assert lg.stats.odd["future_ts"] == 2
+    table = read_log(out)
+    assert table.num_rows == 202 and table["decision"].null_count == 0
+    assert sorted(table.filter(pc.is_in(table["request_id"], pa.array(odd_ids)))["ts_ms"].to_pylist()) \
+        == sorted(odd_ts.tolist())  # written with their own time
+
+
+def test_a_decisions_topic_with_another_partition_count_is_refused_in_one_line(settings, tmp_path: Path):
+    """Issue 27 item 5: the join needs one partition count; on main `rta log` started anyway."""
+    import subprocess
+
+    from worker_support import worker_env
+
+    from stream.kafka import ensure_topics, make_admin
+
+    admin = make_admin(settings)
+    for fut in admin.delete_topics([settings.topic("decisions")], operation_timeout=10).values():
+        fut.result(15)
+    wait_for(lambda: settings.topic("decisions") not in admin.list_topics(timeout=5).topics, 30, "deleted")
+    ensure_topics(admin, [settings.topic("decisions")], settings.partitions + 1)
+    try:
+        r = subprocess.run([sys.executable, "-c", "from infra.cli import main; main()", "log", "--out",
+                            str(tmp_path / "log"), "--no-metrics"], env=worker_env(settings), cwd=tmp_path,
+                           capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("rta log started with mismatched partition counts")
+    lines = [x for x in r.stderr.strip().splitlines() if not x.startswith("%")]
+    assert r.returncode == 2 and len(lines) == 1 and "partitions" in lines[0], r.stderr[-2000:]
+
+
+def test_a_request_and_its_decision_on_other_partition_numbers_are_counted(settings, tmp_path: Path):
+    """Issue 27 item 5: when the producers partition one key differently the join still works on
+    a member holding both, and the mismatch is visible (rta_log_cross_partition_joins)."""
+    ids, ts, reqs = _requests(20, "x")
+    bodies, _ = _decisions(ids, ts)
+    _put(settings, "requests", reqs + reqs, ids + ids, partition=0)  # each request twice (a replay)
+    _put(settings, "decisions", bodies, ids, partition=1)
+    with logging_to(settings, tmp_path / "log", roll_seconds=0.3, batch_wait_ms=20, metrics_port=0) as lg:
+        wait_for(lambda: lg.stats.impressions >= 20, 60, "rows written")
+        text = _metrics(lg)
+        assert "rta_log_cross_partition_joins_total 20.0" in text
+        assert 'rta_log_duplicates_total{side="request"} 20.0' in text
+    assert lg.stats.cross_partition_joins == 20 and lg.stats.duplicates == 20
+    assert read_log(tmp_path / "log").num_rows == 20
+
+
+def test_every_producer_partitions_a_key_as_the_java_client_does(settings):
+    """Issue 27 item 5: murmur2 (checked with aiokafka's own partitioner, an independent client);
+    librdkafka's default (CRC32) put most of these keys elsewhere."""
+    from aiokafka.partitioner import murmur2
+    from confluent_kafka import Consumer
+
+    keys = [f"key-{i}" for i in range(60)]
+    _put(settings, "requests", [b"{}"] * len(keys), keys, partition=None)
+    c = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group_of(settings),
+                  "auto.offset.reset": "earliest"})
+    c.subscribe([settings.topic("requests")])
+    got: dict[str, int] = {}
+    deadline = time.monotonic() + 60
+    while len(got) < len(keys) and time.monotonic() < deadline:
+        for m in c.consume(100, 0.5):
+            if m.error() is None:
+                got[m.key().decode()] = m.partition()
+    c.close()
+    n = settings.partitions
+    assert got == {k: (murmur2(k.encode()) & 0x7FFFFFFF) % n for k in keys}
+
+
+def test_a_full_disk_stops_the_logger_in_one_line_and_commits_nothing_unwritten(settings, tmp_path: Path):
+    """Issue 27 item 9: a write that fails (here EFBIG from a file-size limit, as a full disk
+    gives ENOSPC) stops `rta log` with one `rta:` line, exit 2, no traceback, and commits no
+    offset past the file that failed. Break tried: catching OSError in roll and carrying on ->
+    the offsets committed, rows lost."""
+    import resource
+    import subprocess
+
+    from worker_support import worker_env
+
+    ids, ts, reqs = _requests(500, "f")
+    bodies, _ = _decisions(ids, ts)
+    _produce(settings, "requests", reqs, ids)
+    _produce(settings, "decisions", bodies, ids)
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
+
+    r = subprocess.run([sys.executable, "-c", "from infra.cli import main; main()", "log", "--out",
+                        str(tmp_path / "log"), "--no-metrics", "--group", group_of(settings),
+                        "--roll-seconds", "0.3", "--batch-wait-ms", "20"],
+                       env=worker_env(settings), cwd=tmp_path, capture_output=True, text=True, timeout=90,
+                       preexec_fn=small_files)
+    lines = [x for x in r.stderr.strip().splitlines() if x.startswith("rta:")]
+    assert r.returncode == 2 and len(lines) == 1 and "cannot write under" in lines[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert all(o <= 0 for o in committed(settings, group_of(settings)).values())
+    assert not list((tmp_path / "log").rglob("*.parquet"))

@@ -153,3 +153,98 @@ def test_the_gate_window_starts_after_what_the_candidate_its_parent_or_current_t
     assert holdout_start(md / "v2", None, md / "w")[0] == 5_001
     assert holdout_start(md / "w", None, md / "v2") == (9_001, "lineage data_to_ms")
     assert holdout_start(md / "v2", 42) == (42, "--holdout-from-ms")
+
+
+# --- issue 27 item 7: one locked, verified, logged path for every switch of `current` ----------
+
+
+def test_train_publish_and_bootstrap_switch_through_the_registry_so_rollback_walks_back(capsys, tmp_path):
+    """On main `rta train --publish` called bundle.publish directly: no lock, no registry line, and
+    rollback then refused ("was not switched through `rta model`")."""
+    from training.pipeline import _publish_or_not
+
+    md = tmp_path / "models"
+    make_bundle(md, "v1", publish=False)
+    make_bundle(md, "v2", seed=1, publish=False)
+    _publish_or_not(md / "v1", None)  # the first version: bootstrap
+    _publish_or_not(md / "v2", True)  # rta train --publish
+    log = registry.read_log(md)
+    assert [(e["action"], e["old"], e["new"], e["forced"]) for e in log] == [
+        ("bootstrap", None, "v1", False), ("publish", "v1", "v2", True)]
+    code, out, err = _switch(capsys, md, "rollback", "--reason", "v2 was not gated")
+    assert code == 0 and "v2 -> v1" in out and bundle.current_version(md) == "v1", err
+
+
+def test_a_crash_between_the_registry_line_and_the_switch_leaves_rollback_working(capsys, tmp_path, monkeypatch):
+    """The line is written first; a switch that then never happened is ignored by the chain. On
+    main (switch, then line) a crash after the switch left `current` at a version registry.jsonl
+    did not know and rollback refused; here the same fault (the line cannot be written) leaves
+    `current` where it was. Breaks tried: publish before the line -> first assertion fails;
+    history_chain over read_log instead of applied_log -> the rollback goes to v3."""
+    md = tmp_path / "models"
+    for v in ("v1", "v2", "v3"):
+        make_bundle(md, v, seed=int(v[1]), publish=v == "v1")
+    registry.switch(md, "v2", "promote", "ops", "ship v2", forced=True)
+
+    def torn(*_a, **_k):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(registry, "_append_log", torn)
+        with pytest.raises(OSError):
+            registry.switch(md, "v3", "promote", "ops", "ship v3", forced=True)
+    assert bundle.current_version(md) == "v2"  # no switch without its line
+    with monkeypatch.context() as m:  # the line written, then the process dies before the switch
+        m.setattr(bundle, "publish", lambda *_a: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            registry.switch(md, "v3", "promote", "ops", "ship v3", forced=True)
+    assert bundle.current_version(md) == "v2" and registry.read_log(md)[-1]["new"] == "v3"
+    assert registry.history_chain(md) == ["v1", "v2"] and registry.previous_version(md) == "v1"
+    code, out, err = _switch(capsys, md, "rollback", "--reason", "v2 misbehaves")
+    assert code == 0 and "v2 -> v1" in out and bundle.current_version(md) == "v1", err
+
+
+def test_a_version_that_is_a_symlink_is_refused_and_no_other_directory_switches(capsys, tmp_path):
+    """On main a link `models/evil -> other/v9` switched `other/current` (publish resolved it)."""
+    md, other = tmp_path / "models", tmp_path / "other"
+    make_bundle(md, "v1")
+    make_bundle(other, "v8")
+    make_bundle(other, "v9", seed=1, publish=False)
+    (md / "evil").symlink_to(other / "v9")
+    code, _, err = _switch(capsys, md, "promote", "evil", "--force", "--reason", "link")
+    assert code == 2 and "symlink" in err and len(err.strip().splitlines()) == 1, err
+    assert bundle.current_version(md) == "v1" and bundle.current_version(other) == "v8"
+
+
+def test_the_bundle_is_verified_under_the_lock(tmp_path):
+    """A bundle changed while its switch waits for the lock is refused (on main verify ran before
+    the lock, so the changed bundle was served). Break tried: verify before the lock -> switched."""
+    import fcntl
+    import os
+    import threading
+    import time
+
+    md = tmp_path / "models"
+    make_bundle(md, "v1")
+    make_bundle(md, "v2", seed=1, publish=False)
+    lock = os.open(md / registry.LOCK_FILE, os.O_WRONLY | os.O_CREAT, 0o644)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # another switch holds the lock
+    errors: list[BaseException] = []
+
+    def promote() -> None:
+        try:
+            registry.switch(md, "v2", "promote", "ops", "ship v2", forced=True)
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            errors.append(exc)
+
+    t = threading.Thread(target=promote)
+    t.start()
+    time.sleep(1.0)  # the switch is waiting for the lock (on main: verified already)
+    assert t.is_alive()
+    onnx = next(f for f in (md / "v2").iterdir() if f.suffix == ".onnx")
+    onnx.write_bytes(onnx.read_bytes() + b"tampered")
+    fcntl.flock(lock, fcntl.LOCK_UN)
+    os.close(lock)
+    t.join(30)
+    assert errors and isinstance(errors[0], BundleError), errors
+    assert bundle.current_version(md) == "v1"

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from replay_support import world_and_bundle, world_bundle, world_log
 
-from stream.logschema import DECISION_COLUMNS, IMPRESSIONS_DIR
+from stream.logger.schema import DECISION_COLUMNS, IMPRESSIONS_DIR
 from training.logs import Attribution, load_logs
 from training.offline_log import make_logged_layout
 from training.replay import ReplayConfig, Step, parse_sweep, replay

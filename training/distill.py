@@ -435,6 +435,9 @@ def distill_and_export(
     thresholds = default_thresholds(bundle.read_manifest(bundle_dir), s_p, s_served)
     manifest = bundle.update_manifest(bundle_dir, metrics=metrics, thresholds=thresholds)
     if publish:
-        bundle.publish(bundle_dir)
+        from model import registry
+        from training.model_cli import who_default
+
+        registry.publish_trained(bundle_dir, who_default(None), "distill_and_export(publish=True)")
     return manifest["metrics"]
 

@@ -5,7 +5,7 @@ request. Reserved columns are `request_id`, `ts_ms`, the task labels (0/1), opti
 `propensity` and, for synthetic data, `true_<task>`. Every other column is a feature whose
 dtype decides its kind: numbers (and booleans) numeric, strings / dictionaries categorical.
 
-Logged traffic from the live system (`rta log`, the layout of `stream/logschema.py`:
+Logged traffic from the live system (`rta log`, the layout of `stream/logger/schema.py`:
 `impressions/date=.../hour=.../*.parquet` + `outcomes/...`) is detected by its
 `impressions/` directory. Its labels come from joining impressions and outcomes within a
 per-task attribution window (`Attribution`), matured rows only: passed, window closed, an
@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 
 from stream.errors import DataError
 from stream.features import CATEGORICAL, DEFAULT_TASKS, NUMERIC, RESERVED_COLUMNS, FeatureSpec
-from stream.logschema import (
+from stream.logger.schema import (
     DECISION_COLUMNS,
     IMPRESSIONS_DIR,
     LINEAGE_COLUMNS,
@@ -440,14 +440,14 @@ _FALLBACK_WINDOW_S = 86_400.0  # a task outside the four defaults
 FUTURE_SKEW_MS = 10 * 60_000
 ATTRIBUTION_ENV = "RTA_ATTRIBUTION"
 _UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86_400.0}
-# contract dtypes of the decision columns (stream/logschema.py); anything castable is accepted
+# contract dtypes of the decision columns (stream/logger/schema.py); anything castable is accepted
 _DECISION_TYPES: dict[str, pa.DataType] = {
     "decision": pa.string(), "reason": pa.string(), "score": pa.float64(), "uncertainty": pa.float64(),
     "threshold": pa.float64(), "tau_u": pa.float64(), "target_ratio": pa.float64(),
     "propensity": pa.float64(), "model": pa.string(), "decision_ts_ms": pa.int64(),
     "latency_ms": pa.float64(),
 }
-assert tuple(_DECISION_TYPES) == DECISION_COLUMNS, "stream/logschema.py changed: update _DECISION_TYPES"
+assert tuple(_DECISION_TYPES) == DECISION_COLUMNS, "stream/logger/schema.py changed: update _DECISION_TYPES"
 
 
 @dataclass(frozen=True)
@@ -526,7 +526,7 @@ def _read_layout(files: list[Path], counts: dict[str, int], what: str) -> list[t
 def _column(table: pa.Table, file: Path, name: str, dtype: pa.DataType) -> pa.ChunkedArray:
     """A contract column cast to its dtype, or a one-line error naming the file and column."""
     if name not in table.schema.names:
-        raise DataError(f"{file}: column {name!r} is missing (the logged layout needs it; see stream/logschema.py)")
+        raise DataError(f"{file}: column {name!r} is missing (the logged layout needs it; see stream/logger/schema.py)")
     col = table.column(name)
     if pa.types.is_dictionary(col.type):
         col = col.cast(col.type.value_type)

@@ -2,7 +2,7 @@
 
 Replay, its benchmark and the off-policy tests need logged traffic with a known truth, without
 running the live stack. This runs the replay engine on a world log with live targets and an
-explore share (the "live" filter), then writes, in the layout of `stream/logschema.py`:
+explore share (the "live" filter), then writes, in the layout of `stream/logger/schema.py`:
 
 * `impressions/date=.../hour=.../part-00000.parquet`: every row with its features and decision
   fields (exactly the contract's columns, so the live logger's files are read the same way);
@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stream.errors import DataError
-from stream.logschema import IMPRESSIONS_DIR, OUTCOMES_DIR, partition_dir
+from stream.logger.schema import IMPRESSIONS_DIR, OUTCOMES_DIR, partition_dir
 from stream.policy import REASONS, ScorePolicy
 from stream.scorer import Scorer
 from training.logs import LogSet, load_logs

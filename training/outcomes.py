@@ -317,7 +317,7 @@ class Simulator:
 def outcomes_cmd(truth_dir: Path, time_scale: float, seed: int, group_id: str, truth_wait_s: float,
                  bootstrap: str | None, config_file: str | None) -> None:
     """Downstream simulator: outcome events for passed requests only, with funnel delays."""
-    from stream.logger import check_topics
+    from stream.logger.cli import check_topics
     from stream.logs import setup_json_logging
 
     setup_json_logging("info")

@@ -510,13 +510,16 @@ def run_training(logs_path: str | Path, out: str | Path, profile: Profile, seed:
 def _publish_or_not(bundle_dir: Path, publish: bool | None) -> None:
     """Contract: the first version becomes `current` by itself (bootstrap); a later one stays a
     candidate that `rta model promote` (gate + audit) publishes, unless `publish` forces it."""
+    from model import registry
     from model.bundle import current_version
-    from model.bundle import publish as publish_bundle
+    from training.model_cli import who_default
 
     current = current_version(bundle_dir.parent)
     if publish or (publish is None and current is None):
-        publish_bundle(bundle_dir)
-        log(f"published: {bundle_dir.parent / 'current'} -> {bundle_dir.name}")
+        # through the registry's one locked, verified, logged switch (registry.jsonl)
+        entry = registry.publish_trained(bundle_dir, who_default(None),
+                                         "rta train --publish" if current is not None else "rta train: first version")
+        log(f"published ({entry['action']}): {bundle_dir.parent / 'current'} -> {bundle_dir.name}")
     else:
         log(f"{bundle_dir.name} is a candidate; current stays {current}. "
             f"promote with: rta model promote {bundle_dir.name} --model-dir {bundle_dir.parent} --reason ...")

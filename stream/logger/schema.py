@@ -16,9 +16,14 @@ decision, already written and committed, is not, and the replayed copy then expi
 Impression columns (names here; dtypes in the comments):
 
 * `request_id` (string), `ts_ms` (int64): the request's own;
-* every feature of the request under its own name: numbers as float64 (null = missing),
-  strings as string (null = missing). A feature name that collides with a reserved column
-  below is refused by the logger (it cannot be told apart from a decision field);
+* every feature of the request under its own name, typed as the bundles read it: a numeric
+  feature as float64, a categorical one as string (integers as their decimals, as the worker
+  reads them); a feature no bundle reads as float64 if numbers, string if strings come too.
+  null = missing, or a value its column cannot hold (a boolean, object or array; counted as
+  `rta_log_odd_inputs{what="feature_type"}`; a field holding only such values is not written).
+  An integer beyond 2^53 in a float64 column is rounded (counted, `what="int_beyond_2^53"`).
+  A feature name that collides with a reserved column below is refused by the logger (it
+  cannot be told apart from a decision field); none of these ever drops the row;
 * the decision: `DECISION_COLUMNS` plus `p_<task>` and `u_<task>` (float64) per task; all null
   for a request whose decision never came (the logger's join timeout, docs/operations.md);
 * lineage: `kafka_partition` (int32), `kafka_offset` (int64) of the request message.

@@ -10,7 +10,8 @@ Imported by the logger only: the worker never loads pyarrow.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from collections import Counter as Tally
+from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
 
@@ -21,7 +22,8 @@ import pyarrow.compute as pc
 import pyarrow.json as pajson
 
 from stream.events import DECISIONS, MAX_BYTES, decode_decision, decode_outcome
-from stream.logschema import DECISION_COLUMNS, MAX_LOG_TS_MS
+from stream.features import CATEGORICAL, NUMERIC
+from stream.logger.schema import DECISION_COLUMNS, MAX_LOG_TS_MS
 from stream.policy import REASONS
 
 _STRING_FIELDS = ("decision", "reason", "model")
@@ -29,32 +31,80 @@ _STRING_FIELDS = ("decision", "reason", "model")
 # --------------------------------------------------------------------------- decoding
 
 
-def _feature_array(values: np.ndarray) -> tuple[pa.Array, np.ndarray | None]:
-    """One feature column (object values of one batch) -> float64 or string; bad rows masked.
+# Causes of odd feature values (`rta_log_odd_values{what}`): the row is kept, the value is not
+# (or not exactly), and the count says so.
+ODD_TYPE = "feature_type"  # boolean / object / array, or a kind its column cannot hold -> null
+ODD_BIG_INT = "int_beyond_2^53"  # an integer a float64 cannot hold exactly (logged rounded)
+_EXACT_INT = 2**53
 
-    Numbers (int or float) become float64, strings stay strings, null is missing. A column that
-    mixes strings and integers is a string column (integers as decimals, as the worker reads a
-    categorical); booleans, arrays, objects, and floats among strings make their row bad.
+
+def _big_ints(values: list[Any]) -> int:
+    return sum(1 for v in values if type(v) is int and not -_EXACT_INT <= v <= _EXACT_INT)
+
+
+def _arrow_big_ints(arr: pa.Array) -> int:
+    if not pa.types.is_integer(arr.type) or not len(arr) or arr.null_count == len(arr):
+        return 0
+    lo, hi = pc.min_max(arr).values()
+    if lo.as_py() >= -_EXACT_INT and hi.as_py() <= _EXACT_INT:
+        return 0
+    return int(pc.sum(pc.greater(pc.abs(arr), _EXACT_INT)).as_py() or 0)
+
+
+def _feature_array(values: np.ndarray, kind: str | None, odd: Tally) -> pa.Array:
+    """One feature column (object values of one batch) -> float64 or string. Never drops a row.
+
+    `kind` is what the bundles say the feature is (None: no bundle reads it). Numeric: numbers
+    as float64 (an integer beyond 2^53 rounded, counted). Categorical: strings, integers as
+    their decimals (as the worker reads a categorical). Unknown: numbers as float64, or, when
+    strings come too, a string column with integers as decimals. A value its column cannot hold
+    (booleans, objects, arrays; a float among strings) is logged null and counted: the worker
+    ignores such a field, or passes the request as invalid, and the impression is still its.
     """
-    try:
-        arr = pa.array(values, from_pandas=False)
-        t = arr.type
-        if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_null(t):
-            return arr.cast(pa.float64()), None
-        if pa.types.is_string(t) or pa.types.is_large_string(t):
-            return arr.cast(pa.string()), None
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
-        pass
-    types = list(map(type, values.tolist()))
-    kinds = set(types)
-    bad = np.fromiter((t is bool or t not in (int, float, str, type(None)) for t in types), bool, len(types))
     vals = values.tolist()
-    if str in kinds:
-        bad |= np.fromiter((t is float for t in types), bool, len(types))
-        out = [None if b or v is None else (v if type(v) is str else str(v)) for v, b in zip(vals, bad, strict=True)]
-        return pa.array(out, pa.string()), bad
-    out = [None if b or v is None else float(v) for v, b in zip(vals, bad, strict=True)]
-    return pa.array(out, pa.float64()), bad
+    if kind != CATEGORICAL:
+        try:
+            arr = pa.array(vals, from_pandas=False)
+            t = arr.type
+            if (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_null(t)) and (
+                    kind == NUMERIC or kind is None):
+                big = _arrow_big_ints(arr)
+                if big:
+                    odd[ODD_BIG_INT] += big
+                return arr.cast(pa.float64(), safe=False)
+            if (pa.types.is_string(t) or pa.types.is_large_string(t)) and kind is None:
+                return arr.cast(pa.string())
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
+            pass
+    types = list(map(type, vals))
+    kinds = set(types)
+    as_string = kind == CATEGORICAL or (kind is None and str in kinds)
+    out: list[Any] = []
+    n_odd = 0
+    if as_string:
+        for v, t in zip(vals, types, strict=True):
+            if t is str or v is None:
+                out.append(v)
+            elif t is int:
+                out.append(str(v))
+            else:
+                out.append(None)
+                n_odd += 1
+        if n_odd:
+            odd[ODD_TYPE] += n_odd
+        return pa.array(out, pa.string())
+    for v, t in zip(vals, types, strict=True):
+        if t is float or t is int or v is None:
+            out.append(v if t is not int else float(v))
+        else:
+            out.append(None)
+            n_odd += 1
+    if n_odd:
+        odd[ODD_TYPE] += n_odd
+    big = _big_ints(vals)
+    if big:
+        odd[ODD_BIG_INT] += big
+    return pa.array(out, pa.float64())
 
 
 @dataclass
@@ -65,6 +115,7 @@ class Decoded:
     ids: list[str]
     ts: np.ndarray  # int64: request event time (requests: ts_ms; decisions: ts_ms - latency_ms)
     offsets: np.ndarray  # int64
+    odd: Tally = field(default_factory=Tally)  # odd feature values kept as null / rounded, by cause
 
 
 def _parse_all(values: list[bytes | None], parse: Any, max_bytes: int = MAX_BYTES) -> tuple[list[Any], list[int]]:
@@ -130,7 +181,8 @@ def _envelope_ok(t: pa.Table) -> bool:
 
 
 def _decode_requests_arrow(values: list[bytes | None], offsets: np.ndarray, partition: int,
-                           reserved: frozenset[str], max_bytes: int) -> tuple[Decoded, int, int] | None:
+                           reserved: frozenset[str], max_bytes: int, kinds: dict[str, str]
+                           ) -> tuple[Decoded, int, int] | None:
     """The whole batch parsed by pyarrow's JSON reader (C++, no Python object per value): the
     common case of a clean batch of canonical requests, ~2-3x the per-message path. Anything
     unusual (a bad or positional message, a column mixing kinds) returns None, and the batch
@@ -144,39 +196,89 @@ def _decode_requests_arrow(values: list[bytes | None], offsets: np.ndarray, part
         return None
     cols: dict[str, pa.Array] = {}
     n_reserved = 0
+    odd: Tally = Tally()
     for f, child in zip(feats.type, feats.flatten(), strict=True):
+        kind = kinds.get(f.name)
+        number = pa.types.is_integer(f.type) or pa.types.is_floating(f.type)
         if f.name in reserved:
             n_reserved += len(child) - child.null_count
-        elif pa.types.is_integer(f.type) or pa.types.is_floating(f.type) or pa.types.is_null(f.type):
-            cols[f.name] = child.cast(pa.float64())
-        elif pa.types.is_string(f.type):
+        elif pa.types.is_null(f.type):
+            cols[f.name] = child.cast(pa.string() if kind == CATEGORICAL else pa.float64())
+        elif kind == CATEGORICAL and (pa.types.is_integer(f.type) or pa.types.is_string(f.type)):
+            cols[f.name] = child.cast(pa.string())  # integers as their decimals, as the worker
+        elif kind != CATEGORICAL and number:
+            big = _arrow_big_ints(child)
+            if big:
+                odd[ODD_BIG_INT] += big
+            cols[f.name] = child.cast(pa.float64(), safe=False)
+        elif kind is None and pa.types.is_string(f.type):
             cols[f.name] = child
-        else:  # booleans, arrays, objects: the per-message path finds the bad rows
+        elif kind is None and (pa.types.is_boolean(f.type) or pa.types.is_struct(f.type)
+                               or pa.types.is_list(f.type)):
+            odd[ODD_TYPE] += len(child) - child.null_count  # a field no bundle reads: not logged
+        else:  # a kind the bundle's column cannot hold: the per-message path nulls those values
             return None
     ts_np = ts.to_numpy()
     offs = np.asarray(offsets, np.int64)
     table = pa.table({"request_id": rid, "ts_ms": ts, **cols,
                       "kafka_partition": pa.array(np.full(len(offs), partition, np.int32)),
                       "kafka_offset": pa.array(offs, pa.int64())})
-    return Decoded(table, rid.to_pylist(), ts_np, offs), 0, n_reserved
+    return Decoded(table, rid.to_pylist(), ts_np, offs, odd), 0, n_reserved
 
 
 def decode_requests_generic(values: list[bytes | None], offsets: np.ndarray, partition: int,
                             reserved: frozenset[str], max_bytes: int = MAX_BYTES,
-                            positional: dict[str, tuple[str, ...]] | None = None
-                            ) -> tuple[Decoded, int, int]:
+                            positional: dict[str, tuple[str, ...]] | None = None,
+                            kinds: dict[str, str] | None = None) -> tuple[Decoded, int, int]:
     """Requests of one partition -> (rows, malformed count, reserved features dropped).
 
-    Spec-free: every feature under its own name (the logger serves every model). A positional
-    request (`fp` + `x`) is named by `positional` (fingerprint -> feature names, from the
-    bundles); with an unknown fingerprint it has no names to log and counts as malformed.
-    A clean canonical batch is parsed in one pyarrow call; any other per message.
+    Every feature under its own name (the logger serves every model); `kinds` (name ->
+    numeric | categorical, from the bundles) types the features a bundle reads as the bundle
+    does. A positional request (`fp` + `x`) is named by `positional` (fingerprint -> feature
+    names); with an unknown fingerprint it has no names to log and counts as malformed.
+    A clean canonical batch is parsed in one pyarrow call, any other per message; whatever
+    fails on a batch is retried message by message, so one message can cost only itself.
     """
-    fast = _decode_requests_arrow(values, offsets, partition, reserved, max_bytes)
+    kinds = kinds or {}
+    try:
+        fast = _decode_requests_arrow(values, offsets, partition, reserved, max_bytes, kinds)
+    except (pa.ArrowException, ValueError, TypeError, OverflowError):
+        fast = None
     if fast is not None:
         return fast
+    try:
+        return _decode_requests_slow(values, offsets, partition, reserved, max_bytes, positional or {}, kinds)
+    except (pa.ArrowException, ValueError, TypeError, OverflowError):
+        if len(values) == 1:
+            return _no_rows(partition), 1, 0
+    parts = [decode_requests_generic([v], offsets[i:i + 1], partition, reserved, max_bytes, positional, kinds)
+             for i, v in enumerate(values)]
+    return _concat_decoded([p[0] for p in parts]), sum(p[1] for p in parts), sum(p[2] for p in parts)
+
+
+def _no_rows(partition: int) -> Decoded:
+    empty = np.empty(0, np.int64)
+    return Decoded(pa.table({"request_id": pa.array([], pa.string()), "ts_ms": pa.array([], pa.int64()),
+                             "kafka_partition": pa.array([], pa.int32()), "kafka_offset": pa.array([], pa.int64())}),
+                   [], empty, empty)
+
+
+def _concat_decoded(parts: list[Decoded]) -> Decoded:
+    """Rows decoded message by message, as one (a column's kinds may differ: `concat` says how)."""
+    parts = [p for p in parts if len(p.ids)] or parts[:1]
+    odd: Tally = Tally()
+    for p in parts:
+        odd.update(p.odd)
+    return Decoded(concat([p.table for p in parts]), list(chain.from_iterable(p.ids for p in parts)),
+                   np.concatenate([p.ts for p in parts]), np.concatenate([p.offsets for p in parts]), odd)
+
+
+def _decode_requests_slow(values: list[bytes | None], offsets: np.ndarray, partition: int,
+                          reserved: frozenset[str], max_bytes: int, positional: dict[str, tuple[str, ...]],
+                          kinds: dict[str, str]) -> tuple[Decoded, int, int]:
+    """The per-message path: each message parsed by orjson and judged on its own."""
     docs, at = _parse_all(values, orjson.loads, max_bytes)
-    named = [_features(d, positional or {}) for d in docs]
+    named = [_features(d, positional) for d in docs]
     ok = [f is not None for f in named]
     docs = [d for d, k in zip(docs, ok, strict=True) if k]
     at = [i for i, k in zip(at, ok, strict=True) if k]
@@ -197,25 +299,22 @@ def decode_requests_generic(values: list[bytes | None], offsets: np.ndarray, par
     grid = np.ascontiguousarray(grid.reshape(n, len(names)).T)
     dropped = [j for j, name in enumerate(names) if name in reserved]
     n_reserved = int(sum(np.count_nonzero(np.not_equal(grid[j], None)) for j in dropped))
-    bad = np.zeros(n, bool)
     cols: dict[str, pa.Array] = {}
+    odd: Tally = Tally()
     for j, name in enumerate(names):
         if j in dropped:
             continue
-        arr, bad_rows = _feature_array(grid[j])
+        kind = kinds.get(name)
+        before = odd[ODD_TYPE]
+        arr = _feature_array(grid[j], kind, odd)
+        if kind is None and odd[ODD_TYPE] - before and arr.null_count == len(arr):
+            continue  # a field no bundle reads that holds no number or string: not logged
         cols[name] = arr
-        if bad_rows is not None:
-            bad |= bad_rows
     offs = np.asarray(offsets, np.int64)[at] if n else np.empty(0, np.int64)
     table = pa.table({"request_id": pa.array(ids, pa.string()), "ts_ms": pa.array(ts, pa.int64()), **cols,
                       "kafka_partition": pa.array(np.full(n, partition, np.int32)),
                       "kafka_offset": pa.array(offs, pa.int64())})
-    if bad.any():
-        keep = ~bad
-        table = table.filter(pa.array(keep))
-        ids = [r for r, k in zip(ids, keep.tolist(), strict=True) if k]
-        ts, offs = ts[keep], offs[keep]
-    return Decoded(table, ids, ts, offs), len(values) - len(ids), n_reserved
+    return Decoded(table, ids, ts, offs, odd), len(values) - len(ids), n_reserved
 
 
 def decision_schema(tasks: tuple[str, ...]) -> pa.Schema:
@@ -292,9 +391,25 @@ def decode_decisions_generic(values: list[bytes | None], offsets: np.ndarray, ta
                              ) -> tuple[Decoded, int]:
     """Decision events of one partition -> (rows, malformed count); columns as `decision_schema`.
     A clean batch is parsed in one pyarrow call; any other per message."""
-    fast = _decode_decisions_arrow(values, offsets, tasks)
+    try:
+        fast = _decode_decisions_arrow(values, offsets, tasks)
+    except (pa.ArrowException, ValueError, TypeError, OverflowError):
+        fast = None
     if fast is not None:
         return fast
+    try:
+        return _decode_decisions_slow(values, offsets, tasks)
+    except (pa.ArrowException, ValueError, TypeError, OverflowError):
+        if len(values) == 1:
+            empty = pa.schema([pa.field("request_id", pa.string()), *decision_schema(tasks)]).empty_table()
+            return _decided(empty, [], np.empty(0, np.int64)), 1
+    parts = [decode_decisions_generic([v], offsets[i:i + 1], tasks) for i, v in enumerate(values)]
+    return _concat_decoded([p[0] for p in parts]), sum(p[1] for p in parts)
+
+
+def _decode_decisions_slow(values: list[bytes | None], offsets: np.ndarray, tasks: tuple[str, ...]
+                           ) -> tuple[Decoded, int]:
+    """The per-message path of decisions: each judged on its own."""
     docs, at = _parse_all(values, decode_decision)
     n = len(docs)
     source = {c: c for c in DECISION_COLUMNS}

@@ -1,8 +1,8 @@
-"""`rta log`: requests + decisions + outcomes -> logged traffic (Parquet, stream.logschema).
+"""`rta log`: requests + decisions + outcomes -> logged traffic (Parquet, stream.logger.schema).
 
 One consumer-group member (group `rta-logger`) reads the three topics and follows one path:
 
-    consume  ->  decode (stream.logcodec, columnar)  ->  join request + decision by request_id
+    consume  ->  decode (stream.logger.codec, columnar)  ->  join request + decision by request_id
     ->  buffer rows per event hour (one open file per hour and kind)
     ->  roll: write to a hidden temp file, fsync, rename, fsync the directory
     ->  commit the offsets that are now durable
@@ -11,22 +11,37 @@ The guarantee is at-least-once, and it is the commit rule's: the offset committe
 (topic, partition) is the smallest offset still held by a row that is not yet in a renamed file
 (a request waiting for its decision, a decision waiting for its request, a row in an open file),
 else the next offset to consume. A crash anywhere replays from there; rows already renamed are
-written again, so readers drop duplicates (stream.logschema says how).
+written again, so readers drop duplicates (stream.logger.schema says how).
 
-The join. Requests and decisions share the key (request_id) and the partition count, so the
-range assignor gives one member partition p of both topics. A request waits in a bounded buffer
-for its decision and the reverse (decisions can be read first). Expiry is in request event time,
-so a backlog replayed after a restart does not expire anything early:
+The join. Requests and decisions share the key (request_id) and the partition count (checked
+at start-up, `rta log` refuses otherwise), so the range assignor (forced, whatever the shared
+consumer settings say) gives one member partition p of both topics. A request waits for its
+decision and the reverse (decisions can be read first). Expiry is in request event time, so
+neither a backlog replayed after a restart nor a stall of the worker expires anything:
 
 * a request whose decision has not come when the decisions of its partition have reached
   request times `--join-timeout-s` past its own (a decision's request time is its `ts_ms` minus
-  its `latency_ms`), or after `--max-wait-s` of wall time, is written with null decision fields
-  (counted: `rta_log_orphans{side="request"}`);
+  its `latency_ms`) is written with null decision fields (`rta_log_orphans{side="request"}`);
 * a decision whose request has not come when the requests of its partition have passed its
-  request time by `--join-timeout-s` (or after `--max-wait-s`) is dropped and counted
-  (`rta_log_orphans{side="decision"}`): without features it is no impression;
-* when more than `--max-buffered` rows wait, the oldest batches are expired the same way
-  (`why="overflow"`), so memory stays bounded whatever the producers do.
+  request time by `--join-timeout-s` is dropped and counted (`rta_log_orphans{side="decision"}`):
+  without features it is no impression. When traffic stops no request moves that watermark, so
+  a requests partition read to its end (position at its high watermark) and silent for
+  `--idle-s` (since its last message or its last resume) counts as at wall clock minus
+  `--idle-s` (only this side: a silent decisions partition is a stalled worker);
+* an id read again after its pair was joined (a worker deciding a request again after a
+  rebalance, a replay) is a duplicate (`rta_log_duplicates`), dropped at once.
+
+Event times are the producers' clocks, so a row whose event time is past its message's broker
+timestamp (or the logger's clock) by more than `_CLOCK_SLACK_MS` is an outlier: it never moves a
+watermark (neither the request stamped minutes or years ahead nor its decision, which may be
+decided long after in a backlog) and waits by its broker time instead. It is counted
+(`rta_log_odd_inputs{what="future_ts"}`) and written with its own `ts_ms`.
+
+Memory is bounded by back-pressure, not expiry: when the rows waiting on one (topic, partition)
+reach its share of `--max-buffered`, that partition is paused (its side runs ahead of the other:
+a stalled worker, a lagging requests topic) and resumed once it is under half its share. A stall
+of any length costs latency and lag, never a row. (Should both sides of one partition be over
+their share at once, neither is paused: the join cannot make progress with one side stopped.)
 
 Malformed messages (any topic) are counted and skipped; a feature whose name is a reserved column
 of the layout is dropped from the row and counted; neither ever stops the logger. pyarrow is
@@ -48,20 +63,18 @@ from itertools import chain, repeat
 from pathlib import Path
 from typing import Any
 
-import click
 import numpy as np
 import orjson
 import pyarrow as pa
-import pyarrow.parquet as pq
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from stream.config import Settings, load_settings
-from stream.errors import ConfigError, RtaError, StackError
+from stream.config import Settings
+from stream.errors import ConfigError
 from stream.events import MAX_BYTES
-from stream.features import DEFAULT_TASKS, FeatureSpec
+from stream.features import CATEGORICAL, DEFAULT_TASKS, NUMERIC, FeatureSpec
 from stream.kafka import make_consumer
-from stream.logcodec import (
+from stream.logger.codec import (
     Decoded,
     concat,
     decision_schema,
@@ -69,27 +82,29 @@ from stream.logcodec import (
     decode_outcomes_generic,
     decode_requests_generic,
 )
-from stream.logschema import (
+from stream.logger.files import Holds, _merge_holds, _remove_stale_temps, _Sink
+from stream.logger.schema import (
     IMPRESSIONS_DIR,
     OUTCOMES_DIR,
-    partition_dir,
     reserved_columns,
 )
 from stream.metrics import MetricsServer
 
 log = logging.getLogger("rta.logger")
 
-HOUR_MS = 3_600_000
 ROLES = ("requests", "decisions", "outcomes")
 # Range assignment gives one member partition p of every topic (the join needs requests p and
 # decisions p together); the short session is the worker's (Tansu, killed members).
 GROUP_DEFAULTS: dict[str, Any] = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000,
                                   "partition.assignment.strategy": "range"}
 _STRING_FIELDS = ("decision", "reason", "model")
-_TEMP_MAX_AGE_S = 60.0  # a temp file lives for one write; older ones are a crash's leftovers
 
 
-_FUTURE_SLACK_MS = 3_600_000  # event times past wall clock + 1 h do not move watermarks
+# A row's join clock is its event time bounded by its message's broker timestamp (and the
+# logger's clock) plus this: a producer's clock ahead moves no watermark.
+_CLOCK_SLACK_MS = 10_000
+# A request stamped this far past its broker timestamp is counted as future_ts.
+_FUTURE_FLAG_MS = 60_000
 
 
 @dataclass
@@ -103,8 +118,8 @@ class LoggerConfig:
     roll_bytes: int = 64 << 20  # in-memory Arrow bytes of one open file
     roll_seconds: float = 60.0
     join_timeout_s: float = 60.0  # event time
-    max_wait_s: float = 300.0  # wall time
-    max_buffered: int = 200_000
+    idle_s: float = 30.0  # a requests partition silent this long counts as at wall clock - idle_s
+    max_buffered: int = 200_000  # rows waiting for their pair, beyond which partitions pause
     max_open_files: int = 48  # per kind: one per event hour being filled
     commit_interval_s: float = 1.0
     tasks: tuple[str, ...] = DEFAULT_TASKS
@@ -119,8 +134,8 @@ class LoggerConfig:
             raise ConfigError("batch size must be >= 1 and batch wait >= 0 ms")
         if self.roll_bytes < 1 or self.roll_seconds <= 0:
             raise ConfigError("--roll-mb and --roll-seconds must be positive")
-        if self.join_timeout_s < 0 or self.max_wait_s <= 0 or self.max_buffered < 1:
-            raise ConfigError("join timeout must be >= 0, max wait > 0 and max buffered >= 1")
+        if self.join_timeout_s < 0 or self.max_buffered < 1 or self.idle_s <= 0:
+            raise ConfigError("join timeout must be >= 0 and max buffered >= 1")
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise ConfigError(f"tasks must be distinct and non-empty, got {self.tasks}")
 
@@ -136,7 +151,10 @@ class LoggerStats:
     orphan_requests: int = 0
     orphan_decisions: int = 0
     duplicates: int = 0  # a request or decision whose id was already waiting
+    cross_partition_joins: int = 0  # a request and its decision on different partition numbers
+    pauses: int = 0  # (topic, partition) paused by back-pressure
     reserved_features: int = 0
+    odd: Tally = field(default_factory=Tally)  # odd inputs kept going through, by cause
     files: int = 0
     commits: int = 0
     commit_failures: int = 0
@@ -163,7 +181,14 @@ class LoggerMetrics:
                               "for their pair, rows in open files.", ["side"], registry=r)
         self.orphans = Counter("rta_log_orphans", "Requests written without a decision / decisions "
                                "dropped without a request, by cause.", ["side", "why"], registry=r)
+        self.cross_partition = Counter("rta_log_cross_partition_joins", "Requests joined with a decision "
+                                       "from another partition number: the producers partition one key "
+                                       "differently (co-partitioning broken).", registry=r)
+        self.paused = Gauge("rta_log_paused_partitions", "Partitions paused by back-pressure (their side "
+                            "runs ahead of the other), by topic role.", ["topic"], registry=r)
         self.duplicates = Counter("rta_log_duplicates", "Ids already waiting (replays).", ["side"], registry=r)
+        self.odd = Counter("rta_log_odd_inputs", "Odd inputs the logger kept its rows through, by cause "
+                           "(feature_type, int_beyond_2^53, future_ts, ...).", ["what"], registry=r)
         self.reserved = Counter("rta_log_reserved_features", "Features dropped: the name is a reserved "
                                 "column of the layout.", registry=r)
         self.lag = Gauge("rta_log_lag", "Messages behind the end of the assigned partitions.", ["topic"],
@@ -201,14 +226,6 @@ class _Pending:
         return int(self.offsets[self.alive].min())
 
 
-Holds = dict[tuple[str, int], int]
-
-
-def _merge_holds(into: Holds, other: Holds) -> None:
-    for tp, o in other.items():
-        if o < into.get(tp, o + 1):
-            into[tp] = o
-
 
 def _take(pairs_batches: list[_Pending], rows: np.ndarray, holds: Holds) -> pa.Table:
     """The rows (`pairs_batches[i]`, `rows[i]`) as one table in that order; they stop waiting."""
@@ -231,128 +248,37 @@ def _take(pairs_batches: list[_Pending], rows: np.ndarray, holds: Holds) -> pa.T
     return table
 
 
-@dataclass
-class _OpenFile:
-    tables: list[pa.Table] = field(default_factory=list)
-    nbytes: int = 0
-    rows: int = 0
-    opened: float = field(default_factory=time.monotonic)
-    holds: Holds = field(default_factory=dict)
 
-
-class _Sink:
-    """Open files of one kind (impressions or outcomes), one per event hour, rolled to disk."""
-
-    def __init__(self, root: Path, kind: str, prefix: str, order: Any) -> None:
-        self.root, self.kind, self.prefix, self.order = root / kind, kind, prefix, order
-        self.files: dict[int, _OpenFile] = {}
-        self.seq = 0
-
-    def add(self, table: pa.Table, holds: Holds) -> None:
-        """Rows to their event hour's open file; the file holds `holds` until it is renamed."""
-        if not table.num_rows:
-            return
-        hours = table.column("ts_ms").to_numpy() // HOUR_MS
-        uniq, inv = np.unique(hours, return_inverse=True)
-        for k, hour in enumerate(uniq.tolist()):
-            part = table if len(uniq) == 1 else table.filter(pa.array(inv == k))
-            f = self.files.setdefault(hour, _OpenFile())
-            f.tables.append(part)
-            f.nbytes += part.nbytes
-            f.rows += part.num_rows
-            _merge_holds(f.holds, holds)
-
-    def due(self, now: float, roll_bytes: int, roll_seconds: float, max_open: int) -> list[int]:
-        """Hours whose file is big or old enough, plus the oldest beyond `max_open` open files
-        (traffic spread over many event hours must not hold many small files open)."""
-        due = [h for h, f in self.files.items() if f.nbytes >= roll_bytes or now - f.opened >= roll_seconds]
-        extra = len(self.files) - len(due) - max_open
-        if extra > 0:
-            rest = sorted((f.opened, h) for h, f in self.files.items() if h not in set(due))
-            due += [h for _, h in rest[:extra]]
-        return due
-
-    def roll(self, hour: int) -> tuple[Path, int, int]:
-        """Write one open file: temp name, fsync, rename, fsync the directory. (path, rows, bytes).
-        The file leaves `files` (and so its rows stop holding their offsets back) only once it
-        is renamed into place: a failed write keeps holding them, nothing is committed past it."""
-        f = self.files[hour]
-        table = self.order(concat(f.tables))
-        directory = self.root / partition_dir(hour * HOUR_MS)
-        _makedirs(directory)
-        self.seq += 1
-        final = directory / f"part-{self.prefix}-{self.seq:06d}.parquet"
-        temp = directory / f".{final.name}.tmp"
-        pq.write_table(table, temp, compression="zstd")
-        fd = os.open(temp, os.O_RDONLY)
+def _manifest_specs(model_dir: Path) -> list[FeatureSpec]:
+    """Feature specs of the bundles under `model_dir` (and of model_dir itself when it is a
+    bundle), the served one (`current`) first."""
+    out: list[FeatureSpec] = []
+    manifests = [model_dir / "current" / "manifest.json", model_dir / "manifest.json",
+                 *sorted(model_dir.glob("*/manifest.json"))]
+    for manifest in manifests:
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, final)
-        _fsync_dir(directory)
-        del self.files[hour]
-        return final, f.rows, final.stat().st_size
-
-    def holds(self) -> Holds:
-        out: Holds = {}
-        for f in self.files.values():
-            _merge_holds(out, f.holds)
-        return out
-
-    @property
-    def buffered_rows(self) -> int:
-        return sum(f.rows for f in self.files.values())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _makedirs(directory: Path) -> None:
-    """mkdir -p, fsyncing each parent whose entry was created (a renamed file must survive)."""
-    if directory.is_dir():
-        return
-    missing = []
-    d = directory
-    while not d.is_dir():
-        missing.append(d)
-        d = d.parent
-    for d in reversed(missing):
-        d.mkdir(exist_ok=True)
-        _fsync_dir(d.parent)
-
-
-def _remove_stale_temps(root: Path) -> int:
-    """Temp files of a crashed writer (never renamed, so no offset of theirs was committed)."""
-    removed = 0
-    now = time.time()
-    for kind in (IMPRESSIONS_DIR, OUTCOMES_DIR):
-        for p in (root / kind).glob("date=*/hour=*/.part-*.tmp"):
-            try:
-                if now - p.stat().st_mtime > _TEMP_MAX_AGE_S:
-                    p.unlink()
-                    removed += 1
-            except FileNotFoundError:
-                pass
-    return removed
+            out.append(FeatureSpec.from_dict(orjson.loads(manifest.read_bytes())["feature_spec"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return out
 
 
 def bundle_specs(model_dir: Path) -> dict[str, tuple[str, ...]]:
-    """Fingerprint -> feature names of every bundle under `model_dir` (and of model_dir itself
-    when it is a bundle): what names a positional request's values."""
-    out: dict[str, tuple[str, ...]] = {}
-    for manifest in [model_dir / "manifest.json", *model_dir.glob("*/manifest.json")]:
-        try:
-            spec = FeatureSpec.from_dict(orjson.loads(manifest.read_bytes())["feature_spec"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        out[spec.fingerprint()] = spec.names
-    return out
+    """Fingerprint -> feature names of every bundle under `model_dir`: what names a positional
+    request's values."""
+    return {spec.fingerprint(): spec.names for spec in _manifest_specs(model_dir)}
+
+
+def bundle_kinds(model_dir: Path) -> dict[str, str]:
+    """Feature name -> numeric | categorical, as the bundles read it (the served one wins a
+    conflict): the logger writes a feature with the type its bundle and replay expect."""
+    kinds: dict[str, str] = {}
+    for spec in _manifest_specs(model_dir):
+        for name in spec.numeric:
+            kinds.setdefault(name, NUMERIC)
+        for name in spec.categorical:
+            kinds.setdefault(name, CATEGORICAL)
+    return kinds
 
 
 # --------------------------------------------------------------------------- the logger
@@ -372,6 +298,7 @@ class Logger:
         self._reserved = reserved_columns(cfg.tasks)
         self._dec_schema = decision_schema(cfg.tasks)
         self._positional = bundle_specs(Path(settings.model_dir))
+        self._kinds = bundle_kinds(Path(settings.model_dir))
         self._next_spec_scan = time.monotonic() + 10.0
         cfg.out_dir.mkdir(parents=True, exist_ok=True)
         self.stats.temp_files_removed = _remove_stale_temps(cfg.out_dir)
@@ -388,10 +315,22 @@ class Logger:
         self._next: dict[tuple[str, int], int] = {}  # next offset to consume
         self._committed: dict[tuple[str, int], int] = {}
         self.assignment: set[tuple[str, int]] = set()
+        self._paused: set[tuple[str, int]] = set()
+        # ids joined lately: a request or decision read again (a worker's replay) is a duplicate,
+        # not a row waiting for ever for a pair already written
+        self._joined: dict[str, None] = {}
+        self._joined_cap = max(100_000, 2 * cfg.max_buffered)
+        self._last_msg: dict[tuple[str, int], float] = {}  # monotonic time of the last message
         self._last_commit = time.monotonic()
         self._last_tick = time.monotonic()
         self._tick_rows = {IMPRESSIONS_DIR: 0, OUTCOMES_DIR: 0}
-        self.consumer = make_consumer(settings, cfg.group_id, **{**GROUP_DEFAULTS, **settings.kafka})
+        assignor = settings.kafka.get("partition.assignment.strategy", "range")
+        if assignor != "range":
+            log.warning("partition.assignment.strategy=%s in the Kafka settings is not used by the logger: "
+                        "the join needs partition p of requests and decisions on one member (range)",
+                        assignor, extra={"event": "assignor_overridden"})
+        self.consumer = make_consumer(settings, cfg.group_id, **{**GROUP_DEFAULTS, **settings.kafka,
+                                                                 "partition.assignment.strategy": "range"})
         self.server = (MetricsServer(self.metrics, cfg.metrics_host, cfg.metrics_port)  # type: ignore[arg-type]
                        if cfg.metrics_port is not None else None)
 
@@ -416,6 +355,7 @@ class Logger:
                 if msgs:
                     self.process(msgs)
                 self.expire(now)
+                self.pressure()
                 rolled = self.roll(due_only=True)
                 if rolled or now - self._last_commit >= cfg.commit_interval_s:
                     self.commit()
@@ -448,35 +388,45 @@ class Logger:
                 continue
             values = [m.value() for m in group]
             offsets = np.fromiter((m.offset() for m in group), np.int64, len(group))
+            broker_ts = np.fromiter((m.timestamp()[1] for m in group), np.int64, len(group))
             self._next[tp] = int(offsets.max()) + 1
+            self._last_msg[tp] = now
             self.stats.consumed[role] += len(group)
             self.metrics.messages.labels(role).inc(len(group))
             if role == "requests":
-                rows, bad, reserved = decode_requests_generic(values, offsets, tp[1], self._reserved,
-                                                              self.config.max_bytes, self._positional)
-                if bad and now >= self._next_spec_scan:  # a bundle published since may name them
+                if now >= self._next_spec_scan:  # a bundle published since may name or type features
                     self._next_spec_scan = now + 10.0
-                    specs = bundle_specs(Path(self.settings.model_dir))
-                    if specs.keys() - self._positional.keys():
-                        self._positional = specs
-                        rows, bad, reserved = decode_requests_generic(
-                            values, offsets, tp[1], self._reserved, self.config.max_bytes, specs)
+                    self._positional = bundle_specs(Path(self.settings.model_dir))
+                    self._kinds = bundle_kinds(Path(self.settings.model_dir))
+                rows, bad, reserved = decode_requests_generic(values, offsets, tp[1], self._reserved,
+                                                              self.config.max_bytes, self._positional,
+                                                              self._kinds)
                 if reserved:
                     self.stats.reserved_features += reserved
                     self.metrics.reserved.inc(reserved)
                     log.warning("%d feature values dropped: their names are reserved columns",
                                 reserved, extra={"event": "reserved_features"})
+                for what, n in rows.odd.items():
+                    self._odd(what, n, rows.ids[0] if rows.ids else "")
                 self._malformed(role, bad)
-                self._on_requests(tp, rows, now)
+                self._on_requests(tp, rows, now, _at(broker_ts, offsets, rows.offsets))
             elif role == "decisions":
                 rows, bad = decode_decisions_generic(values, offsets, self.tasks)
                 self._malformed(role, bad)
-                self._on_decisions(tp, rows, now)
+                self._on_decisions(tp, rows, now, _at(broker_ts, offsets, rows.offsets))
             else:
                 rows, bad = decode_outcomes_generic(values, offsets)
                 self._malformed(role, bad)
                 if len(rows.ids):
                     self.outcomes.add(rows.table, {tp: int(rows.offsets.min())})
+
+    def _odd(self, what: str, n: int, example: str) -> None:
+        """An odd input the logger kept going through (the row is written; see the causes in
+        stream.logger.codec and `_arrive`): counted by name, one warning line per batch."""
+        self.stats.odd[what] += n
+        self.metrics.odd.labels(what).inc(n)
+        log.warning("%d odd input(s): %s (batch of e.g. %s)", n, what, example,
+                    extra={"event": "odd_input", "what": what, "rows": n})
 
     def _malformed(self, role: str, n: int) -> None:
         if n:
@@ -487,10 +437,12 @@ class Logger:
 
     def _new_pending(self, tp: tuple[str, int], rows: Decoded, now: float,
                      index: dict[str, tuple[_Pending, int]], side: str) -> _Pending:
-        """A batch that waits; ids already waiting on this side (replays) are dropped, counted."""
+        """A batch that waits; ids already waiting on this side, or joined lately (a replay, a
+        worker deciding a request again after a rebalance), are dropped and counted."""
         self._seq += 1
         b = _Pending(self._seq, tp, rows, now)
-        dup = np.fromiter(map(index.__contains__, b.ids), bool, len(b.ids))
+        joined = self._joined
+        dup = np.fromiter((rid in index or rid in joined for rid in b.ids), bool, len(b.ids))
         if len(set(b.ids)) != len(b.ids):
             seen: set[str] = set()
             for i, rid in enumerate(b.ids):
@@ -503,22 +455,40 @@ class Logger:
             self.metrics.duplicates.labels(side).inc(int(dup.sum()))
         return b
 
-    def _on_requests(self, tp: tuple[str, int], rows: Decoded, now: float) -> None:
-        self._arrive(tp, rows, now, is_req=True)
+    def _on_requests(self, tp: tuple[str, int], rows: Decoded, now: float,
+                     broker_ts: np.ndarray | None = None) -> None:
+        if len(rows.ids):
+            limit = (broker_ts if broker_ts is not None else np.full(len(rows.ids), int(time.time() * 1000)))
+            future = rows.ts > np.where(limit > 0, limit, int(time.time() * 1000)) + _FUTURE_FLAG_MS
+            if future.any():
+                self._odd("future_ts", int(future.sum()), rows.ids[int(np.flatnonzero(future)[0])])
+        self._arrive(tp, rows, now, is_req=True, broker_ts=broker_ts)
 
-    def _on_decisions(self, tp: tuple[str, int], rows: Decoded, now: float) -> None:
-        self._arrive(tp, rows, now, is_req=False)
+    def _on_decisions(self, tp: tuple[str, int], rows: Decoded, now: float,
+                      broker_ts: np.ndarray | None = None) -> None:
+        self._arrive(tp, rows, now, is_req=False, broker_ts=broker_ts)
 
-    def _arrive(self, tp: tuple[str, int], rows: Decoded, now: float, is_req: bool) -> None:
+    def _arrive(self, tp: tuple[str, int], rows: Decoded, now: float, is_req: bool,
+                broker_ts: np.ndarray | None = None) -> None:
         """A batch of one side: rows whose pair waits are joined now, the others wait."""
         if not len(rows.ids):
             return
         wm, store = (self._req_wm, self._req) if is_req else (self._dec_wm, self._dec)
         index, other = (self._req_index, self._dec_index) if is_req else (self._dec_index, self._req_index)
-        # A request stamped in the far future (a producer's clock, microseconds for ms) must not
-        # drag the event-time watermark along and expire every pair still waiting on the partition.
-        newest = min(int(rows.ts.max()), int(time.time() * 1000) + _FUTURE_SLACK_MS)
-        wm[tp[1]] = max(wm.get(tp[1], 0), newest)
+        # The join clock: the request's event time, unless it is past the broker's timestamp of
+        # the message (or the logger's clock) by more than the slack. Such a row (a producer's
+        # clock ahead, year 9999) is an outlier: it never moves the watermark (a decision is
+        # stamped when decided, so in a backlog its broker time is far past its request's: no
+        # bound derived from it is safe to move the watermark by), and it waits by its broker
+        # time instead, so it does not wait for ever either.
+        wall = int(time.time() * 1000)
+        bound = np.full(len(rows.ids), wall) if broker_ts is None else np.where(broker_ts > 0, broker_ts, wall)
+        bound = np.minimum(bound, wall)
+        outlier = rows.ts > bound + _CLOCK_SLACK_MS
+        if outlier.any():
+            rows.ts = np.where(outlier, bound, rows.ts)
+        if not outlier.all():
+            wm[tp[1]] = max(wm.get(tp[1], 0), int(rows.ts[~outlier].max()))
         b = self._new_pending(tp, rows, now, index, "request" if is_req else "decision")
         live = np.flatnonzero(b.alive)
         hits = list(map(other.pop, (b.ids[i] for i in live.tolist()), repeat(None)))
@@ -537,9 +507,16 @@ class Logger:
               dec_rows: np.ndarray) -> None:
         """Matched (request, decision) rows -> impression rows in the open files."""
         holds: Holds = {}
+        cross = sum(r.tp[1] != d.tp[1] for r, d in zip(req_b, dec_b, strict=True))
+        if cross:  # one member holds both partitions: joined anyway, but the producers disagree
+            self.stats.cross_partition_joins += cross
+            self.metrics.cross_partition.inc(cross)
         req = _take(req_b, req_rows, holds)
         dec = _take(dec_b, dec_rows, holds)
         self.impressions.add(self._impression(req, dec.drop_columns(["request_id"])), holds)
+        self._joined.update(dict.fromkeys(req.column("request_id").to_pylist()))
+        while len(self._joined) > self._joined_cap:  # oldest first (insertion order)
+            del self._joined[next(iter(self._joined))]
         self._forget_done()
 
     def _impression(self, req: pa.Table, dec: pa.Table) -> pa.Table:
@@ -572,28 +549,100 @@ class Logger:
                     index.update(zip(b.ids, zip(repeat(b), range(len(keep))), strict=False))
 
     def expire(self, now: float) -> None:
-        """Orphans: requests and decisions whose pair will not come (event-time rule), or that
-        waited `max_wait_s`, or the oldest beyond `max_buffered`."""
-        cfg = self.config
-        timeout_ms = int(cfg.join_timeout_s * 1000)
-        over = (sum(b.n_alive for b in self._req.values()) + sum(b.n_alive for b in self._dec.values())
-                - cfg.max_buffered)
-        # oldest first across both sides: an overflow expires whole batches until under the bound
-        for b in sorted(chain(self._req.values(), self._dec.values()), key=lambda b: b.arrived):
+        """Orphans: requests and decisions whose pair will not come (the event-time rule). Nothing
+        expires for wall time or memory: `pressure` pauses partitions instead."""
+        timeout_ms = int(self.config.join_timeout_s * 1000)
+        req_wm = self._idle_requests_watermark(now)
+        for b in list(chain(self._req.values(), self._dec.values())):
             is_req = b.seq in self._req
-            if over > 0:
-                mask, why = b.alive.copy(), "overflow"
-                over -= b.n_alive
-            elif now - b.arrived >= cfg.max_wait_s:
-                mask, why = b.alive.copy(), "max_wait"
-            else:
-                wm = (self._dec_wm if is_req else self._req_wm).get(b.tp[1])
-                if wm is None:
-                    continue
-                mask, why = b.alive & (b.ts + timeout_ms < wm), "timeout"
+            wm = (self._dec_wm if is_req else req_wm).get(b.tp[1])
+            if wm is None:
+                continue
+            mask = b.alive & (b.ts + timeout_ms < wm)
             if mask.any():
-                self._expire(b, np.flatnonzero(mask), is_req, why)
+                self._expire(b, np.flatnonzero(mask), is_req, "timeout")
         self._forget_done()
+
+    def _idle_requests_watermark(self, now: float) -> dict[int, int]:
+        """The requests' watermarks, where a requests partition that delivered nothing for
+        `idle_s` (and is not paused: it is read to its end) counts as having reached wall clock
+        - `idle_s`: when traffic stops, a decision whose request never comes (one of another
+        partition, a lost one) is still dropped in time instead of holding its commit for ever.
+        Only the requests' side: an idle decisions partition is a stalled worker, whose requests
+        must wait (back-pressure), not expire."""
+        idle_s = self.config.idle_s
+        req_t = self.settings.topic("requests")
+        out = dict(self._req_wm)
+        silent = [tp for tp, last in self._last_msg.items() if tp[0] == req_t and tp in self.assignment
+                  and tp not in self._paused and now - last >= idle_s]
+        wall_ms = int((time.time() - idle_s) * 1000)
+        for _t, p in self._at_end(silent):
+            out[p] = max(out.get(p, 0), wall_ms)
+        return out
+
+    def _at_end(self, tps: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        """The partitions of `tps` whose position is at their high watermark (as last fetched):
+        silent because there is nothing to read, not because the logger is behind. A partition
+        that delivered nothing since it was assigned has no position yet: silent for `idle_s`
+        since the assignment (or its last resume) with nothing fetched, it is at its end."""
+        if not tps:
+            return []
+        try:
+            positions = self.consumer.position([TopicPartition(t, p) for t, p in tps])
+            out = []
+            for tp in positions:
+                key = (tp.topic, tp.partition)
+                if tp.offset < 0:
+                    if key not in self._next:
+                        out.append(key)
+                    continue
+                _, hi = self.consumer.get_watermark_offsets(tp, cached=True)
+                if hi >= 0 and tp.offset >= hi:
+                    out.append(key)
+            return out
+        except (KafkaException, RuntimeError):
+            return []
+
+    def pressure(self) -> None:
+        """Back-pressure: pause a request or decision partition whose waiting rows reached its
+        share of `max_buffered` (its side runs ahead: a stalled worker, a lagging topic), resume
+        it under half its share. A stall then costs latency, never a row."""
+        req_t, dec_t = self.settings.topic("requests"), self.settings.topic("decisions")
+        join_tps = [tp for tp in self.assignment if tp[0] in (req_t, dec_t)]
+        if not join_tps:
+            return
+        share = max(1, self.config.max_buffered // len(join_tps))
+        waiting: dict[tuple[str, int], int] = dict.fromkeys(join_tps, 0)
+        for b in chain(self._req.values(), self._dec.values()):
+            if b.tp in waiting:
+                waiting[b.tp] += b.n_alive
+        pause, resume = [], []
+        for tp in join_tps:
+            twin = (dec_t if tp[0] == req_t else req_t, tp[1])
+            over, twin_over = waiting[tp] >= share, waiting.get(twin, 0) >= share
+            if tp not in self._paused and over and not twin_over:
+                pause.append(tp)
+            elif tp in self._paused and (waiting[tp] < share // 2 or twin_over):
+                resume.append(tp)
+        try:
+            if pause:
+                self.consumer.pause([TopicPartition(t, p) for t, p in pause])
+            if resume:
+                self.consumer.resume([TopicPartition(t, p) for t, p in resume])
+                now = time.monotonic()  # silence is counted from here: a paused partition was not idle
+                self._last_msg.update(dict.fromkeys(resume, now))
+        except KafkaException as exc:  # a partition revoked meanwhile: the next turn sees the truth
+            log.warning("pause/resume: %s", exc, extra={"event": "pause_failed"})
+            return
+        if pause:
+            self.stats.pauses += len(pause)
+            log.info("paused %s: waiting for the other side (%d rows each at most)",
+                     ",".join(f"{t}[{p}]" for t, p in pause), share, extra={"event": "paused"})
+        if resume:
+            log.info("resumed %s", ",".join(f"{t}[{p}]" for t, p in resume), extra={"event": "resumed"})
+        self._paused = (self._paused | set(pause)) - set(resume)
+        for role, topic in (("requests", req_t), ("decisions", dec_t)):
+            self.metrics.paused.labels(role).set(sum(1 for t, _ in self._paused if t == topic))
 
     def _expire(self, b: _Pending, rows: np.ndarray, is_req: bool, why: str) -> None:
         ids = [b.ids[i] for i in rows.tolist()]
@@ -711,6 +760,8 @@ class Logger:
 
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         self.assignment |= {(tp.topic, tp.partition) for tp in partitions}
+        now = time.monotonic()
+        self._last_msg.update({(tp.topic, tp.partition): now for tp in partitions})
         log.info("assigned %s", _tps(partitions), extra={"event": "assigned"})
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
@@ -736,6 +787,9 @@ class Logger:
             self._next.pop(tp, None)
             self._committed.pop(tp, None)
         self.assignment -= tps
+        self._paused -= tps
+        for tp in tps:
+            self._last_msg.pop(tp, None)
 
     def _drain(self) -> None:
         self.metrics.state = "draining"
@@ -757,90 +811,15 @@ class Logger:
                  extra={"event": "stopped", "impressions": st.impressions, "outcomes": st.outcomes})
 
 
+def _at(values: np.ndarray, offsets: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """`values[i]` of the messages at `wanted` offsets (`offsets` ascending, as consumed)."""
+    if not len(wanted):
+        return wanted
+    order = np.argsort(offsets, kind="stable")
+    return values[order[np.searchsorted(offsets[order], wanted)]]
+
+
 def _tps(partitions: list[TopicPartition]) -> str:
     return ",".join(f"{tp.topic}[{tp.partition}]" for tp in partitions)
 
 
-# --- CLI ----------------------------------------------------------------------------------
-
-
-def check_topics(settings: Settings, roles: tuple[str, ...] = ROLES) -> None:
-    """The broker answers and the topics of `roles` exist, else a one-line StackError."""
-    from stream.kafka import make_admin
-
-    try:
-        meta = make_admin(settings).list_topics(timeout=10)
-    except KafkaException as exc:
-        raise StackError(f"cannot reach Kafka at {settings.kafka_bootstrap}: {exc.args[0].str()}") from None
-    missing = [settings.topic(r) for r in roles if settings.topic(r) not in meta.topics]
-    if missing:
-        raise StackError(f"topic(s) {', '.join(missing)} do not exist on {settings.kafka_bootstrap}; "
-                         "run `rta topics create`")
-
-
-@click.command(name="log")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Root of the logged traffic (impressions/ and outcomes/ under it).")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
-              help="Config file (TOML/JSON).")
-@click.option("--bootstrap", default=None, help="Kafka bootstrap servers [default: settings].")
-@click.option("--group", "group_id", default="rta-logger", show_default=True, help="Consumer group id.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=5000, show_default=True,
-              help="Most messages per consume call.")
-@click.option("--batch-wait-ms", type=click.IntRange(min=0), default=100, show_default=True,
-              help="Longest wait to fill a batch.")
-@click.option("--roll-mb", type=click.FloatRange(min=0, min_open=True), default=64.0, show_default=True,
-              help="Roll a file when its rows hold this many MiB in memory (Arrow, before compression).")
-@click.option("--roll-seconds", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
-              help="Roll a file this long after its first row (bounds how stale the log and the "
-                   "committed offsets are).")
-@click.option("--join-timeout-s", type=click.FloatRange(min=0), default=60.0, show_default=True,
-              help="Event time a request waits for its decision (and the reverse) once its partition "
-                   "has moved past it.")
-@click.option("--max-wait-s", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
-              help="Wall time anything waits for its pair, whatever the event times say.")
-@click.option("--max-buffered", type=click.IntRange(min=1), default=200_000, show_default=True,
-              help="Most requests + decisions waiting; beyond it the oldest expire.")
-@click.option("--max-open-files", type=click.IntRange(min=1), default=48, show_default=True,
-              help="Most files filling at once per kind (one per event hour); beyond it the oldest rolls.")
-@click.option("--model-dir", type=click.Path(file_okay=False), default=None,
-              help="Bundles whose feature specs name positional requests [default: settings].")
-@click.option("--tasks", default=",".join(DEFAULT_TASKS), show_default=True,
-              help="Tasks whose p_<task>, u_<task> columns to write.")
-@click.option("--metrics-port", type=click.IntRange(0, 65535), default=9410, show_default=True,
-              help="Port for /metrics and /healthz (0: any free port).")
-@click.option("--no-metrics", is_flag=True, help="Do not start the HTTP server.")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
-              show_default=True)
-def log_cmd(out_dir: Path, config_file: str | None, bootstrap: str | None, group_id: str, batch_size: int,
-            batch_wait_ms: int, roll_mb: float, roll_seconds: float, join_timeout_s: float,
-            max_wait_s: float, max_buffered: int, tasks: str, metrics_port: int, no_metrics: bool,
-            log_level: str, max_open_files: int = 48, model_dir: str | None = None) -> None:
-    """Requests + decisions + outcomes -> logged traffic (Parquet by event hour); at-least-once."""
-    from stream.logs import setup_json_logging
-
-    setup_json_logging(log_level)
-    settings = load_settings(config_file, kafka_bootstrap=bootstrap, model_dir=model_dir)
-    check_topics(settings)
-    cfg = LoggerConfig(out_dir=out_dir, group_id=group_id, batch_size=batch_size, batch_wait_ms=batch_wait_ms,
-                       roll_bytes=max(1, int(roll_mb * (1 << 20))), roll_seconds=roll_seconds,
-                       join_timeout_s=join_timeout_s, max_wait_s=max_wait_s, max_buffered=max_buffered,
-                       max_open_files=max_open_files, tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()),
-                       metrics_port=None if no_metrics else metrics_port)
-    try:
-        logger = Logger(settings, cfg)
-    except OSError as exc:  # the metrics port is taken, the output directory is not writable
-        raise RtaError(f"log: cannot start: {exc.strerror or exc}") from None
-    if logger.server is not None:
-        log.info("metrics on http://%s:%d/metrics", cfg.metrics_host, logger.server.port,
-                 extra={"event": "metrics", "port": logger.server.port})
-    try:
-        logger.run(install_signals=True)
-    except OSError as exc:  # disk full, permissions: offsets past the failed file stay uncommitted
-        raise RtaError(f"log: cannot write under {out_dir}: {exc.strerror or exc}") from None
-    except RtaError:
-        raise
-    except Exception as exc:  # a bug or input nobody foresaw: one line out, the trace in the log
-        log.exception("logger stopped", extra={"event": "crashed"})
-        raise RtaError(f"log: stopped ({type(exc).__name__}: {exc}); nothing past the last renamed "
-                       "file was committed") from None
