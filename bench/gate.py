@@ -69,8 +69,10 @@ def _true_value(cand: Path, current: Path, holdout: Any, targets: Any) -> dict[s
 @click.option("--ratio", type=float, default=0.5, show_default=True)
 @click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write the rates as a PNG here.")
 @click.option("--workdir", type=click.Path(path_type=Path), default=None, help="Keep the models and logs here.")
+@click.option("--widening/--no-widening", default=True, show_default=True,
+              help="The gate's Poisson widening of thin explore-only sides (GateConfig.poisson_widening).")
 def gate(rows: int, seeds: int, profile: str, explore: float, ratio: float, plot: Path | None,
-         workdir: Path | None) -> None:
+         workdir: Path | None, widening: bool) -> None:
     """Promote / refuse / inconclusive rates of the gate per candidate class over seeds."""
     from stream.policy import Targets
     from training.gate import GateConfig, run_gate
@@ -121,7 +123,8 @@ def gate(rows: int, seeds: int, profile: str, explore: float, ratio: float, plot
     truth = {(cur, k): _true_value(path(k), path(cur), holdout, targets) for cur, k in pairs}
     counts = {pk: {"promote": 0, "refuse": 0, "inconclusive": 0} for pk in pairs}
     mde, est, lines = [], {pk: [] for pk in pairs}, []
-    cfg_of = {s: GateConfig(fidelity="no-regression", boot=500, seed=s, window_fidelity=False) for s in range(seeds)}
+    cfg_of = {s: GateConfig(fidelity="no-regression", boot=500, seed=s, window_fidelity=False,
+                            poisson_widening=widening) for s in range(seeds)}
     for s in range(seeds):
         rs = np.random.default_rng(1000 + s)
         # one uniform per row: every task's label has its true marginal and the funnel stays
@@ -151,7 +154,7 @@ def gate(rows: int, seeds: int, profile: str, explore: float, ratio: float, plot
                 "equal(|d|<1%)" if abs(d) < 0.01 else "unclassed"].append(pk)
     window_rows = len(holdout)
     out = {
-        "rows": rows, "window_rows": window_rows, "seeds": seeds, "profile": profile, "explore": explore,
+        "rows": rows, "window_rows": window_rows, "seeds": seeds, "poisson_widening": widening, "profile": profile, "explore": explore,
         "ratio": ratio, "varies_across_seeds": "the window's labels (redrawn from the true probabilities), "
         "explore draws and outcome delays of the logged window; each class's model is trained once",
         "candidates": {f"{k} vs {cur}": {"true_relative": round(truth[(cur, k)]["relative"], 4),

@@ -66,6 +66,7 @@ class GateConfig:
     fidelity_boot: int = 200
     fidelity_min_positives: int = 50  # a label-based fidelity check gates only with this many
     window_fidelity: bool = True  # False: the acceptance recorded at distillation (no re-scoring)
+    poisson_widening: bool = True  # widen thin explore-only sides to an exact Poisson bound
 
     def guard_tasks(self, tasks: dict[str, Any]) -> list[str]:
         return [t for t in tasks if (self.guards is None and tasks[t].get("weight", 0) > 0)
@@ -391,7 +392,7 @@ def _quantiles(b: np.ndarray, confidence: float) -> list[float]:
 
 
 def paired_value(contrib: dict[str, TaskContrib], weights: dict[str, float], boot: int, confidence: float,
-                 seed: int) -> dict[str, Any]:
+                 seed: int, widen_thin: bool = True) -> dict[str, Any]:
     """The value difference candidate - current (score-function-weighted share of each task's
     positives kept, DR), per-task differences (guard rails), IPS and self-normalised IPS as
     checks; percentile intervals from one paired bootstrap of the rows (`replay.bootstrap_sums`:
@@ -419,8 +420,8 @@ def paired_value(contrib: dict[str, TaskContrib], weights: dict[str, float], boo
         d = float(c.dr.sum())
         # never more than the unseen rows of that side could hold (one positive each)
         (k_up, w_up, n_up), (k_down, w_down, n_down) = c.explore_only
-        wide_hi = min(poisson_widening(k_up, w_up, confidence), n_up) if w_up else 0.0
-        wide_lo = min(poisson_widening(k_down, w_down, confidence), n_down) if w_down else 0.0
+        wide_hi = min(poisson_widening(k_up, w_up, confidence), n_up) if w_up and widen_thin else 0.0
+        wide_lo = min(poisson_widening(k_down, w_down, confidence), n_down) if w_down and widen_thin else 0.0
         sn = c.population * float(c.ips.sum()) / float(c.den.sum()) if c.den.sum() > 0 else math.nan
         val += scale[t] * d
         val_b += scale[t] * dr_b
@@ -545,7 +546,7 @@ def run_gate(candidate: str | Path, current: str | Path, logs: str | Path, targe
     weights = score_weights(cand_manifest)
     if cfg.task is not None:  # --task: the value is that task alone
         weights = {cfg.task: 1.0}
-    value = paired_value(contrib, weights, cfg.boot, cfg.confidence, cfg.seed)
+    value = paired_value(contrib, weights, cfg.boot, cfg.confidence, cfg.seed, widen_thin=cfg.poisson_widening)
     span_h = max(float(window.ts_ms.max() - window.ts_ms.min()) / 3.6e6, 1e-9)
     verdict = decide(value, cfg, span_h)
     observed_pos = int(np.nansum(window.labels[:, tasks.index(task)]))
