@@ -99,7 +99,9 @@ def test_start_and_stop_are_audited_and_refuse_bad_input(tmp_path):
     log = [e for e in registry.read_log(tmp_path) if e["action"].startswith("canary")]
     assert [e["action"] for e in log] == ["canary-start", "canary-stop"]
     assert log[0]["reason"] == "try v2 on a tenth" and log[0]["new"] == "v2" and log[0]["old"] == "v1"
-    assert registry.previous_version(tmp_path) is None  # the rollback chain ignores canaries
+    assert registry.previous_version(tmp_path) is None  # the rollback chain ignores canaries ...
+    registry.switch(tmp_path, "v2", "promote", "me", "canary looked fine")
+    assert registry.previous_version(tmp_path) == "v1"  # ... and they do not cut it either
 
 
 def test_cli_status_and_bad_args(tmp_path, clean_env):
