@@ -128,6 +128,8 @@ def test_inconclusive_when_the_window_cannot_tell(capsys, loop, tmp_path):
     assert gate["decision"] == "inconclusive" and gate["reasons"][0].startswith("not enough evidence")
     assert gate["value"]["difference_ci"] == [0.0, 0.0] and gate["window"]["rows"] < 10_000
     assert "inconclusive" in err and registry.read_gate(md / "v1b")["decision"] == "inconclusive"
+    # the registry's listing names the third outcome (it once showed every non-pass as "refused")
+    assert {r["version"]: r["gate"] for r in registry.summary(md)}["v1b"] == "inconclusive"
 
 
 def test_force_overrides_a_refusal_and_is_audited(capsys, loop, tmp_path):
