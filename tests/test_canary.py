@@ -123,6 +123,14 @@ def test_cli_status_and_bad_args(tmp_path, clean_env):
     assert doc["redis_problem"] and doc["last"]["action"] == "canary-start"
     assert run("--stop", "--reason", "done", "--no-audit-topic").returncode == 0
     assert json.loads(run("status").stdout)["canary"] is None
+    # promoting the canary's version ends its canary (audited)
+    assert run("v2", "--share", "0.2", "--reason", "second look", "--no-audit-topic").returncode == 0
+    promo = subprocess.run([*RTA, "model", "promote", "v2", "--model-dir", str(tmp_path), "--force", "--reason",
+                            "canary looked fine", "--no-audit-topic"], capture_output=True, text=True, env=env,
+                           timeout=120)
+    assert promo.returncode == 0, promo.stderr[-1000:]
+    assert "canary of v2 ended" in promo.stderr and read_canary(tmp_path) is None
+    assert registry.read_log(tmp_path)[-1]["reason"] == "promoted: canary looked fine"
     judge = subprocess.run([*RTA, "model", "canary-judge", "v1", "--model-dir", str(tmp_path), "--logs",
                             str(tmp_path)], capture_output=True, text=True, env=env, timeout=60)
     assert judge.returncode == 2 and "no canary of v1" in judge.stderr and "Traceback" not in judge.stderr
