@@ -225,6 +225,7 @@ def promote_cmd(version: str, model_dir: Path, logs_path: Path | None, force: bo
                             audit=audit_to_topic(settings) if audit_topic else None, forced=forced, gate=result,
                             expect_current=current)
     click.echo(f"[rta model] current: {entry['old'] or '-'} -> {version}{' (forced)' if forced else ''}", err=True)
+    _end_canary_of(model_dir, version, who_default(who), reason, settings if audit_topic else None)
     click.echo(json.dumps({"outcome": "promoted", "candidate": version, "current": current, "forced": forced,
                            "gate": result}, default=str))
 
@@ -286,3 +287,32 @@ def diff_cmd(a: str, b: str, model_dir: Path, logs_path: Path, ratio: float, pas
     click.echo(f"[rta model] {a} -> {b} at r={ratio:g}: {c['share']:.2%} of {c['rows']} decisions flip "
                f"(pass->block {c['pass_to_block']:.2%}, block->pass {c['block_to_pass']:.2%})", err=True)
     click.echo(json.dumps(_finite(rep), indent=1))
+
+
+def _end_canary_of(model_dir: Path, version: str, who: str, reason: str, settings: Settings | None) -> None:
+    """A promoted version's canary is over: its state is cleared through the audited path (the
+    workers then serve it as current only). A failure to record that is one line, not an error:
+    the promotion itself is done."""
+    from stream import canary
+
+    try:
+        state = canary.read_canary(model_dir)
+        if state is None or state.version != version:
+            return
+        canary.stop(model_dir, who, f"promoted: {reason}", audit_to_topic(settings) if settings else None,
+                    expect_version=version)
+        click.echo(f"[rta model] canary of {version} ended (promoted)", err=True)
+    except (BundleError, ConfigError, OSError) as exc:
+        click.echo(f"[rta model] promoted, but the canary of {version} was not ended: {exc}; "
+                   "run `rta model canary --stop`", err=True)
+
+
+def _add_canary() -> None:
+    from stream.canary import canary_cmd
+    from training.canary_judge import judge_cmd
+
+    model.add_command(canary_cmd)
+    model.add_command(judge_cmd)
+
+
+_add_canary()
