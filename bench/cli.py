@@ -14,6 +14,8 @@ BENCHES = {
     "codec": ("bench.codec:codec", "Request decode and decision encode rates (hot-path codecs)."),
     "replay": ("bench.replay:replay", "rta replay rows/s end to end on a logged layout (200k rows)."),
     "soak": ("bench.soak:soak", "Worker fleet under kill -9, Redis restarts and malformed input."),
+    "gate": ("bench.gate:gate", "Promotion gate: promote/refuse/inconclusive rates per candidate class."),
+    "new-source": ("bench.new_source:new_source", "The loop offline on a world with a new source: retrain, gate, truth."),
 }
 
 

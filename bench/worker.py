@@ -93,7 +93,7 @@ def _world(rows: int, features: int, seed: int = 0) -> tuple[FeatureSpec, np.nda
 
 
 def _bundle(model_dir: Path, spec: FeatureSpec, num: np.ndarray, cat: np.ndarray,
-            quantize: str | None = None) -> Path:
+            quantize: str | None = None, name: str = "bench-v1", publish: bool = True, seed: int = 0) -> Path:
     """A student bundle for this spec with untrained weights (spread out so scores vary like a
     trained model's): the worker's cost does not depend on how well the model was trained."""
     import torch
@@ -104,13 +104,14 @@ def _bundle(model_dir: Path, spec: FeatureSpec, num: np.ndarray, cat: np.ndarray
     from model.student import Student, StudentConfig
 
     pre = Preprocessor.fit(spec, num, cat)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     student = Student(pre.n_inputs, pre.cardinalities, ["click", "online", "cart", "deal"], StudentConfig())
     with torch.no_grad():
         student.head2_w.mul_(40.0)
-    out = model_dir / "bench-v1"
+    out = model_dir / name
     export_bundle(out, pre, student.eval(), metrics={"bench": True}, quantize=quantize)
-    bundle.publish(out)
+    if publish:
+        bundle.publish(out)
     return out
 
 
@@ -487,10 +488,13 @@ def _wait_decided(settings: Settings, rids: set[str], proc: subprocess.Popen, ti
 @click.option("--model", "model", type=click.Path(exists=True, file_okay=False), default=None,
               help="Serve this bundle (or a model dir's current version) instead of the bench's "
                    "untrained one; its features must be the world's first --features.")
+@click.option("--canary-share", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Also serve a second untrained bundle as a canary on this share of requests "
+                   "(stream.canary: the routing's cost).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the JSON here.")
 def worker(n: int, features: int, positional: bool, binary: bool, batch_size: int, batch_wait_ms: int,
            commit_interval_ms: int, loads: str, seconds: float, profile_out: str | None,
-           quantize: str, model: str | None, out: str | None) -> None:
+           quantize: str, model: str | None, canary_share: float | None, out: str | None) -> None:
     """Worker events/s vs a plain consume->produce passthrough; latency at fixed loads."""
     try:
         rates = [int(x) for x in loads.split(",") if x.strip()]
@@ -513,6 +517,12 @@ def worker(n: int, features: int, positional: bool, binary: bool, batch_size: in
             spec, num, cat = _world(max(n, 20_000), features)
             bundle_dir = (_bundle(settings.model_dir, spec, num, cat, None if quantize == "none" else quantize)
                           if model is None else _copy_bundle(Path(model), settings.model_dir, spec))
+            if canary_share is not None:
+                from stream import canary
+
+                _bundle(settings.model_dir, spec, num, cat, None if quantize == "none" else quantize,
+                        name="bench-v2", publish=False, seed=1)
+                canary.start(settings.model_dir, "bench-v2", canary_share, "bench", "bench worker canary")
             import json as _json
 
             serving = _json.loads((bundle_dir / "manifest.json").read_text()).get("serving", {})
@@ -550,7 +560,7 @@ def worker(n: int, features: int, positional: bool, binary: bool, batch_size: in
             "format": "binary" if positional == "binary" else "positional" if positional else "canonical",
             "serving_graph": {"file": serving.get("file"), "weights": serving.get("weights")},
             "batch_size": batch_size, "batch_wait_ms": batch_wait_ms, "commit_interval_ms": commit_interval_ms,
-            "passthrough": pt, "worker": wk,
+            "canary_share": canary_share, "passthrough": pt, "worker": wk,
             "ratio": round(wk["events_per_s"] / pt["events_per_s"], 3), "target_ratio": 0.5,
             # the broker's own speed in this run: the preload (produce + flush of every request)
             # and the passthrough (consume -> produce), so a ratio can be read against the day's broker

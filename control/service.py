@@ -378,7 +378,7 @@ class ControlService:
                 result = json.loads(lines[-1]) if lines else None
             err = [ln for ln in proc.stderr.splitlines() if ln.strip()]
             error = None if proc.returncode == 0 else (err[-1] if err else f"exit {proc.returncode}")
-            state = "done" if proc.returncode in (0, 3) else "failed"  # 3: the gate refused
+            state = "done" if proc.returncode in (0, 3, 4) else "failed"  # 3: refused, 4: inconclusive
         except subprocess.TimeoutExpired:
             error = f"timed out after {self.job_timeout_s:g} s (the child was killed; `current` is as the registry says)"
         except Exception as exc:  # noqa: BLE001 - the job must end, whatever failed

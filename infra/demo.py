@@ -275,7 +275,7 @@ def _retrain(env: dict[str, str], log_dir: Path, model_dir: Path, profile: str, 
     cmd = [sys.executable, "-m", "infra.cli", *argv]
     proc = subprocess.run(cmd, env=env, check=False, stdout=subprocess.PIPE, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip().startswith("{")]
-    if proc.returncode not in (0, 3) or not lines:
+    if proc.returncode not in (0, 3, 4) or not lines:  # promoted, refused, inconclusive: answers
         raise RtaError(f"demo step `rta {' '.join(argv)}` failed with exit code {proc.returncode}")
     return json.loads(lines[-1])
 

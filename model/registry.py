@@ -212,7 +212,7 @@ def _switch_locked(root: Path, target: Path, version: str, action: str, who: str
              "model_dir": str(root.resolve()), "old": old, "new": version, "forced": bool(forced),
              "audit_topic": audit is not None}
     if gate is not None:
-        entry["gate"] = {k: gate.get(k) for k in ("passed", "reasons", "estimate", "window", "targets")}
+        entry["gate"] = {k: gate.get(k) for k in ("passed", "decision", "reasons", "estimate", "window", "targets")}
     if audit is not None:
         why = audit(entry)
         if why is not None:
@@ -254,7 +254,8 @@ def summary(model_dir: str | Path) -> list[dict[str, Any]]:
             "version": d.name, "current": d.name == current, "created_at": m.get("created_at"),
             "parent": lin.get("parent"), "logs": lin.get("logs"), "debias": lin.get("debias"),
             "fidelity_passed": fid.get("passed"),
-            "gate": None if gate is None else ("passed" if gate.get("passed") else "refused"),
+            "gate": None if gate is None else (gate.get("decision")  # promote | refuse | inconclusive
+                                                 or ("passed" if gate.get("passed") else "refused")),
             "last_switch": None if last is None else {k: last.get(k) for k in ("action", "who", "at", "reason",
                                                                                  "forced")},
         })

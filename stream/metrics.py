@@ -23,6 +23,7 @@ from prometheus_client import (
 )
 
 REDIS_STATES = ("ok", "degraded")
+CANARY_STATES = ("none", "serving", "refused", "rolled_back")
 
 
 class WorkerMetrics:
@@ -73,6 +74,18 @@ class WorkerMetrics:
                                     "last (Redis lost them), peers (adopted), default (none known).",
                                     ["source"], registry=r)
         self._targets_source = ""
+        # canary (stream.canary): per-arm decisions of this worker, and whether it serves the canary
+        self.arm_decisions = Counter("rta_arm_decisions", "Decisions by arm (current, canary) while a canary "
+                                     "runs.", ["arm", "decision"], registry=r)
+        self.arm_bad = Counter("rta_arm_bad_outputs", "NaN/invalid outputs by arm while a canary runs.", ["arm"],
+                               registry=r)
+        self.arm_block_share = Gauge("rta_arm_block_share", "Block share of each arm since the canary started "
+                                     "on this worker.", ["arm"], registry=r)
+        self.canary_state = Gauge("rta_canary_state", "1 for this worker's canary state: none, serving, refused "
+                                  "(named but not loadable: current decides all traffic), rolled_back.",
+                                  ["state"], registry=r)
+        self._canary = ""
+        self.set_canary("none")
         self.last_loop = time.monotonic()  # liveness: updated every loop iteration
         self.last_nan = -float("inf")  # monotonic time of the last NaN output
         self.unhealthy_after_failures = 3
@@ -84,6 +97,12 @@ class WorkerMetrics:
             self._targets_source = source
             for s in ("redis", "last", "peers", "default"):
                 self.targets_source.labels(s).set(1.0 if s == source else 0.0)
+
+    def set_canary(self, state: str) -> None:
+        if state != self._canary:
+            self._canary = state
+            for s in CANARY_STATES:
+                self.canary_state.labels(s).set(1.0 if s == state else 0.0)
 
     def set_redis(self, degraded: bool) -> None:
         for s in REDIS_STATES:
@@ -105,6 +124,8 @@ class WorkerMetrics:
             alerts.append("nan_outputs")
         if self._targets_source == "default":
             alerts.append("targets_default")
+        if self._canary in ("refused", "rolled_back"):
+            alerts.append(f"canary_{self._canary}")
         return ok, {"worker": self.worker_id, "state": self.state, "loop_age_s": round(since, 3),
                     "checkpoint_failing": failing, "nan_outputs": int(self.nan_outputs._value.get()),
                     "alerts": alerts}

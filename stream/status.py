@@ -9,7 +9,8 @@ disappears from the fleet when its TTL (default 15 s) runs out.
 The record (all JSON)::
 
     {"id", "host", "pid", "ts_ms", "model", "theta", "tau_u", "degraded", "targets",
-     "targets_version", "targets_source", "request_age_ms", "events", "partitions", "state"}
+     "targets_version", "targets_source", "request_age_ms", "events", "partitions", "state",
+     "canary"}   # canary: null, or this worker's per-arm counts (stream.worker.canary_status)
 
 While the controller is degraded (Redis unreachable) nothing is published: the controller owns
 the retry policy, and a dead Redis must not cost the hot path another timeout. A failed write is
@@ -107,4 +108,5 @@ class StatusPublisher:
             "request_age_ms": _finite(age) if worker.stats.events else None,
             "events": int(worker.stats.events),
             "partitions": len(worker.assignment),
+            "canary": getattr(worker, "canary_status", lambda: None)(),
         }

@@ -44,6 +44,8 @@ import numpy as np
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
 from model.bundle import current_version
+from stream.canary import ArmGuard, canary_arm, read_canary
+from stream.canary import stop as stop_canary
 from stream.checkpoint import Checkpoint, CheckpointError, CheckpointFatalError, DeliveryReports
 from stream.config import Settings, load_settings
 from stream.controller import ControllerConfig, RatioController
@@ -51,6 +53,7 @@ from stream.engine import score_batch
 from stream.errors import BundleError, ConfigError, RtaError, WorkerError
 from stream.events import (
     MAX_BYTES,
+    RequestBatch,
     dead_letters,
     decision_headers,
     decode_requests,
@@ -59,7 +62,16 @@ from stream.events import (
 )
 from stream.kafka import make_consumer, make_producer, wait_reachable
 from stream.metrics import MetricsServer, WorkerMetrics
-from stream.policy import DEGRADED, EXPLORE, NAN_OUTPUT, REASONS, UNCERTAIN, ScorePolicy, decide
+from stream.policy import (
+    DEGRADED,
+    EXPLORE,
+    NAN_OUTPUT,
+    REASONS,
+    UNCERTAIN,
+    Decisions,
+    ScorePolicy,
+    decide,
+)
 from stream.prior import ScoreDistribution
 from stream.scorer import Scorer
 from stream.status import StatusPublisher
@@ -71,11 +83,12 @@ log = logging.getLogger("rta.worker")
 # through in the settings wins).
 GROUP_DEFAULTS: dict[str, Any] = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000}
 _REASON_NAMES = np.asarray(REASONS, dtype=object)
+INVALID = REASONS.index("invalid")
 # A dead letter's value is cut to this many bytes (header rta-truncated = original length), so a
 # request the broker accepted compressed never exceeds the producer's message.max.bytes (1 MB).
 DLQ_MAX_BYTES = 512 * 1024
 # The steps of `Worker.process`, in order, as `rta bench worker` reports them.
-STAGES = ("consume", "decode", "codes", "score", "policy", "encode", "produce", "controller", "account")
+STAGES = ("consume", "decode", "route", "codes", "score", "policy", "encode", "produce", "controller", "account")
 
 
 class _StageClock:
@@ -93,6 +106,24 @@ class _StageClock:
         self.wall[stage] += w - self._w
         self.cpu[stage] += c - self._c
         self._w, self._c = w, c
+
+
+@dataclass
+class CanaryArm:
+    """The canary model served beside `current` (stream.canary): its own scorer, policy and
+    ratio controller (its own histograms under the fleet's one r), headers naming its version."""
+
+    version: str
+    share: float
+    scorer: Scorer
+    policy: ScorePolicy
+    controller: RatioController
+    _headers: list[tuple[str, bytes]]
+    fingerprint: str
+
+
+def _arm_counts() -> dict[str, float]:
+    return {"rows": 0, "blocked": 0, "nan": 0, "score_s": 0.0, "rows_w": 0, "blocked_w": 0}
 
 
 @dataclass
@@ -181,6 +212,12 @@ class Worker:
         self.dlq_topic = settings.topic("dlq")
 
         self._load_model(self._current_bundle())
+        # canary (stream.canary): loaded beside current when <model_dir>/canary.json names one
+        self.canary: CanaryArm | None = None
+        self.canary_problem: str | None = None  # why the canary in force is not served here
+        self._canary_refused: tuple[str, float] | None = None
+        self.arms: dict[str, dict[str, float]] = {"current": _arm_counts(), "canary": _arm_counts()}
+        self.guard = ArmGuard()
         self._refused: str | None = None
         self._next_reload_check = time.monotonic() + cfg.reload_interval_s
 
@@ -192,6 +229,7 @@ class Worker:
         self.controller.set_model(self.scorer.version, self.prior)
         self.controller.refresh()  # read the live targets now, before the first batch
         self.status = StatusPublisher(self.controller.store, cfg.worker_id)  # fleet view, every 2 s
+        self._follow_canary()
 
         self.reports = DeliveryReports()
         self.transactional_id = cfg.transactional_id or f"{cfg.group_id}-{socket.gethostname()}"
@@ -228,17 +266,7 @@ class Worker:
     def _load_model(self, bundle: Path) -> None:
         """Load, verify and smoke-test a bundle; ANY failure is a BundleError naming it, so a
         bad bundle is refused (reload) or reported on one line (start-up), never a crash."""
-        try:
-            scorer = Scorer.load(bundle, intra_threads=self.config.intra_threads)
-            policy = ScorePolicy.from_manifest(scorer.manifest)
-            _smoke_test(scorer, policy)
-            spec = (self.config.controller or ControllerConfig()).spec
-            prior = ScoreDistribution.from_manifest(scorer.manifest, spec, where=f"{bundle}/manifest.json")
-        except BundleError:
-            raise
-        except Exception as exc:  # onnxruntime, PermissionError, malformed manifest values, ...
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            raise BundleError(f"{bundle}: refused ({type(exc).__name__}: {first})") from None
+        scorer, policy, prior = self._load_bundle(bundle)
         self.scorer, self.policy, self.prior = scorer, policy, prior
         self.bundle = bundle
         if prior is None:
@@ -250,12 +278,109 @@ class Worker:
         self.metrics.model.info({"version": scorer.version, "path": str(bundle),
                                  "fingerprint": self._fingerprint})
 
+    def _load_bundle(self, bundle: Path) -> tuple[Scorer, ScorePolicy, ScoreDistribution | None]:
+        try:
+            scorer = Scorer.load(bundle, intra_threads=self.config.intra_threads)
+            policy = ScorePolicy.from_manifest(scorer.manifest)
+            _smoke_test(scorer, policy)
+            spec = (self.config.controller or ControllerConfig()).spec
+            prior = ScoreDistribution.from_manifest(scorer.manifest, spec, where=f"{bundle}/manifest.json")
+        except BundleError:
+            raise
+        except Exception as exc:  # onnxruntime, PermissionError, malformed manifest values, ...
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise BundleError(f"{bundle}: refused ({type(exc).__name__}: {first})") from None
+        return scorer, policy, prior
+
+    def _follow_canary(self) -> None:
+        """Serve the canary `<model_dir>/canary.json` names (or stop serving one). A canary this
+        worker cannot load (or an unreadable state file) leaves `current` deciding ALL traffic:
+        one log line, `/healthz` alert `canary_not_served`, metric `rta_canary_state{state="refused"}`."""
+        model_dir = Path(self.settings.model_dir)
+        try:
+            state = read_canary(model_dir)
+            problem = None
+        except BundleError as exc:
+            state, problem = None, str(exc)
+        if state is None or state.version == self.scorer.version:
+            if self.canary is not None:
+                log.info("canary %s stopped: current %s decides all traffic", self.canary.version,
+                         self.scorer.version, extra={"event": "canary_stopped", "version": self.canary.version})
+                self.canary = None
+            self._canary_not_served(problem, None)
+            return
+        if self.canary is not None and self.canary.version == state.version:
+            self.canary.share = state.share
+            return
+        if self._canary_refused == (state.version, state.share):
+            return
+        try:
+            scorer, policy, prior = self._load_bundle(model_dir / state.version)
+        except BundleError as exc:
+            self.canary = None
+            self._canary_not_served(f"canary {state.version} not served, current {self.scorer.version} "
+                                    f"decides all traffic: {exc}", (state.version, state.share))
+            return
+        ctl = self.controller
+        canary_ctl = RatioController(ctl.store, ctl.config, ctl.clock, f"{self.config.worker_id}~canary", ctl.timer)
+        canary_ctl.set_model(scorer.version, prior)
+        canary_ctl._joined = True  # its feedback starts at 0: the peers' integrals corrected current's model
+        self.canary = CanaryArm(state.version, state.share, scorer, policy, canary_ctl,
+                                decision_headers(scorer.version), scorer.spec.fingerprint())
+        self.arms = {"current": _arm_counts(), "canary": _arm_counts()}
+        self._canary_not_served(None, None)
+        self.metrics.set_canary("serving")
+        log.info("canary %s serves %.2f%% of requests beside %s", state.version, 100 * state.share,
+                 self.scorer.version, extra={"event": "canary_started", "version": state.version})
+
+    def _canary_not_served(self, problem: str | None, refused: tuple[str, float] | None) -> None:
+        self._canary_refused = refused
+        if problem is not None and problem != self.canary_problem:
+            log.error("%s", problem, extra={"event": "canary_refused"})
+        self.canary_problem = problem
+        self.metrics.set_canary("refused" if problem else "none")
+
+    def _auto_stop_canary(self, why: str) -> None:
+        """A guard rail breached on this worker's canary arm: stop routing to it now, and stop the
+        canary for the fleet through the audited path (stream.canary.stop)."""
+        arm = self.canary
+        assert arm is not None
+        self.canary = None
+        self._canary_refused = (arm.version, arm.share)
+        self.metrics.set_canary("rolled_back")
+        reason = f"automatic rollback: {why}"
+        log.error("canary %s stopped on %s: %s", arm.version, self.config.worker_id, reason,
+                  extra={"event": "canary_rollback", "version": arm.version})
+        from stream.operators import produce_audit
+
+        evidence = {k: dict(v) for k, v in self.arms.items()}
+        try:
+            stop_canary(self.settings.model_dir, f"worker {self.config.worker_id}", reason,
+                        audit=lambda entry: produce_audit(self.settings, entry, key=b"model"), automatic=True,
+                        evidence=evidence, expect_version=arm.version)
+        except (RtaError, OSError) as exc:
+            log.error("canary %s: automatic stop not recorded (%s); this worker no longer routes to it",
+                      arm.version, exc, extra={"event": "canary_rollback_unrecorded"})
+
+    def canary_status(self) -> dict[str, Any] | None:
+        """Per-arm counts of this worker since the canary started here (status record, CLI)."""
+        arm = self.canary
+        if arm is None and self.canary_problem is None:
+            return None
+        return {"version": None if arm is None else arm.version, "share": None if arm is None else arm.share,
+                "problem": self.canary_problem,
+                "arms": {k: {"rows": int(v["rows"]), "blocked": int(v["blocked"]), "nan": int(v["nan"]),
+                             "block_share": v["blocked"] / v["rows"] if v["rows"] else None,
+                             "score_us_per_row": 1e6 * v["score_s"] / v["rows"] if v["rows"] else None}
+                         for k, v in self.arms.items()}}
+
     def maybe_reload(self, force: bool = False) -> bool:
         """Between batches: follow `<model_dir>/current` if it moved. True if a new model serves."""
         now = time.monotonic()
         if not force and now < self._next_reload_check:
             return False
         self._next_reload_check = now + self.config.reload_interval_s
+        self._follow_canary()
         version = current_version(self.settings.model_dir)
         if version is None or version == self.bundle.name or version == self._refused:
             return False
@@ -344,49 +469,123 @@ class Worker:
         batch = decode_requests(values, keys, self.scorer.spec, fingerprint=self._fingerprint,
                                 max_bytes=self.config.max_bytes, codes=self.scorer.encoder)
         clock.lap("decode")
-        codes = batch.codes if batch.codes is not None else self.scorer.codes(batch.cat)
-        clock.lap("codes")
-        # score (the step replay shares: stream.engine)
-        p, u_tasks, e, u = score_batch(self.scorer, self.policy, batch.num, codes)
-        clock.lap("score")
-        th = self.controller.thresholds()
-        d = decide(e, u, batch.valid, self._rng.random(n), th.theta, th.tau_u,
-                   th.targets.epsilon, th.degraded)
-        clock.lap("policy")
+        # route: without a canary the whole batch is current's (no copy); with one, a hash of each
+        # request_id picks its arm, and the canary's rows are decoded again with its own spec
+        arms: list[tuple[str, Any, Any, list[Any], list[Any], np.ndarray, np.ndarray]] = [
+            ("current", self, batch, values, keys, partitions, offsets)]
+        canary = self.canary
+        if canary is not None:
+            arms = self._route(canary, batch, values, keys, partitions, offsets)
+        clock.lap("route")
         now_ms = time.time() * 1000.0
-        latency = np.where(batch.ts_ms > 0, now_ms - batch.ts_ms, np.nan)
-        bodies = encode_decisions(
-            batch.request_id, d.block, _REASON_NAMES[d.reason], e, u, p,
-            threshold=th.theta, target_ratio=th.targets.r, model=self.scorer.version,
-            ts_ms=int(now_ms), latency_ms=latency, tasks=self.scorer.tasks, propensity=d.propensity,
-            tau_u=th.tau_u, u_tasks=u_tasks)
-        clock.lap("encode")
-        # produce: decisions, then dead letters (cut to dlq_max_bytes)
-        self._produce(self.decisions_topic, bodies, batch.request_id.tolist(), self._headers)
-        if batch.n_invalid:
-            dead = dead_letters(batch, values, keys, self.requests_topic, partitions, offsets)
-            cap = self.config.dlq_max_bytes
-            for dl in dead:
-                value, headers = dl.value, dl.headers
-                if len(value) > cap:
-                    value, headers = value[:cap], [*headers, ("rta-truncated", str(len(value)).encode())]
-                self._produce(self.dlq_topic, [value], [dl.key], headers)
-            for err in batch.errors:
-                self.metrics.dlq.labels(err.code).inc()
+        decided = []
+        for name, arm, b, vals, ks, parts, offs in arms:
+            codes = b.codes if b.codes is not None else arm.scorer.codes(b.cat)
+            clock.lap("codes")
+            # score (the step replay shares: stream.engine)
+            t_score = time.perf_counter()
+            p, u_tasks, e, u = score_batch(arm.scorer, arm.policy, b.num, codes)
+            score_s = time.perf_counter() - t_score
+            clock.lap("score")
+            th = arm.controller.thresholds()
+            d = decide(e, u, b.valid, self._rng.random(len(b)), th.theta, th.tau_u,
+                       th.targets.epsilon, th.degraded)
+            clock.lap("policy")
+            latency = np.where(b.ts_ms > 0, now_ms - b.ts_ms, np.nan)
+            bodies = encode_decisions(
+                b.request_id, d.block, _REASON_NAMES[d.reason], e, u, p,
+                threshold=th.theta, target_ratio=th.targets.r, model=arm.scorer.version,
+                ts_ms=int(now_ms), latency_ms=latency, tasks=arm.scorer.tasks, propensity=d.propensity,
+                tau_u=th.tau_u, u_tasks=u_tasks)
+            clock.lap("encode")
+            # produce: decisions (the arm's version in the header), then dead letters
+            self._produce(self.decisions_topic, bodies, b.request_id.tolist(), arm._headers)
+            if b.n_invalid:
+                self._dead_letters(b, vals, ks, parts, offs)
+            clock.lap("produce")
+            decided.append((name, arm, e, u, d, th, score_s))
         self.checkpoint.poll(0)  # serve delivery reports (failures only)
         # checkpoint: these offsets are now processed (committed later, after delivery)
         self.checkpoint.store_offsets(self.requests_topic, partitions, offsets)
         clock.lap("produce")
-        # window: one round trip to the controller's store
-        self.controller.observe(e, u, d)
+        # window: one round trip per arm to the controller's store
+        for _, arm, e, u, d, _, _ in decided:
+            arm.controller.observe(e, u, d)
         clock.lap("controller")
 
         if batch.unknown_features:
             self.stats.unknown_features += batch.unknown_features
             self.metrics.unknown_features.inc(batch.unknown_features)
-        self._account(d, th, n, batch.n_invalid, time.perf_counter() - t0, now_ms - batch.ts_ms.max())
+        d, th = decided[0][4], decided[0][5]
+        if canary is not None:
+            d = self._count_arms(decided)
+        n_invalid = batch.n_invalid if canary is None else int(np.count_nonzero(d.reason == INVALID))
+        self._account(d, th, n, n_invalid, time.perf_counter() - t0,
+                      now_ms - batch.ts_ms.max())
         clock.lap("account")
         self.stats.busy_cpu_s += time.thread_time() - c0
+
+    def _dead_letters(self, batch: Any, values: list[Any], keys: list[Any], partitions: np.ndarray,
+                      offsets: np.ndarray) -> None:
+        """Invalid requests of one arm to the DLQ (cut to dlq_max_bytes), with their error."""
+        dead = dead_letters(batch, values, keys, self.requests_topic, partitions, offsets)
+        cap = self.config.dlq_max_bytes
+        for dl in dead:
+            value, headers = dl.value, dl.headers
+            if len(value) > cap:
+                value, headers = value[:cap], [*headers, ("rta-truncated", str(len(value)).encode())]
+            self._produce(self.dlq_topic, [value], [dl.key], headers)
+        for err in batch.errors:
+            self.metrics.dlq.labels(err.code).inc()
+
+    def _route(self, canary: CanaryArm, batch: Any, values: list[Any], keys: list[Any],
+               partitions: np.ndarray, offsets: np.ndarray) -> list[Any]:
+        """Split a batch by the hash of its request ids (stream.canary.canary_arm): current's rows
+        as decoded, the canary's decoded again with the canary's spec (its vocabulary may differ)."""
+        to_canary = canary_arm(batch.request_id, canary.share)
+        if not to_canary.any():
+            return [("current", self, batch, values, keys, partitions, offsets)]
+        out = []
+        for name, rows in (("current", np.flatnonzero(~to_canary)), ("canary", np.flatnonzero(to_canary))):
+            if not len(rows):
+                continue
+            idx = rows.tolist()
+            vals, ks = [values[i] for i in idx], [keys[i] for i in idx]
+            if name == "current":
+                b = _take(batch, rows)
+            else:
+                b = decode_requests(vals, ks, canary.scorer.spec, fingerprint=canary.fingerprint,
+                                    max_bytes=self.config.max_bytes, codes=canary.scorer.encoder)
+            out.append((name, self if name == "current" else canary, b, vals, ks, partitions[rows], offsets[rows]))
+        return out
+
+    def _count_arms(self, decided: list[Any]) -> Any:
+        """Per-arm counts and metrics (canary in force); the batch's decisions as one, for _account.
+        Then the live guard rails (stream.canary.ArmGuard): a breach stops the canary."""
+        for name, _, _, _, d, _, score_s in decided:
+            a = self.arms[name]
+            rows, blocked = len(d), int(np.count_nonzero(d.block))
+            bad = int(np.count_nonzero((d.reason == NAN_OUTPUT) | (d.reason == INVALID)))
+            if a["rows"] >= self.guard.warmup_rows:  # block share judged after the warm-up
+                a["rows_w"] += rows
+                a["blocked_w"] += blocked
+            a["rows"] += rows
+            a["blocked"] += blocked
+            a["nan"] += bad
+            a["score_s"] += score_s
+            self.metrics.arm_decisions.labels(name, "block").inc(blocked)
+            self.metrics.arm_decisions.labels(name, "pass").inc(rows - blocked)
+            self.metrics.arm_bad.labels(name).inc(bad)
+            self.metrics.arm_block_share.labels(name).set(a["blocked"] / a["rows"])
+        if self.canary is not None:
+            why = self.guard.breach(self.arms, decided[0][5].targets.r)
+            if why is not None:
+                self._auto_stop_canary(why)
+        if len(decided) == 1:
+            return decided[0][4]
+        ds = [x[4] for x in decided]
+        return Decisions(*(np.concatenate([getattr(d, f) for d in ds])
+                           for f in ("block", "reason", "stage", "propensity")))
 
     def _produce(self, topic: str, values: list[bytes], keys: list[Any],
                  headers: list[tuple[str, bytes]]) -> None:
@@ -625,6 +824,15 @@ def _smoke_test(scorer: Scorer, policy: ScorePolicy) -> None:
     if not (np.isfinite(p).all() and (p >= 0).all() and (p <= 1).all() and np.isfinite(u).all()):
         raise BundleError(f"{scorer.path}: student returns non-finite or out-of-range outputs")
     policy.score(p)
+
+
+def _take(batch: RequestBatch, rows: np.ndarray) -> RequestBatch:
+    """The rows `rows` (sorted positions) of a decoded batch, errors re-indexed."""
+    at = {int(i): k for k, i in enumerate(rows.tolist())}
+    errors = [err._replace(index=at[err.index]) for err in batch.errors if err.index in at]
+    return RequestBatch(batch.request_id[rows], batch.ts_ms[rows], batch.num[rows], batch.cat[rows],
+                        batch.valid[rows], errors, batch.unknown_features,
+                        None if batch.codes is None else batch.codes[rows])
 
 
 def _tps(partitions: list[TopicPartition]) -> str:

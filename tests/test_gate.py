@@ -4,7 +4,8 @@ One 30k-row world (1000 rows per event-second), split in event time: the first 2
 the last 10k are the gate's window. v0 is an untrained (spread) bundle, v1 a tiny-profile model
 trained on the first 20k, vs the same model trained on the same rows with shuffled labels. The
 window is logged as the live system would have: v1 serving at r=0.5, p_u=0.02 with a 20%
-explore slice (training/offline_log.py), so the gate's estimate is the explore slice's.
+explore slice (training/offline_log.py). The gate's estimate is the paired doubly robust
+difference with the logged pass probabilities (training/gate.py), its verdict one of three.
 """
 
 from __future__ import annotations
@@ -65,10 +66,18 @@ def test_gate_promotes_a_better_candidate(capsys, loop, tmp_path):
     gate = res["gate"]
     print(err.strip())
     assert res["outcome"] == "promoted" and gate["passed"] and bundle.current_version(md) == "v1"
-    est = gate["estimate"]
-    assert est["task"] == "deal" and est["estimator"].startswith("self-normalised IPS")
-    assert est["difference_ci"][0] > 0  # better beyond the interval, not merely not worse
+    est, value = gate["estimate"], gate["value"]
+    assert gate["decision"] == "promote" and est["decision"] == "promote"
+    assert est["task"] == "deal" and value["estimator"].startswith("doubly robust")
+    assert value["difference_ci"][0] > 0  # better beyond the interval, not merely not worse
+    assert est["difference_ci"][0] > 0 and est["value_ci"] == value["difference_ci"]
+    # the value weighs every task the score function does; each has a guard rail that holds
+    assert set(value["tasks"]) == {"click", "online", "cart", "deal"}
+    assert {r["state"] for r in gate["verdict"]["guard_rails"].values()} == {"holds"}
+    # the self-normalised IPS check agrees in sign on the gate task
+    assert value["tasks"]["deal"]["snips_ci"][0] > 0 and value["tasks"]["deal"]["ips"] > 0
     assert gate["window"]["layout"] == "logged" and gate["window"]["rows"] == 10_000
+    assert "passed; value" in err and "difference +" in err
     assert gate["targets"] == {"r": 0.5, "p_u": 0.02, "epsilon": 0.0, "source": "--ratio"}
     on_disk = registry.read_gate(md / "v1")
     assert on_disk["estimate"]["candidate"] == pytest.approx(est["candidate"])
@@ -77,8 +86,8 @@ def test_gate_promotes_a_better_candidate(capsys, loop, tmp_path):
         ("promote", "v0", "v1", "tester", False)
     code, out, _ = rta(capsys, "model", "show", "v1", "--model-dir", str(md))
     shown = json.loads(out)
-    assert code == 0 and shown["current"] and shown["gate"]["passed"] and shown["switches"][-1]["reason"] == \
-        "trained beats v0"
+    assert code == 0 and shown["current"] and shown["gate"]["decision"] == "promote" and \
+        shown["switches"][-1]["reason"] == "trained beats v0"
     assert shown["serving"]["file"] == "student_codes.onnx" and shown["serving"]["weights"] in ("int8", "float32")
 
 
@@ -89,14 +98,38 @@ def test_gate_refuses_a_candidate_trained_on_shuffled_labels(capsys, loop, tmp_p
     print(err.strip())
     assert code == 3 and bundle.current_version(md) == "v1" and registry.read_log(md) == []
     res = json.loads(out)
-    assert res["outcome"] == "refused" and "worse beyond the interval" in res["gate"]["reasons"][0]
-    assert res["gate"]["estimate"]["difference_ci"][1] < 0
-    assert registry.read_gate(md / "vs")["passed"] is False
-    # the deal estimate of a 10k-row window's explore slice cannot tell them apart; a world log's labels can
+    gate = res["gate"]
+    assert res["outcome"] == "refused" and gate["decision"] == "refuse"
+    assert any(r.startswith("worse beyond the interval: value difference") for r in gate["reasons"])
+    assert gate["value"]["difference_ci"][1] < 0 and gate["estimate"]["difference_ci"][1] < 0
+    assert registry.read_gate(md / "vs")["decision"] == "refuse"
+    # on the whole value (no --task): the paired estimate uses every logged row, not the explore
+    # slice alone, and refuses the shuffled model on the logged window too
+    code, out, err = promote(capsys, loop, md, "vs", "--fidelity", "no-regression", "--reason", "again")
+    gate = json.loads(out)["gate"]
+    print(err.strip())
+    assert code == 3 and gate["decision"] == "refuse" and gate["value"]["difference_ci"][1] < 0
     full = run_gate(md / "vs", md / "v1", loop["holdout"], Targets(0.5, 0.02, 0.0),
                     GateConfig(fidelity="no-regression"), write=False)
-    print(full["estimate"])
-    assert not full["passed"] and full["estimate"]["task"] == "deal" and full["window"]["layout"] == "world"
+    assert full["decision"] == "refuse" and full["estimate"]["task"] == "deal" and full["window"]["layout"] == "world"
+
+
+def test_inconclusive_when_the_window_cannot_tell(capsys, loop, tmp_path):
+    # the same model against itself on a few minutes of traffic: no difference, interval [0, 0];
+    # with --min-positives above what the window holds it is inconclusive (exit 4), not
+    # promoted, and says why. --window-hours keeps only the newest part of the holdout.
+    md = fresh_models(loop, tmp_path, "v1")
+    shutil.copytree(md / "v1", md / "v1b")
+    code, out, err = promote(capsys, loop, md, "v1b", "--fidelity", "no-regression", "--reason", "same",
+                             "--window-hours", str(2 / 3600), "--min-positives", "1000")
+    gate = json.loads(out)["gate"]
+    print(err.strip())
+    assert code == 4 and json.loads(out)["outcome"] == "inconclusive" and bundle.current_version(md) == "v1"
+    assert gate["decision"] == "inconclusive" and gate["reasons"][0].startswith("not enough evidence")
+    assert gate["value"]["difference_ci"] == [0.0, 0.0] and gate["window"]["rows"] < 10_000
+    assert "inconclusive" in err and registry.read_gate(md / "v1b")["decision"] == "inconclusive"
+    # the registry's listing names the third outcome (it once showed every non-pass as "refused")
+    assert {r["version"]: r["gate"] for r in registry.summary(md)}["v1b"] == "inconclusive"
 
 
 def test_force_overrides_a_refusal_and_is_audited(capsys, loop, tmp_path):
@@ -118,7 +151,14 @@ def test_fidelity_acceptance_is_required_by_default(capsys, loop, tmp_path):
     code, out, _ = promote(capsys, loop, md, "v1", "--reason", "strict")
     res = json.loads(out)
     assert code == 3 and bundle.current_version(md) == "v0"
-    assert any(r.startswith("fidelity acceptance failed: spearman_source>=0.9") for r in res["gate"]["reasons"])
+    # measured on the gate window, not read from the distillation's 800-row validation set: the
+    # tiny student's click-u Spearman (~0.3) fails with its whole interval below the bar
+    fid = res["gate"]["fidelity"]
+    assert fid["source"] == "gate window" and fid["candidate"]["rows"] == 10_000
+    spear = next(c for c in fid["candidate"]["checks"] if c["check"].startswith("spearman_click_uncertainty"))
+    assert spear["failed"] and spear["ci"][1] < 0.9 and spear["ci"][0] <= spear["value"] <= spear["ci"][1]
+    assert any(r.startswith("fidelity failed beyond its interval on the gate window: spearman_click_uncertainty")
+               for r in res["gate"]["reasons"])
     # no-regression: a check the current passes must pass for the candidate too
     ok = {"passed": True, "spearman_source>=0.9": True, "auc_within_0.01_every_task": True}
     bad = {"passed": False, "spearman_source>=0.9": False, "auc_within_0.01_every_task": True}
@@ -207,5 +247,5 @@ def test_world_window_uses_labels_and_live_targets_come_from_redis(loop, tmp_pat
     md = loop["models"]
     res = run_gate(md / "v1", md / "v0", loop["holdout"], Targets(0.5, 0.02, 0.0),
                    GateConfig(fidelity="no-regression"), attribution=Attribution(WINDOWS), write=False)
-    assert res["passed"] and res["estimate"]["estimator"].startswith("labels")
-    assert res["estimate"]["sample_rows"] == 10_000
+    assert res["passed"] and res["value"]["rows"] == 10_000
+    assert all(v["observed"] == 10_000 for v in res["value"]["tasks"].values())  # every label, weight 1

@@ -93,10 +93,15 @@ def test_label_join_rule_window_open_closed_blocked_and_duplicates(tmp_path: Pat
     # the default "as of" is the time both kinds are logged up to: the newest outcome here (the
     # outcome files lag the impressions), not d's newer impression
     assert load_logs(tmp_path, attribution=WIN).info["as_of_ms"] == T0 + 100_000
-    # as of an earlier time, a later outcome is not known yet: a's deal is unobserved, not a 1
+    # as of an earlier time only matured windows are labels: at 50 s a's click (in at 10 s) is
+    # still unobserved (its 60 s window is open); at 65 s it is a 1 and its deal (600 s) is not
     early = load_logs(tmp_path, attribution=Attribution(WIN.windows_s, as_of_ms=T0 + 50_000))
     row = {r: i for i, r in enumerate(early.request_id)}
-    assert early.labels[row["a"], 0] == 1 and np.isnan(early.labels[row["a"], 3])
+    assert np.isnan(early.labels[row["a"]]).all()
+    assert early.info["matured"]["click"]["early_positives_unobserved"] == 1
+    later = load_logs(tmp_path, attribution=Attribution(WIN.windows_s, as_of_ms=T0 + 65_000))
+    row = {r: i for i, r in enumerate(later.request_id)}
+    assert later.labels[row["a"], 0] == 1 and np.isnan(later.labels[row["a"], 3])
 
 
 def test_duplicate_keeps_the_copy_with_a_decision(tmp_path: Path):
@@ -115,7 +120,7 @@ def test_window_closes_later_as_of(tmp_path: Path):
     put(tmp_path, OUTCOMES_DIR, outcomes([("a", "click", T0 + 5_000)]), T0)
     early = load_logs(tmp_path, attribution=Attribution(WIN.windows_s, as_of_ms=T0 + 30_000))
     late = load_logs(tmp_path, attribution=Attribution(WIN.windows_s, as_of_ms=T0 + 10 * 60_000))
-    np.testing.assert_array_equal(early.labels[0], [1, np.nan, np.nan, np.nan])
+    assert np.isnan(early.labels[0]).all()  # the click came, but its window is open: unobserved
     np.testing.assert_array_equal(late.labels[0], [1, 0, 0, 0])
 
 
@@ -228,3 +233,83 @@ def test_categoricals_stay_dictionary_encoded_across_files(tmp_path: Path):
     assert np.array_equal(got, enc.encode(logs.cat)[:, 0])
     sub = logs.take(np.array([by_id["b"], by_id["d"]]))  # a take keeps the dictionary form
     assert sub.cat_columns is not None and sub.cat[:, 0].tolist() == ["", "z"]
+
+
+# ---- label maturity and the "as of" clock (issue 25 item 1, issue 27 item 6) ----------------
+HOUR = 3_600_000
+
+
+def test_recent_logs_with_default_windows_give_no_positive_whose_window_is_open(tmp_path: Path):
+    # 4 days of passed traffic; a third of it clicks after a minute and deals after an hour.
+    # Read with the default windows (deal 7 d) and the last 48 h kept (`rta retrain
+    # --since-hours 48`): no training/validation label may be a 1 whose window is still open
+    # (on the old rule every observed deal label of this window was 1). The break this catches:
+    # labelling `passed & hit` 1 whatever `closed` says.
+    ts = T0 + np.arange(0, 96 * HOUR, 10 * 60_000)
+    rids = [f"r{i}" for i in range(len(ts))]
+    put(tmp_path, IMPRESSIONS_DIR, impressions(rids, ts.tolist(), ["pass"] * len(ts)), T0)
+    hits = [(r, ev, int(t) + lag) for i, (r, t) in enumerate(zip(rids, ts, strict=True)) if i % 3 == 0
+            for ev, lag in (("click", 60_000), ("deal", HOUR))]
+    put(tmp_path, OUTCOMES_DIR, outcomes(hits), T0)
+    now = int(ts.max()) + 2 * HOUR
+    logs = load_logs(tmp_path, attribution=Attribution(now_ms=now))
+    recent = logs.between(int(ts.max()) - 48 * HOUR)
+    as_of = logs.info["as_of_ms"]
+    for j, t in enumerate(TASKS):
+        open_ = (as_of - recent.ts_ms) < Attribution().window(t) * 1000
+        assert not (recent.labels[open_, j] == 1).any(), t
+        assert np.isnan(recent.labels[open_, j]).all(), t
+    # deal: nothing in the window has matured; click: the matured rows hold both 1s and 0s
+    assert np.isnan(recent.labels[:, 3]).all()
+    click = recent.labels[:, 0][np.isfinite(recent.labels[:, 0])]
+    assert 0.2 < click.mean() < 0.45 and len(click) > 200
+    m = logs.info["matured"]
+    assert m["deal"]["share"] == 0.0 and m["deal"]["early_positives_unobserved"] > 0
+    assert m["click"]["share"] > 0.99
+
+
+def test_a_lagging_outcome_partition_does_not_turn_late_clicks_into_0s(tmp_path: Path):
+    # requests on partitions 0 and 1; the logger has written partition 0's outcomes up to 3 h
+    # but partition 1's only up to 1 h (its consumer lags). A partition-1 request at 2 h whose
+    # click is not logged yet must stay unobserved, not become a 0 ("as of" = the newest
+    # outcome of all partitions turned it into one).
+    ts = [T0, T0, T0 + 2 * HOUR, T0 + 2 * HOUR, T0 + 3 * HOUR]
+    rids = ["a0", "a1", "b0", "b1", "c0"]
+    part = pa.array(np.array([0, 1, 0, 1, 0], np.int32))
+    put(tmp_path, IMPRESSIONS_DIR, impressions(rids, ts, ["pass"] * 5, kafka_partition=part), T0)
+    put(tmp_path, OUTCOMES_DIR, outcomes([("a0", "click", T0 + 10_000), ("a1", "click", T0 + HOUR),
+                                          ("c0", "click", T0 + 3 * HOUR + 5_000)]), T0)
+    logs = load_logs(tmp_path, attribution=Attribution(WIN.windows_s, now_ms=T0 + 4 * HOUR))
+    row = {r: i for i, r in enumerate(logs.request_id)}
+    assert logs.info["as_of_ms"] == T0 + HOUR  # partition 1's newest outcome
+    assert logs.info["outcome_clock"] == {"0": T0 + 3 * HOUR + 5_000, "1": T0 + HOUR}
+    assert np.isnan(logs.labels[row["b1"]]).all() and np.isnan(logs.labels[row["b0"]]).all()
+    assert logs.labels[row["a0"], 0] == 1 and logs.labels[row["a1"], 0] == 0  # a1's click: too late
+    # partition 1 catches up to 2 h 2 min, in a file that records each outcome's own partition
+    # (used as it is, also for an outcome whose request is not in the log)
+    put(tmp_path, OUTCOMES_DIR, outcomes([("b1", "click", T0 + 2 * HOUR + 20_000),
+                                          ("zz", "click", T0 + 2 * HOUR + 120_000)]).append_column(
+        "kafka_partition", pa.array([1, 1], pa.int32())), T0, "part-1.parquet")
+    logs = load_logs(tmp_path, attribution=Attribution(WIN.windows_s, now_ms=T0 + 4 * HOUR))
+    row = {r: i for i, r in enumerate(logs.request_id)}
+    assert logs.info["as_of_ms"] == T0 + 2 * HOUR + 120_000
+    assert logs.labels[row["b1"], 0] == 1 and logs.labels[row["b0"], 0] == 0
+
+
+def test_rows_stamped_past_the_clock_are_ignored_and_counted(tmp_path: Path):
+    # one impression and one outcome stamped in year 9999, one 2 h ahead of the clock: none of
+    # them may become the log's "newest" time (which would close every window, or leave the
+    # retrain / gate windows empty); each is counted
+    from training.gate import newest_ts_ms
+
+    y9999 = 253_402_300_000_000
+    now = T0 + 10 * HOUR
+    put(tmp_path, IMPRESSIONS_DIR, impressions(["a", "b", "late", "ahead"], [T0, T0 + HOUR, y9999, now + 2 * HOUR],
+                                               ["pass"] * 4), T0)
+    put(tmp_path, OUTCOMES_DIR, outcomes([("a", "click", T0 + 1_000), ("b", "click", y9999)]), T0)
+    logs = load_logs(tmp_path, attribution=Attribution(WIN.windows_s, now_ms=now))
+    c = logs.info["counts"]
+    assert sorted(logs.request_id.tolist()) == ["a", "b"]
+    assert c["out_of_range_impressions"] == 2 and c["out_of_range_outcomes"] == 1
+    assert logs.info["as_of_ms"] == T0 + 1_000  # the newest in-range outcome, not year 9999
+    assert newest_ts_ms(tmp_path, now_ms=now) == T0 + HOUR

@@ -33,14 +33,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from model import bundle, registry
 from stream.errors import BundleError, ConfigError, DataError
-from stream.policy import Targets
+from stream.policy import ScorePolicy, Targets
 from training.churn import flips, load_window, replay_pair
-from training.logs import Attribution, is_logged_layout
-from training.replay import Scored, Step, _finite, ope_sample
+from training.logs import Attribution, is_logged_layout, ts_in_range
+from training.replay import Scored, Step, _finite, _logged, bootstrap_sums
 
 FIDELITY_MODES = ("required", "no-regression")
 
@@ -57,6 +59,18 @@ class GateConfig:
     seed: int = 0
     speedup: float = 1.0
     window_hours: float | None = None  # only the newest hours of the holdout (None: all of it)
+    non_inferiority: float = 0.01  # delta: promote while the value's lower bound > -delta * current's value
+    guard_margin: float = 0.05  # a task's kept positives may not drop by more than this share of current's
+    guards: tuple[str, ...] | None = None  # tasks with a guard rail (None: every task the value weighs)
+    fidelity_rows: int = 20_000  # rows of the window the teacher re-scores for fidelity (sampled)
+    fidelity_boot: int = 200
+    fidelity_min_positives: int = 50  # a label-based fidelity check gates only with this many
+    window_fidelity: bool = True  # False: the acceptance recorded at distillation (no re-scoring)
+    poisson_widening: bool = True  # widen thin explore-only sides to an exact Poisson bound
+
+    def guard_tasks(self, tasks: dict[str, Any]) -> list[str]:
+        return [t for t in tasks if (self.guards is None and tasks[t].get("weight", 0) > 0)
+                or (self.guards is not None and t in self.guards)]
 
     def __post_init__(self) -> None:
         if self.fidelity not in FIDELITY_MODES:
@@ -65,6 +79,8 @@ class GateConfig:
             raise ConfigError("gate: bootstrap >= 100, 0.5 < confidence < 1 and min positives >= 1")
         if self.window_hours is not None and not self.window_hours > 0:
             raise ConfigError(f"--window-hours must be > 0, got {self.window_hours}")
+        if not 0 <= self.non_inferiority < 1 or not 0 <= self.guard_margin < 1:
+            raise ConfigError("--non-inferiority and --guard-margin must be shares in [0, 1)")
 
 
 def live_targets(settings: Any, ratio: float | None, p_u: float = 0.0, epsilon: float = 0.0) -> tuple[Targets, str]:
@@ -87,8 +103,10 @@ def live_targets(settings: Any, ratio: float | None, p_u: float = 0.0, epsilon: 
     return Targets(ratio, p_u, epsilon), "--ratio"
 
 
-def newest_ts_ms(path: str | Path) -> int | None:
-    """Newest ts_ms of a log path (the impressions of a logged layout), reading that column only."""
+def newest_ts_ms(path: str | Path, now_ms: int | None = None) -> int | None:
+    """Newest in-range ts_ms of a log path (the impressions of a logged layout), reading that
+    column only; a row stamped past the wall clock (year 9999, microseconds) is ignored, or it
+    would empty every window counted back from "newest" (`training.logs.ts_in_range`)."""
     root = Path(path)
     if not root.exists():
         return None
@@ -98,9 +116,9 @@ def newest_ts_ms(path: str | Path) -> int | None:
         col = ds.dataset(root, format="parquet", exclude_invalid_files=True).to_table(columns=["ts_ms"])["ts_ms"]
     except Exception:  # noqa: BLE001 - JSONL or an odd file: the caller asks for --holdout-from-ms
         return None
-    import pyarrow.compute as pc
-
-    return None if len(col) == 0 else int(pc.max(col).as_py())
+    ts = col.to_numpy().astype(np.int64) if col.null_count == 0 else col.drop_null().to_numpy().astype(np.int64)
+    ts = ts[ts_in_range(ts, now_ms)]
+    return None if len(ts) == 0 else int(ts.max())
 
 
 def _trained_until(bundle_dir: Path, logs: str | None, depth: int = 8) -> int | None:
@@ -151,6 +169,56 @@ def gate_task(manifest: dict[str, Any], task: str | None) -> str:
     return max(weighted, key=lambda t: weighted[t]) if weighted else tasks[-1]
 
 
+def window_fidelity_of(bundle_dir: Path, manifest: dict[str, Any], window: Any, cfg: GateConfig
+                       ) -> dict[str, Any] | None:
+    """Teacher vs student of one bundle on (a sample of) the gate window, with intervals
+    (`training.fidelity.window_fidelity`); None for a serving-only bundle (no teacher)."""
+    from training.pipeline import TEACHER_FILE
+
+    if not (bundle_dir / TEACHER_FILE).is_file():
+        return None
+    from stream.scorer import Scorer
+    from training.distill import _measure
+    from training.fidelity import window_fidelity
+    from training.pipeline import load_teacher, teacher_predict
+
+    rng = np.random.default_rng(cfg.seed)
+    n = len(window)
+    sub = window.take(np.sort(rng.choice(n, min(n, cfg.fidelity_rows), replace=False)))
+    model, swag, pre, meta = load_teacher(bundle_dir)
+    pred = teacher_predict(model, swag, pre, sub, meta["profile"], seed=cfg.seed)
+    unc = manifest.get("uncertainty") or {}
+    t_u = _measure(pred, unc.get("measure", "prob_var"))
+    s_p, s_u = Scorer.load(bundle_dir).run(["p", "u_ambiguity" if unc.get("novelty") else "u"], sub.num, sub.cat)
+    return window_fidelity(np.asarray(pred.mean), t_u, s_p, s_u, sub.labels, list(manifest["tasks"]),
+                           ScorePolicy.from_manifest(manifest).source, boot=cfg.fidelity_boot,
+                           confidence=cfg.confidence, seed=cfg.seed, min_positives=cfg.fidelity_min_positives)
+
+
+def gate_fidelity(cand_dir: Path, cand_manifest: dict[str, Any], cur_dir: Path, cur_manifest: dict[str, Any],
+                  window: Any, cfg: GateConfig) -> dict[str, Any]:
+    """Fidelity measured on the gate window (a failure must be beyond its interval); a
+    candidate without a teacher falls back to the acceptance recorded at distillation."""
+    cand = window_fidelity_of(cand_dir, cand_manifest, window, cfg) if cfg.window_fidelity else None
+    if cand is None:
+        return {**fidelity_check(cand_manifest, cur_manifest, cfg.fidelity), "source": "recorded at distillation"}
+    out: dict[str, Any] = {"mode": cfg.fidelity, "source": "gate window", "candidate": cand}
+    failed = cand["failed"]
+    if cfg.fidelity == "no-regression":
+        cur = window_fidelity_of(cur_dir, cur_manifest, window, cfg)
+        out["current"] = cur
+        held = set() if cur is None else {c["check"] for c in cur["checks"] if c["passed_point"]}
+        failed = [c for c in failed if c in held]
+    out.update(passed=not failed, failed=failed)
+    if failed:
+        detail = {c["check"]: c for c in cand["checks"]}
+        what = ", ".join(f"{k} ({detail[k]['value']:.3f} [{detail[k]['ci'][0]:.3f}, {detail[k]['ci'][1]:.3f}])"
+                         for k in failed)
+        out["why"] = (f"fidelity failed beyond its interval on the gate window: {what}" if cfg.fidelity == "required"
+                      else f"fidelity regressed beyond its interval: {what} pass for the current model")
+    return out
+
+
 def fidelity_check(candidate: dict[str, Any], current: dict[str, Any] | None, mode: str) -> dict[str, Any]:
     """The student's recorded acceptance against the gate's fidelity mode."""
     cand = (candidate.get("metrics", {}).get("fidelity") or {}).get("acceptance")
@@ -172,53 +240,264 @@ def fidelity_check(candidate: dict[str, Any], current: dict[str, Any] | None, mo
     return out
 
 
-def _sample(sc: Scored, j: int) -> tuple[np.ndarray, np.ndarray, int, str]:
-    """Rows, weights and population of the estimate: the explore slice of a logged layout, every
-    labelled valid row of a world log."""
-    if sc.logs.decisions is not None:
-        mask, w, n_pop = ope_sample(sc, j)
-        return mask, w, n_pop, "self-normalised IPS on the explore slice"
-    mask = sc.valid & np.isfinite(sc.logs.labels[sc.order, j])
-    return mask, np.ones(int(mask.sum())), int(mask.sum()), "labels of every row (world log)"
+def logging_pass_probability(sc: Scored) -> tuple[np.ndarray, np.ndarray]:
+    """(logged action passed bool[N], P(logging policy passes the row) float64[N]) in scored
+    order, from the logged fields only (so it stays right after a rollback, or when the model
+    that logged is not `current`).
+
+    The policy (`stream.policy.decide`): an invalid row always passes; a valid one passes if
+    explored (probability epsilon) or if the rule passes it (u >= tau_u or score >= threshold).
+    So P(pass) = 1 where the rule passes and epsilon where it blocks. epsilon is the logged
+    propensity of an explore row and 1 - propensity of a rule-path row; the rule's verdict on
+    an explore row is recomputed from its logged score, uncertainty and thresholds."""
+    d = sc.logs.decisions.take(pa.array(sc.order))
+
+    def num(name: str) -> np.ndarray:
+        return pc.fill_null(d.column(name).cast(pa.float64()), math.nan).to_numpy(zero_copy_only=False)
+
+    def words(name: str, value: str) -> np.ndarray:
+        return pc.fill_null(pc.equal(d.column(name), value), False).to_numpy(zero_copy_only=False)
+
+    passed = words("decision", "pass")
+    explore = words("reason", "explore")
+    forced = words("reason", "invalid") | words("reason", "nan_output")
+    prop = num("propensity")
+    eps = np.where(explore, prop, 1.0 - prop)
+    with np.errstate(invalid="ignore"):
+        rule_pass = (num("uncertainty") >= num("tau_u")) | (num("score") >= num("threshold"))
+    rule_pass = np.where(explore, rule_pass, passed)  # a rule-path row's decision is the rule's
+    p_pass = np.where(forced, 1.0, np.where(rule_pass, 1.0, eps))
+    return passed, p_pass
 
 
-def paired_estimate(sc: Scored, j: int, passed_c: np.ndarray, passed_u: np.ndarray, boot: int,
-                    confidence: float, seed: int) -> dict[str, Any]:
-    """Value kept by candidate and current on one task and the paired bootstrap of their difference."""
-    mask, w, n_pop, estimator = _sample(sc, j)
-    y = np.nan_to_num(sc.logs.labels[sc.order][mask, j]).astype(np.float64)
-    kc, ku = passed_c[mask].astype(np.float64), passed_u[mask].astype(np.float64)
-    m = len(y)
-    out: dict[str, Any] = {"estimator": estimator, "population": n_pop, "sample_rows": m,
-                           "positives_in_sample": int(y.sum()),
-                           "interval": f"paired percentile bootstrap ({boot}) of candidate - current, "
-                                       f"{confidence:.0%}"}
-    if m == 0 or w.sum() <= 0:
-        return {**out, "candidate": math.nan, "current": math.nan, "difference": math.nan,
-                "difference_ci": [math.nan, math.nan]}
-    def est(k: np.ndarray) -> float:
-        return n_pop * float((w * k * y).sum() / w.sum())
+def expected_pass(sc: Scored, run: Any, epsilon: float) -> np.ndarray:
+    """A replayed model's probability of passing each row, epsilon + (1 - epsilon) * rule, with its
+    rule (u >= tau_u or e >= theta, at the thresholds its replay held for the row) on EVERY row,
+    explored or not. Its own explore draws would differ from the log's by chance on ~2 epsilon
+    of the rows (the demo's window: 8.9 % of rows), half of them seen only through the explore
+    slice; and crediting both models with the logged explore rows would leave every row where
+    their rules differ unexplored, so never corrected. With the rule on every row, the logged
+    explore rows are the uniform sample that shows what the rows only one rule passes hold."""
+    e, u = sc.e.astype(np.float64), sc.u.astype(np.float64)
+    ok = sc.valid & np.isfinite(e) & np.isfinite(u)
+    with np.errstate(invalid="ignore"):
+        rule = (u >= run.tau_u) | (e >= run.theta)
+    return np.where(ok, epsilon + (1.0 - epsilon) * rule, 1.0)
 
+
+@dataclass
+class TaskContrib:
+    """Per-row contributions of one task to the paired estimate (rows: the task's population)."""
+
+    dr: np.ndarray  # doubly robust difference candidate - current
+    ips: np.ndarray  # inverse-propensity difference
+    den: np.ndarray  # inverse-propensity weight of an observed row (self-normalisation)
+    cur: float  # current's kept positives (DR)
+    positives: float  # positives in the population (DR)
+    population: int
+    observed: int  # rows whose label the difference reads (passed, matured)
+    discordant_positives: int  # observed positives where the two models disagree
+    # rows the two models disagree on that the logging policy passes only when it explores:
+    # (explored positives seen, mean 1 / P(pass)) on the candidate's side (+) and current's (-)
+    explore_only: tuple[tuple[int, float, int], tuple[int, float, int]] = ((0, 0.0, 0), (0, 0.0, 0))
+
+
+def task_contributions(sc: Scored, j: int, pass_c: np.ndarray, pass_u: np.ndarray,
+                       logged: tuple[np.ndarray, np.ndarray] | None, q_cand: np.ndarray | None = None
+                       ) -> TaskContrib:
+    """The paired value difference of task j, row by row.
+
+    Value of a filter = positives it passes. Difference = sum over rows of (k_c - k_u) * y:
+    rows where the two agree add exactly 0. On logged traffic y is seen only where the logging
+    policy passed and the window closed: IPS weighs those rows by 1 / P(logged pass); DR adds a
+    reward model q (the logging model's own p of the task, logged as `p_<task>`) for every row
+    and corrects it where y is seen: (k_c - k_u) * (q + [seen] / P(pass) * (y - q)). On the rows
+    only the candidate passes, q is the candidate's own p (`q_cand`, scored order) when given: the
+    logging model's p is lowest exactly on the rows it blocks (a new source it never saw), and any
+    q keeps DR unbiased; a better one only lowers its variance. Each q is rescaled by one factor
+    on the seen rows. A world log (every label) is its own truth: q = y, P = 1."""
+    y_all = sc.logs.labels[sc.order, j].astype(np.float64)
+    diff = pass_c.astype(np.float64) - pass_u.astype(np.float64)
+    if logged is None:
+        pop = np.isfinite(y_all)
+        y = np.nan_to_num(y_all)
+        seen, p_pass, q = pop, np.ones(len(y)), y
+    else:
+        passed, p_pass = logged
+        info = sc.logs.info
+        as_of = info.get("as_of_ms", int(sc.ts_ms.max()))
+        w_ms = info.get("attribution_windows_s", {}).get(sc.tasks[j], 0.0) * 1000.0
+        pop = (as_of - sc.ts_ms) >= w_ms  # the rows whose label could have matured
+        seen = pop & passed & np.isfinite(y_all) & (p_pass > 0)
+        y = np.nan_to_num(y_all)
+        q = np.clip(np.nan_to_num(_logged(sc, f"p_{sc.tasks[j]}")), 0.0, 1.0) \
+            if f"p_{sc.tasks[j]}" in sc.logs.decisions.column_names else np.zeros(len(y))
+    inv = np.where(seen, 1.0 / np.where(seen, p_pass, 1.0), 0.0)
+    q_diff = q
+    if logged is not None:
+        # calibrate the reward model on the rows whose label is seen (one factor: its weighted
+        # mean matches the labels'): a miscalibrated q keeps DR unbiased but, times 1 / epsilon
+        # on the explore rows, inflates its variance far past IPS's
+        def calibrated(r: np.ndarray) -> np.ndarray:
+            sq = float((inv * r)[seen].sum())
+            return np.clip(r * (float((inv * y)[seen].sum()) / sq), 0.0, 1.0) if sq > 0 else r
+
+        q = calibrated(q)
+        q_diff = q if q_cand is None else np.where(diff > 0, calibrated(np.clip(np.nan_to_num(q_cand), 0, 1)), q)
+    dr = np.where(pop, diff * (q_diff + inv * (y - q_diff)), 0.0)
+    ips = np.where(pop, diff * inv * y, 0.0)
+    den = np.where(pop, inv, 0.0)
+    kept_u = pass_u.astype(np.float64) * (q + inv * (y - q))
+    rare = pop & (p_pass < 1)  # seen only through the explore slice
+
+    def side(on: np.ndarray) -> tuple[int, float, int]:
+        rows = rare & on
+        return (int((seen & rows & (y > 0)).sum()), float(np.mean(1.0 / p_pass[rows])) if rows.any() else 0.0,
+                int((rows & ~seen).sum()))
+
+    return TaskContrib(dr=dr, ips=ips, den=den, cur=float(kept_u[pop].sum()),
+                       positives=float((q + inv * (y - q))[pop].sum()), population=int(pop.sum()),
+                       observed=int(seen.sum()), discordant_positives=int((seen & (diff != 0) & (y > 0)).sum()),
+                       explore_only=(side(diff > 0), side(diff < 0)))
+
+
+def poisson_widening(k: int, weight: float, confidence: float) -> float:
+    """How far a percentile bootstrap's bound falls short of an exact Poisson bound when the
+    explore slice holds only k positives of a side (in weighted counts). With k = 0 the bootstrap
+    says "no gain, exactly", while up to -ln(alpha/2) positives per explored row's weight were
+    possible: the rows a candidate passes and the current blocks are seen only in the explore
+    slice, and a narrow interval there refuses better models."""
+    from statistics import NormalDist
+
+    from scipy.stats import chi2
+
+    alpha = 1 - confidence
+    z = NormalDist().inv_cdf(1 - alpha / 2)
+    exact = float(chi2.ppf(1 - alpha / 2, 2 * k + 2)) / 2
+    return max(0.0, exact - k - z * math.sqrt(k)) * weight
+
+
+def score_weights(manifest: dict[str, Any]) -> dict[str, float]:
+    """The value's task weights: the bundle's score function (normalised), `stream.policy`."""
+    pol = ScorePolicy.from_manifest(manifest)
+    return {t: float(w) for t, w in zip(pol.tasks, pol.weights, strict=True) if w > 0}
+
+
+def _quantiles(b: np.ndarray, confidence: float) -> list[float]:
+    b = b[np.isfinite(b)]
+    if not len(b):
+        return [math.nan, math.nan]
+    lo = (1 - confidence) / 2
+    return [float(np.quantile(b, lo)), float(np.quantile(b, 1 - lo))]
+
+
+def paired_value(contrib: dict[str, TaskContrib], weights: dict[str, float], boot: int, confidence: float,
+                 seed: int, widen_thin: bool = True) -> dict[str, Any]:
+    """The value difference candidate - current (score-function-weighted share of each task's
+    positives kept, DR), per-task differences (guard rails), IPS and self-normalised IPS as
+    checks; percentile intervals from one paired bootstrap of the rows (`replay.bootstrap_sums`:
+    rows where the models agree are one group, so a resample costs O(discordant rows))."""
+    tasks = list(contrib)
+    cols = np.stack([c for t in tasks for c in (contrib[t].dr, contrib[t].ips, contrib[t].den)], axis=1)
+    live = np.any(cols != 0, axis=1)
+    rows, m = cols[live], len(cols)
+    # the rows all zero are one more group: pad it so the multinomial draws over all m rows
+    if live.sum() < m:
+        rows = np.vstack([rows, np.zeros((m - int(live.sum()), cols.shape[1]))])
     rng = np.random.default_rng(seed)
-    diff_b, c_b, u_b = np.empty(boot), np.empty(boot), np.empty(boot)
-    for s in range(0, boot, 100):  # resample in blocks: bounded memory
-        nb = min(100, boot - s)
-        idx = rng.integers(0, m, (nb, m))
-        wb, yb = w[idx], y[idx]
-        sw = wb.sum(1)
-        c_b[s:s + nb] = n_pop * (wb * kc[idx] * yb).sum(1) / sw
-        u_b[s:s + nb] = n_pop * (wb * ku[idx] * yb).sum(1) / sw
-        diff_b[s:s + nb] = c_b[s:s + nb] - u_b[s:s + nb]
-    lo_q, hi_q = (1 - confidence) / 2, 1 - (1 - confidence) / 2
+    sums = np.vstack([bootstrap_sums(rows, min(200, boot - s), rng) for s in range(0, boot, 200)])
+    scale = {t: (weights.get(t, 0.0) / contrib[t].positives if contrib[t].positives > 0 else 0.0) for t in tasks}
+    cur_value = sum(scale[t] * contrib[t].cur for t in tasks)
+    out: dict[str, Any] = {"tasks": {}}
+    val_b = np.zeros(len(sums))
+    val = 0.0
+    widen = [0.0, 0.0]  # (lower, upper) widening of the value interval
+    for i, t in enumerate(tasks):
+        c = contrib[t]
+        dr_b, ips_b, den_b = sums[:, 3 * i], sums[:, 3 * i + 1], sums[:, 3 * i + 2]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            sn_b = c.population * ips_b / den_b
+        d = float(c.dr.sum())
+        # never more than the unseen rows of that side could hold (one positive each)
+        (k_up, w_up, n_up), (k_down, w_down, n_down) = c.explore_only
+        wide_hi = min(poisson_widening(k_up, w_up, confidence), n_up) if w_up and widen_thin else 0.0
+        wide_lo = min(poisson_widening(k_down, w_down, confidence), n_down) if w_down and widen_thin else 0.0
+        sn = c.population * float(c.ips.sum()) / float(c.den.sum()) if c.den.sum() > 0 else math.nan
+        val += scale[t] * d
+        val_b += scale[t] * dr_b
+        widen[0] += scale[t] * wide_lo
+        widen[1] += scale[t] * wide_hi
+        ci = _quantiles(dr_b, confidence)
+        ci = [ci[0] - wide_lo, ci[1] + wide_hi]
+        out["tasks"][t] = {
+            "weight": weights.get(t, 0.0), "population": c.population, "observed": c.observed,
+            "positives": round(c.positives, 2), "discordant_positives": c.discordant_positives,
+            "current": round(c.cur, 3), "candidate": round(c.cur + d, 3),
+            "difference": d, "difference_ci": ci,
+            "relative": d / c.cur if c.cur > 0 else math.nan,
+            "relative_ci": [v / c.cur for v in ci] if c.cur > 0 else [math.nan, math.nan],
+            "explore_only_positives": {"candidate_side": k_up, "current_side": k_down},
+            "poisson_widening": [wide_lo, wide_hi],
+            "ips": float(c.ips.sum()), "ips_ci": _quantiles(ips_b, confidence),
+            "snips": sn, "snips_ci": _quantiles(sn_b, confidence),
+        }
+    se = float(np.std(val_b, ddof=1)) if len(val_b) > 1 else math.nan
+    vci = _quantiles(val_b, confidence)
+    out.update(current=cur_value, candidate=cur_value + val, difference=val,
+               difference_ci=[vci[0] - widen[0], vci[1] + widen[1]], se=se,
+               relative=val / cur_value if cur_value > 0 else math.nan,
+               rows=m, discordant_rows=int(live.sum()), bootstrap=boot, confidence=confidence,
+               estimator="doubly robust (reward model: the logging model's p), paired bootstrap of the rows, "
+                         "bounds widened to an exact Poisson bound where the explore slice holds few positives",
+               unit="score-weighted share of each task's positives kept")
+    return out
 
-    def ci(b: np.ndarray) -> list[float]:
-        return [float(np.quantile(b, lo_q)), float(np.quantile(b, hi_q))]
 
-    c, u = est(kc), est(ku)
-    return {**out, "ess": round(float(w.sum() ** 2 / (w ** 2).sum()), 1),
-            "candidate": c, "candidate_ci": ci(c_b), "current": u, "current_ci": ci(u_b),
-            "difference": c - u, "difference_ci": ci(diff_b),
-            "positives": n_pop * float((w * y).sum() / w.sum())}
+# z of a two-sided 95% interval and of 80% power: MDE = (z_a + z_b) * se
+_Z_POWER = 0.8416
+
+
+def decide(value: dict[str, Any], cfg: GateConfig, window_hours: float) -> dict[str, Any]:
+    """Promote / refuse / inconclusive (module docstring), the minimum detectable effect at this
+    sample and how much more traffic would resolve an inconclusive one."""
+    from statistics import NormalDist
+
+    d, (lo, hi), cur = value["difference"], value["difference_ci"], value["current"]
+    delta = cfg.non_inferiority * cur
+    z = NormalDist().inv_cdf(0.5 + cfg.confidence / 2)
+    # the interval's half-width (bootstrap, widened where the explore slice is thin) as z * se
+    mde = (z + _Z_POWER) * (hi - lo) / (2 * z) if math.isfinite(hi - lo) else math.nan
+    rails, broken, unsure = {}, [], []
+    for t, v in value["tasks"].items():
+        if t not in cfg.guard_tasks(value["tasks"]):
+            continue
+        floor = -cfg.guard_margin * v["current"]
+        r_lo, r_hi = v["difference_ci"]
+        state = "holds" if r_lo > floor else ("fails" if r_hi < floor else "unsure")
+        rails[t] = {"margin": cfg.guard_margin, "floor": floor, "difference_ci": [r_lo, r_hi], "state": state}
+        (broken if state == "fails" else unsure if state == "unsure" else []).append(t)
+    out: dict[str, Any] = {"non_inferiority_delta": delta, "guard_rails": rails,
+                           "mde": mde, "mde_relative": mde / cur if cur > 0 else math.nan}
+    if not all(map(math.isfinite, (d, lo, hi))):
+        return {**out, "decision": "inconclusive", "why": "no estimate (no rows with matured labels)"}
+    if hi < 0 or broken:
+        why = (f"worse beyond the interval: value difference {d:+.4f} [{lo:+.4f}, {hi:+.4f}]" if hi < 0 else
+               f"guard rail broken beyond the interval: {', '.join(broken)} drops more than "
+               f"{cfg.guard_margin:.0%} of current's kept positives")
+        return {**out, "decision": "refuse", "why": why}
+    if lo > -delta and not unsure:
+        return {**out, "decision": "promote", "why": f"non-inferior: lower bound {lo:+.4f} > -{delta:.4f} "
+                                                     f"({cfg.non_inferiority:.0%} of current's value)"}
+    # inconclusive: the interval's half-width must shrink to |d + delta| (to promote) or |d| (to
+    # refuse); it shrinks as 1/sqrt(rows)
+    half = (hi - lo) / 2
+    target = d + delta if d + delta > 0 else -d
+    factor = (half / target) ** 2 if target > 0 else math.inf
+    more = max(factor - 1.0, 0.0)
+    why = (f"inconclusive: value difference {d:+.4f} [{lo:+.4f}, {hi:+.4f}] neither excludes -{delta:.4f} "
+           f"nor 0" if not unsure else f"inconclusive: guard rail {', '.join(unsure)} neither holds nor fails")
+    return {**out, "decision": "inconclusive", "why": why, "more_traffic_factor": factor,
+            "more_hours": more * window_hours if math.isfinite(more) else math.inf}
 
 
 def run_gate(candidate: str | Path, current: str | Path, logs: str | Path, targets: Targets,
@@ -236,18 +515,13 @@ def run_gate(candidate: str | Path, current: str | Path, logs: str | Path, targe
         cand_manifest = registry.verify(cand_dir)
         result["verification"] = "ok"
     except BundleError as exc:
-        result.update(verification=str(exc), passed=False)
+        result.update(verification=str(exc), passed=False, decision="refuse")
         reasons.append(f"bundle verification failed: {exc}")
         result = _finite(result)
         if write and (cand_dir / bundle.MANIFEST).is_file():
             registry.write_gate(cand_dir, result)
         return result
     cur_manifest = bundle.read_manifest(cur_dir)
-    fid = fidelity_check(cand_manifest, cur_manifest, cfg.fidelity)
-    result["fidelity"] = fid
-    if not fid["passed"]:
-        reasons.append(fid["why"])
-
     from_ms, from_source = holdout_start(cand_dir, holdout_from_ms, cur_dir)
     window = load_window(logs, tuple(cand_manifest["tasks"]), attribution, from_ms)
     if cfg.window_hours is not None:
@@ -256,47 +530,82 @@ def run_gate(candidate: str | Path, current: str | Path, logs: str | Path, targe
     if not logged and window.masked:
         raise DataError(f"{window.source}: the gate needs logged traffic (an `rta log` layout) or a world log "
                         "with every label")
+    fid = gate_fidelity(cand_dir, cand_manifest, cur_dir, cur_manifest, window, cfg)
+    result["fidelity"] = fid
+    if not fid["passed"]:
+        reasons.append(fid["why"])
     step = Step(targets.r, targets.p_u, targets.epsilon)
     sc_c, run_c, sc_u, run_u = replay_pair(cand_dir, cur_dir, window, step, cfg.seed, cfg.speedup)
     task = gate_task(cand_manifest, cfg.task)
     tasks = list(cand_manifest["tasks"])
-    per_task = {t: paired_estimate(sc_c, j, ~run_c.block, ~run_u.block, cfg.boot, cfg.confidence, cfg.seed)
-                for j, t in enumerate(tasks)}
-    est = {"task": task, **per_task[task]}
+    logged_pass = logging_pass_probability(sc_c) if logged else None
+    pass_c, pass_u = (~run_c.block, ~run_u.block) if not logged else (
+        expected_pass(sc_c, run_c, targets.epsilon), expected_pass(sc_u, run_u, targets.epsilon))
+    contrib = {t: task_contributions(sc_c, j, pass_c, pass_u, logged_pass, sc_c.p[:, j])
+               for j, t in enumerate(tasks)}
+    weights = score_weights(cand_manifest)
+    if cfg.task is not None:  # --task: the value is that task alone
+        weights = {cfg.task: 1.0}
+    value = paired_value(contrib, weights, cfg.boot, cfg.confidence, cfg.seed, widen_thin=cfg.poisson_widening)
+    span_h = max(float(window.ts_ms.max() - window.ts_ms.min()) / 3.6e6, 1e-9)
+    verdict = decide(value, cfg, span_h)
+    observed_pos = int(np.nansum(window.labels[:, tasks.index(task)]))
+    if observed_pos < cfg.min_positives and verdict["decision"] == "promote":
+        verdict.update(decision="inconclusive", why=(
+            f"not enough evidence: {observed_pos} matured {task} positives in the window "
+            f"(need {cfg.min_positives})"))
+    est = {"task": task, "decision": verdict["decision"], "value": value["difference"],
+           "value_ci": value["difference_ci"], "value_current": value["current"],
+           "value_relative": value["relative"], "mde_relative": verdict["mde_relative"],
+           **{k: value["tasks"][task].get(k) for k in ("candidate", "current", "difference", "difference_ci")},
+           "positives_in_sample": observed_pos}
     result.update(
         window={"logs": window.source, "layout": "logged" if logged else "world", "from_ms": int(window.ts_ms.min()),
                 "to_ms": int(window.ts_ms.max()), "rows": len(window), "holdout_from_ms": from_ms,
-                "holdout_from": from_source},
-        estimate=est,
-        tasks={t: {k: v.get(k) for k in ("candidate", "current", "difference", "difference_ci",
-                                         "positives_in_sample")} for t, v in per_task.items()},
+                "holdout_from": from_source, "labels_as_of_ms": window.info.get("as_of_ms"),
+                "matured": window.info.get("matured")},
+        estimate=est, value=value, verdict=verdict,
+        tasks={t: {k: v.get(k) for k in ("candidate", "current", "difference", "difference_ci", "observed",
+                                         "discordant_positives")} for t, v in value["tasks"].items()},
         block_share={"candidate": float(run_c.block.mean()), "current": float(run_u.block.mean())},
         churn={k: v for k, v in flips(run_u, run_c).items() if k in ("share", "pass_to_block", "block_to_pass")},
     )
-    if est["positives_in_sample"] < cfg.min_positives:
-        reasons.append(f"not enough evidence: {est['positives_in_sample']} {task} positives in the "
-                       f"{est['sample_rows']}-row sample (need {cfg.min_positives})")
-    elif est["difference_ci"][1] < 0:
-        reasons.append(f"worse beyond the interval: {task} kept {est['candidate']:.1f} vs {est['current']:.1f} "
-                       f"(difference {est['difference']:.1f}, {cfg.confidence:.0%} CI "
-                       f"[{est['difference_ci'][0]:.1f}, {est['difference_ci'][1]:.1f}])")
-    result["passed"] = not reasons
+    if verdict["decision"] != "promote":
+        reasons.append(verdict["why"])
+    # a fidelity failure refuses; an inconclusive value stays inconclusive unless something refuses
+    result["decision"] = "refuse" if not fid["passed"] else verdict["decision"]
+    result["passed"] = result["decision"] == "promote"
     result = _finite(result)
     if write:
         registry.write_gate(cand_dir, result)
     return result
 
 
+DECISION_WORDS = {"promote": "passed", "refuse": "refused", "inconclusive": "inconclusive"}
+
+
 def outcome_line(result: dict[str, Any]) -> str:
-    """One line for the terminal."""
-    head = f"{result['candidate']} vs {result['current']}: " + ("passed" if result.get("passed") else "refused")
-    est = result.get("estimate")
-    parts = [head]
-    if est and est.get("difference") is not None and math.isfinite(est.get("difference", math.nan)):
+    """One line for the terminal: the decision, the value difference with its interval, the
+    gate task's kept positives, the MDE."""
+    decision = result.get("decision") or ("promote" if result.get("passed") else "refuse")
+    parts = [f"{result['candidate']} vs {result['current']}: {DECISION_WORDS[decision]}"]
+    est, value = result.get("estimate"), result.get("value")
+    if value and value.get("difference") is not None and value.get("current") \
+            and None not in (value.get("difference_ci") or [None]):
+        cur = value["current"]
+        lo, hi = value["difference_ci"]
+        parts.append(f"value {value['candidate']:.4f} vs {cur:.4f}, difference {value['difference'] / cur:+.2%} "
+                     f"[{lo / cur:+.2%}, {hi / cur:+.2%}] of current's"
+                     + (f", MDE {mde:.2%}" if (mde := (result.get("verdict") or {}).get("mde_relative")) is not None
+                        else ""))
+    if est and est.get("difference") is not None:
         lo, hi = est["difference_ci"]
         parts.append(f"{est['task']} kept {est['candidate']:.1f} vs {est['current']:.1f}, difference "
                      f"{est['difference']:+.1f} [{lo:+.1f}, {hi:+.1f}] on {result['window']['rows']} rows "
                      f"at r={result['targets']['r']:g}")
+    more = (result.get("verdict") or {}).get("more_hours")
+    if decision == "inconclusive" and more is not None:
+        parts.append(f"about {more:.3g} h more logged traffic would resolve it")
     if result.get("reasons"):
         parts.append("; ".join(result["reasons"]))
     return "; ".join(parts)

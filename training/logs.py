@@ -8,9 +8,12 @@ dtype decides its kind: numbers (and booleans) numeric, strings / dictionaries c
 Logged traffic from the live system (`rta log`, the layout of `stream/logger/schema.py`:
 `impressions/date=.../hour=.../*.parquet` + `outcomes/...`) is detected by its
 `impressions/` directory. Its labels come from joining impressions and outcomes within a
-per-task attribution window (`Attribution`): passed and an outcome within the window -> 1;
-passed, window closed, none -> 0; blocked, undecided, or window still open -> unobserved,
-which is NaN in `LogSet.labels` (a mask, never a silent 0). The decision columns stay on the
+per-task attribution window (`Attribution`), matured rows only: passed, window closed, an
+outcome within it -> 1; passed, window closed, none -> 0; blocked, undecided, or window still
+open (even if its outcome already came) -> unobserved, which is NaN in `LogSet.labels` (a
+mask, never a silent 0). "As of" is the oldest outcome partition's newest outcome (bounded by
+the newest impression and the wall clock); event times outside [0, wall clock + 10 min] are
+ignored and counted (`info["counts"]["out_of_range_*"]`). The decision columns stay on the
 LogSet (`decisions`) for replay. Duplicate request ids (an at-least-once logger replaying a
 file's offsets) and duplicate (request_id, event) outcomes are dropped and counted.
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -38,6 +42,7 @@ from stream.logger.schema import (
     DECISION_COLUMNS,
     IMPRESSIONS_DIR,
     LINEAGE_COLUMNS,
+    MAX_LOG_TS_MS,
     OUTCOME_COLUMNS,
     OUTCOMES_DIR,
     reserved_columns,
@@ -373,6 +378,23 @@ def load_logs(path: str | Path, tasks: tuple[str, ...] = DEFAULT_TASKS,
     tasks = tuple(tasks)
     if is_logged_layout(path):
         return load_logged(path, tasks, attribution)
+    return _drop_out_of_range(_load_flat(path, tasks), (attribution or Attribution()).clock_ms())
+
+
+def _drop_out_of_range(logs: LogSet, now_ms: int) -> LogSet:
+    """A world log without the rows stamped outside [0, now + skew]: one such row would move
+    every "newest row" window (retrain, the gate) past all real traffic."""
+    bad = ~ts_in_range(logs.ts_ms, now_ms)
+    if not bad.any():
+        return logs
+    if bad.all():
+        raise DataError(f"{logs.source}: every row's ts_ms is outside [0, now + {FUTURE_SKEW_MS // 60_000} min]")
+    kept = logs.take(np.flatnonzero(~bad))
+    kept.info = {**logs.info, "counts": {"out_of_range_rows": int(bad.sum())}}
+    return kept
+
+
+def _load_flat(path: Path, tasks: tuple[str, ...]) -> LogSet:
     tables = [(f, _read(f)) for f in _files(path)]
     for file, table in tables:
         present = [t for t in tasks if t in table.schema.names]
@@ -413,6 +435,9 @@ def load_logs(path: str | Path, tasks: tuple[str, ...] = DEFAULT_TASKS,
 DEFAULT_WINDOWS_S: dict[str, float] = {"click": 900.0, "online": 3600.0, "cart": 86_400.0,
                                        "deal": 7 * 86_400.0}
 _FALLBACK_WINDOW_S = 86_400.0  # a task outside the four defaults
+# An event stamped later than the wall clock plus this is out of range (a producer's clock, a
+# microsecond stamp, year 9999): ignored and counted, never the "newest" time of a log.
+FUTURE_SKEW_MS = 10 * 60_000
 ATTRIBUTION_ENV = "RTA_ATTRIBUTION"
 _UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86_400.0}
 # contract dtypes of the decision columns (stream/logger/schema.py); anything castable is accepted
@@ -432,6 +457,10 @@ class Attribution:
 
     windows_s: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WINDOWS_S))
     as_of_ms: int | None = None
+    now_ms: int | None = None  # the wall clock that bounds event times (None: time.time(); tests set it)
+
+    def clock_ms(self) -> int:
+        return int(time.time() * 1000) if self.now_ms is None else int(self.now_ms)
 
     def window(self, task: str) -> float:
         return float(self.windows_s.get(task, DEFAULT_WINDOWS_S.get(task, _FALLBACK_WINDOW_S)))
@@ -451,6 +480,14 @@ class Attribution:
                 raise DataError(f"attribution window {part!r}: expected TASK=DURATION, e.g. click=15m or deal=7d")
             windows[m.group(1)] = float(m.group(2)) * _UNITS[m.group(3)]
         return cls(windows, as_of_ms)
+
+
+def ts_in_range(ts_ms: np.ndarray, now_ms: int | None = None) -> np.ndarray:
+    """bool[N]: event times in [0, wall clock + FUTURE_SKEW_MS] (and within what a log partition
+    can name); anything else is ignored (and counted) by every reader of "newest"."""
+    now = int(time.time() * 1000) if now_ms is None else int(now_ms)
+    ts = np.asarray(ts_ms, np.int64)
+    return (ts >= 0) & (ts <= min(now + FUTURE_SKEW_MS, MAX_LOG_TS_MS))
 
 
 def is_logged_layout(path: str | Path) -> bool:
@@ -559,6 +596,15 @@ def load_logged(path: str | Path, tasks: tuple[str, ...] = DEFAULT_TASKS,
     counts["duplicate_impressions"] = merged.num_rows - len(keep)
     if len(keep) < merged.num_rows:
         merged, num, cat = merged.take(pa.array(keep)), num[keep], cat.take(keep)
+    now_ms = att.clock_ms()
+    in_range = ts_in_range(merged.column("ts_ms").to_numpy().astype(np.int64), now_ms)
+    counts["out_of_range_impressions"] = int((~in_range).sum())
+    if not in_range.any():
+        raise DataError(f"{path / IMPRESSIONS_DIR}: every row's ts_ms is outside [0, now + "
+                        f"{FUTURE_SKEW_MS // 60_000} min] (clock {now_ms})")
+    if not in_range.all():  # ignored (counted): one such row would be every window's "newest"
+        at = np.flatnonzero(in_range)
+        merged, num, cat = merged.take(pa.array(at)), num[at], cat.take(at)
     n = merged.num_rows
     rid = merged.column("request_id")
     ts = merged.column("ts_ms").to_numpy().astype(np.int64)
@@ -570,26 +616,34 @@ def load_logged(path: str | Path, tasks: tuple[str, ...] = DEFAULT_TASKS,
 
     # outcomes: deduplicated (request_id, event), earliest time kept
     out_tables = _read_layout(_layout_files(path / OUTCOMES_DIR, counts, "outcome"), counts, "outcome")
-    o_rid, o_event, o_ts = [], [], []
+    o_rid, o_event, o_ts, o_part = [], [], [], []
     for file, table in out_tables:
         o_rid.append(_column(table, file, OUTCOME_COLUMNS[0], pa.string()))
         o_event.append(_column(table, file, OUTCOME_COLUMNS[1], pa.string()))
         o_ts.append(_column(table, file, OUTCOME_COLUMNS[2], pa.int64()))
+        # the outcome's own Kafka partition when the logger records it (else its request's, below)
+        o_part.append(_column(table, file, "kafka_partition", pa.int32()) if "kafka_partition" in table.schema.names
+                      else pa.chunked_array([pa.nulls(table.num_rows, pa.int32())]))
     first_ts = np.full((n, len(tasks)), -1, dtype=np.int64)  # earliest outcome per (row, task); -1: none
     newest = int(ts.max())
     newest_outcome: int | None = None
+    outcome_clock: dict[str, int] = {}
     counts.update(outcome_rows_read=0, duplicate_outcomes=0, orphan_outcomes=0, unknown_events=0,
-                  outcomes_for_blocked=0, outcomes_before_request=0)
+                  outcomes_for_blocked=0, outcomes_before_request=0, out_of_range_outcomes=0)
     if o_rid:
         outcomes = pa.table({"request_id": pa.chunked_array([c for a in o_rid for c in a.chunks], pa.string()),
                              "event": pa.chunked_array([c for a in o_event for c in a.chunks], pa.string()),
-                             "ts_ms": pa.chunked_array([c for a in o_ts for c in a.chunks], pa.int64())})
+                             "ts_ms": pa.chunked_array([c for a in o_ts for c in a.chunks], pa.int64()),
+                             "part": pa.chunked_array([c for a in o_part for c in a.chunks], pa.int32())})
         outcomes = outcomes.filter(pc.and_(pc.is_valid(outcomes["request_id"]), pc.is_valid(outcomes["event"])))
         counts["outcome_rows_read"] = outcomes.num_rows
+        o_ok = ts_in_range(pc.fill_null(outcomes["ts_ms"], -1).to_numpy(), now_ms)
+        counts["out_of_range_outcomes"] = int((~o_ok).sum())
+        outcomes = outcomes.filter(pa.array(o_ok))
         agg = outcomes.group_by(["request_id", "event"], use_threads=False).aggregate([("ts_ms", "min")])
         counts["duplicate_outcomes"] = outcomes.num_rows - agg.num_rows
         if agg.num_rows:
-            newest_outcome = int(pc.max(outcomes["ts_ms"]).as_py())
+            newest_outcome, outcome_clock = _outcome_clock(outcomes, rid, merged)
         pos = pc.index_in(agg["request_id"], value_set=rid.combine_chunks())
         task_of = pc.index_in(agg["event"], value_set=pa.array(list(tasks), pa.string()))
         counts["orphan_outcomes"] = int(pos.null_count)
@@ -601,32 +655,66 @@ def load_logged(path: str | Path, tasks: tuple[str, ...] = DEFAULT_TASKS,
         counts["outcomes_for_blocked"] = int((~passed[rows]).sum())
         counts["outcomes_before_request"] = int((first_ts[rows, cols_t] < ts[rows]).sum())
 
-    # the join's rule, per task. "As of" defaults to the time both streams are logged up to: the
-    # outcome files lag the impressions (they roll on their own), and a window declared closed
-    # past the newest logged outcome would turn not-yet-logged outcomes into 0s. Outcomes after
-    # the as-of time do not count (what was known then, for a backtest with --as-of-ms).
+    # the join's rule, per task. "As of" defaults to the time every stream is logged up to: the
+    # outcome files lag the impressions (they roll on their own), and each outcome partition is
+    # consumed at its own pace, so it is the OLDEST of the partitions' newest outcomes (a window
+    # declared closed past what a lagging partition has logged would turn its late outcomes into
+    # 0s), never past the wall clock. Outcomes after the as-of time do not count (what was known
+    # then, for a backtest with --as-of-ms).
     if att.as_of_ms is not None:
-        as_of = int(att.as_of_ms)
+        as_of, as_of_source = int(att.as_of_ms), "given"
+    elif newest_outcome is None:
+        as_of, as_of_source = min(newest, now_ms), "newest impression (no outcomes)"
     else:
-        as_of = newest if newest_outcome is None else min(newest, newest_outcome)
+        as_of = min(newest, newest_outcome, now_ms)
+        as_of_source = ("newest impression" if as_of == newest else "wall clock" if as_of == now_ms
+                        else "oldest outcome partition's newest outcome")
     labels = np.full((n, len(tasks)), np.nan, dtype=np.float32)
-    windows = {}
+    windows, matured = {}, {}
+    n_passed = int(passed.sum())
     for j, t in enumerate(tasks):
         w_ms = att.window(t) * 1000.0
         windows[t] = att.window(t)
         has = first_ts[:, j] >= 0
         hit = has & (first_ts[:, j] - ts <= w_ms) & (first_ts[:, j] <= as_of)
         closed = (as_of - ts) >= w_ms
-        labels[:, j] = np.where(passed & hit, 1.0, np.where(passed & closed, 0.0, np.nan))
+        # matured rows only: a row whose window is still open is unobserved whether or not its
+        # outcome has come (labelling early arrivals 1 and the rest "unknown" makes recent
+        # labels positives-only)
+        labels[:, j] = np.where(passed & closed, hit.astype(np.float32), np.nan)
+        done = int((passed & closed).sum())
+        matured[t] = {"passed": n_passed, "matured": done, "share": done / n_passed if n_passed else 0.0,
+                      "positives": int((passed & closed & hit).sum()),
+                      "early_positives_unobserved": int((passed & ~closed & hit).sum())}
     obs = ~np.isnan(labels)
     counts["window_open"] = {t: int((passed & ~obs[:, j]).sum()) for j, t in enumerate(tasks)}
     info = {"layout": "logged", "rows": n, "counts": counts, "attribution_windows_s": windows,
-            "as_of_ms": as_of, "passed": int(passed.sum()), "blocked": int(blocked.sum()),
+            "as_of_ms": as_of, "as_of_source": as_of_source, "clock_ms": now_ms, "outcome_clock": outcome_clock,
+            "passed": n_passed, "blocked": int(blocked.sum()), "matured": matured,
             "labelled": {t: int(obs[:, j].sum()) for j, t in enumerate(tasks)},
             "positives": {t: int(np.nansum(labels[:, j])) for j, t in enumerate(tasks)}}
     return LogSet(spec=spec, num=num, cat=cat, labels=labels, truth=None,
                   request_id=_strings(rid), ts_ms=ts, tasks=tasks, source=str(path),
                   decisions=merged.drop_columns(["request_id", "ts_ms"]), info=info)
+
+
+def _outcome_clock(outcomes: pa.Table, rid: pa.ChunkedArray, merged: pa.Table) -> tuple[int, dict[str, int]]:
+    """(the oldest of the outcome partitions' newest outcomes, {partition: its newest}). An
+    outcome's partition is its own `kafka_partition` when logged, else its request's (requests
+    and outcomes share the request id as key, so one partition number); without either, all
+    outcomes are one partition."""
+    part = outcomes["part"].combine_chunks()
+    if part.null_count and "kafka_partition" in merged.schema.names:
+        pos = pc.index_in(outcomes["request_id"], value_set=rid.combine_chunks())
+        of_request = pc.take(merged.column("kafka_partition").combine_chunks(), pos)
+        part = pc.coalesce(part, of_request)
+    t = pa.table({"part": part, "ts_ms": outcomes["ts_ms"]}).filter(pc.is_valid(part))
+    if t.num_rows == 0:
+        newest = int(pc.max(outcomes["ts_ms"]).as_py())
+        return newest, {"all": newest}
+    g = t.group_by("part", use_threads=False).aggregate([("ts_ms", "max")])
+    clock = {str(p): int(v) for p, v in zip(g["part"].to_pylist(), g["ts_ms_max"].to_pylist(), strict=True)}
+    return min(clock.values()), clock
 
 
 def describe_labels(logs: LogSet) -> str:

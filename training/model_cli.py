@@ -21,6 +21,13 @@ from stream.config import Settings, load_settings
 from stream.errors import BundleError, ConfigError
 
 EXIT_REFUSED = 3
+EXIT_INCONCLUSIVE = 4  # the gate could not tell: not promoted, and it says how much more traffic would
+
+
+def exit_code(result: dict[str, Any]) -> int:
+    """0 promote, 3 refuse, 4 inconclusive (the gate's three outcomes)."""
+    return {"promote": 0, "refuse": EXIT_REFUSED, "inconclusive": EXIT_INCONCLUSIVE}[
+        result.get("decision") or ("promote" if result.get("passed") else "refuse")]
 
 
 def _settings(config_file: str | None, redis_url: str | None, redis_prefix: str | None) -> Settings:
@@ -71,7 +78,11 @@ def gate_options(f: Any) -> Any:
                      show_default=True, help="required: the student's fidelity acceptance must pass; "
                                              "no-regression: no check the current passes may fail."),
         click.option("--min-positives", type=click.IntRange(min=1), default=10, show_default=True,
-                     help="Fewest positives of the gate task in the estimate's sample."),
+                     help="Fewest matured positives of the gate task in the window before it may promote."),
+        click.option("--non-inferiority", type=float, default=0.01, show_default=True,
+                     help="delta: promote while the value difference's lower bound > -delta x current's value."),
+        click.option("--guard-margin", type=float, default=0.05, show_default=True,
+                     help="Per-task guard rail: a task's kept positives may not drop by more than this share."),
         click.option("--holdout-from-ms", type=int, default=None,
                      help="First ts_ms of the gate window [default: after the candidate's lineage data_to_ms]."),
         click.option("--window-hours", type=float, default=None,
@@ -99,7 +110,8 @@ def gate_from_options(candidate: Path, current: Path, logs: Path, settings: Sett
     from training.logs import Attribution
 
     cfg = GateConfig(task=o["task"], fidelity=o["fidelity"], min_positives=o["min_positives"], seed=o["seed"],
-                     speedup=o["speedup"], window_hours=o["window_hours"])
+                     speedup=o["speedup"], window_hours=o["window_hours"], non_inferiority=o["non_inferiority"],
+                     guard_margin=o["guard_margin"])
     if not o["speedup"] > 0:
         raise ConfigError(f"--speedup must be > 0, got {o['speedup']}")
     targets, source = live_targets(settings, o["ratio"], o["pass_share"], o["explore"])
@@ -204,14 +216,16 @@ def promote_cmd(version: str, model_dir: Path, logs_path: Path | None, force: bo
     if result is not None:
         click.echo(f"[rta model] gate: {outcome_line(result)}", err=True)
     if result is not None and not result["passed"] and not force:
-        click.echo(json.dumps({"outcome": "refused", "candidate": version, "current": current, "gate": result},
+        outcome = "inconclusive" if exit_code(result) == EXIT_INCONCLUSIVE else "refused"
+        click.echo(json.dumps({"outcome": outcome, "candidate": version, "current": current, "gate": result},
                               default=str))
-        raise click.exceptions.Exit(EXIT_REFUSED)
+        raise click.exceptions.Exit(exit_code(result))
     forced = force and (result is None or not result["passed"])
     entry = registry.switch(model_dir, version, "promote", who_default(who), reason,
                             audit=audit_to_topic(settings) if audit_topic else None, forced=forced, gate=result,
                             expect_current=current)
     click.echo(f"[rta model] current: {entry['old'] or '-'} -> {version}{' (forced)' if forced else ''}", err=True)
+    _end_canary_of(model_dir, version, who_default(who), reason, settings if audit_topic else None)
     click.echo(json.dumps({"outcome": "promoted", "candidate": version, "current": current, "forced": forced,
                            "gate": result}, default=str))
 
@@ -273,3 +287,32 @@ def diff_cmd(a: str, b: str, model_dir: Path, logs_path: Path, ratio: float, pas
     click.echo(f"[rta model] {a} -> {b} at r={ratio:g}: {c['share']:.2%} of {c['rows']} decisions flip "
                f"(pass->block {c['pass_to_block']:.2%}, block->pass {c['block_to_pass']:.2%})", err=True)
     click.echo(json.dumps(_finite(rep), indent=1))
+
+
+def _end_canary_of(model_dir: Path, version: str, who: str, reason: str, settings: Settings | None) -> None:
+    """A promoted version's canary is over: its state is cleared through the audited path (the
+    workers then serve it as current only). A failure to record that is one line, not an error:
+    the promotion itself is done."""
+    from stream import canary
+
+    try:
+        state = canary.read_canary(model_dir)
+        if state is None or state.version != version:
+            return
+        canary.stop(model_dir, who, f"promoted: {reason}", audit_to_topic(settings) if settings else None,
+                    expect_version=version)
+        click.echo(f"[rta model] canary of {version} ended (promoted)", err=True)
+    except (BundleError, ConfigError, OSError) as exc:
+        click.echo(f"[rta model] promoted, but the canary of {version} was not ended: {exc}; "
+                   "run `rta model canary --stop`", err=True)
+
+
+def _add_canary() -> None:
+    from stream.canary import canary_cmd
+    from training.canary_judge import judge_cmd
+
+    model.add_command(canary_cmd)
+    model.add_command(judge_cmd)
+
+
+_add_canary()

@@ -6,7 +6,9 @@
       -> promote (audited, like `rta model promote`) or refuse
 
 Prints ONE JSON line on stdout, {"outcome", "candidate", "current", "gate"}, and one human
-line on stderr. Exit 0 promoted, 3 refused by the gate, 2 bad input / an error (1: a crash).
+line on stderr. Exit 0 promoted, 3 refused by the gate (or before training: too few matured
+labels, no closed window to gate on), 4 inconclusive (the gate could not tell at this sample;
+not promoted), 2 bad input / an error (1: a crash).
 """
 
 from __future__ import annotations
@@ -18,15 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 
 from model import bundle, registry
 from stream.errors import BundleError, ConfigError, DataError
 from training.debias import DEBIAS_MODES, DEFAULT_DEBIAS
 from training.gate import gate_task, live_targets, newest_ts_ms, outcome_line
 from training.model_cli import (
+    EXIT_INCONCLUSIVE,
     EXIT_REFUSED,
     _settings,
     audit_to_topic,
+    exit_code,
     gate_from_options,
     gate_options,
     need_reason,
@@ -69,6 +74,37 @@ def gate_can_judge(window: dict[str, Any], attribution: Any, task: str) -> str |
     return None
 
 
+def matured_labels(logs: Path, tasks: tuple[str, ...], attribution: Any, window: dict[str, Any]) -> dict[str, Any]:
+    """Per task, the training window's matured labels (passed rows whose attribution window has
+    closed, `training.logs`): rows, positives and their share of the passed rows."""
+    from training.logs import load_logs
+
+    lg = load_logs(logs, tasks, attribution).between(window["since_ms"], window["until_ms"])
+    lab = lg.labels
+    passed = int(np.isfinite(lab).any(axis=1).sum()) if lg.masked else len(lg)
+    if lg.decisions is not None:
+        import pyarrow.compute as pc
+
+        passed = int(pc.sum(pc.equal(lg.decisions.column("decision"), "pass")).as_py() or 0)
+    out = {}
+    for j, t in enumerate(tasks):
+        obs = np.isfinite(lab[:, j])
+        out[t] = {"matured": int(obs.sum()), "positives": int(np.nansum(lab[:, j])),
+                  "share_of_passed": round(float(obs.sum()) / passed, 4) if passed else 0.0}
+    return {"as_of_ms": lg.info.get("as_of_ms"), "passed": passed, "tasks": out}
+
+
+def too_few_matured(labels: dict[str, Any], min_positives: int) -> str | None:
+    """Why the window's matured labels cannot train every task (None: they can)."""
+    short = [f"{t} {v['positives']} positives in {v['matured']} matured rows ({v['share_of_passed']:.0%} of "
+             f"passed)" for t, v in labels["tasks"].items() if v["positives"] < min_positives]
+    if not short:
+        return None
+    return (f"too few matured labels (need {min_positives} positives per task, --min-matured): "
+            f"{'; '.join(short)}; retrain on older logs (--since-hours), wait for the windows to close, "
+            "or set shorter windows (--attribution / $RTA_ATTRIBUTION)")
+
+
 def parent_profile(current: Path) -> Profile:
     """The settings the current model was trained with (its teacher checkpoint's profile)."""
     from training.pipeline import load_teacher
@@ -96,11 +132,14 @@ def parent_profile(current: Path) -> Profile:
 @click.option("--force", is_flag=True, help="Promote even if the gate refuses (audited as forced).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch threads.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--min-matured", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Fewest matured positives (window closed) per task in the training window; fewer: "
+                   "refused before training.")
 @switch_options
 @gate_options
 def retrain(logs_path: Path, model_dir: Path, since_hours: float, holdout_hours: float | None,
             gate_logs: Path | None, profile_name: str | None, debias: str | None, anchor_parent: bool,
-            version: str | None, force: bool, threads: int | None, quiet: bool, reason: str | None,
+            version: str | None, force: bool, threads: int | None, quiet: bool, min_matured: int, reason: str | None,
             who: str | None, audit_topic: bool, config_file: str | None, redis_url: str | None,
             redis_prefix: str | None, **gate_opts: Any) -> None:
     """Recent logs -> train (from the current model's settings) -> gate -> promote or refuse."""
@@ -119,12 +158,18 @@ def retrain(logs_path: Path, model_dir: Path, since_hours: float, holdout_hours:
     attribution = Attribution.parse(gate_opts["attribution"], gate_opts["as_of_ms"])
     # Everything the gate needs is checked before the (long) training, not after it.
     live_targets(settings, gate_opts["ratio"], gate_opts["pass_share"], gate_opts["explore"])
+    cur_manifest = bundle.read_manifest(current_dir)
     why_not = None if gate_logs is not None else gate_can_judge(
-        window, attribution, gate_task(bundle.read_manifest(current_dir), gate_opts["task"]))
+        window, attribution, gate_task(cur_manifest, gate_opts["task"]))
+    labels = None
+    if why_not is None:
+        labels = matured_labels(logs_path, tuple(cur_manifest["tasks"]), attribution, window)
+        window = {**window, "labels": labels}
+        why_not = too_few_matured(labels, min_matured)
     if why_not is not None:  # a refusal (exit 3, as the gate would give after training), now
         click.echo(json.dumps({"outcome": "refused", "candidate": None, "current": current,
-                               "gate": {"passed": False, "reasons": [f"not enough evidence: {why_not}"],
-                                        "retrain": window}}))
+                               "gate": {"passed": False, "decision": "refuse",
+                                        "reasons": [f"not enough evidence: {why_not}"], "retrain": window}}))
         click.echo(f"rta retrain: refused before training: {why_not}", err=True)
         raise click.exceptions.Exit(EXIT_REFUSED)
     if not profile_name and not (current_dir / TEACHER_FILE).is_file():
@@ -162,10 +207,10 @@ def retrain(logs_path: Path, model_dir: Path, since_hours: float, holdout_hours:
         registry.switch(model_dir, candidate.name, "promote", who_default(who), f"retrain: {reason}",
                         audit=audit_to_topic(settings) if audit_topic else None,
                         forced=not result["passed"], gate=result, expect_current=current)
-    outcome = "promoted" if promote else "refused"
+    outcome = "promoted" if promote else ("inconclusive" if exit_code(result) == EXIT_INCONCLUSIVE else "refused")
     click.echo(json.dumps({"outcome": outcome, "candidate": candidate.name, "current": current, "gate": result},
                           default=str, allow_nan=False))
     click.echo(f"rta retrain: {outcome}{' (forced)' if promote and not result['passed'] else ''}: "
                f"{outcome_line(result)}", err=True)
     if not promote:
-        raise click.exceptions.Exit(EXIT_REFUSED)
+        raise click.exceptions.Exit(exit_code(result))

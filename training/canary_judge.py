@@ -1,0 +1,203 @@
+"""Judging a canary on its own arm's outcomes: a randomised comparison, the gate's rule.
+
+The canary's arm is a hash of `request_id` (stream.canary), so the two arms are random halves
+(of unequal size) of the same traffic: the difference of their kept positives per request is
+an unbiased estimate of candidate minus current, with no propensity model. Per task t and arm a:
+
+    m_a,t = kept positives per matured request of arm a  (a blocked request keeps none; a request
+            whose attribution window is still open is left out: its label is not known yet)
+    current_t = m_cur,t x N_t,   difference_t = (m_can,t - m_cur,t) x N_t   (N_t: matured rows)
+
+The value is the gate's (training/gate.py): the score function's weights over every task of kept
+positives / the task's positives; `positives` (estimated from the explore slice by the caller)
+defaults to current's kept positives, so the value is then in units of "current's kept
+positives". Intervals: a bootstrap stratified by arm (each arm resampled on its own, as many rows
+as it has; `replay.bootstrap_sums`, so a resample costs O(distinct rows)). The decision is
+`gate.decide`: promote / refuse / inconclusive with the same non-inferiority margin, guard rails
+and minimum detectable effect.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+# training.gate / training.replay are imported where used: `rta model list` (which registers the
+# canary-judge command) stays light
+
+
+def _arm_means(kept: np.ndarray, boot: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Per task: kept positives per matured row, and `boot` resampled values of it."""
+    from training.replay import bootstrap_sums
+
+    known = np.isfinite(kept)
+    rows = np.concatenate([np.where(known, kept, 0.0), known.astype(np.float64)], axis=1)
+    t = kept.shape[1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = rows[:, :t].sum(axis=0) / rows[:, t:].sum(axis=0)
+        sums = np.vstack([bootstrap_sums(rows, min(200, boot - s), rng) for s in range(0, boot, 200)])
+        return mean, sums[:, :t] / sums[:, t:]
+
+
+def canary_value(kept: np.ndarray, to_canary: np.ndarray, tasks: tuple[str, ...], weights: dict[str, float],
+                 positives: dict[str, float] | None = None, boot: int = 1000, confidence: float = 0.95,
+                 seed: int = 0) -> dict[str, Any]:
+    """The value difference canary - current from the arms' own rows. `kept`: float[N, T], 1 = a
+    positive the arm's decision kept, 0 = none kept (blocked, or passed without an outcome),
+    NaN = not matured; `to_canary`: bool[N], the row's arm."""
+    from training.gate import _quantiles
+
+    kept = np.asarray(kept, dtype=np.float64)
+    to_canary = np.asarray(to_canary, dtype=bool)
+    if kept.ndim != 2 or kept.shape != (len(to_canary), len(tasks)):
+        raise ValueError(f"kept must be [rows, {len(tasks)}] aligned with the arms, got {kept.shape}")
+    rng = np.random.default_rng(seed)
+    m_cur, b_cur = _arm_means(kept[~to_canary], boot, rng)
+    m_can, b_can = _arm_means(kept[to_canary], boot, rng)
+    n_t = np.isfinite(kept).sum(axis=0).astype(np.float64)
+    out: dict[str, Any] = {"tasks": {}}
+    cur_value, val = 0.0, 0.0
+    val_b = np.zeros(len(b_cur))
+    for j, t in enumerate(tasks):
+        cur = float(m_cur[j] * n_t[j])
+        d = float((m_can[j] - m_cur[j]) * n_t[j])
+        d_b = (b_can[:, j] - b_cur[:, j]) * n_t[j]
+        pos = (positives or {}).get(t, cur)
+        scale = weights.get(t, 0.0) / pos if pos and pos > 0 else 0.0
+        if math.isfinite(d):
+            cur_value += scale * cur
+            val += scale * d
+            val_b += scale * np.nan_to_num(d_b)
+        ci = _quantiles(d_b, confidence)
+        out["tasks"][t] = {
+            "weight": weights.get(t, 0.0), "population": int(n_t[j]), "positives": pos,
+            "current": cur, "candidate": cur + d, "difference": d, "difference_ci": ci,
+            "relative": d / cur if cur > 0 else math.nan,
+            "relative_ci": [v / cur for v in ci] if cur > 0 else [math.nan, math.nan],
+            "kept_per_row": {"current": float(m_cur[j]), "canary": float(m_can[j])},
+            "kept_positives": {"current": float(np.nansum(kept[~to_canary, j])),
+                               "canary": float(np.nansum(kept[to_canary, j]))},
+        }
+    vci = _quantiles(val_b, confidence)
+    out.update(current=cur_value, candidate=cur_value + val, difference=val, difference_ci=vci,
+               se=float(np.std(val_b, ddof=1)) if len(val_b) > 1 else math.nan,
+               relative=val / cur_value if cur_value > 0 else math.nan,
+               rows={"current": int((~to_canary).sum()), "canary": int(to_canary.sum())},
+               bootstrap=boot, confidence=confidence,
+               estimator="randomised comparison of the canary's arm with current's (hash of request_id), "
+                         "bootstrap stratified by arm",
+               unit="score-weighted share of each task's positives kept")
+    return out
+
+
+def judge_canary(kept: np.ndarray, to_canary: np.ndarray, tasks: tuple[str, ...], weights: dict[str, float],
+                 cfg: Any = None, window_hours: float = 1.0,
+                 positives: dict[str, float] | None = None, gate_task: str | None = None) -> dict[str, Any]:
+    """The gate's three outcomes on canary evidence: {"decision", "why", "value", ...}. Fewer than
+    `cfg.min_positives` kept positives of the gate task over both arms: inconclusive."""
+    from training.gate import GateConfig, decide
+
+    cfg = cfg or GateConfig()
+    value = canary_value(kept, to_canary, tasks, weights, positives, cfg.boot, cfg.confidence, cfg.seed)
+    task = gate_task or max(weights, key=lambda t: weights[t])
+    verdict = decide(value, cfg, window_hours)
+    seen = sum(value["tasks"][task]["kept_positives"].values()) if task in value["tasks"] else 0.0
+    if verdict["decision"] == "promote" and seen < cfg.min_positives:
+        verdict = {**verdict, "decision": "inconclusive",
+                   "why": f"inconclusive: {seen:.0f} kept {task} positives over both arms, fewer than "
+                          f"{cfg.min_positives}"}
+    return {**verdict, "value": value, "evidence": "canary", "gate_task": task}
+
+
+def canary_evidence(logs: Any, current: str, candidate: str, share: float) -> tuple[np.ndarray, np.ndarray, dict]:
+    """`kept` and `to_canary` for `judge_canary` from `rta log`'s layout (training.logs.load_logged):
+    the rows of the canary's period (first to last row the candidate decided) whose decision came
+    from the arm their request_id hashes to (stream.canary.canary_arm at `share`): a request current
+    decided inside the canary's share (a worker that could not load the canary) is left out, so
+    the arms stay the random split. A blocked row whose window has closed kept no positive (0); a
+    row whose window is open is left out (NaN)."""
+    from stream.canary import canary_arm
+
+    if logs.decisions is None or "model" not in logs.decisions.column_names:
+        raise ValueError("canary evidence needs the logged layout's decision columns (model, decision)")
+    model = np.asarray(logs.decisions.column("model").to_pylist(), dtype=object)
+    blocked = np.asarray(logs.decisions.column("decision").to_pylist(), dtype=object) == "block"
+    by_cand = model == candidate
+    if not by_cand.any():
+        raise ValueError(f"no logged decision of {candidate}: has its canary run (and the logger logged it)?")
+    ts = np.asarray(logs.ts_ms)
+    period = (ts >= ts[by_cand].min()) & (ts <= ts[by_cand].max())
+    hashed = canary_arm(logs.request_id, share)
+    rows = period & ((by_cand & hashed) | ((model == current) & ~hashed))
+    as_of = logs.info["as_of_ms"]
+    windows = logs.info["attribution_windows_s"]
+    closed = np.stack([(as_of - ts) >= 1000.0 * windows[t] for t in logs.tasks], axis=1)
+    kept = np.asarray(logs.labels, dtype=np.float64).copy()
+    kept[blocked[:, None] & closed & np.isnan(kept)] = 0.0
+    info = {"rows": int(rows.sum()), "period_ms": [int(ts[by_cand].min()), int(ts[by_cand].max())],
+            "left_out_off_arm": int((period & ((by_cand & ~hashed) | ((model == current) & hashed))).sum())}
+    return kept[rows], by_cand[rows], info
+
+
+def canary_run(model_dir: Any, version: str) -> dict[str, Any]:
+    """The newest canary-start of `version` in registry.jsonl (its share and the current it ran beside)."""
+    from model import registry
+    from stream.errors import BundleError
+
+    starts = [e for e in registry.read_log(model_dir) if e.get("action") == "canary-start" and e.get("new") == version]
+    if not starts:
+        raise BundleError(f"{model_dir}: no canary of {version} in registry.jsonl (start one: rta model canary "
+                          f"{version} --share S --reason ...)")
+    return starts[-1]
+
+
+def _cli() -> Any:
+    import json
+    from pathlib import Path
+
+    import click
+
+    @click.command("canary-judge")
+    @click.argument("version")
+    @click.option("--model-dir", required=True, type=click.Path(path_type=Path), help="Model directory.")
+    @click.option("--logs", "logs_path", required=True, type=click.Path(path_type=Path),
+                  help="`rta log`'s layout holding the canary's period.")
+    @click.option("--attribution", default=None, help="Attribution windows, e.g. 'click=15m,deal=7d'.")
+    @click.option("--as-of-ms", type=int, default=None, help="Labels as of [default: the log's as-of].")
+    @click.option("--min-positives", type=click.IntRange(min=1), default=10, show_default=True)
+    @click.option("--non-inferiority", type=float, default=0.01, show_default=True)
+    @click.option("--guard-margin", type=float, default=0.05, show_default=True)
+    @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+    def judge_cmd(version: str, model_dir: Path, logs_path: Path, attribution: str | None, as_of_ms: int | None,
+                  min_positives: int, non_inferiority: float, guard_margin: float, seed: int) -> None:
+        """Judge a canary on its own arm's matured outcomes (the gate's rule): JSON, exit 0 promote,
+        3 refuse, 4 inconclusive. Promoting stays `rta model promote` (this is the evidence)."""
+        from model import bundle
+        from training.gate import GateConfig, score_weights
+        from training.logs import Attribution, load_logged
+        from training.model_cli import exit_code
+
+        run = canary_run(model_dir, version)
+        current = run.get("old")
+        manifest = bundle.read_manifest(Path(model_dir) / version)
+        cfg = GateConfig(min_positives=min_positives, non_inferiority=non_inferiority, guard_margin=guard_margin,
+                         seed=seed)
+        logs = load_logged(logs_path, tuple(manifest["tasks"]), Attribution.parse(attribution, as_of_ms))
+        kept, to_canary, info = canary_evidence(logs, str(current), version, float(run["share"]))
+        hours = max((info["period_ms"][1] - info["period_ms"][0]) / 3.6e6, 1e-6)
+        out = judge_canary(kept, to_canary, tuple(manifest["tasks"]), score_weights(manifest), cfg, hours)
+        out.update(candidate=version, current=current, share=run["share"], rows=info)
+        v = out["value"]
+        click.echo(f"[rta model] canary {version} vs {current}: {out['decision']} - value {v['relative']:+.2%} "
+                   f"of current's [{v['difference_ci'][0] / v['current']:+.2%}, "
+                   f"{v['difference_ci'][1] / v['current']:+.2%}]" if v["current"] > 0 else
+                   f"[rta model] canary {version}: {out['decision']} ({out['why']})", err=True)
+        click.echo(json.dumps(out, default=str))
+        raise SystemExit(exit_code(out))
+
+    return judge_cmd
+
+
+judge_cmd = _cli()
