@@ -27,6 +27,7 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "bench": ("bench.cli:bench", "Benchmarks (inference, worker, controller); JSON out.", "train"),
     "replay": ("training.replay:replay_cmd", "Analysts: logged traffic through the worker's engine, event time.",
                "train"),
+    "logs": ("training.logs_sql:logs", "Analysts: SQL (DuckDB) over the logged layout.", "sql"),
     "demo": ("infra.demo:demo", "The whole loop on the embedded default, one command.", "train"),
     "model": ("training.model_cli:model", "Model registry: list, show, promote (gated), rollback, diff; audited.",
               "train"),

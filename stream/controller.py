@@ -376,7 +376,16 @@ class RatioController:
         if self._fb_sec is None:
             self._fb_sec = closed
         h, g, lim, leak = cfg.feedback_horizon, cfg.feedback_gain, cfg.feedback_limit, cfg.feedback_leak
-        for s in range(max(self._fb_sec + 1, closed - h), closed + 1):
+        # every closed second since the last update, as if refreshed each second (a controller
+        # refreshing rarely, e.g. on sparse traffic, makes the same updates as a busy one): those
+        # whose horizon is still in the window are integrated, older ones (a gap longer than the
+        # window) only leak, so the work per refresh is bounded by the window, not by the gap
+        start = max(self._fb_sec + 1, closed + cfg.closed_after - cfg.window_seconds + h)
+        if start > self._fb_sec + 1:
+            decay = (1.0 - leak) ** (start - self._fb_sec - 1)
+            self._i_block *= decay
+            self._i_pass *= decay
+        for s in range(start, closed + 1):
             self._i_block *= 1.0 - leak
             self._i_pass *= 1.0 - leak
             if s < self._changed_sec + h:  # the horizon still holds old-target decisions

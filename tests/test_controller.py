@@ -116,6 +116,30 @@ def test_memory_controller_tracks_step_change():
     assert not st["degraded"] and st["targets"] == {"r": 0.5, "p_u": 0.02, "epsilon": 0.01}
 
 
+def test_a_rarely_refreshed_controller_makes_the_same_feedback_updates():
+    """Feedback integrates every closed second, also those a controller did not refresh in
+    (sparse traffic, a replay of a sampled log): one refreshed every 12 s of a shared window
+    ends each refresh with the integrals of one refreshed every 0.25 s (the docstring's
+    promise: controllers sharing a window keep identical integrals). Before: only the last
+    horizon + 1 seconds were integrated and the rest skipped, leak included."""
+    rng = np.random.default_rng(11)
+    clock = SimClock()
+    store = MemoryStore(targets=Targets(0.3, 0.02, 0.0))
+    busy = RatioController(store, clock=clock, controller_id="busy")
+    rare = RatioController(store, clock=clock, controller_id="rare")
+    busy.refresh()
+    rare.refresh()
+    compared = 0
+    for _ in range(5):
+        run([busy], clock, rng, 12.0)
+        busy.refresh()
+        rare.refresh()
+        assert rare._i_block == pytest.approx(busy._i_block, abs=1e-12)
+        assert rare._i_pass == pytest.approx(busy._i_pass, abs=1e-12)
+        compared += busy._i_block != 0.0
+    assert compared >= 4  # the integrals moved: the comparison is not of zeros
+
+
 def test_zero_targets_block_and_pass_nothing():
     rng = np.random.default_rng(4)
     clock = SimClock()

@@ -54,6 +54,12 @@ from training.logs import Attribution, LogSet, load_logs
 
 SCORE_CHUNK = 2048  # rows per onnxruntime call (32k-row calls ran 1.2-1.4x slower: activations out of cache)
 WARMUP_S = 30.0  # event-seconds after a step not counted in its settled share (the window)
+# Automatic event-time compression (`auto_speedup`): a sparse or sampled log is run through the
+# controller at AUTO_RATE rows per (compressed) event-second, but never in fewer than
+# AUTO_MIN_SPAN_S event-seconds (ten windows: time to warm up and settle), and never slower
+# than it was logged.
+AUTO_RATE = 1000.0
+AUTO_MIN_SPAN_S = 300.0
 _REASON_NAMES = np.asarray(REASONS, dtype=object)
 
 
@@ -107,7 +113,7 @@ class ReplayConfig:
     sweep_mode: str = "grid"  # "grid": one replay of the whole log each; "steps": one after another
     step_seconds: float | None = None  # steps mode: event-seconds per step (None: the span split evenly)
     batch_rows: int = 1000  # most rows per decide() call, like the worker's batch
-    speedup: float = 1.0  # event time runs this much faster through the controller (sparse logs)
+    speedup: float | None = None  # event time runs this much faster through the controller; None: auto
     seed: int = 0  # explore draws
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     progress: bool = False
@@ -121,7 +127,7 @@ class ReplayConfig:
             raise ConfigError("live replay needs targets (--ratio or --sweep)")
         for s in self.steps:
             s.targets()
-        if self.batch_rows < 1 or not self.speedup > 0:
+        if self.batch_rows < 1 or (self.speedup is not None and not self.speedup > 0):
             raise ConfigError("batch rows must be >= 1 and speedup > 0")
         if self.step_seconds is not None and not self.step_seconds > 0:
             raise ConfigError(f"--step-seconds must be > 0, got {self.step_seconds}")
@@ -293,12 +299,35 @@ def _batches(t_s: np.ndarray, refresh_s: float, batch_rows: int, cuts: list[int]
     return np.unique(np.concatenate(out)).astype(np.int64)
 
 
+def auto_speedup(ts_ms: np.ndarray, rate: float = AUTO_RATE, min_span_s: float = AUTO_MIN_SPAN_S) -> float:
+    """The event-time compression for a log: its rows run through the controller at `rate` rows
+    per event-second, in at least `min_span_s` event-seconds, never slower than logged (>= 1).
+
+    Why: the controller's window, refresh cadence and feedback are in event-seconds, tuned for
+    live traffic at a few thousand rows/s. A 1 % sample of a week holds a few rows per window
+    (below the controller's `min_rows`: it never moves) and steps through ~600k seconds, one
+    nearly empty batch per refresh slot (cost per event-second). Compressed, the window holds
+    thousands of rows and a batch per refresh holds hundreds: the cost follows the rows. A log
+    at live density (>= `rate` rows/s, or too short for `min_span_s`) is left as it was."""
+    n = len(ts_ms)
+    if n < 2:
+        return 1.0
+    span_s = float(ts_ms.max() - ts_ms.min()) / 1000.0
+    target_span = max(n / rate, min_span_s)
+    return max(1.0, span_s / target_span)
+
+
+def speedup_of(sc: Scored, cfg: ReplayConfig) -> float:
+    """The compression a replay of `sc` uses: `cfg.speedup`, or `auto_speedup` when None."""
+    return float(cfg.speedup) if cfg.speedup is not None else auto_speedup(sc.ts_ms)
+
+
 def replay_live(sc: Scored, steps: list[Step], cfg: ReplayConfig, step_of_row: np.ndarray | None = None,
                 name: str = "live targets") -> Run:
     """Replay with its own controller on event time; `step_of_row` says which step's targets
     hold for each row (None: the first step for every row)."""
     n = len(sc.e)
-    t_s = sc.ts_ms.astype(np.float64) / 1000.0 / cfg.speedup
+    t_s = sc.ts_ms.astype(np.float64) / 1000.0 / speedup_of(sc, cfg)
     step_of_row = np.zeros(n, np.int16) if step_of_row is None else step_of_row.astype(np.int16)
     cuts = (np.flatnonzero(np.diff(step_of_row)) + 1).tolist()
     bounds = _batches(t_s, cfg.controller.refresh_interval, cfg.batch_rows, cuts)
@@ -501,6 +530,7 @@ def summarize(sc: Scored, run: Run, truth: tuple[np.ndarray | None, np.ndarray |
     """Everything report.json says about one run."""
     n = len(run.block)
     t_s = sc.ts_ms.astype(np.float64) / 1000.0
+    speedup = speedup_of(sc, cfg)
     reasons = np.bincount(run.reason, minlength=len(REASONS))
     blocked_by = np.bincount(run.reason[run.block], minlength=len(REASONS))
     out: dict[str, Any] = {
@@ -508,6 +538,7 @@ def summarize(sc: Scored, run: Run, truth: tuple[np.ndarray | None, np.ndarray |
         "reason_mix": {r: {"pass": int(reasons[i] - blocked_by[i]), "block": int(blocked_by[i])}
                        for i, r in enumerate(REASONS) if reasons[i]},
         "event_span_s": float(t_s[-1] - t_s[0]),
+        "speedup": speedup if run.steps else None,  # logged thresholds: no controller
     }
     steps = []
     for k, s in enumerate(run.steps):
@@ -515,7 +546,7 @@ def summarize(sc: Scored, run: Run, truth: tuple[np.ndarray | None, np.ndarray |
         if not rows.any():
             continue
         start = float(t_s[int(np.argmax(rows))])  # the step's first decision (rows are in event order)
-        settled = rows & (t_s >= start + WARMUP_S * cfg.speedup)
+        settled = rows & (t_s >= start + WARMUP_S * speedup)
         row = {"step": k, "targets": {"r": s.r, "p_u": s.p_u, "epsilon": s.epsilon}, "start_s": start,
                "rows": int(rows.sum()), "block_share": float(run.block[rows].mean())}
         if settled.any():
@@ -640,14 +671,11 @@ def replay(model: str | Path, logs: LogSet | str | Path, out: str | Path, cfg: R
                         "this is a world log")
     t_load = time.perf_counter() - t0
     say(f"{len(logs)} rows from {logs.source}" + (f" ({_counts_line(logs)})" if logs.info else ""))
-    if cfg.thresholds == "live":
-        span_s = max(float(logs.ts_ms.max() - logs.ts_ms.min()) / 1000.0, 1e-3)
-        per_window = len(logs) / span_s * cfg.controller.window_seconds * cfg.speedup
-        if per_window < 2 * cfg.controller.min_rows:
-            say(f"warning: only ~{per_window:.0f} rows per {cfg.controller.window_seconds} s controller window "
-                f"(the controller needs {cfg.controller.min_rows} to move); a sparse log needs --speedup "
-                f"~{5 * cfg.controller.min_rows / per_window * cfg.speedup:.0f}")
     sc = score_logs(logs, scorer, policy, cfg.progress)
+    speedup: float | None = None
+    if cfg.thresholds == "live":
+        speedup = speedup_of(sc, cfg)
+        say(_speedup_line(sc, cfg, speedup))
     t1 = time.perf_counter()
     runs = run_replay(sc, cfg)
     t_decide = time.perf_counter() - t1
@@ -659,7 +687,8 @@ def replay(model: str | Path, logs: LogSet | str | Path, out: str | Path, cfg: R
     report: dict[str, Any] = {
         "model": scorer.version, "bundle": str(scorer.path), "logs": logs.source, "rows": len(logs),
         "mode": cfg.thresholds, "sweep_mode": cfg.sweep_mode if cfg.thresholds == "live" else None,
-        "speedup": cfg.speedup, "seed": cfg.seed, "tasks": sc.tasks,
+        "speedup": speedup, "speedup_source": None if speedup is None else ("flag" if cfg.speedup is not None else "auto"),
+        "seed": cfg.seed, "tasks": sc.tasks,
         "policy": policy.describe(), "controller": {"window_seconds": cfg.controller.window_seconds,
                                                      "refresh_interval": cfg.controller.refresh_interval},
         "load": logs.info or {"layout": "flat"},
@@ -687,6 +716,22 @@ def replay(model: str | Path, logs: LogSet | str | Path, out: str | Path, cfg: R
         (Path(out) / "report.json").write_text(json.dumps(_finite(report), indent=1, default=_json_default,
                                                           allow_nan=False))
     return report
+
+
+def _speedup_line(sc: Scored, cfg: ReplayConfig, speedup: float) -> str:
+    """What the controller sees of the log's density: the compression, chosen or given, and
+    the rows per window it gives (a warning when the controller cannot move on so few)."""
+    ctl = cfg.controller
+    span_s = max(float(sc.ts_ms[-1] - sc.ts_ms[0]) / 1000.0, 1e-3)
+    per_window = len(sc.ts_ms) / span_s * speedup * ctl.window_seconds
+    how = "--speedup" if cfg.speedup is not None else "chosen automatically"
+    line = (f"event time x{speedup:.4g} ({how}): ~{per_window:.0f} rows per {ctl.window_seconds} s "
+            f"controller window over {span_s / speedup:.0f} event-seconds")
+    if per_window < 2 * ctl.min_rows:
+        line += (f"; warning: the controller needs {ctl.min_rows} rows per window to move, so shares are "
+                 + ("not held (drop --speedup to let replay choose)" if cfg.speedup is not None
+                    else "not held on so small a log"))
+    return line
 
 
 def _finite(o: Any) -> Any:
@@ -740,8 +785,10 @@ def _counts_line(logs: LogSet) -> str:
 @click.option("--attribution", default=None,
               help="Attribution windows of the logged layout, e.g. 'click=15m,deal=7d'.")
 @click.option("--as-of-ms", type=int, default=None, help="Labels as of this time [default: newest event].")
-@click.option("--speedup", type=float, default=1.0, show_default=True,
-              help="Event time runs this much faster through the controller (sparse logs).")
+@click.option("--speedup", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Event time runs this much faster through the controller [default: chosen from "
+                   "the log's density, ~1000 rows per event-second and >= 300 event-seconds; 1 for "
+                   "a log at live density].")
 @click.option("--batch-rows", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Explore draws.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="onnxruntime threads.")
@@ -752,7 +799,7 @@ def _counts_line(logs: LogSet) -> str:
 def replay_cmd(model_dir: Path, logs_path: Path, out: Path, thresholds: str, ratio: float | None,
                pass_share: float, explore: float, sweep: str | None, sweep_mode: str,
                step_seconds: float | None, truth_dir: Path | None, attribution: str | None,
-               as_of_ms: int | None, speedup: float, batch_rows: int, seed: int, threads: int,
+               as_of_ms: int | None, speedup: float | None, batch_rows: int, seed: int, threads: int,
                no_plots: bool, quiet: bool) -> None:
     """Replay logged traffic through the worker's engine on event time; write the report."""
     if thresholds == "logged" and (ratio is not None or sweep):
@@ -783,6 +830,8 @@ def replay_cmd(model_dir: Path, logs_path: Path, out: Path, thresholds: str, rat
 def run_line(run: dict[str, Any]) -> str:
     """One line per run for the terminal: shares, match, value, estimates with their ESS."""
     parts = [f"{run['name']}: block share {run['block_share']:.4f}"]
+    if run.get("steps") and run.get("speedup") is not None:
+        parts.append(f"event time x{run['speedup']:.4g}")
     if run.get("max_settled_error_pp") is not None:
         parts.append(f"max settled error {run['max_settled_error_pp']:.3f} pp")
     if "match" in run:

@@ -161,7 +161,9 @@ def markdown(report: dict[str, Any], plots: bool = True) -> str:
     lines = [f"# Replay of {report['logs']}", "",
              f"Model `{report['model']}` ({report['bundle']}), {report['rows']} rows, mode "
              f"**{report['mode']}**" + (f" ({report['sweep_mode']})" if report.get("sweep_mode") else "")
-             + f", event-time speedup {report['speedup']:g}, seed {report['seed']}.", ""]
+             + (f", event time x{report['speedup']:.4g} ({report.get('speedup_source') or 'flag'})"
+                if report.get("speedup") is not None else "")
+             + f", seed {report['seed']}.", ""]
     load = report.get("load", {})
     if load.get("layout") == "logged":
         c = load["counts"]
@@ -230,7 +232,7 @@ def write_replay_report(report: dict[str, Any], sc: Any, runs: list[Any], out: P
     """The PNGs (unless `plots` is False), report.md and a self-contained-enough report.html
     (PNGs beside it)."""
     if plots:
-        window = float(report["controller"]["window_seconds"]) * float(report.get("speedup", 1.0))
+        window = float(report["controller"]["window_seconds"]) * float(report.get("speedup") or 1.0)
         plot_block_share(sc, runs, window, out / PLOTS[0])
         plot_reason_mix(report, out / PLOTS[1])
         plot_task_kept(report, out / PLOTS[2])
