@@ -146,7 +146,7 @@ def test_each_request_is_decided_once_by_its_arm_and_again_by_the_same_arm_in_a_
     canary.start(settings.model_dir, "v2", 0.3, "test", "canary of v2")
     ids, values = request_values(4000, prefix="c")
     produce(settings, values, ids)
-    with running(settings, group_id="g1", seed=1) as w:
+    with running(settings, group_id="canary-split", seed=1) as w:
         wait_for(lambda: w.stats.events >= len(values), 60, "all requests decided")
         assert w.canary is not None and w.canary.version == "v2"
         st = w.canary_status()
@@ -183,7 +183,7 @@ def test_an_unloadable_canary_leaves_current_serving_all_traffic_and_says_so(set
     onnx.write_bytes(onnx.read_bytes()[:-10] + b"0123456789")  # no longer matches its manifest
     ids, values = request_values(2000, prefix="u")
     produce(settings, values, ids)
-    with running(settings, group_id="g1", seed=1) as w:
+    with running(settings, group_id="canary-unloadable", seed=1) as w:
         wait_for(lambda: w.stats.events >= len(values), 60, "all requests decided")
         ok, health = w.metrics.health()
         assert ok and "canary_refused" in health["alerts"]
@@ -198,7 +198,7 @@ def test_a_guard_rail_breach_stops_the_canary_audited_and_current_takes_all_traf
     make_bundle(settings.model_dir, "v2", seed=1, publish=False, scale=40.0)
     canary.start(settings.model_dir, "v2", 0.5, "test", "canary of v2")
     ids, values = request_values(6000, prefix="g")
-    with running(settings, group_id="g1", seed=1, reload_interval_s=0.2) as w:
+    with running(settings, group_id="canary-guard", seed=1, reload_interval_s=0.2) as w:
         # a bound no arm can hold: the first judged batch breaches it
         w.guard = ArmGuard(min_rows=500, warmup_rows=0, block_bound=1e-9)
         produce(settings, values[:3000], ids[:3000])
@@ -225,8 +225,8 @@ def test_two_workers_on_different_model_sets_never_decide_one_request_twice(sett
     shutil.copytree(settings.model_dir, other, symlinks=True)
     canary.start(settings.model_dir, "v2", 0.3, "test", "canary of v2")
     ids, values = request_values(6000, prefix="t")
-    with running(settings, group_id="g1", seed=1) as a, \
-            running(replace(settings, model_dir=other), group_id="g1", seed=2) as b:
+    with running(settings, group_id="canary-two-sets", seed=1) as a, \
+            running(replace(settings, model_dir=other), group_id="canary-two-sets", seed=2) as b:
         wait_for(lambda: len(a.assignment) + len(b.assignment) == 3 and a.assignment and b.assignment, 60,
                  "both assigned")
         produce(settings, values, ids, rate=3000)
