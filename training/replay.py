@@ -46,6 +46,7 @@ import pyarrow.parquet as pq
 from stream.controller import ControllerConfig, RatioController
 from stream.engine import score_batch
 from stream.errors import ConfigError, DataError
+from stream.logger.storage import LOCATION
 from stream.policy import DEGRADED, REASONS, SCORE, UNCERTAIN, ScorePolicy, Targets, decide
 from stream.prior import ScoreDistribution
 from stream.scorer import Scorer
@@ -764,8 +765,9 @@ def _counts_line(logs: LogSet) -> str:
 @click.command("replay")
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
               help="Bundle directory, or a model directory (its `current`).")
-@click.option("--logs", "logs_path", required=True, type=click.Path(path_type=Path),
-              help="Logged traffic: `rta log` layout (impressions/ + outcomes/) or a world log.")
+@click.option("--logs", "logs_path", required=True, type=LOCATION,
+              help="Logged traffic: `rta log` layout (impressions/ + outcomes/) or a world log "
+                   "(a path or s3://bucket/prefix).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Report directory: decisions.parquet, report.json/.md/.html, PNGs.")
 @click.option("--thresholds", type=click.Choice(["live", "logged"]), default="live", show_default=True,
@@ -796,7 +798,7 @@ def _counts_line(logs: LogSet) -> str:
               help="Skip the PNGs (report.json/.md/.html and decisions.parquet still written): "
                    "matplotlib's import and drawing are ~2-3 s whatever the row count.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def replay_cmd(model_dir: Path, logs_path: Path, out: Path, thresholds: str, ratio: float | None,
+def replay_cmd(model_dir: Path, logs_path: Path | str, out: Path, thresholds: str, ratio: float | None,
                pass_share: float, explore: float, sweep: str | None, sweep_mode: str,
                step_seconds: float | None, truth_dir: Path | None, attribution: str | None,
                as_of_ms: int | None, speedup: float | None, batch_rows: int, seed: int, threads: int,
