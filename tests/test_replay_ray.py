@@ -25,8 +25,11 @@ def test_the_local_engine_never_imports_ray():
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_ray_scoring_gives_the_local_decisions_and_estimates(tmp_path):
+def test_ray_scoring_gives_the_local_decisions_and_estimates(tmp_path, monkeypatch):
     pytest.importorskip("ray")
+    import training.replay_ray
+
+    monkeypatch.setattr(training.replay_ray, "BLOCK_CHUNKS", 1)  # 3 blocks over 2 actors, not one
     world, bundle = world_and_bundle(tmp_path, ROWS, seed=4)
     make_logged_layout(bundle, world, tmp_path / "log", Step(0.3, 0.02, 0.05), seed=1)
     for mode, steps in (("logged", []), ("live", [Step(0.3, 0.02, 0.05)])):
