@@ -206,3 +206,28 @@ def test_rta_log_with_a_missing_bucket_stops_in_one_line(settings, s3, tmp_path)
     assert proc.wait(60) == 2
     text = next(tmp_path.glob("logger-*.log")).read_text()
     assert "no such bucket" in text and "Traceback" not in text, text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_rta_retrain_trains_and_gates_from_logs_on_s3(s3, tmp_path):
+    """The nightly loop with its logs on S3: `rta retrain --logs s3://... --gate-logs s3://...`
+    trains on the one, gates on the other, promotes, and records the URI as the lineage."""
+    from gate_support import rta, split_world_and_v0
+
+    from infra.stack import free_port
+    from model import bundle, registry
+
+    train, holdout, models = split_world_and_v0(tmp_path, 30_000, seed=5)
+    fs, root = resolve(s3)
+    for name, local in (("train", train), ("holdout", holdout)):
+        with fs.open_output_stream(f"{root}/{name}/part-00000.parquet") as out:
+            out.write(local.read_bytes())
+    res = rta("retrain", "--logs", f"{s3}/train", "--gate-logs", f"{s3}/holdout/part-00000.parquet",
+              "--model-dir", str(models), "--since-hours", "24", "--profile", "tiny", "--version", "s1",
+              "--reason", "nightly", "--ratio", "0.5", "--pass-share", "0.02",
+              "--redis-url", f"redis://127.0.0.1:{free_port()}/0", "--no-audit-topic", "--quiet",
+              "--threads", "1", "--fidelity", "no-regression", timeout=540)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert bundle.current_version(models) == "s1"
+    assert registry.lineage(models / "s1")["logs"] == f"{s3}/train"

@@ -37,7 +37,7 @@ import pyarrow.fs as pafs
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from stream.errors import DataError
+from stream.errors import DataError, RtaError
 from stream.features import CATEGORICAL, DEFAULT_TASKS, NUMERIC, RESERVED_COLUMNS, FeatureSpec
 from stream.logger.schema import (
     DECISION_COLUMNS,
@@ -529,6 +529,23 @@ def is_logged_layout(path: str | Path) -> bool:
     if is_uri(path):
         return _s3(str(join(path, IMPRESSIONS_DIR)), kind_of) == "dir"
     return (Path(path) / IMPRESSIONS_DIR).is_dir()
+
+
+def newest_logged_ts_ms(location: str | Path, now_ms: int | None = None) -> int | None:
+    """Newest in-range ts_ms at a log location (a path or s3://; a logged layout's impressions,
+    else the Parquet files there), reading that column only; None when nothing is readable."""
+    import pyarrow.dataset as ds
+
+    try:
+        root: Any = join(location, IMPRESSIONS_DIR) if is_logged_layout(location) else location
+        fs, path = resolve(root)
+        col = ds.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=True).to_table(
+            columns=["ts_ms"])["ts_ms"]
+    except (RtaError, OSError, pa.ArrowException):  # JSONL, odd files: callers ask for a window
+        return None
+    ts = col.drop_null().to_numpy().astype(np.int64)
+    ts = ts[ts_in_range(ts, now_ms)]
+    return None if len(ts) == 0 else int(ts.max())
 
 
 def _layout_files(root: Path | str, counts: dict[str, int], what: str) -> list[Path] | list[RemoteFile]:
