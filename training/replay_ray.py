@@ -26,7 +26,10 @@ import numpy as np
 from stream.errors import ConfigError
 
 ADDRESS_ENV = "RTA_RAY_ADDRESS"
-BLOCK_CHUNKS = 16  # SCORE_CHUNK-row chunks per actor call (2048 x 16 rows: call overhead << work)
+BLOCKS_ENV = "RTA_RAY_BLOCK_CHUNKS"
+# SCORE_CHUNK-row chunks per actor call (2048 x 16 rows: call overhead << work); the env var
+# sets it (tests cut a small log into several blocks)
+BLOCK_CHUNKS = 16
 _OBJECT_STORE_BYTES = 256 << 20  # local mode: the blocks in flight, not the log
 
 
@@ -79,7 +82,10 @@ class RayScoring:
     def blocks(self, num: np.ndarray, cat: np.ndarray, chunk: int) -> Iterator[tuple[slice, tuple[np.ndarray, ...]]]:
         from ray.util import ActorPool
 
-        n, size = len(num), chunk * BLOCK_CHUNKS
+        per_call = int(os.environ.get(BLOCKS_ENV) or BLOCK_CHUNKS)
+        if per_call < 1:
+            raise ConfigError(f"{BLOCKS_ENV} must be >= 1, got {per_call}")
+        n, size = len(num), chunk * per_call
         spans = [slice(s, min(n, s + size)) for s in range(0, n, size)]
         pool = ActorPool(self.actors)
         results = pool.map(lambda a, sl: a.score.remote(num[sl], cat[sl], chunk), spans)  # in order
