@@ -75,7 +75,12 @@ class RayScoring:
                                       "logging_level": logging.WARNING, "configure_logging": False}
             if address is None:  # local mode: this machine's share, not all of it
                 kwargs.update(num_cpus=workers, object_store_memory=_OBJECT_STORE_BYTES)
-            ray.init(**kwargs)
+            try:
+                ray.init(**kwargs)
+            except Exception as exc:  # an unreachable RTA_RAY_ADDRESS, no room for the object store
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                where = f"the cluster at {ADDRESS_ENV}={address}" if address else "a local Ray"
+                raise ConfigError(f"--engine ray: cannot start {where} ({first})") from None
         actor = ray.remote(num_cpus=1)(_ScoreActor)
         self.actors = [actor.remote(str(bundle_dir), threads) for _ in range(workers)]
 
