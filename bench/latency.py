@@ -54,7 +54,7 @@ def passthrough_process() -> None:
     requests topic -> decisions topic, each request's first DECISION_BYTES, until SIGTERM. Same
     consumer (the worker's group settings), producer and checkpoint policy as `rta serve`."""
     from stream.checkpoint import Checkpoint, DeliveryReports
-    from stream.kafka import make_consumer, make_producer
+    from stream.kafka import consume_ready, make_consumer, make_producer
     from stream.worker import GROUP_DEFAULTS
 
     group, batch_size, wait_ms, commit_ms = sys.argv[1], *map(int, sys.argv[2:5])
@@ -69,7 +69,7 @@ def passthrough_process() -> None:
     consumer.subscribe([src])
     produce = producer.produce
     while not stopping:
-        msgs = consumer.consume(batch_size, wait_ms / 1000)
+        msgs = consume_ready(consumer, batch_size, wait_ms / 1000)  # the worker's loop
         if msgs:
             msgs = [m for m in msgs if m.error() is None]
             for m in msgs:

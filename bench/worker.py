@@ -42,7 +42,14 @@ from stream.checkpoint import Checkpoint, DeliveryReports
 from stream.config import Settings, load_settings
 from stream.events import encode_requests, encode_requests_binary, encode_requests_positional
 from stream.features import FeatureSpec
-from stream.kafka import ensure_topics, make_admin, make_consumer, make_producer, produce_waiting
+from stream.kafka import (
+    consume_ready,
+    ensure_topics,
+    make_admin,
+    make_consumer,
+    make_producer,
+    produce_waiting,
+)
 
 # --- the stack and the model ----------------------------------------------------------------
 
@@ -172,7 +179,7 @@ def passthrough(settings: Settings, n: int, batch_size: int, batch_wait_ms: int,
     wait_s = batch_wait_ms / 1000
     deadline = time.monotonic() + 300
     while done < n and time.monotonic() < deadline:
-        msgs = consumer.consume(batch_size, wait_s)
+        msgs = consume_ready(consumer, batch_size, wait_s)  # the worker's loop
         if not msgs:
             producer.poll(0)
             continue

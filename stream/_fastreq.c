@@ -107,8 +107,10 @@ typedef struct {
     const char **name_ptr; /* UTF-8 of each name (owned by the str objects) */
     Py_ssize_t *name_len;
     table_t names_t;
+    int ready;            /* set only when __init__ completed: decode refuses a half-made Decoder */
     int has_vocab;
-    PyObject *words;      /* list of str: vocabulary words (kept alive: tables point into them) */
+    PyObject *words;      /* tuple of str: vocabulary words (kept alive: tables point into them;
+                             a copy, so a caller's later change to its list frees none of them) */
     table_t vocab_t;
     int64_t unknown_id, missing_id;
     PyObject *empty;      /* "" */
@@ -137,7 +139,7 @@ static int Decoder_init(Decoder *self, PyObject *args, PyObject *kwds)
                                      &PyTuple_Type, &categorical, &words, &word_ids,
                                      &unknown_id, &missing_id))
         return -1;
-    if (self->names) {
+    if (self->names || self->ready) {
         PyErr_SetString(PyExc_TypeError, "Decoder is initialised once");
         return -1;
     }
@@ -183,14 +185,15 @@ static int Decoder_init(Decoder *self, PyObject *args, PyObject *kwds)
             PyErr_SetString(PyExc_TypeError, "words and word_ids must be lists of one length");
             return -1;
         }
-        Py_INCREF(words);
-        self->words = words;
+        self->words = PyList_AsTuple(words);
+        if (!self->words)
+            return -1;
         self->has_vocab = 1;
-        Py_ssize_t m = PyList_GET_SIZE(words);
+        Py_ssize_t m = PyTuple_GET_SIZE(self->words);
         if (table_init(&self->vocab_t, m) < 0)
             return -1;
         for (Py_ssize_t i = 0; i < m; i++) {
-            PyObject *w = PyList_GET_ITEM(words, i);
+            PyObject *w = PyTuple_GET_ITEM(self->words, i);
             if (!PyUnicode_Check(w)) {
                 PyErr_SetString(PyExc_TypeError, "vocabulary words must be str");
                 return -1;
@@ -212,6 +215,7 @@ static int Decoder_init(Decoder *self, PyObject *args, PyObject *kwds)
             }
         }
     }
+    self->ready = 1;
     return 0;
 }
 
@@ -605,7 +609,7 @@ static PyObject *Decoder_decode(Decoder *self, PyObject *args)
     Py_ssize_t max_bytes;
     if (!PyArg_ParseTuple(args, "O!OOOOn", &PyList_Type, &values, &num_o, &ids_o, &ts_o, &ok_o, &max_bytes))
         return NULL;
-    if (!self->names) {
+    if (!self->ready) {
         PyErr_SetString(PyExc_TypeError, "Decoder not initialised");
         return NULL;
     }

@@ -60,7 +60,7 @@ from stream.events import (
     decoder_in_use,
     encode_decisions,
 )
-from stream.kafka import make_consumer, make_producer, wait_reachable
+from stream.kafka import consume_ready, make_consumer, make_producer, wait_reachable
 from stream.metrics import MetricsServer, WorkerMetrics
 from stream.policy import (
     DEGRADED,
@@ -132,7 +132,7 @@ class WorkerConfig:
 
     group_id: str = "rta-worker"
     batch_size: int = 1000
-    batch_wait_ms: int = 20
+    batch_wait_ms: int = 20  # longest wait for a batch's first message (then: what is queued)
     commit_interval_s: float = 1.0
     commit_every: int = 0
     exactly_once: bool = False
@@ -423,7 +423,7 @@ class Worker:
                 self.metrics.last_loop = now = time.monotonic()
                 if self._hold_until:
                     self._hold(now)
-                msgs = self.consumer.consume(cfg.batch_size, wait_s)
+                msgs = consume_ready(self.consumer, cfg.batch_size, wait_s)
                 if msgs:
                     self.process(msgs)
                 else:  # idle (or rebalancing): keep targets, thresholds and our status fresh,
@@ -853,7 +853,8 @@ def _tps(partitions: list[TopicPartition]) -> str:
 @click.option("--batch-size", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Most messages per batch.")
 @click.option("--batch-wait-ms", type=click.IntRange(min=0), default=20, show_default=True,
-              help="Longest wait to fill a batch.")
+              help="Longest wait for a batch's first message; the rest is what is already "
+                   "queued (a batch never waits to fill).")
 @click.option("--commit-interval-ms", type=click.IntRange(min=0), default=1000, show_default=True,
               help="Commit at most this often (0: after every batch); never before delivery.")
 @click.option("--commit-every", type=click.IntRange(min=0), default=0, show_default=True,

@@ -224,6 +224,45 @@ def test_bad_arguments_to_the_compiled_decoder_are_errors_not_crashes():
         ev._fastreq.Decoder(("a",), ("b",), ["w", "w"], [0, 1])
 
 
+_OWNERSHIP_SCRIPT = r"""
+import gc
+import numpy as np
+from stream import _fastreq
+
+# a half-made Decoder (its __init__ failed) refuses to decode instead of reading NULLs
+half = _fastreq.Decoder.__new__(_fastreq.Decoder)
+try:
+    half.__init__(("a", "a"), ())
+except ValueError:
+    pass
+try:
+    half.decode([b"{}"], np.empty(2, np.float32), None, np.zeros(1, np.int64), np.zeros(1, np.uint8), 100)
+    print("decoded by a half-made Decoder")
+except TypeError:
+    pass
+# the vocabulary's words stay alive when the caller's list drops them (the Decoder keeps a copy)
+words = ["".join(["word-", str(i), "-x" * 20]) for i in range(2000)]
+d = _fastreq.Decoder(("n",), ("c",), words, list(range(1, 2001)), 0, 0)
+words.clear()
+gc.collect()
+junk = ["".join(["junk-", str(i), "-y" * 20]) for i in range(20000)]
+body = b'{"v":1,"request_id":"r","ts_ms":1,"features":{"n":1.5,"c":"word-7' + b"-x" * 20 + b'"}}'
+ids = np.zeros(1, np.int64)
+rids, cats = d.decode([body], np.empty(1, np.float32), ids, np.zeros(1, np.int64), np.zeros(1, np.uint8), 10000)
+print(rids[0], cats[0] == "word-7" + "-x" * 20, int(ids[0]))
+"""
+
+
+def test_the_decoder_owns_what_it_points_into(tmp_path):
+    """Run apart from the suite: the failure this guards against is a crash, not an assert."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _OWNERSHIP_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, f"exit {out.returncode}: {out.stderr[-2000:]}"
+    assert out.stdout.split() == ["r", "True", "8"], out.stdout
+
+
 def test_the_choice_of_decoder():
     prev = set_decoder("python")
     try:
