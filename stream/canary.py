@@ -155,8 +155,9 @@ def _entry(action: str, who: str, reason: str, root: Path, **extra: Any) -> dict
 
 
 def start(model_dir: str | Path, version: str, share: float, who: str, reason: str,
-          audit: Any = None) -> dict[str, Any]:
-    """Start (or re-share) a canary of `version`: verified first, never `current` itself."""
+          audit: Any = None, gate: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Start (or re-share) a canary of `version`: verified first, never `current` itself.
+    `gate`: the off-policy gate's verdict that let it start (kept in the audit entry)."""
     from model import bundle, registry
 
     root = Path(model_dir)
@@ -168,7 +169,8 @@ def start(model_dir: str | Path, version: str, share: float, who: str, reason: s
     if version == current:
         raise ConfigError(f"{version} is current already; a canary needs another version")
     state = CanaryState(version, float(share), who, " ".join(reason.split()) if reason else "", int(time.time() * 1000))
-    entry = _entry("canary-start", who, reason, root, old=current, new=version, share=state.share)
+    entry = _entry("canary-start", who, reason, root, old=current, new=version, share=state.share,
+                   **({"gate": gate} if gate else {}))
     return _audited(root, entry, state, audit)
 
 

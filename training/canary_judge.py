@@ -20,6 +20,7 @@ and minimum detectable effect.
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import numpy as np
@@ -153,6 +154,82 @@ def canary_run(model_dir: Any, version: str) -> dict[str, Any]:
     return starts[-1]
 
 
+def canary_applies(model_dir: Any, version: str, current: str | None) -> tuple[dict[str, Any] | None, str | None]:
+    """(the canary run of `version` that can judge it against `current`, None) or (None, why
+    not): no canary of it in registry.jsonl, or it ran beside another current (its arms compared
+    the candidate with a model that is no longer served)."""
+    from stream.errors import BundleError
+
+    try:
+        run = canary_run(model_dir, version)
+    except BundleError as exc:
+        return None, str(exc)
+    if run.get("old") != current:
+        return None, (f"the canary of {version} ran beside {run.get('old')}, not the current {current}: "
+                      "its evidence does not compare the candidate with what is served")
+    return run, None
+
+
+def canary_gate(model_dir: Any, version: str, logs_path: Any, cfg: Any = None, attribution: Any = None,
+                run: dict[str, Any] | None = None, write: bool = True) -> dict[str, Any]:
+    """The gate's result (the shape of `training.gate.run_gate`'s, so `rta model promote`,
+    `outcome_line`, `exit_code` and the audit entry read it unchanged) judged on the canary's own
+    arms: the value and guard rails by `judge_canary` (`gate.decide`), the fidelity acceptance
+    recorded at distillation (`gate.fidelity_check`: a canary measures value, not fidelity).
+    Written to <candidate>/gate.json unless `write=False`."""
+    from pathlib import Path
+
+    from model import bundle, registry
+    from training.gate import GateConfig, fidelity_check, gate_task, score_weights
+    from training.logs import load_logged
+    from training.replay import _finite
+
+    cfg = cfg or GateConfig()
+    root = Path(model_dir)
+    cand_dir = registry.version_dir(root, version)
+    current = bundle.current_version(root)
+    run = run or canary_run(root, version)
+    cand_manifest = registry.verify(cand_dir)
+    cur_manifest = bundle.read_manifest(bundle.resolve_bundle(root))
+    tasks = tuple(cand_manifest["tasks"])
+    logs = load_logged(logs_path, tasks, attribution)
+    kept, to_canary, info = canary_evidence(logs, str(run.get("old")), version, float(run["share"]))
+    hours = max((info["period_ms"][1] - info["period_ms"][0]) / 3.6e6, 1e-6)
+    task = gate_task(cand_manifest, cfg.task)
+    weights = {cfg.task: 1.0} if cfg.task is not None else score_weights(cand_manifest)
+    out = judge_canary(kept, to_canary, tasks, weights, cfg, hours, gate_task=task)
+    value = out.pop("value")
+    fid = {**fidelity_check(cand_manifest, cur_manifest, cfg.fidelity), "source": "recorded at distillation"}
+    decision = "refuse" if not fid["passed"] else out["decision"]
+    reasons = [r for r in (None if fid["passed"] else fid["why"], None if out["decision"] == "promote"
+                           else out["why"]) if r]
+    t = value["tasks"].get(task, {})
+    ratio = None
+    if "target_ratio" in logs.decisions.column_names:
+        tr = np.asarray(logs.decisions.column("target_ratio").to_numpy(zero_copy_only=False), dtype=np.float64)
+        ratio = float(np.nanmedian(tr)) if np.isfinite(tr).any() else None
+    estimate = {"evidence": "canary", "task": task, "decision": decision, "value": value["difference"],
+                "value_ci": value["difference_ci"], "value_current": value["current"],
+                "value_relative": value["relative"], "mde_relative": out.get("mde_relative"),
+                **{k: t.get(k) for k in ("candidate", "current", "difference", "difference_ci")},
+                "positives_in_sample": sum(t.get("kept_positives", {}).values()),
+                "rows": value["rows"], "share": run["share"]}
+    result = {"candidate": version, "current": current, "evidence": "canary",
+              "gated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "targets": {"r": ratio, "source": "logged target_ratio (median over the canary's period)"},
+              "canary": {"share": run["share"], "started": run.get("at"), "started_by": run.get("who"), **info},
+              "window": {"logs": str(logs_path), "layout": "logged", "from_ms": info["period_ms"][0],
+                         "to_ms": info["period_ms"][1], "rows": info["rows"],
+                         "labels_as_of_ms": logs.info.get("as_of_ms")},
+              "fidelity": fid, "value": value, "estimate": estimate,
+              "verdict": {k: v for k, v in out.items() if k not in ("decision",)},
+              "decision": decision, "passed": decision == "promote", "reasons": reasons}
+    result = _finite(result)
+    if write:
+        registry.write_gate(cand_dir, result)
+    return result
+
+
 def _cli() -> Any:
     import json
     from pathlib import Path
@@ -174,26 +251,14 @@ def _cli() -> Any:
                   min_positives: int, non_inferiority: float, guard_margin: float, seed: int) -> None:
         """Judge a canary on its own arm's matured outcomes (the gate's rule): JSON, exit 0 promote,
         3 refuse, 4 inconclusive. Promoting stays `rta model promote` (this is the evidence)."""
-        from model import bundle
-        from training.gate import GateConfig, score_weights
-        from training.logs import Attribution, load_logged
+        from training.gate import GateConfig, outcome_line
+        from training.logs import Attribution
         from training.model_cli import exit_code
 
-        run = canary_run(model_dir, version)
-        current = run.get("old")
-        manifest = bundle.read_manifest(Path(model_dir) / version)
         cfg = GateConfig(min_positives=min_positives, non_inferiority=non_inferiority, guard_margin=guard_margin,
                          seed=seed)
-        logs = load_logged(logs_path, tuple(manifest["tasks"]), Attribution.parse(attribution, as_of_ms))
-        kept, to_canary, info = canary_evidence(logs, str(current), version, float(run["share"]))
-        hours = max((info["period_ms"][1] - info["period_ms"][0]) / 3.6e6, 1e-6)
-        out = judge_canary(kept, to_canary, tuple(manifest["tasks"]), score_weights(manifest), cfg, hours)
-        out.update(candidate=version, current=current, share=run["share"], rows=info)
-        v = out["value"]
-        click.echo(f"[rta model] canary {version} vs {current}: {out['decision']} - value {v['relative']:+.2%} "
-                   f"of current's [{v['difference_ci'][0] / v['current']:+.2%}, "
-                   f"{v['difference_ci'][1] / v['current']:+.2%}]" if v["current"] > 0 else
-                   f"[rta model] canary {version}: {out['decision']} ({out['why']})", err=True)
+        out = canary_gate(model_dir, version, logs_path, cfg, Attribution.parse(attribution, as_of_ms), write=False)
+        click.echo(f"[rta model] canary evidence: {outcome_line(out)}", err=True)
         click.echo(json.dumps(out, default=str))
         raise SystemExit(exit_code(out))
 
