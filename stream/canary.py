@@ -262,6 +262,19 @@ def fleet_arms(settings: Any) -> tuple[list[dict[str, Any]], str | None]:
     return out, None
 
 
+VALUE_FILE = "canary-value.json"  # written by `rta model canary-watch` (training/canary_judge.py)
+
+
+def read_value(model_dir: str | Path, version: str | None) -> dict[str, Any] | None:
+    """The canary watcher's newest judgement of `version`'s arms: per-arm value with intervals, the
+    difference, the decision (None: no judgement of this canary yet)."""
+    try:
+        rec = json.loads((Path(model_dir) / VALUE_FILE).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) and version is not None and rec.get("version") == version else None
+
+
 def status(model_dir: str | Path, settings: Any | None) -> dict[str, Any]:
     """The canary in force, its audit trail, and per-arm counts summed over the live workers."""
     from model import bundle, registry
@@ -287,6 +300,7 @@ def status(model_dir: str | Path, settings: Any | None) -> dict[str, Any]:
     trail = [e for e in registry.read_log(root) if str(e.get("action", "")).startswith("canary")]
     return {"canary": None if state is None else asdict(state), "problem": problem,
             "current": bundle.current_version(root), "arms": arms,
+            "value": read_value(root, None if state is None else state.version),
             "workers": workers, "redis_problem": redis_problem, "last": trail[-1] if trail else None}
 
 

@@ -19,11 +19,14 @@ and minimum detectable effect.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from typing import Any
 
 import numpy as np
+
+from stream.canary import VALUE_FILE  # <model_dir>/: the watcher's newest judgement (canary status)
 
 # training.gate / training.replay are imported where used: `rta model list` (which registers the
 # canary-judge command) stays light
@@ -81,6 +84,17 @@ def canary_value(kept: np.ndarray, to_canary: np.ndarray, tasks: tuple[str, ...]
             "kept_positives": {"current": float(np.nansum(kept[~to_canary, j])),
                                "canary": float(np.nansum(kept[to_canary, j]))},
         }
+    # each arm's own value (as if it decided all matured traffic), for status and /metrics
+    arm_b = {"current": np.zeros(len(b_cur)), "canary": np.zeros(len(b_can))}
+    arm_v = {"current": 0.0, "canary": 0.0}
+    for j, t in enumerate(tasks):
+        pos = (positives or {}).get(t, float(m_cur[j] * n_t[j]))
+        scale = weights.get(t, 0.0) / pos if pos and pos > 0 else 0.0
+        for arm, m, b in (("current", m_cur, b_cur), ("canary", m_can, b_can)):
+            if math.isfinite(float(m[j])):
+                arm_v[arm] += scale * float(m[j] * n_t[j])
+                arm_b[arm] += scale * np.nan_to_num(b[:, j] * n_t[j])
+    out["arms"] = {a: {"value": arm_v[a], "ci": _quantiles(arm_b[a], confidence)} for a in arm_v}
     vci = _quantiles(val_b, confidence)
     out.update(current=cur_value, candidate=cur_value + val, difference=val, difference_ci=vci,
                se=float(np.std(val_b, ddof=1)) if len(val_b) > 1 else math.nan,
@@ -222,12 +236,106 @@ def canary_gate(model_dir: Any, version: str, logs_path: Any, cfg: Any = None, a
                          "to_ms": info["period_ms"][1], "rows": info["rows"],
                          "labels_as_of_ms": logs.info.get("as_of_ms")},
               "fidelity": fid, "value": value, "estimate": estimate,
-              "verdict": {k: v for k, v in out.items() if k not in ("decision",)},
+              "verdict": out,
               "decision": decision, "passed": decision == "promote", "reasons": reasons}
     result = _finite(result)
     if write:
         registry.write_gate(cand_dir, result)
     return result
+
+
+
+
+def value_summary(result: dict[str, Any]) -> dict[str, Any]:
+    """What status and /metrics show of a canary judgement: per-arm value with intervals, the
+    difference, the guard rails, the decision."""
+    v, verdict = result["value"], result.get("verdict") or {}
+    return {"version": result["candidate"], "current": result["current"], "decision": result["decision"],
+            "value_decision": verdict.get("decision"), "why": verdict.get("why"), "arms": v.get("arms"),
+            "difference": v.get("difference"), "difference_ci": v.get("difference_ci"),
+            "relative": v.get("relative"), "rows": v.get("rows"), "confidence": v.get("confidence"),
+            "guard_rails": {t: g.get("state") for t, g in (verdict.get("guard_rails") or {}).items()},
+            "period_ms": (result.get("canary") or {}).get("period_ms"), "unit": v.get("unit")}
+
+
+class WatchMetrics:
+    """The watcher's Prometheus registry; `health()` as stream.metrics.MetricsServer expects."""
+
+    DECISIONS = ("promote", "refuse", "inconclusive", "waiting", "none")
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge
+
+        r = self.registry = CollectorRegistry()
+        self.value = Gauge("rta_canary_value", "Each arm's value (share of current's kept positives, "
+                           "score-weighted) on its matured rows, with its interval.", ["arm", "bound"], registry=r)
+        self.difference = Gauge("rta_canary_value_difference", "Canary minus current value, with its interval.",
+                                ["bound"], registry=r)
+        self.decision = Gauge("rta_canary_value_decision", "The newest judgement of the canary's arms (1 = it).",
+                              ["decision"], registry=r)
+        self.rounds = Counter("rta_canary_watch_rounds", "Judgements made.", registry=r)
+        self.stops = Counter("rta_canary_watch_stops", "Canaries stopped on a value guard rail.", registry=r)
+        self.last: dict[str, Any] = {"state": "none"}
+
+    def observe(self, rec: dict[str, Any]) -> None:
+        self.rounds.inc()
+        self.last = rec
+        state = rec.get("decision") or rec.get("state", "none")
+        for d in self.DECISIONS:
+            self.decision.labels(d).set(1.0 if d == state else 0.0)
+        for arm, a in (rec.get("arms") or {}).items():
+            for bound, x in zip(("point", "low", "high"), [a.get("value"), *(a.get("ci") or [None, None])],
+                                strict=True):
+                self.value.labels(arm, bound).set(math.nan if x is None else x)
+        for bound, x in zip(("point", "low", "high"), [rec.get("difference"), *(rec.get("difference_ci") or
+                                                                                 [None, None])], strict=True):
+            self.difference.labels(bound).set(math.nan if x is None else x)
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        alerts = ["canary_value_refused"] if self.last.get("stopped") else []
+        return self.last.get("state") != "error", {"last": self.last, "alerts": alerts}
+
+
+def watch_once(model_dir: Any, logs_path: Any, cfg: Any, attribution: Any, audit: Any = None,
+               who: str = "canary-watch", stop: bool = True) -> dict[str, Any]:
+    """One judgement of the canary in force on its arms' matured outcomes: written to
+    <model_dir>/canary-value.json; a value guard rail breached with confidence (the judge's
+    `refuse`: the value difference, or a guarded task's, below its floor beyond the interval)
+    stops it through the audited path (`stream.canary.stop(automatic=True)`)."""
+    from pathlib import Path
+
+    from model import bundle
+    from stream import canary
+    from stream.errors import BundleError, DataError
+
+    root = Path(model_dir)
+    state = canary.read_canary(root)
+    if state is None:
+        return {"state": "none", "at_ms": int(time.time() * 1000)}
+    current = bundle.current_version(root)
+    run, why = canary_applies(root, state.version, current)
+    rec: dict[str, Any] = {"state": "waiting", "version": state.version, "at_ms": int(time.time() * 1000)}
+    if run is None:
+        return {**rec, "why": why}
+    try:
+        result = canary_gate(root, state.version, logs_path, cfg, attribution, run=run, write=False)
+    except (ValueError, DataError) as exc:  # no decision of the canary logged yet, no matured row yet
+        return {**rec, "why": str(exc)}
+    rec = {**rec, "state": "judged", **value_summary(result)}
+    if stop and (result.get("verdict") or {}).get("decision") == "refuse":
+        why = " ".join(str(result["verdict"]["why"]).split())
+        try:
+            entry = canary.stop(root, who, f"automatic rollback: value guard rail: {why}", audit, automatic=True,
+                                evidence={k: rec[k] for k in ("arms", "difference", "difference_ci", "rows",
+                                                              "guard_rails", "period_ms")},
+                                expect_version=state.version)
+            rec["stopped"] = entry is not None
+        except (BundleError, OSError) as exc:
+            rec.update(stopped=False, stop_error=str(exc))
+    from model.bundle import _atomic_write
+
+    _atomic_write(root / VALUE_FILE, json.dumps(rec, default=str).encode())
+    return rec
 
 
 def _cli() -> Any:
@@ -262,7 +370,68 @@ def _cli() -> Any:
         click.echo(json.dumps(out, default=str))
         raise SystemExit(exit_code(out))
 
-    return judge_cmd
+    @click.command("canary-watch")
+    @click.option("--model-dir", required=True, type=click.Path(path_type=Path), help="Model directory.")
+    @click.option("--logs", "logs_path", required=True, type=click.Path(path_type=Path),
+                  help="`rta log`'s layout the logger writes (read again each round).")
+    @click.option("--interval", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
+                  help="Seconds between judgements.")
+    @click.option("--once", is_flag=True, help="One judgement, then exit (cron).")
+    @click.option("--attribution", default=None, help="Attribution windows, e.g. 'click=15m,deal=7d'.")
+    @click.option("--min-positives", type=click.IntRange(min=1), default=10, show_default=True)
+    @click.option("--non-inferiority", type=float, default=0.01, show_default=True)
+    @click.option("--guard-margin", type=float, default=0.05, show_default=True)
+    @click.option("--confidence", type=float, default=0.99, show_default=True,
+                  help="Of the intervals a stop needs (every round looks again: stricter than the gate's 0.95).")
+    @click.option("--stop/--no-stop", "stop_", default=True, show_default=True,
+                  help="Stop the canary (audited) when its value guard rail is breached with confidence.")
+    @click.option("--audit-topic/--no-audit-topic", default=True, show_default=True,
+                  help="Record a stop on the Kafka audit topic first.")
+    @click.option("--metrics-port", type=int, default=None, help="Serve /metrics and /healthz on this port.")
+    @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, help="Config file.")
+    def watch_cmd(model_dir: Path, logs_path: Path, interval: float, once: bool, attribution: str | None,
+                  min_positives: int, non_inferiority: float, guard_margin: float, confidence: float, stop_: bool,
+                  audit_topic: bool, metrics_port: int | None, config_file: str | None) -> None:
+        """Judge the canary in force on its arms' matured outcomes every --interval seconds:
+        per-arm value with intervals to <model_dir>/canary-value.json (`rta model canary status`)
+        and /metrics; stop it (audited, automatic) when a value guard rail is breached."""
+        import signal
+
+        from stream.config import load_settings
+        from stream.metrics import MetricsServer
+        from stream.operators import produce_audit
+        from training.gate import GateConfig
+        from training.logs import Attribution
+
+        cfg = GateConfig(min_positives=min_positives, non_inferiority=non_inferiority, guard_margin=guard_margin,
+                         confidence=confidence, boot=400)
+        Attribution.parse(attribution)  # a bad --attribution is one line now, not on the first round
+        settings = load_settings(config_file)
+        audit = (lambda entry: produce_audit(settings, entry, key=b"model")) if audit_topic else None
+        metrics = WatchMetrics()
+        server = MetricsServer(metrics, "0.0.0.0", metrics_port) if metrics_port is not None else None  # type: ignore[arg-type]
+        done = []
+        signal.signal(signal.SIGTERM, lambda *_: done.append(1))
+        try:
+            while not done:
+                try:
+                    rec = watch_once(model_dir, logs_path, cfg, Attribution.parse(attribution), audit, stop=stop_)
+                except Exception as exc:  # noqa: BLE001 - one bad round (a torn file) never stops the watch
+                    rec = {"state": "error", "why": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+                metrics.observe(rec)
+                click.echo(json.dumps(rec, default=str))
+                if rec.get("stopped"):
+                    click.echo(f"[rta model] canary {rec['version']} stopped: {rec['why']}", err=True)
+                if once:
+                    return
+                end = time.monotonic() + interval
+                while not done and time.monotonic() < end:
+                    time.sleep(min(0.2, interval))
+        finally:
+            if server is not None:
+                server.close()
+
+    return judge_cmd, watch_cmd
 
 
-judge_cmd = _cli()
+judge_cmd, watch_cmd = _cli()

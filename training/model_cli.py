@@ -350,10 +350,11 @@ def _end_canary_of(model_dir: Path, version: str, who: str, reason: str, setting
 
 def _add_canary() -> None:
     from stream.canary import canary_cmd
-    from training.canary_judge import judge_cmd
+    from training.canary_judge import judge_cmd, watch_cmd
 
     model.add_command(canary_cmd)
     model.add_command(judge_cmd)
+    model.add_command(watch_cmd)
 
 
 _add_canary()
