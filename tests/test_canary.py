@@ -235,3 +235,24 @@ def test_two_workers_on_different_model_sets_never_decide_one_request_twice(sett
     got = decisions(settings, len(values), quiet=0.5)
     assert len(got) == len(values) and max(Counter(d["request_id"] for d in got).values()) == 1
     assert {d["model"] for d in got} == {"v1", "v2"}
+
+
+def test_a_canary_controller_set_with_join_false_does_not_take_its_peers_feedback():
+    """`set_model(..., join=False)` (the canary arm's controller): its feedback integrals start at 0,
+    where a joining replica of current takes its peers' median (they corrected current's model)."""
+    from stream.controller import ControllerConfig, RatioController
+    from stream.window import MemoryStore
+
+    store, clock = MemoryStore(), (lambda: 1_700_000_000.0)
+    peer = RatioController(store, ControllerConfig(), clock, "w1")
+    peer.set_model("v1")
+    peer._i_block = 0.03  # a fleet whose feedback has been correcting v1's feed-forward
+    peer.refresh()
+    replica = RatioController(store, ControllerConfig(), clock, "w2")
+    replica.set_model("v1")
+    replica.refresh()
+    arm = RatioController(store, ControllerConfig(), clock, "w2~canary")
+    arm.set_model("v2", None, join=False)
+    arm.refresh()
+    assert replica.status()["feedback"]["block"] == pytest.approx(0.03)
+    assert arm.status()["feedback"]["block"] == 0.0
