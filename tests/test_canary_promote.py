@@ -185,3 +185,19 @@ def test_the_watch_stops_a_clearly_worse_canary_on_its_value_guard_rail_audited_
     assert entry["action"] == "canary-stop" and entry["automatic"]
     assert entry["reason"].startswith("automatic rollback: value guard rail:") and "\n" not in entry["reason"]
     assert entry["evidence"]["difference_ci"][1] < 0 and entry["evidence"]["rows"]["canary"] > 5000
+
+
+def test_the_control_plane_shows_the_canary_and_its_value_to_viewers(settings, bundle, tmp_path):
+    from control_support import control_plane
+
+    fidelity_bundle(settings.model_dir, "v2", seed=1)
+    canary.start(settings.model_dir, "v2", 0.25, "test", "canary of v2")
+    (settings.model_dir / canary.VALUE_FILE).write_text(json.dumps(
+        {"version": "v2", "state": "judged", "arms": {"canary": {"value": 1.1, "ci": [1.0, 1.2]}}}))
+    with control_plane(settings, tmp_path) as cp:
+        got = cp.client(cp.viewer).get("/api/v1/canary")
+        assert got.status_code == 200, got.text
+        doc = got.json()
+        assert doc["canary"]["version"] == "v2" and doc["canary"]["share"] == 0.25 and doc["current"] == "v1"
+        assert doc["value"]["arms"]["canary"]["ci"] == [1.0, 1.2] and doc["last"]["action"] == "canary-start"
+        assert cp.client(None).get("/api/v1/canary").status_code == 401
