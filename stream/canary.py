@@ -236,7 +236,12 @@ class ArmGuard:
     _calls: dict[str, int] = field(default_factory=lambda: {"current": 0, "canary": 0}, repr=False)
 
     def _observe(self, arms: dict[str, dict[str, float]]) -> None:
-        """This batch's scoring call per arm (the change of its cumulative counts) as a sample."""
+        """This batch's scoring call per arm (the change of its cumulative counts) as a sample;
+        counts that went back (the worker reset them for a new canary) start a new fit."""
+        if any(float((arms.get(n) or {}).get("rows", 0)) < self._last.get(n, (0.0, 0.0))[0] for n in self._last):
+            self._xtx, self._xty, self._yy = np.zeros((3, 3)), np.zeros(3), 0.0
+            self._calls = {"current": 0, "canary": 0}
+            self._last = {}
         for j, name in ((1, "current"), (2, "canary")):
             a = arms.get(name) or {}
             rows, secs = float(a.get("rows", 0)), float(a.get("score_s", 0.0))

@@ -104,6 +104,9 @@ def test_the_latency_rail_compares_cost_per_row_apart_from_the_per_call_cost():
     assert _feed(g, 3e-3, 5e-6, 5e-6, share=0.1) is None
     per_call, cs, ks, _ = g.slopes()
     assert abs(cs - 5e-6) < 5e-6 and abs(ks - 5e-6) < 40e-6 and abs(per_call - 3e-3) < 1e-3
+    # a new canary (the worker resets the arms' counts) starts a new fit
+    _feed(g, 3e-3, 5e-6, 5e-6, share=0.1, calls=10)
+    assert g.slopes() is None
     # a canary 20x slower per row (100 vs 5 us) is stopped, in one line
     why = _feed(ArmGuard(min_rows=500, warmup_rows=0, block_bound=1.0), 3e-3, 5e-6, 100e-6, share=0.1, seed=1,
                 calls=1500)
