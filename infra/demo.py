@@ -295,8 +295,9 @@ def _answer(env: dict[str, str], argv: list[str]) -> dict[str, Any]:
 def _end_canary(env: dict[str, str], log_dir: Path, model_dir: Path, version: str) -> dict[str, Any]:
     """The canary judged on its own arms (`rta model promote --evidence canary`): promoted, or
     refused (the canary stops; v1 serves on), or inconclusive at this short a canary: then v2,
-    which the off-policy gate passed and whose arms did not refuse it, is promoted, audited as
-    forced with the canary's evidence attached."""
+    which neither the off-policy gate nor its arms refused, is promoted, audited as forced with
+    the canary's evidence attached (the demo's story needs v2 serving; a deployment would let the
+    canary run until it decides)."""
     base = ["model", "promote", version, "--model-dir", str(model_dir), "--logs", str(log_dir), "--evidence",
             "canary", "--attribution", ATTRIBUTION]
     judged = _answer(env, [*base, "--reason", "rta demo: judged on the canary's own arms"])
@@ -306,9 +307,10 @@ def _end_canary(env: dict[str, str], log_dir: Path, model_dir: Path, version: st
     if judged.get("outcome") == "promoted":
         out["promoted_on"] = "canary"
     elif gate.get("decision") == "inconclusive":
-        again = _answer(env, [*base, "--force", "--reason", "rta demo: the canary did not refuse v2 (inconclusive "
-                                                            "at this sample) and the off-policy gate passed it"])
-        out.update(outcome=again.get("outcome"), promoted_on="off-policy gate; canary inconclusive (forced)")
+        again = _answer(env, [*base, "--force", "--reason", "rta demo: neither the canary (inconclusive at this "
+                                                            "sample) nor the off-policy gate refused v2"])
+        out.update(outcome=again.get("outcome"), promoted_on="forced: the canary and the off-policy gate did not "
+                                                             "refuse it")
     else:
         _answer(env, ["model", "canary", "--stop", "--model-dir", str(model_dir), "--reason",
                       "rta demo: refused on the canary's own arms"])

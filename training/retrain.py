@@ -5,8 +5,9 @@
       -> gate it against `current` on the held-out window (training/gate.py)
       -> promote (audited, like `rta model promote`) or refuse
 
-With `--canary S` a candidate the gate passes starts a canary at share S beside `current`
-(outcome "canary") instead of switching; `rta model promote` later judges it on its own arms.
+With `--canary S` a candidate the gate passes, or cannot judge (inconclusive), starts a canary at
+share S beside `current` (outcome "canary") instead of switching; `rta model promote` later judges
+it on its own arms. A refused candidate starts nothing.
 
 Prints ONE JSON line on stdout, {"outcome", "candidate", "current", "gate"}, and one human
 line on stderr. Exit 0 promoted (or, with --canary, its canary started), 3 refused by the gate (or before training: too few matured
@@ -150,9 +151,9 @@ def start_canary(model_dir: Path, version: str, share: float, who: str, reason: 
 @click.option("--version", default=None, help="Candidate version name [default: UTC timestamp].")
 @click.option("--force", is_flag=True, help="Promote even if the gate refuses (audited as forced).")
 @click.option("--canary", "canary_share", type=float, default=None,
-              help="Share in (0, 1): a candidate the gate passes starts a canary at this share (audited, "
-                   "rta model canary) instead of becoming current; promote it later on its own arms' "
-                   "evidence (rta model promote V --logs DIR).")
+              help="Share in (0, 1): a candidate the gate passes, or cannot judge (inconclusive), starts "
+                   "a canary at this share (audited, rta model canary) instead of becoming current; "
+                   "promote it later on its own arms' evidence (rta model promote V --logs DIR).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch threads.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--min-matured", type=click.IntRange(min=1), default=20, show_default=True,
@@ -228,19 +229,22 @@ def retrain(logs_path: Path, model_dir: Path, since_hours: float, holdout_hours:
                          "debias": debias, "anchor": current if anchor_parent else None}
     registry.write_gate(candidate, result)
     promote = result["passed"] or force
+    # a canary gathers the evidence an inconclusive gate lacked (its arms are a randomised
+    # comparison, judged later by `rta model promote`); a refusal starts nothing
+    canary = canary_share is not None and (promote or result.get("decision") == "inconclusive")
     audit = audit_to_topic(settings) if audit_topic else None
     extra: dict[str, Any] = {}
-    if promote and canary_share is not None:
+    if canary:
         extra["canary"] = start_canary(model_dir, candidate.name, canary_share, who_default(who),
                                        f"retrain: {reason}", audit, current, result)
     elif promote:
         registry.switch(model_dir, candidate.name, "promote", who_default(who), f"retrain: {reason}",
                         audit=audit, forced=not result["passed"], gate=result, expect_current=current)
-    outcome = ("canary" if promote and canary_share is not None else "promoted") if promote else (
+    outcome = "canary" if canary else "promoted" if promote else (
         "inconclusive" if exit_code(result) == EXIT_INCONCLUSIVE else "refused")
     click.echo(json.dumps({"outcome": outcome, "candidate": candidate.name, "current": current, "gate": result,
                            **extra}, default=str, allow_nan=False))
     click.echo(f"rta retrain: {outcome}{' (forced)' if promote and not result['passed'] else ''}: "
                f"{outcome_line(result)}", err=True)
-    if not promote:
+    if not (promote or canary):
         raise click.exceptions.Exit(exit_code(result))
