@@ -621,8 +621,11 @@ def _print_summary(s: dict[str, Any], rate: float) -> None:
     click.echo("  reasons:  " + "; ".join(f"{p['phase']}: {p['reasons']}" for p in s["phases"]))
     loop = s["loop"]
     ns, dk, vo = loop["new_source_deals_kept"], loop["deals_kept"], loop["deals_kept_vs_oracle"]
+    forced = str((loop.get("canary") or {}).get("promoted_on") or "").startswith("forced")
+    promoted_how = ("promoted, forced after an inconclusive canary" if loop["promoted"] and forced else
+                    "promoted by the gate" if loop["promoted"] else "NOT promoted by a gate")
     click.echo(f"  loop at r={loop['r']}: v1 {loop['v1']} -> v2 {loop['v2']} "
-               f"({'promoted by the gate' if loop['promoted'] else 'NOT promoted by a gate'})")
+               f"({promoted_how})")
     click.echo(f"    new-source deals kept  before {ns['before']:.3f}  after {ns['after']:.3f}")
     click.echo(f"    all deals kept         before {dk['before']:.3f}  after {dk['after']:.3f}   "
                f"(vs oracle {vo['before']:+.3f} / {vo['after']:+.3f})")
