@@ -169,15 +169,15 @@ def canary_run(model_dir: Any, version: str) -> dict[str, Any]:
 
 
 def canary_applies(model_dir: Any, version: str, current: str | None) -> tuple[dict[str, Any] | None, str | None]:
-    """(the canary run of `version` that can judge it against `current`, None) or (None, why
-    not): no canary of it in registry.jsonl, or it ran beside another current (its arms compared
-    the candidate with a model that is no longer served)."""
+    """(the canary run of `version` that can judge it against `current`, None), (None, why not)
+    when it ran beside another current (its arms compared the candidate with a model that is no
+    longer served), or (None, None) when no canary of it is in registry.jsonl."""
     from stream.errors import BundleError
 
     try:
         run = canary_run(model_dir, version)
-    except BundleError as exc:
-        return None, str(exc)
+    except BundleError:
+        return None, None
     if run.get("old") != current:
         return None, (f"the canary of {version} ran beside {run.get('old')}, not the current {current}: "
                       "its evidence does not compare the candidate with what is served")
@@ -316,7 +316,7 @@ def watch_once(model_dir: Any, logs_path: Any, cfg: Any, attribution: Any, audit
     run, why = canary_applies(root, state.version, current)
     rec: dict[str, Any] = {"state": "waiting", "version": state.version, "at_ms": int(time.time() * 1000)}
     if run is None:
-        return {**rec, "why": why}
+        return {**rec, "why": why or f"no canary-start of {state.version} in registry.jsonl"}
     try:
         result = canary_gate(root, state.version, logs_path, cfg, attribution, run=run, write=False)
     except (ValueError, DataError) as exc:  # no decision of the canary logged yet, no matured row yet

@@ -148,8 +148,8 @@ def canary_or_none(model_dir: Path, version: str, current: str | None, logs: Pat
         except ValueError as exc:  # the logs hold none of the canary's decisions
             why = f"{logs}: {exc}"
     if evidence == "canary":
-        raise BundleError(f"no canary evidence for {version}: {why}")
-    if not why.startswith(f"{model_dir}: no canary of"):
+        raise BundleError(f"no canary evidence for {version}: {why or 'no canary of it in registry.jsonl'}")
+    if why is not None:  # a canary ran, but cannot judge: say why the replay gate judges instead
         click.echo(f"[rta model] canary evidence not used ({why}); judging off-policy", err=True)
     return None
 
