@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from bench.soak import _Feeder, _Reader, _spawn, _wait
+from bench.soak import _Feeder, _Reader, _spawn, _wait, stop_threads
 from stream.config import Settings
 from stream.kafka import ensure_topics, make_admin, make_consumer, make_producer, produce_waiting
 from stream.policy import Targets
@@ -158,8 +158,8 @@ def run_logger_soak(cfg: LoggerSoakConfig, settings: Settings, workdir: Path,
     loggers = [_spawn_logger(settings, workdir, 0, cfg)]
     events: list[dict[str, Any]] = []
     t_start = time.time()
+    feeder = _Feeder(settings, values, ids, cfg.rate)
     try:
-        feeder = _Feeder(settings, values, ids, cfg.rate)
         t_feed = time.time()
         feeder.start()
         _wait(lambda: feeder.sent >= 0.25 * len(values) or feeder.error is not None,
@@ -217,12 +217,11 @@ def run_logger_soak(cfg: LoggerSoakConfig, settings: Settings, workdir: Path,
             proc.send_signal(signal.SIGTERM)
         codes = [loggers[-1].wait(60), worker.wait(60)]
     finally:
-        reader.stop.set()
         for proc in (*loggers, worker):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    reader.join(30)
+        stop_threads(feeder, reader)
     # The question is whether the LOGGER kept every row, so the reader's clock admits every stamp
     # the layout can name: by default the training readers set aside (and count) rows stamped past
     # the wall clock, such as the soak's year-9999 request and, by the time they are read, some of

@@ -15,6 +15,7 @@ generated bundle's int8 graph when the export's parity gate keeps it (`serving` 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 import time
@@ -78,8 +79,13 @@ def _time(model: Path, logs: Path, out: Path, cfg: Any, threads: int, attributio
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write the JSON here.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: also time both modes with `--engine ray` (no plots) in the same run: rows/s, "
+                   "scoring rows/s per worker process, Ray's start/stop, the ratio to local.")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Scoring actors with --engine ray.")
 def replay(rows: int, rows_per_s: float, model: Path | None, logs_path: Path | None, threads: int,
-           quantize: str | None, seed: int, out: Path | None) -> None:
+           quantize: str | None, seed: int, out: Path | None, engine: str = "local", workers: int = 2) -> None:
     """Time `rta replay` (logged thresholds, and live targets; with and without plots) end to
     end; JSON out."""
     from model.bundle import read_manifest, resolve_bundle
@@ -112,6 +118,15 @@ def replay(rows: int, rows_per_s: float, model: Path | None, logs_path: Path | N
         for plots, suffix in ((True, ""), (False, "_no_plots")):
             for mode, cfg in modes.items():
                 result[mode + suffix] = _time(model, logs_path, tmp / f"out-{mode}{suffix}", cfg, threads, att, plots)
+        for mode, cfg in modes.items() if engine == "ray" else ():
+            ray_cfg = dataclasses.replace(cfg, engine="ray", workers=workers)
+            r = _time(model, logs_path, tmp / f"out-{mode}-ray", ray_cfg, threads, att, plots=False)
+            local = result[mode + "_no_plots"]
+            r["workers"] = workers
+            r["score_rows_per_s_per_worker"] = round(r["rows"] / r["phases_s"]["score_s"] / workers)
+            r["local_score_rows_per_s"] = round(local["rows"] / local["phases_s"]["score_s"])
+            r["vs_local_end_to_end"] = round(r["rows_per_s"] / local["rows_per_s"], 3)
+            result[mode + "_ray"] = r
     for mode in ("logged", "live", "logged_no_plots", "live_no_plots"):
         result[f"{mode}_vs_goal"] = round(result[mode]["rows_per_s"] / GOAL_ROWS_PER_S, 3)
     text = json.dumps(result, indent=1)

@@ -82,6 +82,7 @@ class _Feeder(threading.Thread):
         self.sent = 0
         self.error: BaseException | None = None
         self.done_at: float | None = None  # time.time() once every request is delivered
+        self.stop = threading.Event()  # a failed run stops offering before the test moves on
 
     def run(self) -> None:
         try:
@@ -90,6 +91,8 @@ class _Feeder(threading.Thread):
             chunk = max(1, self.rate // 100)
             t0 = time.monotonic()
             for start in range(0, len(self.values), chunk):
+                if self.stop.is_set():
+                    break
                 for v, k in zip(self.values[start:start + chunk], self.keys[start:start + chunk], strict=True):
                     produce_waiting(p, topic, v, k)
                 self.sent = min(start + chunk, len(self.values))
@@ -133,6 +136,16 @@ class _Reader(threading.Thread):
             c.close()
 
 
+def stop_threads(*threads: threading.Thread, timeout: float = 30.0) -> None:
+    """Stop and join a run's feeders and readers on every exit path: a thread left polling a
+    topic the test's teardown deletes shares librdkafka with the rest of the test session."""
+    for t in threads:
+        t.stop.set()  # type: ignore[attr-defined]
+    for t in threads:
+        if t.ident is not None:
+            t.join(timeout)
+
+
 def _spawn(settings: Settings, cwd: Path, n: int) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RTA_")}
     env.update({"RTA_KAFKA_BOOTSTRAP": settings.kafka_bootstrap, "RTA_REDIS_URL": settings.redis_url,
@@ -171,7 +184,7 @@ def _traffic(cfg: SoakConfig, model_dir: Path, seed: int = 0) -> tuple[list[byte
 
 
 @contextlib.contextmanager
-def _owned_stack(log_dir: Path) -> Iterator[tuple[str, Any, Any]]:
+def owned_stack(log_dir: Path) -> Iterator[tuple[str, Any, Any]]:
     """An embedded broker and Redis owned by this run (the soak restarts Redis)."""
     from infra.stack import Embedded
 
@@ -208,12 +221,12 @@ def run_soak(cfg: SoakConfig, settings: Settings, redis_server: Any, workdir: Pa
     spawned = cfg.workers
     events: list[dict[str, Any]] = []
     t_start = time.time()
+    feeder = _Feeder(settings, values[200:], keys[200:], cfg.rate)
     try:
         # wait until the fleet decides (group joined) before offering load
         warm = _Feeder(settings, values[:200], keys[:200], cfg.rate)
         warm.run()
         _wait(lambda: len({r[0] for r in reader.rows}) >= 200, 120, "the workers deciding", procs)
-        feeder = _Feeder(settings, values[200:], keys[200:], cfg.rate)
         t_feed = time.time()
         feeder.start()
         for kind, frac in plan:
@@ -244,15 +257,12 @@ def run_soak(cfg: SoakConfig, settings: Settings, redis_server: Any, workdir: Pa
         for p in procs:
             codes.append(p.wait(60))
     finally:
-        reader.stop.set()
-        dlq.stop.set()
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    time.sleep(0.5)
-    reader.join(30)
-    dlq.join(30)
+        time.sleep(0.5)
+        stop_threads(feeder, reader, dlq)
     return _figures(cfg, ids, reader.rows, dlq.dlq, events, alive, codes,
                     {"feed_s": round(t_fed - t_feed, 1), "drain_s": round(t_done - t_fed, 1),
                      "total_s": round(time.time() - t_start, 1)}, workdir)
@@ -379,7 +389,7 @@ def _on_owned_stack(partitions: int, out: str | None, run: Any) -> None:
     """`run(settings, redis_server, out_dir)` on a broker and Redis this run owns; prints its JSON."""
     with tempfile.TemporaryDirectory(prefix="rta-soak-") as tmp:
         tmp_path = Path(tmp)
-        with _owned_stack(tmp_path) as (bootstrap, redis_url, redis_server):
+        with owned_stack(tmp_path) as (bootstrap, redis_url, redis_server):
             settings = replace(load_settings(env={}), kafka_bootstrap=bootstrap, redis_url=redis_url,
                                model_dir=tmp_path / "models", state_dir=tmp_path / "state",
                                partitions=partitions, redis_prefix="soak")

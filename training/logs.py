@@ -33,10 +33,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from stream.errors import DataError
+from stream.errors import DataError, RtaError
 from stream.features import CATEGORICAL, DEFAULT_TASKS, NUMERIC, RESERVED_COLUMNS, FeatureSpec
 from stream.logger.schema import (
     DECISION_COLUMNS,
@@ -48,6 +49,7 @@ from stream.logger.schema import (
     reserved_columns,
     task_columns,
 )
+from stream.logger.storage import RemoteFile, is_uri, join, kind_of, list_files, resolve
 
 _PARQUET = (".parquet", ".pq")
 _JSONL = (".jsonl", ".json", ".ndjson")
@@ -195,7 +197,34 @@ def split(logs: LogSet, test_fraction: float = 0.2, seed: int = 0) -> tuple[LogS
 
 
 # ---- reading ------------------------------------------------------------------------------
-def _files(path: Path) -> list[Path]:
+def _s3(location: str, call: Any) -> Any:
+    """`call(location)` on an object store, its errors (endpoint, credentials) as one line."""
+    try:
+        return call(location)
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{location}: cannot list ({first})") from None
+
+
+def _remote_files(location: str) -> list[RemoteFile]:
+    """`_files` on an object store: the object, or the Parquet (else JSONL) objects under the prefix."""
+    fs, root = resolve(location)
+    info = _s3(location, lambda _: fs.get_file_info(root))
+    if info.type == pafs.FileType.File:
+        return [RemoteFile(root, fs, info.size)]
+    if info.type == pafs.FileType.NotFound:
+        raise DataError(f"{location}: no such object or prefix")
+    files = _s3(location, lambda loc: list_files(loc, recursive=False))[0]
+    found = [f for f in files if f.suffix.lower() in _PARQUET] or [
+        f for f in files if f.suffix.lower() in (".jsonl", ".ndjson")]
+    if not found:
+        raise DataError(f"{location}: no Parquet or JSONL objects under this prefix")
+    return found
+
+
+def _files(path: Path | str) -> list[Path] | list[RemoteFile]:
+    if is_uri(path):
+        return _remote_files(str(path))
     if not path.exists():
         raise DataError(f"{path}: no such file or directory")
     if path.is_file():
@@ -208,20 +237,25 @@ def _files(path: Path) -> list[Path]:
     return files
 
 
-def _read_parquet(file: Path) -> pa.Table:
+def _read_parquet(file: Path | RemoteFile) -> pa.Table:
     """A Parquet file with its string columns (request ids aside) kept dictionary-encoded, as
     the file stores them: faster to read, and categoricals never become one str per row."""
-    schema = pq.read_schema(file)
+    src, fs = (file.path, file.fs) if isinstance(file, RemoteFile) else (file, None)
+    schema = pq.read_schema(src, filesystem=fs)
     words = [f.name for f in schema if f.name != "request_id"
              and (pa.types.is_string(f.type) or pa.types.is_large_string(f.type))]
-    return pq.read_table(file, read_dictionary=words)
+    return pq.read_table(src, read_dictionary=words, filesystem=fs)
 
 
-def _read(file: Path) -> pa.Table:
-    if file.stat().st_size == 0:
+def _read(file: Path | RemoteFile) -> pa.Table:
+    remote = isinstance(file, RemoteFile)
+    if (file.size if remote else file.stat().st_size) == 0:
         raise DataError(f"{file}: empty file")
     try:
-        table = pa_json.read_json(file) if file.suffix.lower() in _JSONL else _read_parquet(file)
+        if file.suffix.lower() in _JSONL:
+            table = pa_json.read_json(file.fs.open_input_stream(file.path) if remote else file)
+        else:
+            table = _read_parquet(file)
     except (pa.ArrowInvalid, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{file}: unreadable ({first})") from None
@@ -374,7 +408,7 @@ def load_logs(path: str | Path, tasks: tuple[str, ...] = DEFAULT_TASKS,
               attribution: Attribution | None = None) -> LogSet:
     """Read logged traffic (a Parquet/JSONL file, a directory of them, or the logged layout of
     `rta log`) into a LogSet; `attribution` applies to the logged layout only."""
-    path = Path(path)
+    path = path if is_uri(path) else Path(path)
     tasks = tuple(tasks)
     if is_logged_layout(path):
         return load_logged(path, tasks, attribution)
@@ -394,7 +428,7 @@ def _drop_out_of_range(logs: LogSet, now_ms: int) -> LogSet:
     return kept
 
 
-def _load_flat(path: Path, tasks: tuple[str, ...]) -> LogSet:
+def _load_flat(path: Path | str, tasks: tuple[str, ...]) -> LogSet:
     tables = [(f, _read(f)) for f in _files(path)]
     for file, table in tables:
         present = [t for t in tasks if t in table.schema.names]
@@ -491,13 +525,39 @@ def ts_in_range(ts_ms: np.ndarray, now_ms: int | None = None) -> np.ndarray:
 
 
 def is_logged_layout(path: str | Path) -> bool:
-    """A directory holding `impressions/` (what `rta log --out` writes)."""
+    """A directory (or s3:// prefix) holding `impressions/` (what `rta log --out` writes)."""
+    if is_uri(path):
+        return _s3(str(join(path, IMPRESSIONS_DIR)), kind_of) == "dir"
     return (Path(path) / IMPRESSIONS_DIR).is_dir()
 
 
-def _layout_files(root: Path, counts: dict[str, int], what: str) -> list[Path]:
+def newest_logged_ts_ms(location: str | Path, now_ms: int | None = None) -> int | None:
+    """Newest in-range ts_ms at a log location (a path or s3://; a logged layout's impressions,
+    else the Parquet files there), reading that column only; None when nothing is readable."""
+    import pyarrow.dataset as ds
+
+    try:
+        root: Any = join(location, IMPRESSIONS_DIR) if is_logged_layout(location) else location
+        fs, path = resolve(root)
+        col = ds.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=True).to_table(
+            columns=["ts_ms"])["ts_ms"]
+    except (RtaError, OSError, pa.ArrowException):  # JSONL, odd files: callers ask for a window
+        return None
+    ts = col.drop_null().to_numpy().astype(np.int64)
+    ts = ts[ts_in_range(ts, now_ms)]
+    return None if len(ts) == 0 else int(ts.max())
+
+
+def _layout_files(root: Path | str, counts: dict[str, int], what: str) -> list[Path] | list[RemoteFile]:
     """Parquet files under date=/hour= partitions (temporary/hidden names skipped); an hour
-    directory without a file is counted, not an error."""
+    directory without a file is counted, not an error. On S3 only completed uploads are objects."""
+    if is_uri(root):
+        found, dirs = _s3(str(root), list_files)
+        files = [f for f in found if f.suffix == ".parquet" and not f.name.startswith((".", "_"))]
+        hours = {f.parent for f in files}
+        counts[f"{what}_empty_hours"] = sum(1 for d in dirs if re.search(r"/date=[^/]*/hour=[^/]*$", d)
+                                            and d not in hours)
+        return files
     if not root.is_dir():
         return []
     files = sorted(p for p in root.rglob("*.parquet") if p.is_file() and not p.name.startswith((".", "_")))
@@ -554,16 +614,16 @@ def _first_rows(keys: list[pa.ChunkedArray | pa.Array], names: list[str],
 def load_logged(path: str | Path, tasks: tuple[str, ...] = DEFAULT_TASKS,
                 attribution: Attribution | None = None) -> LogSet:
     """Read `rta log`'s layout: deduplicated impressions, labels joined from outcomes."""
-    path = Path(path)
+    path = path if is_uri(path) else Path(path)
     tasks = tuple(tasks)
     att = attribution or Attribution.parse(None)
     counts: dict[str, int] = {}
-    imp_files = _layout_files(path / IMPRESSIONS_DIR, counts, "impression")
+    imp_files = _layout_files(join(path, IMPRESSIONS_DIR), counts, "impression")
     if not imp_files:
-        raise DataError(f"{path / IMPRESSIONS_DIR}: no Parquet files (date=YYYY-MM-DD/hour=HH/*.parquet)")
+        raise DataError(f"{join(path, IMPRESSIONS_DIR)}: no Parquet files (date=YYYY-MM-DD/hour=HH/*.parquet)")
     tables = _read_layout(imp_files, counts, "impression")
     if not tables:
-        raise DataError(f"{path / IMPRESSIONS_DIR}: every file is empty ({len(imp_files)} files, no rows)")
+        raise DataError(f"{join(path, IMPRESSIONS_DIR)}: every file is empty ({len(imp_files)} files, no rows)")
     decision_types = {**_DECISION_TYPES, **{c: pa.float64() for c in task_columns(tasks)}}
     contract = {"request_id": pa.string(), "ts_ms": pa.int64(), **decision_types}
     cols: dict[str, list[pa.ChunkedArray]] = {c: [] for c in contract}
@@ -600,7 +660,7 @@ def load_logged(path: str | Path, tasks: tuple[str, ...] = DEFAULT_TASKS,
     in_range = ts_in_range(merged.column("ts_ms").to_numpy().astype(np.int64), now_ms)
     counts["out_of_range_impressions"] = int((~in_range).sum())
     if not in_range.any():
-        raise DataError(f"{path / IMPRESSIONS_DIR}: every row's ts_ms is outside [0, now + "
+        raise DataError(f"{join(path, IMPRESSIONS_DIR)}: every row's ts_ms is outside [0, now + "
                         f"{FUTURE_SKEW_MS // 60_000} min] (clock {now_ms})")
     if not in_range.all():  # ignored (counted): one such row would be every window's "newest"
         at = np.flatnonzero(in_range)
@@ -615,7 +675,7 @@ def load_logged(path: str | Path, tasks: tuple[str, ...] = DEFAULT_TASKS,
     counts["unknown_decisions"] = int(n - passed.sum() - blocked.sum() - decision.null_count)
 
     # outcomes: deduplicated (request_id, event), earliest time kept
-    out_tables = _read_layout(_layout_files(path / OUTCOMES_DIR, counts, "outcome"), counts, "outcome")
+    out_tables = _read_layout(_layout_files(join(path, OUTCOMES_DIR), counts, "outcome"), counts, "outcome")
     o_rid, o_event, o_ts, o_part = [], [], [], []
     for file, table in out_tables:
         o_rid.append(_column(table, file, OUTCOME_COLUMNS[0], pa.string()))

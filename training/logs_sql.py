@@ -34,9 +34,12 @@ import click
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 from stream.errors import ConfigError, DataError
 from stream.logger.schema import IMPRESSIONS_DIR, OUTCOMES_DIR
+from stream.logger.storage import LOCATION, RemoteFile, is_uri, join
 from training.logs import Attribution, _layout_files, is_logged_layout, load_logged
 
 FORMATS = ("table", "csv", "parquet")
@@ -57,25 +60,44 @@ def connect(logs: str | Path, attribution: Attribution | None = None, labelled: 
     """A DuckDB connection with the views ``impressions``, ``outcomes`` and (if `labelled`)
     ``labelled`` over the layout at `logs`."""
 
-    root = Path(logs)
+    root = logs if is_uri(logs) else Path(logs)
     if not is_logged_layout(root):
         raise DataError(f"{root}: not a logged layout (no {IMPRESSIONS_DIR}/ directory; `rta log --out` writes one)")
     counts: dict[str, int] = {}
-    imp = _layout_files(root / IMPRESSIONS_DIR, counts, "impression")
+    imp = _layout_files(join(root, IMPRESSIONS_DIR), counts, "impression")
     if not imp:
-        raise DataError(f"{root / IMPRESSIONS_DIR}: no Parquet files (date=YYYY-MM-DD/hour=HH/*.parquet)")
-    out = _layout_files(root / OUTCOMES_DIR, counts, "outcome")
+        raise DataError(f"{join(root, IMPRESSIONS_DIR)}: no Parquet files (date=YYYY-MM-DD/hour=HH/*.parquet)")
+    out = _layout_files(join(root, OUTCOMES_DIR), counts, "outcome")
     con = duckdb.connect()
     read = "read_parquet({}, hive_partitioning = true, union_by_name = true)"
     try:
-        con.execute(f"CREATE VIEW impressions AS SELECT * FROM {read.format(_files_list(imp))}")
-        con.execute(f"CREATE VIEW outcomes AS SELECT * FROM {read.format(_files_list(out))}" if out
-                    else f"CREATE VIEW outcomes AS {_EMPTY_OUTCOMES}")
-    except duckdb.Error as exc:
+        if is_uri(root):  # DuckDB scans pyarrow datasets: no httpfs extension to download
+            con.register("impressions", _remote_dataset(imp, str(join(root, IMPRESSIONS_DIR))))
+        else:
+            con.execute(f"CREATE VIEW impressions AS SELECT * FROM {read.format(_files_list(imp))}")
+        if out and is_uri(root):
+            con.register("outcomes", _remote_dataset(out, str(join(root, OUTCOMES_DIR))))
+        else:
+            con.execute(f"CREATE VIEW outcomes AS SELECT * FROM {read.format(_files_list(out))}" if out
+                        else f"CREATE VIEW outcomes AS {_EMPTY_OUTCOMES}")
+    except (duckdb.Error, pa.ArrowException, OSError) as exc:
         raise DataError(f"{root}: unreadable layout ({_first_line(exc)})") from None
     if labelled:
         con.register("labelled", labelled_table(root, attribution))
     return con
+
+
+def _remote_dataset(files: list[RemoteFile], base: str) -> ds.Dataset:
+    """The layout's objects under `base` (s3://) as one pyarrow dataset, as the local view reads
+    them: columns united by name across files, `date` (DATE) and `hour` (BIGINT) from the hive
+    keys. DuckDB pushes projections and filters (partition pruning) into its scan."""
+    fs = files[0].fs
+    schema = pa.unify_schemas([pq.read_schema(f.path, filesystem=fs) for f in files], promote_options="permissive")
+    hive = pa.schema([("date", pa.date32()), ("hour", pa.int64())])
+    schema = pa.schema([*(f for f in schema if f.name not in hive.names), *hive])
+    return ds.dataset([f.path for f in files], schema=schema, format="parquet", filesystem=fs,
+                      partitioning=ds.partitioning(hive, flavor="hive"),
+                      partition_base_dir=base.removeprefix("s3://"))
 
 
 def labelled_table(logs: str | Path, attribution: Attribution | None = None) -> pa.Table:
@@ -183,8 +205,8 @@ def logs() -> None:
 
 @logs.command("sql")
 @click.argument("query")
-@click.option("--logs", "logs_path", required=True, type=click.Path(path_type=Path),
-              help="`rta log` layout (impressions/ + outcomes/).")
+@click.option("--logs", "logs_path", required=True, type=LOCATION,
+              help="`rta log` layout (impressions/ + outcomes/): a directory or s3://bucket/prefix.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the result here (csv or parquet) instead of printing it.")
@@ -193,7 +215,7 @@ def logs() -> None:
 @click.option("--attribution", default=None,
               help="The labelled view's attribution windows, e.g. 'click=15m,deal=7d'.")
 @click.option("--as-of-ms", type=int, default=None, help="The labelled view's labels as of this time.")
-def sql_cmd(query: str, logs_path: Path, fmt: str, out: Path | None, max_rows: int,
+def sql_cmd(query: str, logs_path: Path | str, fmt: str, out: Path | None, max_rows: int,
             attribution: str | None, as_of_ms: int | None) -> None:
     """Run a SQL QUERY (DuckDB) over the views impressions, outcomes and labelled."""
     if out is not None and fmt == "table":

@@ -39,6 +39,7 @@ from model.student import StudentConfig
 from model.swag import SWAG
 from model.uncertainty import TeacherPrediction
 from stream.errors import BundleError, DataError
+from stream.logger.storage import LOCATION
 from training.debias import DEBIAS_MODES, DEFAULT_DEBIAS, apply_debias
 from training.logs import Attribution, LogSet, describe_labels, load_logs, split
 from training.profiles import PROFILES, Profile, get_profile
@@ -526,8 +527,9 @@ def _publish_or_not(bundle_dir: Path, publish: bool | None) -> None:
 
 
 @click.command("train")
-@click.option("--logs", "logs_path", required=True, type=click.Path(path_type=Path),
-              help="Logged traffic: a Parquet/JSONL file, a directory of them, or `rta log`'s layout.")
+@click.option("--logs", "logs_path", required=True, type=LOCATION,
+              help="Logged traffic: a Parquet/JSONL file, a directory of them, or `rta log`'s layout "
+                   "(a path or s3://bucket/prefix).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Model directory; the bundle goes to <out>/<version>/.")
 @click.option("--profile", "profile_name", type=click.Choice(sorted(PROFILES)), default="demo",
@@ -554,7 +556,7 @@ def _publish_or_not(bundle_dir: Path, publish: bool | None) -> None:
 @click.option("--publish/--no-publish", default=None,
               help="Point <out>/current at the new version [default: only when there is no current yet].")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def train(logs_path: Path, out: Path, profile_name: str, seed: int, version: str | None,
+def train(logs_path: Path | str, out: Path, profile_name: str, seed: int, version: str | None,
           teacher_only: bool, no_report: bool, threads: int | None, attribution: str | None,
           as_of_ms: int | None, debias: str, parent: str | None, anchor: str | None,
           since_ms: int | None, until_ms: int | None, publish: bool | None, quiet: bool) -> None:

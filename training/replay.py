@@ -46,12 +46,14 @@ import pyarrow.parquet as pq
 from stream.controller import ControllerConfig, RatioController
 from stream.engine import score_batch
 from stream.errors import ConfigError, DataError
+from stream.logger.storage import LOCATION
 from stream.policy import DEGRADED, REASONS, SCORE, UNCERTAIN, ScorePolicy, Targets, decide
 from stream.prior import ScoreDistribution
 from stream.scorer import Scorer
 from stream.window import MemoryStore
 from training.logs import Attribution, LogSet, load_logs
 
+ENGINES = ("local", "ray")
 SCORE_CHUNK = 2048  # rows per onnxruntime call (32k-row calls ran 1.2-1.4x slower: activations out of cache)
 WARMUP_S = 30.0  # event-seconds after a step not counted in its settled share (the window)
 # Automatic event-time compression (`auto_speedup`): a sparse or sampled log is run through the
@@ -117,8 +119,12 @@ class ReplayConfig:
     seed: int = 0  # explore draws
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     progress: bool = False
+    engine: str = "local"  # "local" | "ray": where the rows are scored (training.replay_ray)
+    workers: int = 2  # scoring actors with --engine ray
 
     def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.thresholds not in ("live", "logged"):
             raise ConfigError(f"--thresholds must be 'live' or 'logged', got {self.thresholds!r}")
         if self.sweep_mode not in ("steps", "grid"):
@@ -221,8 +227,11 @@ def feature_codes(logs: LogSet, scorer: Scorer, order: np.ndarray) -> tuple[np.n
     return num, codes.T
 
 
-def score_logs(logs: LogSet, scorer: Scorer, policy: ScorePolicy, progress: bool = False) -> Scored:
-    """Score every row with the worker's score step, in event-time order."""
+def score_logs(logs: LogSet, scorer: Scorer, policy: ScorePolicy, progress: bool = False,
+               blocks: Callable[..., Any] | None = None) -> Scored:
+    """Score every row with the worker's score step, in event-time order. `blocks(num, cat,
+    SCORE_CHUNK)`, if given, scores elsewhere (`training.replay_ray`): it yields (slice,
+    (p, u_tasks, e, u)) in row order, chunked at the same SCORE_CHUNK boundaries as here."""
     t0 = time.perf_counter()
     if len(logs) == 0:
         raise DataError(f"{logs.source}: no rows to replay")
@@ -237,9 +246,10 @@ def score_logs(logs: LogSet, scorer: Scorer, policy: ScorePolicy, progress: bool
     e = np.empty(n, np.float32)
     u = np.empty(n, np.float32)
     bar = _bar(n, "score", progress)
-    for s in range(0, n, SCORE_CHUNK):
-        sl = slice(s, min(n, s + SCORE_CHUNK))
-        out = score_batch(scorer, policy, num[sl], cat[sl])
+    chunks = blocks(num, cat, SCORE_CHUNK) if blocks is not None else (
+        (sl, score_batch(scorer, policy, num[sl], cat[sl]))
+        for sl in (slice(s, min(n, s + SCORE_CHUNK)) for s in range(0, n, SCORE_CHUNK)))
+    for sl, out in chunks:
         p[sl], u_tasks[sl], e[sl], u[sl] = out
         bar.update(sl.stop - sl.start)
     bar.close()
@@ -671,7 +681,18 @@ def replay(model: str | Path, logs: LogSet | str | Path, out: str | Path, cfg: R
                         "this is a world log")
     t_load = time.perf_counter() - t0
     say(f"{len(logs)} rows from {logs.source}" + (f" ({_counts_line(logs)})" if logs.info else ""))
-    sc = score_logs(logs, scorer, policy, cfg.progress)
+    t_engine = 0.0  # Ray's start and stop (not in score_s)
+    if cfg.engine == "ray":
+        from training.replay_ray import RayScoring
+
+        t_engine = time.perf_counter()
+        with RayScoring(scorer.path, cfg.workers, threads) as pool:
+            t_engine = time.perf_counter() - t_engine
+            sc = score_logs(logs, scorer, policy, cfg.progress, blocks=pool.blocks)
+            t_stop = time.perf_counter()
+        t_engine += time.perf_counter() - t_stop
+    else:
+        sc = score_logs(logs, scorer, policy, cfg.progress)
     speedup: float | None = None
     if cfg.thresholds == "live":
         speedup = speedup_of(sc, cfg)
@@ -689,6 +710,7 @@ def replay(model: str | Path, logs: LogSet | str | Path, out: str | Path, cfg: R
         "mode": cfg.thresholds, "sweep_mode": cfg.sweep_mode if cfg.thresholds == "live" else None,
         "speedup": speedup, "speedup_source": None if speedup is None else ("flag" if cfg.speedup is not None else "auto"),
         "seed": cfg.seed, "tasks": sc.tasks,
+        "engine": {"name": cfg.engine, **({"workers": cfg.workers} if cfg.engine == "ray" else {})},
         "policy": policy.describe(), "controller": {"window_seconds": cfg.controller.window_seconds,
                                                      "refresh_interval": cfg.controller.refresh_interval},
         "load": logs.info or {"layout": "flat"},
@@ -710,6 +732,7 @@ def replay(model: str | Path, logs: LogSet | str | Path, out: str | Path, cfg: R
     t3 = time.perf_counter()
     report["timing"] = {"load_s": round(t_load, 3), "score_s": round(sc.score_s, 3),
                         "decide_s": round(t_decide, 3), "write_s": round(t3 - t2, 3),
+                        **({"engine_start_stop_s": round(t_engine, 3)} if cfg.engine == "ray" else {}),
                         "total_s": round(t3 - t0, 3), "rows_per_s": round(len(logs) / max(t3 - t0, 1e-9))}
     if write:
         # strict JSON: NaN/inf (an estimate without data, tau_u with p_u = 0) become null
@@ -764,8 +787,9 @@ def _counts_line(logs: LogSet) -> str:
 @click.command("replay")
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
               help="Bundle directory, or a model directory (its `current`).")
-@click.option("--logs", "logs_path", required=True, type=click.Path(path_type=Path),
-              help="Logged traffic: `rta log` layout (impressions/ + outcomes/) or a world log.")
+@click.option("--logs", "logs_path", required=True, type=LOCATION,
+              help="Logged traffic: `rta log` layout (impressions/ + outcomes/) or a world log "
+                   "(a path or s3://bucket/prefix).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Report directory: decisions.parquet, report.json/.md/.html, PNGs.")
 @click.option("--thresholds", type=click.Choice(["live", "logged"]), default="live", show_default=True,
@@ -792,15 +816,20 @@ def _counts_line(logs: LogSet) -> str:
 @click.option("--batch-rows", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Explore draws.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="onnxruntime threads.")
+@click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True,
+              help="ray: score on Ray actors (local mode, or the cluster in RTA_RAY_ADDRESS; extra [ray]); "
+                   "same decisions as local.")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Scoring actors with --engine ray.")
 @click.option("--no-plots", is_flag=True,
               help="Skip the PNGs (report.json/.md/.html and decisions.parquet still written): "
                    "matplotlib's import and drawing are ~2-3 s whatever the row count.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def replay_cmd(model_dir: Path, logs_path: Path, out: Path, thresholds: str, ratio: float | None,
+def replay_cmd(model_dir: Path, logs_path: Path | str, out: Path, thresholds: str, ratio: float | None,
                pass_share: float, explore: float, sweep: str | None, sweep_mode: str,
                step_seconds: float | None, truth_dir: Path | None, attribution: str | None,
                as_of_ms: int | None, speedup: float | None, batch_rows: int, seed: int, threads: int,
-               no_plots: bool, quiet: bool) -> None:
+               no_plots: bool, quiet: bool, engine: str = "local", workers: int = 2) -> None:
     """Replay logged traffic through the worker's engine on event time; write the report."""
     if thresholds == "logged" and (ratio is not None or sweep):
         raise click.UsageError("--thresholds logged uses the logged thresholds; drop --ratio/--sweep")
@@ -817,7 +846,8 @@ def replay_cmd(model_dir: Path, logs_path: Path, out: Path, thresholds: str, rat
     else:
         steps = []
     cfg = ReplayConfig(thresholds=thresholds, steps=steps, sweep_mode=sweep_mode, step_seconds=step_seconds,
-                       batch_rows=batch_rows, speedup=speedup, seed=seed, progress=not quiet)
+                       batch_rows=batch_rows, speedup=speedup, seed=seed, progress=not quiet,
+                       engine=engine, workers=workers)
     report = replay(model_dir, logs_path, out, cfg, truth_dir=truth_dir,
                     attribution=Attribution.parse(attribution, as_of_ms), threads=threads,
                     log=lambda m: click.echo(f"[rta replay] {m}", err=True), plots=not no_plots)

@@ -28,8 +28,10 @@ import numpy as np
 
 from model import bundle, registry
 from stream.errors import BundleError, ConfigError, DataError
+from stream.logger.storage import LOCATION
 from training.debias import DEBIAS_MODES, DEFAULT_DEBIAS
-from training.gate import gate_task, live_targets, newest_ts_ms, outcome_line
+from training.gate import gate_task, live_targets, outcome_line
+from training.logs import newest_logged_ts_ms
 from training.model_cli import (
     EXIT_INCONCLUSIVE,
     EXIT_REFUSED,
@@ -47,7 +49,7 @@ from training.profiles import PROFILES, Profile, get_profile
 HOUR_MS = 3_600_000
 
 
-def train_window(logs: Path, since_hours: float, holdout_hours: float | None) -> dict[str, Any]:
+def train_window(logs: Path | str, since_hours: float, holdout_hours: float | None) -> dict[str, Any]:
     """[since_ms, until_ms) for training, from the newest logged row; the newest `holdout_hours`
     (None: none, the gate reads other logs) stay out of training for the gate."""
     if not since_hours > 0 or (holdout_hours is not None and not holdout_hours > 0):
@@ -55,7 +57,7 @@ def train_window(logs: Path, since_hours: float, holdout_hours: float | None) ->
     if holdout_hours is not None and holdout_hours >= since_hours:
         raise ConfigError(f"--holdout-hours {holdout_hours:g} leaves nothing to train on in --since-hours "
                           f"{since_hours:g}")
-    newest = newest_ts_ms(logs)
+    newest = newest_logged_ts_ms(logs)  # a path or s3://
     if newest is None:
         raise DataError(f"{logs}: no logged rows (need Parquet with ts_ms: an `rta log` layout or a world log)")
     until = None if holdout_hours is None else int(newest - holdout_hours * HOUR_MS) + 1
@@ -133,14 +135,14 @@ def start_canary(model_dir: Path, version: str, share: float, who: str, reason: 
 
 
 @click.command("retrain")
-@click.option("--logs", "logs_path", required=True, type=click.Path(path_type=Path),
+@click.option("--logs", "logs_path", required=True, type=LOCATION,
               help="Logged traffic (`rta log` layout): trained on, and the gate's window.")
 @click.option("--model-dir", required=True, type=click.Path(path_type=Path), help="Model directory (has `current`).")
 @click.option("--since-hours", type=float, required=True, help="Train on the logs of the last H hours.")
 @click.option("--holdout-hours", type=float, default=None,
               help="Newest hours kept out of training for the gate [default: a fifth of --since-hours; none "
                    "with --gate-logs].")
-@click.option("--gate-logs", type=click.Path(path_type=Path), default=None,
+@click.option("--gate-logs", type=LOCATION, default=None,
               help="Gate on this log set instead of --logs (e.g. a fresher day).")
 @click.option("--profile", "profile_name", type=click.Choice(sorted(PROFILES)), default=None,
               help="Training profile [default: the current model's own settings].")

@@ -12,8 +12,15 @@ from stream.config import Settings, load_settings
 from stream.errors import RtaError, StackError
 from stream.features import DEFAULT_TASKS
 from stream.logger.service import ROLES, Logger, LoggerConfig
+from stream.logger.storage import LOCATION
 
 log = logging.getLogger("rta.logger")
+
+
+def _first_line(exc: OSError) -> str:
+    """An OSError's reason on one line (an S3 error's text can span several)."""
+    text = exc.strerror or str(exc) or type(exc).__name__
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
 
 
 # --- CLI ----------------------------------------------------------------------------------
@@ -40,8 +47,10 @@ def check_topics(settings: Settings, roles: tuple[str, ...] = ROLES) -> None:
 
 
 @click.command(name="log")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Root of the logged traffic (impressions/ and outcomes/ under it).")
+@click.option("--out", "out_dir", type=LOCATION, required=True,
+              help="Root of the logged traffic (impressions/ and outcomes/ under it): a directory or "
+                   "s3://bucket/prefix (credentials from the AWS environment, endpoint from RTA_S3_ENDPOINT "
+                   "or AWS_ENDPOINT_URL; docs/operations.md).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="Config file (TOML/JSON).")
 @click.option("--bootstrap", default=None, help="Kafka bootstrap servers [default: settings].")
@@ -75,7 +84,7 @@ def check_topics(settings: Settings, roles: tuple[str, ...] = ROLES) -> None:
 @click.option("--no-metrics", is_flag=True, help="Do not start the HTTP server.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
-def log_cmd(out_dir: Path, config_file: str | None, bootstrap: str | None, group_id: str, batch_size: int,
+def log_cmd(out_dir: Path | str, config_file: str | None, bootstrap: str | None, group_id: str, batch_size: int,
             batch_wait_ms: int, roll_mb: float, roll_seconds: float, join_timeout_s: float,
             max_buffered: int, idle_s: float, tasks: str, metrics_port: int, no_metrics: bool,
             log_level: str, max_open_files: int = 48, model_dir: str | None = None) -> None:
@@ -93,14 +102,14 @@ def log_cmd(out_dir: Path, config_file: str | None, bootstrap: str | None, group
     try:
         logger = Logger(settings, cfg)
     except OSError as exc:  # the metrics port is taken, the output directory is not writable
-        raise RtaError(f"log: cannot start: {exc.strerror or exc}") from None
+        raise RtaError(f"log: cannot start: {_first_line(exc)}") from None
     if logger.server is not None:
         log.info("metrics on http://%s:%d/metrics", cfg.metrics_host, logger.server.port,
                  extra={"event": "metrics", "port": logger.server.port})
     try:
         logger.run(install_signals=True)
     except OSError as exc:  # disk full, permissions: offsets past the failed file stay uncommitted
-        raise RtaError(f"log: cannot write under {out_dir}: {exc.strerror or exc}") from None
+        raise RtaError(f"log: cannot write under {out_dir}: {_first_line(exc)}") from None
     except RtaError:
         raise
     except Exception as exc:  # a bug or input nobody foresaw: one line out, the trace in the log

@@ -1,9 +1,16 @@
 """The logger's files: one open file per event hour and kind, rolled to disk as temp file ->
 fsync -> rename -> fsync of the directory; a file holds back the offsets of its rows until it
-is renamed. Stale temp files of a crashed writer are removed at start."""
+is renamed. Stale temp files of a crashed writer are removed at start.
+
+On an object store (`--out s3://bucket/prefix`, stream.logger.storage) there is no rename: the
+file is encoded in memory first, then uploaded once under its final, unique key (the logger's
+start time, a random tag and a sequence number) and its size checked; an object exists only once
+its upload completed, so a writer killed mid-upload leaves no object a reader could take, and
+the rows' offsets stay held until the upload returned."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -16,6 +23,7 @@ import pyarrow.parquet as pq
 
 from stream.logger.codec import concat
 from stream.logger.schema import IMPRESSIONS_DIR, OUTCOMES_DIR, partition_dir
+from stream.logger.storage import is_uri, resolve
 
 HOUR_MS = 3_600_000
 _TEMP_MAX_AGE_S = 60.0  # a temp file lives for one write; older ones are a crash's leftovers
@@ -42,8 +50,10 @@ class _OpenFile:
 class _Sink:
     """Open files of one kind (impressions or outcomes), one per event hour, rolled to disk."""
 
-    def __init__(self, root: Path, kind: str, prefix: str, order: Any) -> None:
-        self.root, self.kind, self.prefix, self.order = root / kind, kind, prefix, order
+    def __init__(self, root: Path | str, kind: str, prefix: str, order: Any, fs: Any = None) -> None:
+        self.kind, self.prefix, self.order, self.fs = kind, prefix, order, fs
+        self.local = fs is None or fs.type_name == "local"
+        self.root: Any = Path(root) / kind if self.local else f"{root}/{kind}"
         self.files: dict[int, _OpenFile] = {}
         self.seq = 0
 
@@ -71,12 +81,15 @@ class _Sink:
             due += [h for _, h in rest[:extra]]
         return due
 
-    def roll(self, hour: int) -> tuple[Path, int, int]:
-        """Write one open file: temp name, fsync, rename, fsync the directory. (path, rows, bytes).
-        The file leaves `files` (and so its rows stop holding their offsets back) only once it
-        is renamed into place: a failed write keeps holding them, nothing is committed past it."""
+    def roll(self, hour: int) -> tuple[Path | str, int, int]:
+        """Write one open file: temp name, fsync, rename, fsync the directory (on S3: one upload
+        under the final key). (path, rows, bytes). The file leaves `files` (and so its rows stop
+        holding their offsets back) only once it is in place: a failed write keeps holding them,
+        nothing is committed past it."""
         f = self.files[hour]
         table = self.order(concat(f.tables))
+        if not self.local:
+            return self._upload(hour, f, table)
         directory = self.root / partition_dir(hour * HOUR_MS)
         _makedirs(directory)
         self.seq += 1
@@ -93,6 +106,24 @@ class _Sink:
         del self.files[hour]
         return final, f.rows, final.stat().st_size
 
+    def _upload(self, hour: int, f: _OpenFile, table: pa.Table) -> tuple[str, int, int]:
+        """Encode in memory (an encoding error uploads nothing), put the object once under its
+        final key, and check the store holds all of it before the rows stop holding offsets."""
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        data = sink.getvalue()
+        self.seq += 1
+        final = f"{self.root}/{partition_dir(hour * HOUR_MS)}/part-{self.prefix}-{self.seq:06d}.parquet"
+        with self.fs.open_output_stream(final) as out:
+            out.write(data)
+        size = self.fs.get_file_info(final).size
+        if size != data.size:  # never seen; a short object must not stay where readers look
+            with contextlib.suppress(OSError):
+                self.fs.delete_file(final)
+            raise OSError(f"s3://{final}: the store holds {size} bytes of {data.size} after the upload")
+        del self.files[hour]
+        return f"s3://{final}", f.rows, size
+
     def holds(self) -> Holds:
         out: Holds = {}
         for f in self.files.values():
@@ -102,6 +133,23 @@ class _Sink:
     @property
     def buffered_rows(self) -> int:
         return sum(f.rows for f in self.files.values())
+
+
+def open_root(out: Path | str) -> tuple[Any, Path | str, int]:
+    """(file system or None for the disk, root, stale temp files removed) of `--out`. A local
+    root is created and swept of a crashed writer's temp files; an S3 root's bucket must answer
+    (endpoint, credentials) before any row is read, so a wrong setting stops the logger at once."""
+    if not is_uri(out):
+        root = Path(out)
+        root.mkdir(parents=True, exist_ok=True)
+        return None, root, _remove_stale_temps(root)
+    from pyarrow import fs as pafs
+
+    fs, path = resolve(out)
+    bucket = path.split("/", 1)[0]
+    if fs.get_file_info(bucket).type == pafs.FileType.NotFound:  # OSError: unreachable, refused
+        raise OSError(f"s3://{bucket}: no such bucket")
+    return fs, path, 0
 
 
 def _fsync_dir(path: Path) -> None:

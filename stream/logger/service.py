@@ -82,12 +82,13 @@ from stream.logger.codec import (
     decode_outcomes_generic,
     decode_requests_generic,
 )
-from stream.logger.files import Holds, _merge_holds, _remove_stale_temps, _Sink
+from stream.logger.files import Holds, _merge_holds, _Sink, open_root
 from stream.logger.schema import (
     IMPRESSIONS_DIR,
     OUTCOMES_DIR,
     reserved_columns,
 )
+from stream.logger.storage import is_uri
 from stream.metrics import MetricsServer
 
 log = logging.getLogger("rta.logger")
@@ -111,7 +112,7 @@ _FUTURE_FLAG_MS = 60_000
 class LoggerConfig:
     """Knobs of one logger (the `rta log` flags)."""
 
-    out_dir: Path
+    out_dir: Path | str  # a directory or s3://bucket/prefix (stream.logger.storage)
     group_id: str = "rta-logger"
     batch_size: int = 5000
     batch_wait_ms: int = 100
@@ -129,7 +130,7 @@ class LoggerConfig:
     logger_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 
     def __post_init__(self) -> None:
-        self.out_dir = Path(self.out_dir)
+        self.out_dir = str(self.out_dir).rstrip("/") if is_uri(self.out_dir) else Path(self.out_dir)
         if self.batch_size < 1 or self.batch_wait_ms < 0:
             raise ConfigError("batch size must be >= 1 and batch wait >= 0 ms")
         if self.roll_bytes < 1 or self.roll_seconds <= 0:
@@ -300,11 +301,10 @@ class Logger:
         self._positional = bundle_specs(Path(settings.model_dir))
         self._kinds = bundle_kinds(Path(settings.model_dir))
         self._next_spec_scan = time.monotonic() + 10.0
-        cfg.out_dir.mkdir(parents=True, exist_ok=True)
-        self.stats.temp_files_removed = _remove_stale_temps(cfg.out_dir)
+        fs, root, self.stats.temp_files_removed = open_root(cfg.out_dir)  # a path or s3://
         prefix = f"{int(time.time() * 1000):x}-{uuid.uuid4().hex[:6]}"
-        self.impressions = _Sink(cfg.out_dir, IMPRESSIONS_DIR, prefix, self._impression_order)
-        self.outcomes = _Sink(cfg.out_dir, OUTCOMES_DIR, prefix, lambda t: t)
+        self.impressions = _Sink(root, IMPRESSIONS_DIR, prefix, self._impression_order, fs)
+        self.outcomes = _Sink(root, OUTCOMES_DIR, prefix, lambda t: t, fs)
         self._seq = 0
         self._req: dict[int, _Pending] = {}  # seq -> batch, in arrival order
         self._dec: dict[int, _Pending] = {}
