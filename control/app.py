@@ -194,6 +194,12 @@ def create_app(service: ControlService, auth: Auth, secure_cookie: bool = False)
         who(request, "viewer")
         return await _thread(service.models)
 
+    @app.get("/api/v1/canary")
+    @guarded
+    async def canary(request: Request) -> Any:
+        who(request, "viewer")
+        return await _thread(service.canary)
+
     @app.get("/api/v1/models/{version}")
     @guarded
     async def model(request: Request, version: str) -> Any:

@@ -289,6 +289,13 @@ class ControlService:
         return {"current": bundle.current_version(self.settings.model_dir),
                 "versions": registry.summary(self.settings.model_dir)}
 
+    def canary(self) -> dict[str, Any]:
+        """The canary in force, its per-arm counts over the live workers and the watcher's newest
+        value judgement (`rta model canary status`'s JSON: stream.canary.status)."""
+        from stream.canary import status
+
+        return status(self.settings.model_dir, self.settings)
+
     def model(self, version: str) -> dict[str, Any]:
         try:
             path = registry.version_dir(self.settings.model_dir, version)

@@ -3,9 +3,11 @@
 Stack up (or reuse a configured one) -> synthetic world -> `rta train` v1 -> a worker (`rta
 serve`), the logger (`rta log`) and the downstream simulator (`rta world outcomes`), each its own
 process -> fresh requests in phases: warm-up, r1, r2 after an operator's live `rta ratio set`, then
-a new source (docs/world.md) that v1 has never seen -> `rta retrain` trains v2 from the logs only
-(the world's truth is read by the simulator and this summary, never by training) and gates it ->
-the worker reloads `current` -> the same scenario under v2. The summary, read back from the
+a new source (docs/world.md) that v1 has never seen -> `rta retrain --canary` trains v2 from the logs
+only (the world's truth is read by the simulator and this summary, never by training), gates it
+off-policy and starts a canary: v2 decides half of the requests for a few seconds, then `rta model
+promote` judges it on the two arms' own outcomes -> the worker reloads `current` -> the same
+scenario under v2. The summary, read back from the
 decisions topic: throughput, block share per phase against its target, the deals kept against an
 oracle that knows the world's true probabilities, and the loop (before/after, gate, churn).
 
@@ -224,6 +226,11 @@ ATTRIBUTION = "click=1s,online=2s,cart=4s,deal=6s"
 # an estimate (a 14 s window held 9 and 10 in two runs: too close).
 HOLDOUT_S = 18.0
 EPSILON = 0.05  # the explore slice: what the loop learns the blocked traffic from, and the gate judges by
+# v2, once the off-policy gate passes it, first decides half of the requests (by request_id hash)
+# for CANARY_S seconds beside v1; `rta model promote --evidence canary` then judges it on the two
+# arms' own matured outcomes (its deal windows, 6 s, close while the logger catches up).
+CANARY_SHARE = 0.5
+CANARY_S = 8.0
 
 
 def _new_source_summary(phase: Phase, decisions: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -268,16 +275,75 @@ def _retrain(env: dict[str, str], log_dir: Path, model_dir: Path, profile: str, 
              since_s: float) -> dict[str, Any]:
     """v2 from the logs only, through `rta retrain` (train from current -> gate -> promote), its
     one JSON line parsed. `rta retrain` is the registry's verb (contract of issue 11, item 4)."""
-    argv = ["retrain", "--logs", str(log_dir), "--model-dir", str(model_dir),
-            "--since-hours", f"{since_s / 3600:.6f}", "--holdout-hours", f"{holdout_s / 3600:.6f}",
-            "--profile", profile, "--version", "v2", "--attribution", ATTRIBUTION, "--quiet",
-            "--reason", "rta demo: the new source, learnt from v1's logs"]
-    cmd = [sys.executable, "-m", "infra.cli", *argv]
-    proc = subprocess.run(cmd, env=env, check=False, stdout=subprocess.PIPE, text=True)
+    return _answer(env, ["retrain", "--logs", str(log_dir), "--model-dir", str(model_dir),
+                         "--since-hours", f"{since_s / 3600:.6f}", "--holdout-hours", f"{holdout_s / 3600:.6f}",
+                         "--profile", profile, "--version", "v2", "--attribution", ATTRIBUTION, "--quiet",
+                         "--canary", str(CANARY_SHARE), "--reason", "rta demo: the new source, learnt from v1's logs"])
+
+
+def _answer(env: dict[str, str], argv: list[str]) -> dict[str, Any]:
+    """One `rta` step whose exit code is a gate's answer (0, 3, 4) and whose stdout's last line is
+    its JSON; anything else is the demo's error."""
+    proc = subprocess.run([sys.executable, "-m", "infra.cli", *argv], env=env, check=False, stdout=subprocess.PIPE,
+                          text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip().startswith("{")]
     if proc.returncode not in (0, 3, 4) or not lines:  # promoted, refused, inconclusive: answers
         raise RtaError(f"demo step `rta {' '.join(argv)}` failed with exit code {proc.returncode}")
     return json.loads(lines[-1])
+
+
+def _end_canary(env: dict[str, str], log_dir: Path, model_dir: Path, version: str) -> dict[str, Any]:
+    """The canary judged on its own arms (`rta model promote --evidence canary`): promoted, or
+    refused (the canary stops; v1 serves on), or inconclusive at this short a canary: then v2,
+    which neither the off-policy gate nor its arms refused, is promoted, audited as forced with
+    the canary's evidence attached (the demo's story needs v2 serving; a deployment would let the
+    canary run until it decides)."""
+    base = ["model", "promote", version, "--model-dir", str(model_dir), "--logs", str(log_dir), "--evidence",
+            "canary", "--attribution", ATTRIBUTION]
+    judged = _answer(env, [*base, "--reason", "rta demo: judged on the canary's own arms"])
+    gate = judged.get("gate") or {}
+    out = {"decision": gate.get("decision"), "outcome": judged.get("outcome"), "promoted_on": None,
+           "evidence": _canary_evidence(gate)}
+    if judged.get("outcome") == "promoted":
+        out["promoted_on"] = "canary"
+    elif gate.get("decision") == "inconclusive":
+        again = _answer(env, [*base, "--force", "--reason", "rta demo: neither the canary (inconclusive at this "
+                                                            "sample) nor the off-policy gate refused v2"])
+        out.update(outcome=again.get("outcome"), promoted_on="forced: the canary and the off-policy gate did not "
+                                                             "refuse it")
+    else:
+        _answer(env, ["model", "canary", "--stop", "--model-dir", str(model_dir), "--reason",
+                      "rta demo: refused on the canary's own arms"])
+    return out
+
+
+def _serving_canary(settings: Settings, version: str, timeout: float) -> bool:
+    """Wait until a live worker's status record says it serves `version` as a canary (it follows
+    canary.json at its reload cadence), so the canary's phase is the canary's from its start."""
+    from stream.canary import fleet_arms
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        workers, _ = fleet_arms(settings)
+        if any((w.get("canary") or {}).get("version") == version for w in workers):
+            return True
+        time.sleep(0.25)
+    return False
+
+
+def _canary_evidence(gate: dict[str, Any]) -> dict[str, Any] | None:
+    """The canary judgement's figures for summary.json (value per arm, difference, interval, MDE)."""
+    v, verdict = gate.get("value"), gate.get("verdict") or {}
+    if not v:
+        return None
+    cur = v.get("current") or 0.0
+    rel = (lambda x: None if x is None or not cur else round(x / cur, 4))  # noqa: E731
+    ci = v.get("difference_ci") or [None, None]
+    return {"rows": v.get("rows"), "arms": v.get("arms"), "difference_relative": rel(v.get("difference")),
+            "difference_relative_ci": [rel(ci[0]), rel(ci[1])], "mde_relative": verdict.get("mde_relative"),
+            "guard_rails": {t: g.get("state") for t, g in (verdict.get("guard_rails") or {}).items()},
+            "why": verdict.get("why"), "more_traffic_factor": verdict.get("more_traffic_factor"),
+            "period_ms": (gate.get("canary") or {}).get("period_ms"), "unit": v.get("unit")}
 
 
 @click.command(name="demo")
@@ -383,6 +449,8 @@ def demo(rows: int, events: int, loop_events: int, rate: float, ratios: str, war
 
         sent: list[dict[str, Any]] = []
         promotion: dict[str, Any] = {}
+        canary_phase: Phase | None = None
+        canary_end: dict[str, Any] | None = None
 
         def stream(phase: Phase, count: int, seed: int, config: WorldConfig | None = None) -> None:
             phase.started_at = time.time()
@@ -434,6 +502,21 @@ def demo(rows: int, events: int, loop_events: int, rate: float, ratios: str, war
             t = lap("retrain", t)
             _say(f"gate: {promotion.get('outcome')} {promotion.get('candidate')} (current was "
                  f"{promotion.get('current')})")
+            if promotion.get("outcome") == "canary":
+                canary_phase = Phase("canary", r2, workdir / "truth-c.parquet")
+                _say(f"canary: v2 decides {CANARY_SHARE:.0%} of requests (by request_id hash) beside v1 for "
+                     f"{CANARY_S:g} s; then judged on the two arms' own matured outcomes")
+                _serving_canary(settings, "v2", timeout=10.0)
+                stream(canary_phase, max(1000, int(rate * CANARY_S)), 1006, ns)
+                phases.append(canary_phase)
+                _wait_logged(log_dir, sum(s["sent"] for s in sent), 60.0)
+                # the canary's newest deal windows close (6 s) and the logger writes their outcomes
+                time.sleep(max(0.0, canary_phase.started_at + CANARY_S + 7.0 - time.time()))
+                canary_end = _end_canary(env, log_dir, model_dir, "v2")
+                promotion = {**promotion, "outcome": canary_end["outcome"]}
+                _say(f"canary: {canary_end['decision']} on its arms -> {canary_end['outcome']}"
+                     + (f" ({canary_end['promoted_on']})" if canary_end["promoted_on"] else ""))
+                t = lap("canary", t)
             after = Phase("new source, v2", r2, workdir / "truth-5.parquet")
             switch = Phase("switch-over", r2, workdir / "truth-4.parquet")
             _say("7/7 the worker reloads `current` live; the same new-source traffic again")
@@ -479,6 +562,10 @@ def demo(rows: int, events: int, loop_events: int, rate: float, ratios: str, war
         "served_by": {"before": b["models"], "after": a["models"]},
         "churn": _churn(model_dir, manifest["version"], promotion.get("candidate"), log_dir, r2,
                         int(before.started_at * 1000), int(switch.started_at * 1000)),
+        "canary": None if canary_phase is None or canary_end is None else {
+            "share": CANARY_SHARE, "seconds": CANARY_S, "requests": by_name[canary_phase.name]["requests"],
+            "served_by": by_name[canary_phase.name]["models"],
+            "block_share": by_name[canary_phase.name]["block_share_settled"], **canary_end},
     }
     summary = {
         "model": manifest["version"], "bundle": str(bundle),
@@ -534,12 +621,23 @@ def _print_summary(s: dict[str, Any], rate: float) -> None:
     click.echo("  reasons:  " + "; ".join(f"{p['phase']}: {p['reasons']}" for p in s["phases"]))
     loop = s["loop"]
     ns, dk, vo = loop["new_source_deals_kept"], loop["deals_kept"], loop["deals_kept_vs_oracle"]
+    forced = str((loop.get("canary") or {}).get("promoted_on") or "").startswith("forced")
+    promoted_how = ("promoted, forced after an inconclusive canary" if loop["promoted"] and forced else
+                    "promoted by the gate" if loop["promoted"] else "NOT promoted by a gate")
     click.echo(f"  loop at r={loop['r']}: v1 {loop['v1']} -> v2 {loop['v2']} "
-               f"({'promoted by the gate' if loop['promoted'] else 'NOT promoted by a gate'})")
+               f"({promoted_how})")
     click.echo(f"    new-source deals kept  before {ns['before']:.3f}  after {ns['after']:.3f}")
     click.echo(f"    all deals kept         before {dk['before']:.3f}  after {dk['after']:.3f}   "
                f"(vs oracle {vo['before']:+.3f} / {vo['after']:+.3f})")
     click.echo(f"    served by: before {loop['served_by']['before']}, after {loop['served_by']['after']}")
+    c = loop.get("canary")
+    if c is not None:
+        ev = c.get("evidence") or {}
+        lo, hi = ev.get("difference_relative_ci") or [None, None]
+        figure = (f"value {ev['difference_relative']:+.2%} [{lo:+.2%}, {hi:+.2%}] of v1's"
+                  if None not in (ev.get("difference_relative"), lo, hi) else "no value estimate")
+        click.echo(f"    canary at {c['share']:.0%} for {c['seconds']:g} s ({c['served_by']}): {c['decision']} on its "
+                   f"arms, {figure} -> {c['outcome']}" + (f" ({c['promoted_on']})" if c["promoted_on"] else ""))
     if loop.get("churn") is not None:
         c = loop["churn"]
         click.echo(f"    churn v1 -> v2 on the logged new-source phase: {c['flipped_share']:.2%} of "

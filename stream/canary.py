@@ -23,7 +23,7 @@ import fcntl
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -155,8 +155,9 @@ def _entry(action: str, who: str, reason: str, root: Path, **extra: Any) -> dict
 
 
 def start(model_dir: str | Path, version: str, share: float, who: str, reason: str,
-          audit: Any = None) -> dict[str, Any]:
-    """Start (or re-share) a canary of `version`: verified first, never `current` itself."""
+          audit: Any = None, gate: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Start (or re-share) a canary of `version`: verified first, never `current` itself.
+    `gate`: the off-policy gate's verdict that let it start (kept in the audit entry)."""
     from model import bundle, registry
 
     root = Path(model_dir)
@@ -168,7 +169,8 @@ def start(model_dir: str | Path, version: str, share: float, who: str, reason: s
     if version == current:
         raise ConfigError(f"{version} is current already; a canary needs another version")
     state = CanaryState(version, float(share), who, " ".join(reason.split()) if reason else "", int(time.time() * 1000))
-    entry = _entry("canary-start", who, reason, root, old=current, new=version, share=state.share)
+    entry = _entry("canary-start", who, reason, root, old=current, new=version, share=state.share,
+                   **({"gate": gate} if gate else {}))
     return _audited(root, entry, state, audit)
 
 
@@ -201,17 +203,76 @@ class ArmGuard:
     its block share off the target r beyond `block_bound` (over the rows after the arm's first
     `warmup_rows`, while its controller's window fills: a bundle without a score distribution
     blocks nothing until then), its NaN/invalid output rate beyond the current arm's plus
-    `bad_bound`, its scoring time per row beyond `latency_ratio` x current's. Judged once
-    `min_rows` canary rows are in (a few hundred rows cannot tell 3 pp)."""
+    `bad_bound`, its scoring cost per row beyond `latency_ratio` x current's AND beyond it by
+    `latency_floor_s`. Judged once `min_rows` canary rows are in (a few hundred rows cannot tell
+    3 pp).
+
+    The scoring cost is a per-row slope, not time / rows: the canary scores `share` of each batch,
+    so a fixed cost per call (the onnxruntime call, a GIL wait on a loaded box) spread over its
+    fewer rows made a model as fast as current look 3.6-4.6x slower per row at share 0.3 (35.6 vs
+    7.7, 69.7 vs 19.6 us/row, measured) and stopped it. Every batch after the warm-up is one
+    sample per arm (rows, seconds); one least-squares fit with a common per-call cost and a slope
+    per arm, t = a + b_arm x rows, separates the two (the arms' batch sizes differ by the share);
+    it trips only when the canary's slope exceeds `latency_ratio` x current's by `latency_z`
+    standard errors (it looks again every batch; a loaded box's per-call noise is large) and
+    current's by `latency_floor_s` (100 us/row: a canary that costs that much more breaks the
+    worker's 20 us/request budget even at share 0.2). On the loaded box two models equally fast
+    offline still fitted 75.5 vs 11.9 us/row once (load bursts make big batches slow for both
+    arms): finer latency comparisons are `rta bench worker --canary-share`'s job.
+    `breach` is called once per batch with the cumulative counts (the worker's `_count_arms`)."""
 
     min_rows: int = 2000
     warmup_rows: int = 2000
     block_bound: float = 0.05
     bad_bound: float = 0.01
     latency_ratio: float = 3.0
+    latency_floor_s: float = 100e-6
+    min_calls: int = 30
+    latency_z: float = 4.0
+    _last: dict[str, tuple[float, float]] = field(default_factory=dict, repr=False)
+    _xtx: np.ndarray = field(default_factory=lambda: np.zeros((3, 3)), repr=False)
+    _xty: np.ndarray = field(default_factory=lambda: np.zeros(3), repr=False)
+    _yy: float = field(default=0.0, repr=False)
+    _calls: dict[str, int] = field(default_factory=lambda: {"current": 0, "canary": 0}, repr=False)
+
+    def _observe(self, arms: dict[str, dict[str, float]]) -> None:
+        """This batch's scoring call per arm (the change of its cumulative counts) as a sample;
+        counts that went back (the worker reset them for a new canary) start a new fit."""
+        if any(float((arms.get(n) or {}).get("rows", 0)) < self._last.get(n, (0.0, 0.0))[0] for n in self._last):
+            self._xtx, self._xty, self._yy = np.zeros((3, 3)), np.zeros(3), 0.0
+            self._calls = {"current": 0, "canary": 0}
+            self._last = {}
+        for j, name in ((1, "current"), (2, "canary")):
+            a = arms.get(name) or {}
+            rows, secs = float(a.get("rows", 0)), float(a.get("score_s", 0.0))
+            last_rows, last_secs = self._last.get(name, (rows, secs))
+            self._last[name] = (rows, secs)
+            dr, ds = rows - last_rows, secs - last_secs
+            if dr <= 0 or rows - dr < self.warmup_rows:  # no call this batch, or still warming up
+                continue
+            x = np.zeros(3)
+            x[0], x[j] = 1.0, dr
+            self._xtx += np.outer(x, x)
+            self._xty += x * ds
+            self._yy += ds * ds
+            self._calls[name] += 1
+
+    def slopes(self) -> tuple[float, float, float, float] | None:
+        """(per-call seconds, current's seconds per row, the canary's, the standard error of
+        canary - latency_ratio x current) once both arms have `min_calls` samples; None before."""
+        n = sum(self._calls.values())
+        if min(self._calls.values()) < self.min_calls:
+            return None
+        inv = np.linalg.pinv(self._xtx)
+        coef = inv @ self._xty
+        rss = max(self._yy - 2 * coef @ self._xty + coef @ self._xtx @ coef, 0.0)
+        contrast = np.array([0.0, -self.latency_ratio, 1.0])
+        se = float(np.sqrt(max(rss / max(n - 3, 1) * contrast @ inv @ contrast, 0.0)))
+        return float(coef[0]), float(coef[1]), float(coef[2]), se
 
     def breach(self, arms: dict[str, dict[str, float]], r: float) -> str | None:
         """One line naming the breached guard rail, or None."""
+        self._observe(arms)
         c, k = arms.get("current", {}), arms.get("canary", {})
         n, n_w = k.get("rows", 0), k.get("rows_w", 0)
         if n_w >= self.min_rows:
@@ -225,10 +286,13 @@ class ArmGuard:
         base = c.get("nan", 0) / max(c.get("rows", 0), 1)
         if bad > base + self.bad_bound:
             return f"canary arm NaN/invalid output rate {bad:.4f} exceeds current's {base:.4f} + {self.bad_bound:.3f} ({n} rows)"
-        cs, ks = c.get("score_s", 0.0) / max(c.get("rows", 0), 1), k.get("score_s", 0.0) / n
-        if c.get("rows", 0) >= self.min_rows and cs > 0 and ks > self.latency_ratio * cs:
-            return (f"canary arm scoring {ks * 1e6:.1f} us/row is over {self.latency_ratio:g}x current's "
-                    f"{cs * 1e6:.1f} us/row ({n} rows)")
+        fit = self.slopes()
+        if fit is not None:
+            per_call, cs, ks, se = fit
+            if cs > 0 and ks - self.latency_ratio * cs > self.latency_z * se and ks - cs > self.latency_floor_s:
+                return (f"canary arm scoring {ks * 1e6:.1f} us/row is over {self.latency_ratio:g}x current's "
+                        f"{cs * 1e6:.1f} us/row (per-call cost {per_call * 1e6:.0f} us apart; "
+                        f"{self._calls['canary']} canary calls)")
         return None
 
 
@@ -260,6 +324,19 @@ def fleet_arms(settings: Any) -> tuple[list[dict[str, Any]], str | None]:
     return out, None
 
 
+VALUE_FILE = "canary-value.json"  # written by `rta model canary-watch` (training/canary_judge.py)
+
+
+def read_value(model_dir: str | Path, version: str | None) -> dict[str, Any] | None:
+    """The canary watcher's newest judgement of `version`'s arms: per-arm value with intervals, the
+    difference, the decision (None: no judgement of this canary yet)."""
+    try:
+        rec = json.loads((Path(model_dir) / VALUE_FILE).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) and version is not None and rec.get("version") == version else None
+
+
 def status(model_dir: str | Path, settings: Any | None) -> dict[str, Any]:
     """The canary in force, its audit trail, and per-arm counts summed over the live workers."""
     from model import bundle, registry
@@ -285,6 +362,7 @@ def status(model_dir: str | Path, settings: Any | None) -> dict[str, Any]:
     trail = [e for e in registry.read_log(root) if str(e.get("action", "")).startswith("canary")]
     return {"canary": None if state is None else asdict(state), "problem": problem,
             "current": bundle.current_version(root), "arms": arms,
+            "value": read_value(root, None if state is None else state.version),
             "workers": workers, "redis_problem": redis_problem, "last": trail[-1] if trail else None}
 
 

@@ -243,12 +243,17 @@ class RatioController:
         if self._rows_since >= self.config.refresh_rows or self.timer() >= self._next_refresh:
             self.refresh(now)
 
-    def set_model(self, model: str, prior: ScoreDistribution | None = None) -> None:
+    def set_model(self, model: str, prior: ScoreDistribution | None = None, join: bool = True) -> None:
         """The worker (or replay) now scores with ``model``. Its histograms start apart from the
         old model's (bucket fields are per model: ``stream.window``), the bundle's score
         distribution ``prior`` stands in until its own rows fill the window, and the feedback
         integrals restart at 0 and stay frozen for one horizon: they corrected the OLD model's
-        feed-forward bias. The next ``thresholds()`` refreshes."""
+        feed-forward bias. The next ``thresholds()`` refreshes.
+
+        ``join=False``: this controller never takes its peers' feedback integrals on its first
+        global read (a canary arm's controller: its peers' integrals corrected another model)."""
+        if not join:
+            self._joined = True
         if model == self.model and prior is self.prior:
             return
         switched = bool(self.model) and model != self.model

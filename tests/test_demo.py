@@ -28,11 +28,20 @@ def test_tiny_demo_decides_everything_and_follows_the_live_ratio(kafka, redis_se
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     # the status page ran beside the story (rta control serve) and its URL was printed
     assert summary["status_page"].startswith("http://127.0.0.1:") and summary["status_page"] in res.stderr
-    assert summary["events_sent"] == 10_000 + 16_000 + 24_000 + 6_000 + 24_000
+    # a v2 the off-policy gate passes goes through a canary first (16k requests at 2000/s, 8 s)
+    canary = summary["loop"]["canary"]
+    phases = [p for p in summary["phases"] if p["phase"] != "canary"]
+    assert summary["events_sent"] == 10_000 + 16_000 + 24_000 + 6_000 + 24_000 + (16_000 if canary else 0)
     assert summary["missing_decisions"] == 0 and summary["events_decided"] == summary["events_sent"]
-    warm, one, two, before, switch, after = summary["phases"]
+    warm, one, two, before, switch, after = phases
     assert [p["phase"] for p in summary["phases"]] == ["warm-up", "phase 1", "phase 2", "new source, v1",
+                                                       *(["canary"] if canary else []),
                                                        "switch-over", "new source, v2"]
+    if canary:  # both arms decided, judged on their own outcomes; the summary carries the evidence
+        assert set(canary["served_by"]) == {"v1", "v2"} and canary["decision"] in ("promote", "refuse",
+                                                                                   "inconclusive")
+        assert abs(canary["served_by"]["v2"] / canary["requests"] - 0.5) < 0.1  # minus the reload's first 2 s
+        assert canary["evidence"]["rows"]["canary"] > 0 and canary["evidence"]["arms"]["canary"]["ci"]
     for phase in (one, two):
         assert phase["decided"] == phase["requests"] == 8000
         assert abs(phase["block_share_settled"] - phase["target_r"]) < 0.05, phase

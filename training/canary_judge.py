@@ -19,10 +19,14 @@ and minimum detectable effect.
 
 from __future__ import annotations
 
+import json
 import math
+import time
 from typing import Any
 
 import numpy as np
+
+from stream.canary import VALUE_FILE  # <model_dir>/: the watcher's newest judgement (canary status)
 
 # training.gate / training.replay are imported where used: `rta model list` (which registers the
 # canary-judge command) stays light
@@ -80,6 +84,17 @@ def canary_value(kept: np.ndarray, to_canary: np.ndarray, tasks: tuple[str, ...]
             "kept_positives": {"current": float(np.nansum(kept[~to_canary, j])),
                                "canary": float(np.nansum(kept[to_canary, j]))},
         }
+    # each arm's own value (as if it decided all matured traffic), for status and /metrics
+    arm_b = {"current": np.zeros(len(b_cur)), "canary": np.zeros(len(b_can))}
+    arm_v = {"current": 0.0, "canary": 0.0}
+    for j, t in enumerate(tasks):
+        pos = (positives or {}).get(t, float(m_cur[j] * n_t[j]))
+        scale = weights.get(t, 0.0) / pos if pos and pos > 0 else 0.0
+        for arm, m, b in (("current", m_cur, b_cur), ("canary", m_can, b_can)):
+            if math.isfinite(float(m[j])):
+                arm_v[arm] += scale * float(m[j] * n_t[j])
+                arm_b[arm] += scale * np.nan_to_num(b[:, j] * n_t[j])
+    out["arms"] = {a: {"value": arm_v[a], "ci": _quantiles(arm_b[a], confidence)} for a in arm_v}
     vci = _quantiles(val_b, confidence)
     out.update(current=cur_value, candidate=cur_value + val, difference=val, difference_ci=vci,
                se=float(np.std(val_b, ddof=1)) if len(val_b) > 1 else math.nan,
@@ -153,6 +168,176 @@ def canary_run(model_dir: Any, version: str) -> dict[str, Any]:
     return starts[-1]
 
 
+def canary_applies(model_dir: Any, version: str, current: str | None) -> tuple[dict[str, Any] | None, str | None]:
+    """(the canary run of `version` that can judge it against `current`, None), (None, why not)
+    when it ran beside another current (its arms compared the candidate with a model that is no
+    longer served), or (None, None) when no canary of it is in registry.jsonl."""
+    from stream.errors import BundleError
+
+    try:
+        run = canary_run(model_dir, version)
+    except BundleError:
+        return None, None
+    if run.get("old") != current:
+        return None, (f"the canary of {version} ran beside {run.get('old')}, not the current {current}: "
+                      "its evidence does not compare the candidate with what is served")
+    return run, None
+
+
+def canary_gate(model_dir: Any, version: str, logs_path: Any, cfg: Any = None, attribution: Any = None,
+                run: dict[str, Any] | None = None, write: bool = True) -> dict[str, Any]:
+    """The gate's result (the shape of `training.gate.run_gate`'s, so `rta model promote`,
+    `outcome_line`, `exit_code` and the audit entry read it unchanged) judged on the canary's own
+    arms: the value and guard rails by `judge_canary` (`gate.decide`), the fidelity acceptance
+    recorded at distillation (`gate.fidelity_check`: a canary measures value, not fidelity).
+    Written to <candidate>/gate.json unless `write=False`."""
+    from pathlib import Path
+
+    from model import bundle, registry
+    from training.gate import GateConfig, fidelity_check, gate_task, score_weights
+    from training.logs import load_logged
+    from training.replay import _finite
+
+    cfg = cfg or GateConfig()
+    root = Path(model_dir)
+    cand_dir = registry.version_dir(root, version)
+    current = bundle.current_version(root)
+    run = run or canary_run(root, version)
+    cand_manifest = registry.verify(cand_dir)
+    cur_manifest = bundle.read_manifest(bundle.resolve_bundle(root))
+    tasks = tuple(cand_manifest["tasks"])
+    logs = load_logged(logs_path, tasks, attribution)
+    kept, to_canary, info = canary_evidence(logs, str(run.get("old")), version, float(run["share"]))
+    hours = max((info["period_ms"][1] - info["period_ms"][0]) / 3.6e6, 1e-6)
+    task = gate_task(cand_manifest, cfg.task)
+    weights = {cfg.task: 1.0} if cfg.task is not None else score_weights(cand_manifest)
+    out = judge_canary(kept, to_canary, tasks, weights, cfg, hours, gate_task=task)
+    value = out.pop("value")
+    fid = {**fidelity_check(cand_manifest, cur_manifest, cfg.fidelity), "source": "recorded at distillation"}
+    decision = "refuse" if not fid["passed"] else out["decision"]
+    reasons = [r for r in (None if fid["passed"] else fid["why"], None if out["decision"] == "promote"
+                           else out["why"]) if r]
+    t = value["tasks"].get(task, {})
+    ratio = None
+    if "target_ratio" in logs.decisions.column_names:
+        tr = np.asarray(logs.decisions.column("target_ratio").to_numpy(zero_copy_only=False), dtype=np.float64)
+        ratio = float(np.nanmedian(tr)) if np.isfinite(tr).any() else None
+    estimate = {"evidence": "canary", "task": task, "decision": decision, "value": value["difference"],
+                "value_ci": value["difference_ci"], "value_current": value["current"],
+                "value_relative": value["relative"], "mde_relative": out.get("mde_relative"),
+                **{k: t.get(k) for k in ("candidate", "current", "difference", "difference_ci")},
+                "positives_in_sample": sum(t.get("kept_positives", {}).values()),
+                "rows": value["rows"], "share": run["share"]}
+    result = {"candidate": version, "current": current, "evidence": "canary",
+              "gated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "targets": {"r": ratio, "source": "logged target_ratio (median over the canary's period)"},
+              "canary": {"share": run["share"], "started": run.get("at"), "started_by": run.get("who"), **info},
+              "window": {"logs": str(logs_path), "layout": "logged", "from_ms": info["period_ms"][0],
+                         "to_ms": info["period_ms"][1], "rows": info["rows"],
+                         "labels_as_of_ms": logs.info.get("as_of_ms")},
+              "fidelity": fid, "value": value, "estimate": estimate,
+              "verdict": out,
+              "decision": decision, "passed": decision == "promote", "reasons": reasons}
+    result = _finite(result)
+    if write:
+        registry.write_gate(cand_dir, result)
+    return result
+
+
+
+
+def value_summary(result: dict[str, Any]) -> dict[str, Any]:
+    """What status and /metrics show of a canary judgement: per-arm value with intervals, the
+    difference, the guard rails, the decision."""
+    v, verdict = result["value"], result.get("verdict") or {}
+    return {"version": result["candidate"], "current": result["current"], "decision": result["decision"],
+            "value_decision": verdict.get("decision"), "why": verdict.get("why"), "arms": v.get("arms"),
+            "difference": v.get("difference"), "difference_ci": v.get("difference_ci"),
+            "relative": v.get("relative"), "rows": v.get("rows"), "confidence": v.get("confidence"),
+            "guard_rails": {t: g.get("state") for t, g in (verdict.get("guard_rails") or {}).items()},
+            "period_ms": (result.get("canary") or {}).get("period_ms"), "unit": v.get("unit")}
+
+
+class WatchMetrics:
+    """The watcher's Prometheus registry; `health()` as stream.metrics.MetricsServer expects."""
+
+    DECISIONS = ("promote", "refuse", "inconclusive", "waiting", "none")
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge
+
+        r = self.registry = CollectorRegistry()
+        self.value = Gauge("rta_canary_value", "Each arm's value (share of current's kept positives, "
+                           "score-weighted) on its matured rows, with its interval.", ["arm", "bound"], registry=r)
+        self.difference = Gauge("rta_canary_value_difference", "Canary minus current value, with its interval.",
+                                ["bound"], registry=r)
+        self.decision = Gauge("rta_canary_value_decision", "The newest judgement of the canary's arms (1 = it).",
+                              ["decision"], registry=r)
+        self.rounds = Counter("rta_canary_watch_rounds", "Judgements made.", registry=r)
+        self.stops = Counter("rta_canary_watch_stops", "Canaries stopped on a value guard rail.", registry=r)
+        self.last: dict[str, Any] = {"state": "none"}
+
+    def observe(self, rec: dict[str, Any]) -> None:
+        self.rounds.inc()
+        self.last = rec
+        state = rec.get("decision") or rec.get("state", "none")
+        for d in self.DECISIONS:
+            self.decision.labels(d).set(1.0 if d == state else 0.0)
+        for arm, a in (rec.get("arms") or {}).items():
+            for bound, x in zip(("point", "low", "high"), [a.get("value"), *(a.get("ci") or [None, None])],
+                                strict=True):
+                self.value.labels(arm, bound).set(math.nan if x is None else x)
+        for bound, x in zip(("point", "low", "high"), [rec.get("difference"), *(rec.get("difference_ci") or
+                                                                                 [None, None])], strict=True):
+            self.difference.labels(bound).set(math.nan if x is None else x)
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        alerts = ["canary_value_refused"] if self.last.get("stopped") else []
+        return self.last.get("state") != "error", {"last": self.last, "alerts": alerts}
+
+
+def watch_once(model_dir: Any, logs_path: Any, cfg: Any, attribution: Any, audit: Any = None,
+               who: str = "canary-watch", stop: bool = True) -> dict[str, Any]:
+    """One judgement of the canary in force on its arms' matured outcomes: written to
+    <model_dir>/canary-value.json; a value guard rail breached with confidence (the judge's
+    `refuse`: the value difference, or a guarded task's, below its floor beyond the interval)
+    stops it through the audited path (`stream.canary.stop(automatic=True)`)."""
+    from pathlib import Path
+
+    from model import bundle
+    from stream import canary
+    from stream.errors import BundleError, DataError
+
+    root = Path(model_dir)
+    state = canary.read_canary(root)
+    if state is None:
+        return {"state": "none", "at_ms": int(time.time() * 1000)}
+    current = bundle.current_version(root)
+    run, why = canary_applies(root, state.version, current)
+    rec: dict[str, Any] = {"state": "waiting", "version": state.version, "at_ms": int(time.time() * 1000)}
+    if run is None:
+        return {**rec, "why": why or f"no canary-start of {state.version} in registry.jsonl"}
+    try:
+        result = canary_gate(root, state.version, logs_path, cfg, attribution, run=run, write=False)
+    except (ValueError, DataError) as exc:  # no decision of the canary logged yet, no matured row yet
+        return {**rec, "why": str(exc)}
+    rec = {**rec, "state": "judged", **value_summary(result)}
+    if stop and (result.get("verdict") or {}).get("decision") == "refuse":
+        why = " ".join(str(result["verdict"]["why"]).split())
+        try:
+            entry = canary.stop(root, who, f"automatic rollback: value guard rail: {why}", audit, automatic=True,
+                                evidence={k: rec[k] for k in ("arms", "difference", "difference_ci", "rows",
+                                                              "guard_rails", "period_ms")},
+                                expect_version=state.version)
+            rec["stopped"] = entry is not None
+        except (BundleError, OSError) as exc:
+            rec.update(stopped=False, stop_error=str(exc))
+    from model.bundle import _atomic_write
+
+    _atomic_write(root / VALUE_FILE, json.dumps(rec, default=str).encode())
+    return rec
+
+
 def _cli() -> Any:
     import json
     from pathlib import Path
@@ -174,30 +359,79 @@ def _cli() -> Any:
                   min_positives: int, non_inferiority: float, guard_margin: float, seed: int) -> None:
         """Judge a canary on its own arm's matured outcomes (the gate's rule): JSON, exit 0 promote,
         3 refuse, 4 inconclusive. Promoting stays `rta model promote` (this is the evidence)."""
-        from model import bundle
-        from training.gate import GateConfig, score_weights
-        from training.logs import Attribution, load_logged
+        from training.gate import GateConfig, outcome_line
+        from training.logs import Attribution
         from training.model_cli import exit_code
 
-        run = canary_run(model_dir, version)
-        current = run.get("old")
-        manifest = bundle.read_manifest(Path(model_dir) / version)
         cfg = GateConfig(min_positives=min_positives, non_inferiority=non_inferiority, guard_margin=guard_margin,
                          seed=seed)
-        logs = load_logged(logs_path, tuple(manifest["tasks"]), Attribution.parse(attribution, as_of_ms))
-        kept, to_canary, info = canary_evidence(logs, str(current), version, float(run["share"]))
-        hours = max((info["period_ms"][1] - info["period_ms"][0]) / 3.6e6, 1e-6)
-        out = judge_canary(kept, to_canary, tuple(manifest["tasks"]), score_weights(manifest), cfg, hours)
-        out.update(candidate=version, current=current, share=run["share"], rows=info)
-        v = out["value"]
-        click.echo(f"[rta model] canary {version} vs {current}: {out['decision']} - value {v['relative']:+.2%} "
-                   f"of current's [{v['difference_ci'][0] / v['current']:+.2%}, "
-                   f"{v['difference_ci'][1] / v['current']:+.2%}]" if v["current"] > 0 else
-                   f"[rta model] canary {version}: {out['decision']} ({out['why']})", err=True)
+        out = canary_gate(model_dir, version, logs_path, cfg, Attribution.parse(attribution, as_of_ms), write=False)
+        click.echo(f"[rta model] canary evidence: {outcome_line(out)}", err=True)
         click.echo(json.dumps(out, default=str))
         raise SystemExit(exit_code(out))
 
-    return judge_cmd
+    @click.command("canary-watch")
+    @click.option("--model-dir", required=True, type=click.Path(path_type=Path), help="Model directory.")
+    @click.option("--logs", "logs_path", required=True, type=click.Path(path_type=Path),
+                  help="`rta log`'s layout the logger writes (read again each round).")
+    @click.option("--interval", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
+                  help="Seconds between judgements.")
+    @click.option("--once", is_flag=True, help="One judgement, then exit (cron).")
+    @click.option("--attribution", default=None, help="Attribution windows, e.g. 'click=15m,deal=7d'.")
+    @click.option("--min-positives", type=click.IntRange(min=1), default=10, show_default=True)
+    @click.option("--non-inferiority", type=float, default=0.01, show_default=True)
+    @click.option("--guard-margin", type=float, default=0.05, show_default=True)
+    @click.option("--confidence", type=float, default=0.99, show_default=True,
+                  help="Of the intervals a stop needs (every round looks again: stricter than the gate's 0.95).")
+    @click.option("--stop/--no-stop", "stop_", default=True, show_default=True,
+                  help="Stop the canary (audited) when its value guard rail is breached with confidence.")
+    @click.option("--audit-topic/--no-audit-topic", default=True, show_default=True,
+                  help="Record a stop on the Kafka audit topic first.")
+    @click.option("--metrics-port", type=int, default=None, help="Serve /metrics and /healthz on this port.")
+    @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, help="Config file.")
+    def watch_cmd(model_dir: Path, logs_path: Path, interval: float, once: bool, attribution: str | None,
+                  min_positives: int, non_inferiority: float, guard_margin: float, confidence: float, stop_: bool,
+                  audit_topic: bool, metrics_port: int | None, config_file: str | None) -> None:
+        """Judge the canary in force on its arms' matured outcomes every --interval seconds:
+        per-arm value with intervals to <model_dir>/canary-value.json (`rta model canary status`)
+        and /metrics; stop it (audited, automatic) when a value guard rail is breached."""
+        import signal
+
+        from stream.config import load_settings
+        from stream.metrics import MetricsServer
+        from stream.operators import produce_audit
+        from training.gate import GateConfig
+        from training.logs import Attribution
+
+        cfg = GateConfig(min_positives=min_positives, non_inferiority=non_inferiority, guard_margin=guard_margin,
+                         confidence=confidence, boot=400)
+        Attribution.parse(attribution)  # a bad --attribution is one line now, not on the first round
+        settings = load_settings(config_file)
+        audit = (lambda entry: produce_audit(settings, entry, key=b"model")) if audit_topic else None
+        metrics = WatchMetrics()
+        server = MetricsServer(metrics, "0.0.0.0", metrics_port) if metrics_port is not None else None  # type: ignore[arg-type]
+        done = []
+        signal.signal(signal.SIGTERM, lambda *_: done.append(1))
+        try:
+            while not done:
+                try:
+                    rec = watch_once(model_dir, logs_path, cfg, Attribution.parse(attribution), audit, stop=stop_)
+                except Exception as exc:  # noqa: BLE001 - one bad round (a torn file) never stops the watch
+                    rec = {"state": "error", "why": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+                metrics.observe(rec)
+                click.echo(json.dumps(rec, default=str))
+                if rec.get("stopped"):
+                    click.echo(f"[rta model] canary {rec['version']} stopped: {rec['why']}", err=True)
+                if once:
+                    return
+                end = time.monotonic() + interval
+                while not done and time.monotonic() < end:
+                    time.sleep(min(0.2, interval))
+        finally:
+            if server is not None:
+                server.close()
+
+    return judge_cmd, watch_cmd
 
 
-judge_cmd = _cli()
+judge_cmd, watch_cmd = _cli()

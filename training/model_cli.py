@@ -106,17 +106,52 @@ def need_reason(reason: str | None, action: str) -> str:
 
 def gate_from_options(candidate: Path, current: Path, logs: Path, settings: Settings, o: dict[str, Any]) -> dict[str, Any]:
     """Run the gate with the CLI's gate options (shared by promote and retrain)."""
-    from training.gate import GateConfig, live_targets, run_gate
+    from training.gate import live_targets, run_gate
     from training.logs import Attribution
 
-    cfg = GateConfig(task=o["task"], fidelity=o["fidelity"], min_positives=o["min_positives"], seed=o["seed"],
-                     speedup=o["speedup"], window_hours=o["window_hours"], non_inferiority=o["non_inferiority"],
-                     guard_margin=o["guard_margin"])
-    if not o["speedup"] > 0:
-        raise ConfigError(f"--speedup must be > 0, got {o['speedup']}")
+    cfg = gate_config(o)
     targets, source = live_targets(settings, o["ratio"], o["pass_share"], o["explore"])
     return run_gate(candidate, current, logs, targets, cfg, Attribution.parse(o["attribution"], o["as_of_ms"]),
                     holdout_from_ms=o["holdout_from_ms"], targets_source=source)
+
+
+EVIDENCE = ("auto", "canary", "off-policy")
+
+
+def gate_config(o: dict[str, Any]) -> Any:
+    """The gate's settings from the CLI's gate options (one place for promote, retrain, canary)."""
+    from training.gate import GateConfig
+
+    if not o["speedup"] > 0:
+        raise ConfigError(f"--speedup must be > 0, got {o['speedup']}")
+    return GateConfig(task=o["task"], fidelity=o["fidelity"], min_positives=o["min_positives"], seed=o["seed"],
+                      speedup=o["speedup"], window_hours=o["window_hours"], non_inferiority=o["non_inferiority"],
+                      guard_margin=o["guard_margin"])
+
+
+def canary_or_none(model_dir: Path, version: str, current: str | None, logs: Path, evidence: str,
+                   o: dict[str, Any]) -> dict[str, Any] | None:
+    """The gate's result on the canary's own arms (training/canary_judge.py: a randomised
+    comparison, stronger than the off-policy replay) when `evidence` allows it and a canary of
+    `version` ran beside `current`; None: judge off-policy. `--evidence canary` without usable
+    canary evidence is an error; with `auto` the reason it was not used is one line on stderr."""
+    from training.canary_judge import canary_applies, canary_gate
+    from training.logs import Attribution
+
+    if evidence == "off-policy":
+        return None
+    run, why = canary_applies(model_dir, version, current)
+    if run is not None:
+        try:
+            return canary_gate(model_dir, version, logs, gate_config(o), Attribution.parse(o["attribution"],
+                                                                                      o["as_of_ms"]), run=run)
+        except ValueError as exc:  # the logs hold none of the canary's decisions
+            why = f"{logs}: {exc}"
+    if evidence == "canary":
+        raise BundleError(f"no canary evidence for {version}: {why or 'no canary of it in registry.jsonl'}")
+    if why is not None:  # a canary ran, but cannot judge: say why the replay gate judges instead
+        click.echo(f"[rta model] canary evidence not used ({why}); judging off-policy", err=True)
+    return None
 
 
 @click.group("model")
@@ -189,13 +224,17 @@ def show_cmd(version: str, model_dir: Path) -> None:
 @click.option("--logs", "logs_path", type=click.Path(path_type=Path), default=None,
               help="Logged traffic for the gate (`rta log` layout, or a world log with labels).")
 @click.option("--force", is_flag=True, help="Promote even if the gate refuses or cannot run (audited as forced).")
+@click.option("--evidence", type=click.Choice(EVIDENCE), default="auto", show_default=True,
+              help="auto: the canary's own arms when a canary of VERSION ran beside the current model (and "
+                   "--logs holds its decisions), else off-policy; canary: only the canary's; off-policy: "
+                   "replay the logs (training/gate.py).")
 @switch_options
 @gate_options
-def promote_cmd(version: str, model_dir: Path, logs_path: Path | None, force: bool, reason: str | None,
-                who: str | None, audit_topic: bool, config_file: str | None, redis_url: str | None,
-                redis_prefix: str | None, **gate_opts: Any) -> None:
-    """Gate VERSION against `current` on the newest logged window it did not train on; promote
-    it if the gate passes (or with --force)."""
+def promote_cmd(version: str, model_dir: Path, logs_path: Path | None, force: bool, evidence: str,
+                reason: str | None, who: str | None, audit_topic: bool, config_file: str | None,
+                redis_url: str | None, redis_prefix: str | None, **gate_opts: Any) -> None:
+    """Gate VERSION against `current` on the newest logged window it did not train on (or on its
+    canary's own arms, see --evidence); promote it if the gate passes (or with --force)."""
     reason = need_reason(reason, "promote")
     settings = _settings(config_file, redis_url, redis_prefix)
     candidate = registry.version_dir(model_dir, version)
@@ -210,7 +249,9 @@ def promote_cmd(version: str, model_dir: Path, logs_path: Path | None, force: bo
         if not force:
             raise click.UsageError("promote runs the gate on logged traffic: pass --logs DIR (or --force)")
     else:
-        result = gate_from_options(candidate, bundle.resolve_bundle(model_dir), logs_path, settings, gate_opts)
+        result = canary_or_none(model_dir, version, current, logs_path, evidence, gate_opts)
+        if result is None:
+            result = gate_from_options(candidate, bundle.resolve_bundle(model_dir), logs_path, settings, gate_opts)
     from training.gate import outcome_line
 
     if result is not None:
@@ -309,10 +350,11 @@ def _end_canary_of(model_dir: Path, version: str, who: str, reason: str, setting
 
 def _add_canary() -> None:
     from stream.canary import canary_cmd
-    from training.canary_judge import judge_cmd
+    from training.canary_judge import judge_cmd, watch_cmd
 
     model.add_command(canary_cmd)
     model.add_command(judge_cmd)
+    model.add_command(watch_cmd)
 
 
 _add_canary()

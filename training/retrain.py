@@ -5,8 +5,12 @@
       -> gate it against `current` on the held-out window (training/gate.py)
       -> promote (audited, like `rta model promote`) or refuse
 
+With `--canary S` a candidate the gate passes, or cannot judge (inconclusive), starts a canary at
+share S beside `current` (outcome "canary") instead of switching; `rta model promote` later judges
+it on its own arms. A refused candidate starts nothing.
+
 Prints ONE JSON line on stdout, {"outcome", "candidate", "current", "gate"}, and one human
-line on stderr. Exit 0 promoted, 3 refused by the gate (or before training: too few matured
+line on stderr. Exit 0 promoted (or, with --canary, its canary started), 3 refused by the gate (or before training: too few matured
 labels, no closed window to gate on), 4 inconclusive (the gate could not tell at this sample;
 not promoted), 2 bad input / an error (1: a crash).
 """
@@ -114,6 +118,22 @@ def parent_profile(current: Path) -> Profile:
     return load_teacher(current)[3]["profile"]
 
 
+def start_canary(model_dir: Path, version: str, share: float, who: str, reason: str, audit: Any,
+                 current: str, gate: dict[str, Any]) -> dict[str, Any]:
+    """A gated candidate starts a canary beside `current` (stream.canary.start: audited, verified)
+    instead of switching; the entry carries the off-policy gate's decision and interval."""
+    from stream import canary
+
+    now = bundle.current_version(model_dir)
+    if now != current:
+        raise BundleError(f"current moved to {now} while this retrain was gated against {current}; "
+                          "canary NOT started")
+    est = gate.get("estimate") or {}
+    return canary.start(model_dir, version, share, who, reason, audit,
+                        gate={"decision": gate.get("decision"), "passed": gate.get("passed"),
+                              "value_relative": est.get("value_relative"), "value_ci": est.get("value_ci")})
+
+
 @click.command("retrain")
 @click.option("--logs", "logs_path", required=True, type=LOCATION,
               help="Logged traffic (`rta log` layout): trained on, and the gate's window.")
@@ -132,6 +152,10 @@ def parent_profile(current: Path) -> Profile:
               help="Distil the new student toward the current one (less decision churn).")
 @click.option("--version", default=None, help="Candidate version name [default: UTC timestamp].")
 @click.option("--force", is_flag=True, help="Promote even if the gate refuses (audited as forced).")
+@click.option("--canary", "canary_share", type=float, default=None,
+              help="Share in (0, 1): a candidate the gate passes, or cannot judge (inconclusive), starts "
+                   "a canary at this share (audited, rta model canary) instead of becoming current; "
+                   "promote it later on its own arms' evidence (rta model promote V --logs DIR).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch threads.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--min-matured", type=click.IntRange(min=1), default=20, show_default=True,
@@ -141,7 +165,7 @@ def parent_profile(current: Path) -> Profile:
 @gate_options
 def retrain(logs_path: Path, model_dir: Path, since_hours: float, holdout_hours: float | None,
             gate_logs: Path | None, profile_name: str | None, debias: str | None, anchor_parent: bool,
-            version: str | None, force: bool, threads: int | None, quiet: bool, min_matured: int, reason: str | None,
+            version: str | None, force: bool, canary_share: float | None, threads: int | None, quiet: bool, min_matured: int, reason: str | None,
             who: str | None, audit_topic: bool, config_file: str | None, redis_url: str | None,
             redis_prefix: str | None, **gate_opts: Any) -> None:
     """Recent logs -> train (from the current model's settings) -> gate -> promote or refuse."""
@@ -149,6 +173,8 @@ def retrain(logs_path: Path, model_dir: Path, since_hours: float, holdout_hours:
     from training.pipeline import TEACHER_FILE, run_training
 
     reason = need_reason(reason, "retrain")
+    if canary_share is not None and not 0.0 < canary_share < 1.0:
+        raise click.BadParameter(f"must be in (0, 1), got {canary_share:g}", param_hint="--canary")
     settings = _settings(config_file, redis_url, redis_prefix)
     current = bundle.current_version(model_dir)
     if current is None:
@@ -205,14 +231,22 @@ def retrain(logs_path: Path, model_dir: Path, since_hours: float, holdout_hours:
                          "debias": debias, "anchor": current if anchor_parent else None}
     registry.write_gate(candidate, result)
     promote = result["passed"] or force
-    if promote:
+    # a canary gathers the evidence an inconclusive gate lacked (its arms are a randomised
+    # comparison, judged later by `rta model promote`); a refusal starts nothing
+    canary = canary_share is not None and (promote or result.get("decision") == "inconclusive")
+    audit = audit_to_topic(settings) if audit_topic else None
+    extra: dict[str, Any] = {}
+    if canary:
+        extra["canary"] = start_canary(model_dir, candidate.name, canary_share, who_default(who),
+                                       f"retrain: {reason}", audit, current, result)
+    elif promote:
         registry.switch(model_dir, candidate.name, "promote", who_default(who), f"retrain: {reason}",
-                        audit=audit_to_topic(settings) if audit_topic else None,
-                        forced=not result["passed"], gate=result, expect_current=current)
-    outcome = "promoted" if promote else ("inconclusive" if exit_code(result) == EXIT_INCONCLUSIVE else "refused")
-    click.echo(json.dumps({"outcome": outcome, "candidate": candidate.name, "current": current, "gate": result},
-                          default=str, allow_nan=False))
+                        audit=audit, forced=not result["passed"], gate=result, expect_current=current)
+    outcome = "canary" if canary else "promoted" if promote else (
+        "inconclusive" if exit_code(result) == EXIT_INCONCLUSIVE else "refused")
+    click.echo(json.dumps({"outcome": outcome, "candidate": candidate.name, "current": current, "gate": result,
+                           **extra}, default=str, allow_nan=False))
     click.echo(f"rta retrain: {outcome}{' (forced)' if promote and not result['passed'] else ''}: "
                f"{outcome_line(result)}", err=True)
-    if not promote:
+    if not (promote or canary):
         raise click.exceptions.Exit(exit_code(result))
