@@ -323,8 +323,8 @@ class Worker:
             return
         ctl = self.controller
         canary_ctl = RatioController(ctl.store, ctl.config, ctl.clock, f"{self.config.worker_id}~canary", ctl.timer)
-        canary_ctl.set_model(scorer.version, prior)
-        canary_ctl._joined = True  # its feedback starts at 0: the peers' integrals corrected current's model
+        # its feedback starts at 0: the peers' integrals corrected current's model
+        canary_ctl.set_model(scorer.version, prior, join=False)
         self.canary = CanaryArm(state.version, state.share, scorer, policy, canary_ctl,
                                 decision_headers(scorer.version), scorer.spec.fingerprint())
         self.arms = {"current": _arm_counts(), "canary": _arm_counts()}
