@@ -69,10 +69,15 @@ def _true_value(cand: Path, current: Path, holdout: Any, targets: Any) -> dict[s
 @click.option("--ratio", type=float, default=0.5, show_default=True)
 @click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write the rates as a PNG here.")
 @click.option("--workdir", type=click.Path(path_type=Path), default=None, help="Keep the models and logs here.")
-@click.option("--widening/--no-widening", default=True, show_default=True,
-              help="The gate's Poisson widening of thin explore-only sides (GateConfig.poisson_widening).")
+@click.option("--window-rows", type=click.IntRange(min=1_000), default=None,
+              help="Rows of the gate's window (default: a third of --rows); the models still train on the "
+                   "first two thirds of --rows. The demo's gate window is ~36k rows.")
+@click.option("--interval", "explore_interval", type=click.Choice(["gamma", "bootstrap", "widening"]),
+              default="gamma", show_default=True, help="GateConfig.explore_interval.")
+@click.option("--reward-model", type=click.Choice(["binned", "scaled"]), default="binned", show_default=True,
+              help="GateConfig.reward_model (DR's q).")
 def gate(rows: int, seeds: int, profile: str, explore: float, ratio: float, plot: Path | None,
-         workdir: Path | None, widening: bool) -> None:
+         workdir: Path | None, window_rows: int | None, explore_interval: str, reward_model: str) -> None:
     """Promote / refuse / inconclusive rates of the gate per candidate class over seeds."""
     from stream.policy import Targets
     from training.gate import GateConfig, run_gate
@@ -83,11 +88,12 @@ def gate(rows: int, seeds: int, profile: str, explore: float, ratio: float, plot
 
     t0 = time.perf_counter()
     tmp = Path(workdir or tempfile.mkdtemp(prefix="rta-bench-gate-"))
-    cfg = WorldConfig(span_days=rows / 1000.0 / 86_400.0, new_source_from=0.5, new_source_share=0.10,
-                      new_source_units="smaller")
-    write(tmp / "world", rows, seed=7, config=cfg, progress=False)
-    table = pq.read_table(tmp / "world").sort_by("ts_ms")
     cut_new, cut_gate = rows // 2, rows * 2 // 3
+    total = cut_gate + (window_rows or rows - cut_gate)
+    cfg = WorldConfig(span_days=total / 1000.0 / 86_400.0, new_source_from=cut_new / total, new_source_share=0.10,
+                      new_source_units="smaller")
+    write(tmp / "world", total, seed=7, config=cfg, progress=False)
+    table = pq.read_table(tmp / "world").sort_by("ts_ms")
     pq.write_table(table.slice(0, cut_new), tmp / "old.parquet")
     pq.write_table(table.slice(0, cut_gate), tmp / "with-new.parquet")
     noised = table.slice(0, cut_new)
@@ -124,7 +130,9 @@ def gate(rows: int, seeds: int, profile: str, explore: float, ratio: float, plot
     counts = {pk: {"promote": 0, "refuse": 0, "inconclusive": 0} for pk in pairs}
     mde, est, lines = [], {pk: [] for pk in pairs}, []
     cfg_of = {s: GateConfig(fidelity="no-regression", boot=500, seed=s, window_fidelity=False,
-                            poisson_widening=widening) for s in range(seeds)}
+                            explore_interval=explore_interval, reward_model=reward_model) for s in range(seeds)}
+    task_mde: dict[str, list[float]] = {}
+    explored: dict[str, list[int]] = {}
     for s in range(seeds):
         rs = np.random.default_rng(1000 + s)
         # one uniform per row: every task's label has its true marginal and the funnel stays
@@ -143,6 +151,11 @@ def gate(rows: int, seeds: int, profile: str, explore: float, ratio: float, plot
                 rel = _num(res["value"]["relative"])
                 est[(cur, k)].append(rel)
                 mde.append(_num(res["verdict"]["mde_relative"]))
+                for t, tv in res["value"]["tasks"].items():  # each guard rail's own MDE, in % of current's
+                    lo_t, hi_t = (_num(x) for x in tv["difference_ci"])
+                    task_mde.setdefault(t, []).append((1.959964 + 0.8416) * (hi_t - lo_t) / (2 * 1.959964)
+                                                      / max(_num(tv["current"]), 1e-9))
+                    explored.setdefault(t, []).append(tv["explore_only_positives"]["candidate_side"])
                 lo, hi = (_num(x) / _num(res["value"]["current"]) for x in res["value"]["difference_ci"])
                 lines.append(f"seed {s} {k} vs {cur}: {res['decision']} {rel:+.2%} [{lo:+.2%}, {hi:+.2%}]")
             shutil.rmtree(log, ignore_errors=True)
@@ -154,7 +167,8 @@ def gate(rows: int, seeds: int, profile: str, explore: float, ratio: float, plot
                 "equal(|d|<1%)" if abs(d) < 0.01 else "unclassed"].append(pk)
     window_rows = len(holdout)
     out = {
-        "rows": rows, "window_rows": window_rows, "seeds": seeds, "poisson_widening": widening, "profile": profile, "explore": explore,
+        "rows": rows, "window_rows": window_rows, "seeds": seeds, "explore_interval": explore_interval,
+        "reward_model": reward_model, "profile": profile, "explore": explore,
         "ratio": ratio, "varies_across_seeds": "the window's labels (redrawn from the true probabilities), "
         "explore draws and outcome delays of the logged window; each class's model is trained once",
         "candidates": {f"{k} vs {cur}": {"true_relative": round(truth[(cur, k)]["relative"], 4),
@@ -168,6 +182,9 @@ def gate(rows: int, seeds: int, profile: str, explore: float, ratio: float, plot
         "mde_relative_median": round(float(np.nanmedian(mde)), 4),
         # the demo's gate window is ~36k rows (18 s at 2k req/s); an MDE scales as 1/sqrt(rows)
         "mde_relative_at_36k_rows": round(float(np.nanmedian(mde)) * (window_rows / 36_000) ** 0.5, 4),
+        "mde_relative_at_5k_rows": round(float(np.nanmedian(mde)) * (window_rows / 5_000) ** 0.5, 4),
+        "guard_rail_mde_relative_median": {t: round(float(np.nanmedian(v)), 4) for t, v in task_mde.items()},
+        "explored_positives_candidate_side_median": {t: float(np.median(v)) for t, v in explored.items()},
         "seconds": {"train": round(train_s, 1), "total": round(time.perf_counter() - t0, 1)},
         "workdir": str(tmp), "runs": lines,
     }
