@@ -1,24 +1,22 @@
 """The promotion gate: is the candidate at least as good as the served model on traffic it never saw?
 
-Rule (all must hold, else the candidate is refused):
+Steps (a failed 1 or 2 refuses):
 
 1. the candidate bundle verifies (manifest, every file's sha256, feature spec);
-2. fidelity: the student's recorded acceptance (`training/fidelity.py: acceptance`, stored in
-   the manifest's `metrics.fidelity.acceptance` by distillation) passed (`required`, the
-   default), or, with `no-regression`, no check fails that passes for the current model;
+2. fidelity on the gate window (`gate_fidelity`: teacher vs student, label-free checks with
+   bootstrap intervals, a failure only beyond its interval; a serving-only candidate falls back
+   to the acceptance recorded at distillation): `required` (default), or `no-regression`;
 3. value: both models are replayed through the worker's engine (`training/replay.py`) on the
    newest logged window NOT used in training (rows with ts_ms > the candidate's lineage
-   `data_to_ms`), at the live targets (Redis, else `--ratio`), same controller and explore
-   draws. The value kept on the gate task (default: the task the score function weighs most,
-   deal) is estimated for both on the SAME rows: on a logged layout, self-normalised IPS over
-   the explore slice (`replay.ope_sample`, the estimator of `rta replay`); on a fully labelled
-   world log, the labels themselves (weight 1). The interval is a paired percentile bootstrap
-   (95%) of the DIFFERENCE candidate - current: each resample draws one set of rows and
-   evaluates both models on it, so the noise the two estimates share (which positives happened
-   to be in the explore slice) cancels; two separate intervals would overlap far more often
-   and refuse nothing. The candidate is refused when the whole interval lies below zero
-   (worse beyond the interval), or when the sample holds fewer than `min_positives` positives
-   (no evidence is not evidence of no harm).
+   `data_to_ms`), at the live targets (Redis, else `--ratio`), by the same controller. The value
+   (the score function's weights over each task's share of positives kept) is estimated as a
+   PAIRED difference candidate - current on the same rows (`task_contributions`: rows where the
+   two agree add 0; doubly robust with the logged pass probabilities), with one set of paired
+   resamples for the value, every task's guard rail and the MDE (`paired_value`: the positives
+   only the explore slice shows drawn from their Poisson confidence distribution inside it).
+4. decision (`decide`): refuse when the value is worse beyond the interval or a guard rail fails;
+   promote when it is non-inferior (lower bound > -delta) and every guard rail holds; else
+   inconclusive (exit 4), with the minimum detectable effect and the traffic that would decide.
 
 The result (both estimates, the interval, fidelity, window, rows, targets) goes to
 `<candidate>/gate.json`; `rta model show` prints it.
