@@ -112,6 +112,11 @@ def test_three_outcomes_and_the_traffic_that_would_resolve_one():
     # half-width 0.04 must shrink to d + delta = 0.02: 4x the rows, 30 more hours of a 10 h window
     assert inc["more_traffic_factor"] == pytest.approx(4.0) and inc["more_hours"] == pytest.approx(30.0)
     assert inc["mde_relative"] == pytest.approx((1.959964 + 0.8416) * 0.08 / 3.92, rel=1e-3)
+    # a skewed interval (the explore-only draws): promotion reads the lower side only, 0.03 must
+    # shrink to 0.02 (2.25x the rows), not the mean half-width 0.055 (7.6x)
+    skew = decide(value(0.01, -0.02, 0.09), cfg, 10.0)
+    assert skew["decision"] == "inconclusive" and skew["more_traffic_factor"] == pytest.approx(2.25)
+    assert skew["mde_lower_side_relative"] == pytest.approx((1.959964 + 0.8416) * 0.03 / 1.959964, rel=1e-3)
 
 
 def test_fidelity_fails_only_beyond_its_interval_and_labels_gate_only_with_enough_positives():

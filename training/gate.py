@@ -554,8 +554,11 @@ def decide(value: dict[str, Any], cfg: GateConfig, window_hours: float) -> dict[
         state = "holds" if r_lo > floor else ("fails" if r_hi < floor else "unsure")
         rails[t] = {"margin": cfg.guard_margin, "floor": floor, "difference_ci": [r_lo, r_hi], "state": state}
         (broken if state == "fails" else unsure if state == "unsure" else []).append(t)
+    # the MDE of promotion: from the lower side alone (what "promote" reads)
+    mde_lo = (z + _Z_POWER) * (d - lo) / z if math.isfinite(d - lo) else math.nan
     out: dict[str, Any] = {"non_inferiority_delta": delta, "guard_rails": rails,
-                           "mde": mde, "mde_relative": mde / cur if cur > 0 else math.nan}
+                           "mde": mde, "mde_relative": mde / cur if cur > 0 else math.nan,
+                           "mde_lower_side_relative": mde_lo / cur if cur > 0 else math.nan}
     if not all(map(math.isfinite, (d, lo, hi))):
         return {**out, "decision": "inconclusive", "why": "no estimate (no rows with matured labels)"}
     if hi < 0 or broken:
@@ -566,10 +569,10 @@ def decide(value: dict[str, Any], cfg: GateConfig, window_hours: float) -> dict[
     if lo > -delta and not unsure:
         return {**out, "decision": "promote", "why": f"non-inferior: lower bound {lo:+.4f} > -{delta:.4f} "
                                                      f"({cfg.non_inferiority:.0%} of current's value)"}
-    # inconclusive: the interval's half-width must shrink to |d + delta| (to promote) or |d| (to
-    # refuse); it shrinks as 1/sqrt(rows)
-    half = (hi - lo) / 2
-    target = d + delta if d + delta > 0 else -d
+    # inconclusive: the interval's lower side must shrink to d + delta (to promote) or its upper
+    # side to |d| (to refuse); each shrinks as 1/sqrt(rows). The sides differ: the explore-only
+    # draws make the interval skewed
+    half, target = (d - lo, d + delta) if d + delta > 0 else (hi - d, -d)
     factor = (half / target) ** 2 if target > 0 else math.inf
     more = max(factor - 1.0, 0.0)
     why = (f"inconclusive: value difference {d:+.4f} [{lo:+.4f}, {hi:+.4f}] neither excludes -{delta:.4f} "
