@@ -26,6 +26,7 @@ Prints one JSON object; `--plot` writes the figure of docs/results.md.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -62,7 +63,23 @@ def _true_value(cand: Path, current: Path, holdout: Any, targets: Any) -> dict[s
     res = run_gate(cand, current, truth, targets, GateConfig(fidelity="no-regression", boot=100, window_fidelity=False),
                    holdout_from_ms=0, write=False)
     v = res["value"]
-    return {"difference": _num(v["difference"]), "relative": _num(v["relative"])}
+    return {"difference": _num(v["difference"]), "relative": _num(v["relative"]),
+            "tasks": {t: _num(tv["relative"]) for t, tv in v["tasks"].items()}}
+
+
+def _needs(lower: dict[str, list[float]], truth: dict[str, Any], delta: float, margin: float) -> dict[str, Any]:
+    """Per check (the value, each guard rail): the median lower-side MDE (80 % power, share of
+    current's; the lower bound is what promote / holds read) and how many times today's evidence
+    (rows, or epsilon: the explore-only variance ~ sum(p) / epsilon) 80 % power to promote needs
+    at this true difference: (MDE / (true + delta or margin))^2."""
+    out = {}
+    for t, v in lower.items():
+        true = truth["relative"] if t == "value" else truth["tasks"].get(t, math.nan)
+        m = float(np.nanmedian(v))
+        room = true + (delta if t == "value" else margin)
+        out[t] = {"true": round(true, 4), "lower_side_mde": round(m, 4),
+                  "evidence_factor_80": round((m / room) ** 2, 2) if room > 0 else None}
+    return out
 
 
 @click.command("gate")
@@ -139,6 +156,8 @@ def gate(rows: int, seeds: int, profile: str, explore: float, ratio: float, plot
                             explore_interval=explore_interval, reward_model=reward_model) for s in range(seeds)}
     task_mde: dict[str, list[float]] = {}
     explored: dict[str, list[int]] = {}
+    lower: dict[tuple[str, str], dict[str, list[float]]] = {pk: {} for pk in pairs}
+    z_sum = (1.959964 + 0.8416) / 1.959964  # (z_a + z_b) / z_a: a lower half-width -> an MDE
     for s in range(seeds):
         rs = np.random.default_rng(1000 + s)
         # one uniform per row: every task's label has its true marginal and the funnel stays
@@ -162,6 +181,9 @@ def gate(rows: int, seeds: int, profile: str, explore: float, ratio: float, plot
                     task_mde.setdefault(t, []).append((1.959964 + 0.8416) * (hi_t - lo_t) / (2 * 1.959964)
                                                       / max(_num(tv["current"]), 1e-9))
                     explored.setdefault(t, []).append(tv["explore_only_positives"]["candidate_side"])
+                for t, tv in [("value", res["value"]), *res["value"]["tasks"].items()]:
+                    lower[(cur, k)].setdefault(t, []).append(
+                        z_sum * (_num(tv["difference"]) - _num(tv["difference_ci"][0])) / max(_num(tv["current"]), 1e-9))
                 lo, hi = (_num(x) / _num(res["value"]["current"]) for x in res["value"]["difference_ci"])
                 lines.append(f"seed {s} {k} vs {cur}: {res['decision']} {rel:+.2%} [{lo:+.2%}, {hi:+.2%}]")
             shutil.rmtree(log, ignore_errors=True)
@@ -179,7 +201,9 @@ def gate(rows: int, seeds: int, profile: str, explore: float, ratio: float, plot
         "explore draws and outcome delays of the logged window; each class's model is trained once",
         "candidates": {f"{k} vs {cur}": {"true_relative": round(truth[(cur, k)]["relative"], 4),
                                          "rates": {d: n / seeds for d, n in counts[(cur, k)].items()},
-                                         "estimated_relative_median": round(float(np.nanmedian(est[(cur, k)])), 4)}
+                                         "estimated_relative_median": round(float(np.nanmedian(est[(cur, k)])), 4),
+                                         "checks": _needs(lower[(cur, k)], truth[(cur, k)],
+                                                          cfg_of[0].non_inferiority, cfg_of[0].guard_margin)}
                        for cur, k in pairs},
         "classes": {c: {"candidates": [f"{k} vs {cur}" for cur, k in ks], "runs": seeds * len(ks),
                         "rates": {d: sum(counts[k][d] for k in ks) / (seeds * len(ks)) if ks else None
