@@ -26,6 +26,7 @@ Prints one JSON object; `--plot` writes the figure of docs/results.md.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -41,9 +42,14 @@ WINDOWS = "click=300s,online=300s,cart=300s,deal=900s"
 
 
 def _train(logs: Path, model_dir: Path, version: str, seed: int, profile: str) -> Path:
+    """Train one model, or reuse it from an earlier run in the same --workdir (same world seed,
+    same rows, same training seed: the same model)."""
+    from model import bundle
     from training.pipeline import run_training
     from training.profiles import get_profile
 
+    if (model_dir / version / bundle.MANIFEST).is_file():
+        return model_dir / version
     return run_training(logs, model_dir, get_profile(profile), seed=seed, version=version, report=False,
                         progress=False, threads=1)
 
@@ -54,10 +60,26 @@ def _true_value(cand: Path, current: Path, holdout: Any, targets: Any) -> dict[s
     from training.gate import GateConfig, run_gate
 
     truth = replace(holdout, labels=holdout.truth.copy())
-    res = run_gate(cand, current, truth, targets, GateConfig(fidelity="no-regression", boot=100),
+    res = run_gate(cand, current, truth, targets, GateConfig(fidelity="no-regression", boot=100, window_fidelity=False),
                    holdout_from_ms=0, write=False)
     v = res["value"]
-    return {"difference": _num(v["difference"]), "relative": _num(v["relative"])}
+    return {"difference": _num(v["difference"]), "relative": _num(v["relative"]),
+            "tasks": {t: _num(tv["relative"]) for t, tv in v["tasks"].items()}}
+
+
+def _needs(lower: dict[str, list[float]], truth: dict[str, Any], delta: float, margin: float) -> dict[str, Any]:
+    """Per check (the value, each guard rail): the median lower-side MDE (80 % power, share of
+    current's; the lower bound is what promote / holds read) and how many times today's evidence
+    (rows, or epsilon: the explore-only variance ~ sum(p) / epsilon) 80 % power to promote needs
+    at this true difference: (MDE / (true + delta or margin))^2."""
+    out = {}
+    for t, v in lower.items():
+        true = truth["relative"] if t == "value" else truth["tasks"].get(t, math.nan)
+        m = float(np.nanmedian(v))
+        room = true + (delta if t == "value" else margin)
+        out[t] = {"true": round(true, 4), "lower_side_mde": round(m, 4),
+                  "evidence_factor_80": round((m / room) ** 2, 2) if room > 0 else None}
+    return out
 
 
 @click.command("gate")
@@ -69,10 +91,15 @@ def _true_value(cand: Path, current: Path, holdout: Any, targets: Any) -> dict[s
 @click.option("--ratio", type=float, default=0.5, show_default=True)
 @click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write the rates as a PNG here.")
 @click.option("--workdir", type=click.Path(path_type=Path), default=None, help="Keep the models and logs here.")
-@click.option("--widening/--no-widening", default=True, show_default=True,
-              help="The gate's Poisson widening of thin explore-only sides (GateConfig.poisson_widening).")
+@click.option("--window-rows", type=click.IntRange(min=1_000), default=None,
+              help="Rows of the gate's window (default: a third of --rows); the models still train on the "
+                   "first two thirds of --rows. The demo's gate window is ~36k rows.")
+@click.option("--interval", "explore_interval", type=click.Choice(["gamma", "bootstrap", "widening"]),
+              default="gamma", show_default=True, help="GateConfig.explore_interval.")
+@click.option("--reward-model", type=click.Choice(["binned", "scaled"]), default="binned", show_default=True,
+              help="GateConfig.reward_model (DR's q).")
 def gate(rows: int, seeds: int, profile: str, explore: float, ratio: float, plot: Path | None,
-         workdir: Path | None, widening: bool) -> None:
+         workdir: Path | None, window_rows: int | None, explore_interval: str, reward_model: str) -> None:
     """Promote / refuse / inconclusive rates of the gate per candidate class over seeds."""
     from stream.policy import Targets
     from training.gate import GateConfig, run_gate
@@ -83,11 +110,12 @@ def gate(rows: int, seeds: int, profile: str, explore: float, ratio: float, plot
 
     t0 = time.perf_counter()
     tmp = Path(workdir or tempfile.mkdtemp(prefix="rta-bench-gate-"))
-    cfg = WorldConfig(span_days=rows / 1000.0 / 86_400.0, new_source_from=0.5, new_source_share=0.10,
-                      new_source_units="smaller")
-    write(tmp / "world", rows, seed=7, config=cfg, progress=False)
-    table = pq.read_table(tmp / "world").sort_by("ts_ms")
     cut_new, cut_gate = rows // 2, rows * 2 // 3
+    total = cut_gate + (window_rows or rows - cut_gate)
+    cfg = WorldConfig(span_days=total / 1000.0 / 86_400.0, new_source_from=cut_new / total, new_source_share=0.10,
+                      new_source_units="smaller")
+    write(tmp / "world", total, seed=7, config=cfg, progress=False)
+    table = pq.read_table(tmp / "world").sort_by("ts_ms")
     pq.write_table(table.slice(0, cut_new), tmp / "old.parquet")
     pq.write_table(table.slice(0, cut_gate), tmp / "with-new.parquet")
     noised = table.slice(0, cut_new)
@@ -111,7 +139,8 @@ def gate(rows: int, seeds: int, profile: str, explore: float, ratio: float, plot
             "deal-shuffled-s0": _train(tmp / "deal-shuffled.parquet", models, "deal-shuffled-s0", 0, profile)}
     currents = ("old-s0", "old-s1")  # each serves in turn; every other model is its candidate
     for cur in currents:
-        shutil.copytree(pool[cur], models / f"copy-of-{cur}")
+        if not (models / f"copy-of-{cur}").is_dir():
+            shutil.copytree(pool[cur], models / f"copy-of-{cur}")
     train_s = time.perf_counter() - t0
     holdout = load_logs(tmp / "holdout.parquet")
     targets = Targets(ratio, 0.02, explore)
@@ -124,7 +153,11 @@ def gate(rows: int, seeds: int, profile: str, explore: float, ratio: float, plot
     counts = {pk: {"promote": 0, "refuse": 0, "inconclusive": 0} for pk in pairs}
     mde, est, lines = [], {pk: [] for pk in pairs}, []
     cfg_of = {s: GateConfig(fidelity="no-regression", boot=500, seed=s, window_fidelity=False,
-                            poisson_widening=widening) for s in range(seeds)}
+                            explore_interval=explore_interval, reward_model=reward_model) for s in range(seeds)}
+    task_mde: dict[str, list[float]] = {}
+    explored: dict[str, list[int]] = {}
+    lower: dict[tuple[str, str], dict[str, list[float]]] = {pk: {} for pk in pairs}
+    z_sum = (1.959964 + 0.8416) / 1.959964  # (z_a + z_b) / z_a: a lower half-width -> an MDE
     for s in range(seeds):
         rs = np.random.default_rng(1000 + s)
         # one uniform per row: every task's label has its true marginal and the funnel stays
@@ -134,15 +167,23 @@ def gate(rows: int, seeds: int, profile: str, explore: float, ratio: float, plot
             log = tmp / f"log-{cur}-{s}"
             info = make_logged_layout(path(cur), drawn, log, Step(ratio, 0.02, explore), seed=s)
             att = Attribution.parse(WINDOWS, info["newest_event_ms"] + 86_400_000)
+            logged = load_logs(log, ("click", "online", "cart", "deal"), att)  # read once, gated 6 times
             for c, k in pairs:
                 if c != cur:
                     continue
-                res = run_gate(path(k), path(cur), log, targets, cfg_of[s], attribution=att, holdout_from_ms=0,
-                               write=False)
+                res = run_gate(path(k), path(cur), logged, targets, cfg_of[s], holdout_from_ms=0, write=False)
                 counts[(cur, k)][res["decision"]] += 1
                 rel = _num(res["value"]["relative"])
                 est[(cur, k)].append(rel)
                 mde.append(_num(res["verdict"]["mde_relative"]))
+                for t, tv in res["value"]["tasks"].items():  # each guard rail's own MDE, in % of current's
+                    lo_t, hi_t = (_num(x) for x in tv["difference_ci"])
+                    task_mde.setdefault(t, []).append((1.959964 + 0.8416) * (hi_t - lo_t) / (2 * 1.959964)
+                                                      / max(_num(tv["current"]), 1e-9))
+                    explored.setdefault(t, []).append(tv["explore_only_positives"]["candidate_side"])
+                for t, tv in [("value", res["value"]), *res["value"]["tasks"].items()]:
+                    lower[(cur, k)].setdefault(t, []).append(
+                        z_sum * (_num(tv["difference"]) - _num(tv["difference_ci"][0])) / max(_num(tv["current"]), 1e-9))
                 lo, hi = (_num(x) / _num(res["value"]["current"]) for x in res["value"]["difference_ci"])
                 lines.append(f"seed {s} {k} vs {cur}: {res['decision']} {rel:+.2%} [{lo:+.2%}, {hi:+.2%}]")
             shutil.rmtree(log, ignore_errors=True)
@@ -154,12 +195,15 @@ def gate(rows: int, seeds: int, profile: str, explore: float, ratio: float, plot
                 "equal(|d|<1%)" if abs(d) < 0.01 else "unclassed"].append(pk)
     window_rows = len(holdout)
     out = {
-        "rows": rows, "window_rows": window_rows, "seeds": seeds, "poisson_widening": widening, "profile": profile, "explore": explore,
+        "rows": rows, "window_rows": window_rows, "seeds": seeds, "explore_interval": explore_interval,
+        "reward_model": reward_model, "profile": profile, "explore": explore,
         "ratio": ratio, "varies_across_seeds": "the window's labels (redrawn from the true probabilities), "
         "explore draws and outcome delays of the logged window; each class's model is trained once",
         "candidates": {f"{k} vs {cur}": {"true_relative": round(truth[(cur, k)]["relative"], 4),
                                          "rates": {d: n / seeds for d, n in counts[(cur, k)].items()},
-                                         "estimated_relative_median": round(float(np.nanmedian(est[(cur, k)])), 4)}
+                                         "estimated_relative_median": round(float(np.nanmedian(est[(cur, k)])), 4),
+                                         "checks": _needs(lower[(cur, k)], truth[(cur, k)],
+                                                          cfg_of[0].non_inferiority, cfg_of[0].guard_margin)}
                        for cur, k in pairs},
         "classes": {c: {"candidates": [f"{k} vs {cur}" for cur, k in ks], "runs": seeds * len(ks),
                         "rates": {d: sum(counts[k][d] for k in ks) / (seeds * len(ks)) if ks else None
@@ -168,6 +212,9 @@ def gate(rows: int, seeds: int, profile: str, explore: float, ratio: float, plot
         "mde_relative_median": round(float(np.nanmedian(mde)), 4),
         # the demo's gate window is ~36k rows (18 s at 2k req/s); an MDE scales as 1/sqrt(rows)
         "mde_relative_at_36k_rows": round(float(np.nanmedian(mde)) * (window_rows / 36_000) ** 0.5, 4),
+        "mde_relative_at_5k_rows": round(float(np.nanmedian(mde)) * (window_rows / 5_000) ** 0.5, 4),
+        "guard_rail_mde_relative_median": {t: round(float(np.nanmedian(v)), 4) for t, v in task_mde.items()},
+        "explored_positives_candidate_side_median": {t: float(np.median(v)) for t, v in explored.items()},
         "seconds": {"train": round(train_s, 1), "total": round(time.perf_counter() - t0, 1)},
         "workdir": str(tmp), "runs": lines,
     }

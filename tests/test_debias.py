@@ -125,6 +125,21 @@ def test_retraining_on_an_offline_log_warm_starts_records_lineage_and_stays_a_ca
     from model.bundle import verify_files
 
     verify_files(tmp_path / "models" / "v2", manifest)  # the lineage update kept every hash valid
+    # --anchor pulls the student toward the anchor's p: the same run without it ends farther
+    # from v1 (both warm-start from v1 with the same seed; only the anchor term differs)
+    res = _rta("train", "--logs", "log", "--out", "models", "--profile", "tiny", "--version", "v2n",
+               "--parent", "v1", "--debias", "ips", "--since-ms", str(since),
+               "--attribution", "click=10m,online=10m,cart=10m,deal=30m", "--as-of-ms", str(as_of),
+               "--quiet", "--no-report", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    from stream.scorer import Scorer
+    from training.logs import load_logs
+
+    rows = load_logs(tmp_path / "world")
+    p = {v: Scorer.load(tmp_path / "models" / v).run(["p"], rows.num, rows.cat)[0] for v in ("v1", "v2", "v2n")}
+    gap = {v: float(np.mean(np.abs(p[v] - p["v1"]))) for v in ("v2", "v2n")}
+    assert gap["v2"] < 0.8 * gap["v2n"], gap
+    assert json.loads((tmp_path / "models" / "v2n" / "manifest.json").read_text())["lineage"]["anchor"] is None
     res = _rta("train", "--logs", "log", "--out", "models", "--profile", "tiny", "--version", "v3",
                "--debias", "explore-only", "--publish", "--as-of-ms", str(as_of),
                "--attribution", "click=10m,online=10m,cart=10m,deal=30m", "--quiet", "--no-report", cwd=tmp_path)

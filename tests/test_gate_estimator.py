@@ -26,10 +26,10 @@ from training.replay import Scored
 N, EPS = 200_000, 0.05
 
 
-def simulated(seed: int, reward_noise: float = 0.5) -> tuple[Scored, np.ndarray]:
+def simulated(seed: int, reward_noise: float = 0.5, offset: float = -4.0) -> tuple[Scored, np.ndarray]:
     rng = np.random.default_rng(seed)
     z = rng.normal(size=N)
-    p = 1 / (1 + np.exp(-(z * 1.5 - 4.0)))  # ~3% positives, concentrated in high z
+    p = 1 / (1 + np.exp(-(z * 1.5 + offset)))  # ~3% positives (offset -4), concentrated in high z
     y = (rng.random(N) < p).astype(np.float32)
     score = 1 / (1 + np.exp(-(z + rng.normal(0, 1.0, N))))  # the logging model's score
     theta = np.quantile(score, 0.5)
@@ -112,6 +112,11 @@ def test_three_outcomes_and_the_traffic_that_would_resolve_one():
     # half-width 0.04 must shrink to d + delta = 0.02: 4x the rows, 30 more hours of a 10 h window
     assert inc["more_traffic_factor"] == pytest.approx(4.0) and inc["more_hours"] == pytest.approx(30.0)
     assert inc["mde_relative"] == pytest.approx((1.959964 + 0.8416) * 0.08 / 3.92, rel=1e-3)
+    # a skewed interval (the explore-only draws): promotion reads the lower side only, 0.03 must
+    # shrink to 0.02 (2.25x the rows), not the mean half-width 0.055 (7.6x)
+    skew = decide(value(0.01, -0.02, 0.09), cfg, 10.0)
+    assert skew["decision"] == "inconclusive" and skew["more_traffic_factor"] == pytest.approx(2.25)
+    assert skew["mde_lower_side_relative"] == pytest.approx((1.959964 + 0.8416) * 0.03 / 1.959964, rel=1e-3)
 
 
 def test_fidelity_fails_only_beyond_its_interval_and_labels_gate_only_with_enough_positives():
@@ -139,12 +144,12 @@ def test_fidelity_fails_only_beyond_its_interval_and_labels_gate_only_with_enoug
     assert any(c["check"] == "auc_gap_deal<=0.01" for c in big["checks"]) and not big["not_gating"]
 
 
-def test_an_unseen_gain_widens_the_upper_bound_instead_of_refusing():
+def test_an_unseen_gain_keeps_the_upper_bound_open_instead_of_refusing():
     # the candidate blocks 800 rows the current passes (seen on every row: it loses their
     # positives, exactly) and passes 20,000 rows the logging policy blocks, of which the explore
-    # slice holds ~1,000 rows and, here, no positive. The bootstrap alone says "worse, certainly";
-    # an exact Poisson bound on the unseen side says a gain of up to ~74 positives per explored
-    # row's weight was possible, so the gate may not refuse on that evidence.
+    # slice holds ~1,000 rows and, here, no positive. A resample of the rows says "worse,
+    # certainly"; the explored positives' Poisson confidence distribution says a gain of up to
+    # ~2.5 positives per explored row's weight was possible, so the gate may not refuse.
     sc, p = simulated(3)
     logged = logging_pass_probability(sc)
     passed, p_pass = logged
@@ -160,12 +165,43 @@ def test_an_unseen_gain_widens_the_upper_bound_instead_of_refusing():
     c = task_contributions(sc, 0, pass_c, pass_u, logged)
     (k_up, w_up, n_up), _ = c.explore_only
     assert k_up == 0 and w_up == pytest.approx(1 / EPS) and n_up > 18_000
-    v = paired_value({"deal": c}, {"deal": 1.0}, boot=200, confidence=0.95, seed=0)
+    assert c.explore_unit[0] == pytest.approx(1 / EPS)  # one explored positive stands for 1 / eps
+    v = paired_value({"deal": c}, {"deal": 1.0}, boot=400, confidence=0.95, seed=0)
     t = v["tasks"]["deal"]
     assert t["difference"] < 0 and t["difference_ci"][1] > 0  # could be better: not "worse beyond the interval"
     assert decide(v, GateConfig(), 1.0)["decision"] != "refuse"
-    assert t["poisson_widening"][1] == pytest.approx(3.689 / EPS, rel=1e-3)
+    # the break: resampling the rows alone (no Poisson draw) refuses on this evidence
+    rows_only = paired_value({"deal": c}, {"deal": 1.0}, boot=400, confidence=0.95, seed=0,
+                             explore_interval="bootstrap")
+    assert rows_only["tasks"]["deal"]["difference_ci"][1] < 0
+    assert decide(rows_only, GateConfig(), 1.0)["decision"] == "refuse"
     from training.gate import poisson_widening
 
     assert poisson_widening(0, 20.0, 0.95) == pytest.approx(3.689 * 20, rel=1e-3)
-    assert poisson_widening(400, 20.0, 0.95) < 0.1 * 20 * 2 * 1.96 * 20  # many positives: the bootstrap is fine
+
+
+def test_one_coherent_interval_covers_rare_positives_and_is_narrower_than_the_widening():
+    # deal-like rarity (~260 positives in 36k rows, ~1 explored positive per side): a resample of
+    # the rows alone under-covers (measured 68 % over 60 seeds); the Gamma draw covers, and is
+    # narrower than session 1's bootstrap bound + Poisson widening (117 vs 204 over 60 seeds)
+    global N
+    n_was, N = N, 36_000
+    try:
+        cover, width = 0, {"gamma": [], "widening": []}
+        for seed in range(12):
+            sc, p = simulated(seed, offset=-6.0)
+            rng = np.random.default_rng(100 + seed)
+            pass_u = np.asarray(sc.e) + rng.normal(0, 0.02, N) >= np.quantile(sc.e, 0.5)
+            better = p + rng.normal(0, 0.005, N)
+            pass_c = better >= np.quantile(better, 0.5)
+            truth = float(((pass_c.astype(float) - pass_u) * p).sum())
+            c = task_contributions(sc, 0, pass_c, pass_u, logging_pass_probability(sc))
+            for mode in width:
+                lo, hi = paired_value({"deal": c}, {"deal": 1.0}, boot=200, confidence=0.95, seed=seed,
+                                      explore_interval=mode)["tasks"]["deal"]["difference_ci"]
+                width[mode].append(hi - lo)
+                cover += mode == "gamma" and lo <= truth <= hi
+    finally:
+        N = n_was
+    assert cover >= 11, cover
+    assert np.mean(width["gamma"]) < 0.8 * np.mean(width["widening"]), width

@@ -178,3 +178,22 @@ def test_a_current_that_moves_during_the_gate_is_not_overwritten(setup, tmp_path
     last = err.strip().splitlines()[-1]  # (the trainer's progress lines come before it)
     assert code == 2 and "current moved to c-other" in last and "Traceback" not in err, err[-2000:]
     assert bundle.current_version(models) == "c-other"
+
+
+def test_warm_starts_from_current_with_the_profile_it_was_trained_with(setup, tmp_path):
+    # no --profile: the candidate is trained with the current model's own settings (its teacher
+    # checkpoint's profile) and warm-started from it (lineage parent, warm_start)
+    from gate_support import train_tiny
+
+    models = fresh_models(setup, tmp_path)
+    bundle.publish(train_tiny(setup["small"], models, "p1"))
+    res = rta("retrain", "--logs", str(setup["small"]), "--gate-logs", str(setup["holdout"]),
+              "--model-dir", str(models), "--since-hours", "24", "--version", "w1", "--reason", "warm",
+              "--ratio", "0.5", "--pass-share", "0.02", "--fidelity", "no-regression", "--no-audit-topic",
+              "--quiet", "--threads", "1", "--redis-url", f"redis://127.0.0.1:{free_port()}/0")
+    out, human = _outcome(res)
+    print(human[0])
+    assert res.returncode in (0, 3, 4) and out["candidate"] == "w1" and out["current"] == "p1", res.stderr[-2000:]
+    lin = registry.lineage(models / "w1")
+    assert lin["parent"] == "p1" and lin["warm_start"] is True and lin["profile"] == "tiny"
+    assert registry.read_gate(models / "w1")["retrain"]["profile"] == "tiny"

@@ -1,24 +1,22 @@
 """The promotion gate: is the candidate at least as good as the served model on traffic it never saw?
 
-Rule (all must hold, else the candidate is refused):
+Steps (a failed 1 or 2 refuses):
 
 1. the candidate bundle verifies (manifest, every file's sha256, feature spec);
-2. fidelity: the student's recorded acceptance (`training/fidelity.py: acceptance`, stored in
-   the manifest's `metrics.fidelity.acceptance` by distillation) passed (`required`, the
-   default), or, with `no-regression`, no check fails that passes for the current model;
+2. fidelity on the gate window (`gate_fidelity`: teacher vs student, label-free checks with
+   bootstrap intervals, a failure only beyond its interval; a serving-only candidate falls back
+   to the acceptance recorded at distillation): `required` (default), or `no-regression`;
 3. value: both models are replayed through the worker's engine (`training/replay.py`) on the
    newest logged window NOT used in training (rows with ts_ms > the candidate's lineage
-   `data_to_ms`), at the live targets (Redis, else `--ratio`), same controller and explore
-   draws. The value kept on the gate task (default: the task the score function weighs most,
-   deal) is estimated for both on the SAME rows: on a logged layout, self-normalised IPS over
-   the explore slice (`replay.ope_sample`, the estimator of `rta replay`); on a fully labelled
-   world log, the labels themselves (weight 1). The interval is a paired percentile bootstrap
-   (95%) of the DIFFERENCE candidate - current: each resample draws one set of rows and
-   evaluates both models on it, so the noise the two estimates share (which positives happened
-   to be in the explore slice) cancels; two separate intervals would overlap far more often
-   and refuse nothing. The candidate is refused when the whole interval lies below zero
-   (worse beyond the interval), or when the sample holds fewer than `min_positives` positives
-   (no evidence is not evidence of no harm).
+   `data_to_ms`), at the live targets (Redis, else `--ratio`), by the same controller. The value
+   (the score function's weights over each task's share of positives kept) is estimated as a
+   PAIRED difference candidate - current on the same rows (`task_contributions`: rows where the
+   two agree add 0; doubly robust with the logged pass probabilities), with one set of paired
+   resamples for the value, every task's guard rail and the MDE (`paired_value`: the positives
+   only the explore slice shows drawn from their Poisson confidence distribution inside it).
+4. decision (`decide`): refuse when the value is worse beyond the interval or a guard rail fails;
+   promote when it is non-inferior (lower bound > -delta) and every guard rail holds; else
+   inconclusive (exit 4), with the minimum detectable effect and the traffic that would decide.
 
 The result (both estimates, the interval, fidelity, window, rows, targets) goes to
 `<candidate>/gate.json`; `rta model show` prints it.
@@ -45,6 +43,8 @@ from training.logs import Attribution, is_logged_layout, ts_in_range
 from training.replay import Scored, Step, _finite, _logged, bootstrap_sums
 
 FIDELITY_MODES = ("required", "no-regression")
+EXPLORE_INTERVALS = ("gamma", "bootstrap", "widening")
+REWARD_MODELS = ("binned", "scaled")
 
 
 @dataclass
@@ -66,7 +66,12 @@ class GateConfig:
     fidelity_boot: int = 200
     fidelity_min_positives: int = 50  # a label-based fidelity check gates only with this many
     window_fidelity: bool = True  # False: the acceptance recorded at distillation (no re-scoring)
-    poisson_widening: bool = True  # widen thin explore-only sides to an exact Poisson bound
+    # the interval of the rows seen only through the explore slice: "gamma" (one coherent
+    # interval: their positive count drawn from its Poisson confidence distribution inside the
+    # paired bootstrap), "bootstrap" (rows resampled only) or "widening" (the bootstrap bound plus
+    # an exact Poisson shortfall per side, added linearly: session 1's rule, kept to compare)
+    explore_interval: str = "gamma"
+    reward_model: str = "binned"  # DR's q: "binned" (calibrated per bin of q on seen rows), "scaled" (one factor)
 
     def guard_tasks(self, tasks: dict[str, Any]) -> list[str]:
         return [t for t in tasks if (self.guards is None and tasks[t].get("weight", 0) > 0)
@@ -79,6 +84,11 @@ class GateConfig:
             raise ConfigError("gate: bootstrap >= 100, 0.5 < confidence < 1 and min positives >= 1")
         if self.window_hours is not None and not self.window_hours > 0:
             raise ConfigError(f"--window-hours must be > 0, got {self.window_hours}")
+        if self.explore_interval not in EXPLORE_INTERVALS:
+            raise ConfigError(f"explore interval must be one of {', '.join(EXPLORE_INTERVALS)}, "
+                              f"got {self.explore_interval!r}")
+        if self.reward_model not in REWARD_MODELS:
+            raise ConfigError(f"reward model must be one of {', '.join(REWARD_MODELS)}, got {self.reward_model!r}")
         if not 0 <= self.non_inferiority < 1 or not 0 <= self.guard_margin < 1:
             raise ConfigError("--non-inferiority and --guard-margin must be shares in [0, 1)")
 
@@ -298,13 +308,41 @@ class TaskContrib:
     observed: int  # rows whose label the difference reads (passed, matured)
     discordant_positives: int  # observed positives where the two models disagree
     # rows the two models disagree on that the logging policy passes only when it explores:
-    # (explored positives seen, mean 1 / P(pass)) on the candidate's side (+) and current's (-)
+    # (explored positives seen, mean 1 / P(pass), unseen rows) on the candidate's side (+) and current's (-)
     explore_only: tuple[tuple[int, float, int], tuple[int, float, int]] = ((0, 0.0, 0), (0, 0.0, 0))
+    # the part of `dr` those explored positives carry (their (k_c - k_u) / P(pass)), per row, and
+    # per side the signed contribution of one such positive: the interval draws their count
+    # from its Poisson confidence distribution instead of resampling k rows
+    dr_explore_pos: np.ndarray | None = None
+    explore_unit: tuple[float, float] = (0.0, 0.0)
+
+
+def calibrate(r: np.ndarray, y: np.ndarray, inv: np.ndarray, seen: np.ndarray, how: str = "binned",
+              bins: int = 10) -> np.ndarray:
+    """The reward model q for DR, fitted on the rows whose label is seen (matured, passed),
+    weighted by 1 / P(logged pass) so the fit speaks for the whole population. "scaled": one
+    factor (its weighted mean matches the labels'); "binned": the weighted positive rate per
+    decile of r among the seen rows (a calibration curve; no monotone fit needed at 10 bins).
+    Any q keeps DR unbiased; a calibrated one lowers its variance where q carries information."""
+    sq = float((inv * r)[seen].sum())
+    if sq <= 0:
+        return r
+    scaled = np.clip(r * (float((inv * y)[seen].sum()) / sq), 0.0, 1.0)
+    if how == "scaled" or seen.sum() < 20 * bins:
+        return scaled
+    edges = np.unique(np.quantile(r[seen], np.linspace(0, 1, bins + 1)[1:-1]))
+    b_all = np.searchsorted(edges, r, side="right")
+    b_seen = b_all[seen]
+    den = np.bincount(b_seen, weights=inv[seen], minlength=len(edges) + 1)
+    num = np.bincount(b_seen, weights=(inv * y)[seen], minlength=len(edges) + 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rate = np.where(den > 0, num / den, np.nan)
+    return np.where(np.isfinite(rate[b_all]), rate[b_all], scaled)
 
 
 def task_contributions(sc: Scored, j: int, pass_c: np.ndarray, pass_u: np.ndarray,
-                       logged: tuple[np.ndarray, np.ndarray] | None, q_cand: np.ndarray | None = None
-                       ) -> TaskContrib:
+                       logged: tuple[np.ndarray, np.ndarray] | None, q_cand: np.ndarray | None = None,
+                       reward_model: str = "binned") -> TaskContrib:
     """The paired value difference of task j, row by row.
 
     Value of a filter = positives it passes. Difference = sum over rows of (k_c - k_u) * y:
@@ -314,8 +352,8 @@ def task_contributions(sc: Scored, j: int, pass_c: np.ndarray, pass_u: np.ndarra
     and corrects it where y is seen: (k_c - k_u) * (q + [seen] / P(pass) * (y - q)). On the rows
     only the candidate passes, q is the candidate's own p (`q_cand`, scored order) when given: the
     logging model's p is lowest exactly on the rows it blocks (a new source it never saw), and any
-    q keeps DR unbiased; a better one only lowers its variance. Each q is rescaled by one factor
-    on the seen rows. A world log (every label) is its own truth: q = y, P = 1."""
+    q keeps DR unbiased; a better one only lowers its variance. Each q is calibrated on the seen
+    rows (`calibrate`). A world log (every label) is its own truth: q = y, P = 1."""
     y_all = sc.logs.labels[sc.order, j].astype(np.float64)
     diff = pass_c.astype(np.float64) - pass_u.astype(np.float64)
     if logged is None:
@@ -335,38 +373,42 @@ def task_contributions(sc: Scored, j: int, pass_c: np.ndarray, pass_u: np.ndarra
     inv = np.where(seen, 1.0 / np.where(seen, p_pass, 1.0), 0.0)
     q_diff = q
     if logged is not None:
-        # calibrate the reward model on the rows whose label is seen (one factor: its weighted
-        # mean matches the labels'): a miscalibrated q keeps DR unbiased but, times 1 / epsilon
-        # on the explore rows, inflates its variance far past IPS's
-        def calibrated(r: np.ndarray) -> np.ndarray:
-            sq = float((inv * r)[seen].sum())
-            return np.clip(r * (float((inv * y)[seen].sum()) / sq), 0.0, 1.0) if sq > 0 else r
-
-        q = calibrated(q)
-        q_diff = q if q_cand is None else np.where(diff > 0, calibrated(np.clip(np.nan_to_num(q_cand), 0, 1)), q)
+        # a miscalibrated q keeps DR unbiased but, times 1 / epsilon on the explore rows,
+        # inflates its variance far past IPS's: calibrate it on the seen rows
+        q = calibrate(q, y, inv, seen, reward_model)
+        q_diff = q if q_cand is None else np.where(
+            diff > 0, calibrate(np.clip(np.nan_to_num(q_cand), 0, 1), y, inv, seen, reward_model), q)
     dr = np.where(pop, diff * (q_diff + inv * (y - q_diff)), 0.0)
     ips = np.where(pop, diff * inv * y, 0.0)
     den = np.where(pop, inv, 0.0)
     kept_u = pass_u.astype(np.float64) * (q + inv * (y - q))
     rare = pop & (p_pass < 1)  # seen only through the explore slice
+    pos = rare & seen & (y > 0) & (diff != 0)
 
     def side(on: np.ndarray) -> tuple[int, float, int]:
         rows = rare & on
-        return (int((seen & rows & (y > 0)).sum()), float(np.mean(1.0 / p_pass[rows])) if rows.any() else 0.0,
+        return (int((pos & rows).sum()), float(np.mean(1.0 / p_pass[rows])) if rows.any() else 0.0,
                 int((rows & ~seen).sum()))
+
+    def unit(on: np.ndarray) -> float:  # one explored positive's contribution on that side
+        rows = rare & on
+        if (pos & rows).any():
+            return float(np.mean((diff * inv)[pos & rows]))
+        return float(np.mean(diff[rows] / p_pass[rows])) if rows.any() else 0.0
 
     return TaskContrib(dr=dr, ips=ips, den=den, cur=float(kept_u[pop].sum()),
                        positives=float((q + inv * (y - q))[pop].sum()), population=int(pop.sum()),
                        observed=int(seen.sum()), discordant_positives=int((seen & (diff != 0) & (y > 0)).sum()),
-                       explore_only=(side(diff > 0), side(diff < 0)))
+                       explore_only=(side(diff > 0), side(diff < 0)),
+                       dr_explore_pos=np.where(pos, diff * inv * y, 0.0),
+                       explore_unit=(unit(diff > 0), unit(diff < 0)))
 
 
 def poisson_widening(k: int, weight: float, confidence: float) -> float:
     """How far a percentile bootstrap's bound falls short of an exact Poisson bound when the
-    explore slice holds only k positives of a side (in weighted counts). With k = 0 the bootstrap
-    says "no gain, exactly", while up to -ln(alpha/2) positives per explored row's weight were
-    possible: the rows a candidate passes and the current blocks are seen only in the explore
-    slice, and a narrow interval there refuses better models."""
+    explore slice holds only k positives of a side (in weighted counts). Session 1's rule
+    (`explore_interval="widening"`), kept to compare: added to the bootstrap's bound of the
+    whole difference it double-counts the explore noise the bootstrap already holds."""
     from statistics import NormalDist
 
     from scipy.stats import chi2
@@ -391,14 +433,38 @@ def _quantiles(b: np.ndarray, confidence: float) -> list[float]:
     return [float(np.quantile(b, lo)), float(np.quantile(b, 1 - lo))]
 
 
+def explore_count_draws(k: int, u: np.ndarray, cap: float) -> np.ndarray:
+    """Draws of the expected count of positives a side's explore slice stands for, given k seen:
+    the Poisson mean's confidence distribution Gamma(k + 1/2) (mid-p: between Gamma(k), whose
+    quantile is Garwood's exact lower bound, and Gamma(k + 1), his upper), at the shared
+    uniforms u; capped by what the side's rows could hold. With k = 0 a resample of the rows
+    says "exactly 0"; this says "up to ~2.5 at 95 %"."""
+    from scipy.stats import gamma
+
+    return np.minimum(gamma.ppf(u, k + 0.5), cap)
+
+
 def paired_value(contrib: dict[str, TaskContrib], weights: dict[str, float], boot: int, confidence: float,
-                 seed: int, widen_thin: bool = True) -> dict[str, Any]:
+                 seed: int, explore_interval: str = "gamma") -> dict[str, Any]:
     """The value difference candidate - current (score-function-weighted share of each task's
     positives kept, DR), per-task differences (guard rails), IPS and self-normalised IPS as
     checks; percentile intervals from one paired bootstrap of the rows (`replay.bootstrap_sums`:
-    rows where the models agree are one group, so a resample costs O(discordant rows))."""
+    rows where the models agree are one group, so a resample costs O(discordant rows)).
+
+    `explore_interval` "gamma" (default): the positives seen on rows only the explore slice
+    shows are not resampled as rows; per side (candidate-only, current-only) their count is
+    drawn from `explore_count_draws` in each resample, with ONE uniform per side shared by every
+    task (the funnel nests: a deal row is an online row; sharing is the conservative choice), so
+    the value, each guard rail and the MDE read one coherent set of replicates. "bootstrap":
+    rows only. "widening": rows, then each side's exact-Poisson shortfall added to the bounds."""
+    mode = explore_interval
     tasks = list(contrib)
-    cols = np.stack([c for t in tasks for c in (contrib[t].dr, contrib[t].ips, contrib[t].den)], axis=1)
+    gamma = mode == "gamma"
+
+    def rest(c: TaskContrib) -> np.ndarray:
+        return c.dr - c.dr_explore_pos if gamma and c.dr_explore_pos is not None else c.dr
+
+    cols = np.stack([c for t in tasks for c in (rest(contrib[t]), contrib[t].ips, contrib[t].den)], axis=1)
     live = np.any(cols != 0, axis=1)
     rows, m = cols[live], len(cols)
     # the rows all zero are one more group: pad it so the multinomial draws over all m rows
@@ -406,22 +472,30 @@ def paired_value(contrib: dict[str, TaskContrib], weights: dict[str, float], boo
         rows = np.vstack([rows, np.zeros((m - int(live.sum()), cols.shape[1]))])
     rng = np.random.default_rng(seed)
     sums = np.vstack([bootstrap_sums(rows, min(200, boot - s), rng) for s in range(0, boot, 200)])
+    u_side = rng.random((len(sums), 2))  # one uniform per resample and side, shared by the tasks
     scale = {t: (weights.get(t, 0.0) / contrib[t].positives if contrib[t].positives > 0 else 0.0) for t in tasks}
     cur_value = sum(scale[t] * contrib[t].cur for t in tasks)
     out: dict[str, Any] = {"tasks": {}}
     val_b = np.zeros(len(sums))
     val = 0.0
-    widen = [0.0, 0.0]  # (lower, upper) widening of the value interval
+    widen = [0.0, 0.0]  # (lower, upper) widening of the value interval ("widening" only)
     for i, t in enumerate(tasks):
         c = contrib[t]
         dr_b, ips_b, den_b = sums[:, 3 * i], sums[:, 3 * i + 1], sums[:, 3 * i + 2]
         with np.errstate(invalid="ignore", divide="ignore"):
             sn_b = c.population * ips_b / den_b
         d = float(c.dr.sum())
-        # never more than the unseen rows of that side could hold (one positive each)
         (k_up, w_up, n_up), (k_down, w_down, n_down) = c.explore_only
-        wide_hi = min(poisson_widening(k_up, w_up, confidence), n_up) if w_up and widen_thin else 0.0
-        wide_lo = min(poisson_widening(k_down, w_down, confidence), n_down) if w_down and widen_thin else 0.0
+        wide_lo = wide_hi = 0.0
+        if gamma:
+            for s, (k, n) in enumerate(((k_up, n_up), (k_down, n_down))):
+                unit = c.explore_unit[s]
+                if unit != 0:
+                    dr_b = dr_b + unit * explore_count_draws(k, u_side[:, s], k + n / max(abs(unit), 1.0))
+        elif mode == "widening":
+            # never more than the unseen rows of that side could hold (one positive each)
+            wide_hi = min(poisson_widening(k_up, w_up, confidence), n_up) if w_up else 0.0
+            wide_lo = min(poisson_widening(k_down, w_down, confidence), n_down) if w_down else 0.0
         sn = c.population * float(c.ips.sum()) / float(c.den.sum()) if c.den.sum() > 0 else math.nan
         val += scale[t] * d
         val_b += scale[t] * dr_b
@@ -433,7 +507,7 @@ def paired_value(contrib: dict[str, TaskContrib], weights: dict[str, float], boo
             "weight": weights.get(t, 0.0), "population": c.population, "observed": c.observed,
             "positives": round(c.positives, 2), "discordant_positives": c.discordant_positives,
             "current": round(c.cur, 3), "candidate": round(c.cur + d, 3),
-            "difference": d, "difference_ci": ci,
+            "difference": d, "difference_ci": ci, "se": float(np.std(dr_b, ddof=1)) if len(dr_b) > 1 else math.nan,
             "relative": d / c.cur if c.cur > 0 else math.nan,
             "relative_ci": [v / c.cur for v in ci] if c.cur > 0 else [math.nan, math.nan],
             "explore_only_positives": {"candidate_side": k_up, "current_side": k_down},
@@ -443,12 +517,16 @@ def paired_value(contrib: dict[str, TaskContrib], weights: dict[str, float], boo
         }
     se = float(np.std(val_b, ddof=1)) if len(val_b) > 1 else math.nan
     vci = _quantiles(val_b, confidence)
+    how = {"gamma": "the positives only the explore slice shows drawn from their Poisson confidence distribution "
+                    "(Gamma(k + 1/2)) inside the same resamples",
+           "bootstrap": "rows resampled only",
+           "widening": "bounds widened to an exact Poisson bound where the explore slice holds few positives"}[mode]
     out.update(current=cur_value, candidate=cur_value + val, difference=val,
                difference_ci=[vci[0] - widen[0], vci[1] + widen[1]], se=se,
                relative=val / cur_value if cur_value > 0 else math.nan,
                rows=m, discordant_rows=int(live.sum()), bootstrap=boot, confidence=confidence,
-               estimator="doubly robust (reward model: the logging model's p), paired bootstrap of the rows, "
-                         "bounds widened to an exact Poisson bound where the explore slice holds few positives",
+               explore_interval=mode,
+               estimator=f"doubly robust (reward model: calibrated p), paired bootstrap of the rows; {how}",
                unit="score-weighted share of each task's positives kept")
     return out
 
@@ -476,8 +554,11 @@ def decide(value: dict[str, Any], cfg: GateConfig, window_hours: float) -> dict[
         state = "holds" if r_lo > floor else ("fails" if r_hi < floor else "unsure")
         rails[t] = {"margin": cfg.guard_margin, "floor": floor, "difference_ci": [r_lo, r_hi], "state": state}
         (broken if state == "fails" else unsure if state == "unsure" else []).append(t)
+    # the MDE of promotion: from the lower side alone (what "promote" reads)
+    mde_lo = (z + _Z_POWER) * (d - lo) / z if math.isfinite(d - lo) else math.nan
     out: dict[str, Any] = {"non_inferiority_delta": delta, "guard_rails": rails,
-                           "mde": mde, "mde_relative": mde / cur if cur > 0 else math.nan}
+                           "mde": mde, "mde_relative": mde / cur if cur > 0 else math.nan,
+                           "mde_lower_side_relative": mde_lo / cur if cur > 0 else math.nan}
     if not all(map(math.isfinite, (d, lo, hi))):
         return {**out, "decision": "inconclusive", "why": "no estimate (no rows with matured labels)"}
     if hi < 0 or broken:
@@ -488,10 +569,10 @@ def decide(value: dict[str, Any], cfg: GateConfig, window_hours: float) -> dict[
     if lo > -delta and not unsure:
         return {**out, "decision": "promote", "why": f"non-inferior: lower bound {lo:+.4f} > -{delta:.4f} "
                                                      f"({cfg.non_inferiority:.0%} of current's value)"}
-    # inconclusive: the interval's half-width must shrink to |d + delta| (to promote) or |d| (to
-    # refuse); it shrinks as 1/sqrt(rows)
-    half = (hi - lo) / 2
-    target = d + delta if d + delta > 0 else -d
+    # inconclusive: the interval's lower side must shrink to d + delta (to promote) or its upper
+    # side to |d| (to refuse); each shrinks as 1/sqrt(rows). The sides differ: the explore-only
+    # draws make the interval skewed
+    half, target = (d - lo, d + delta) if d + delta > 0 else (hi - d, -d)
     factor = (half / target) ** 2 if target > 0 else math.inf
     more = max(factor - 1.0, 0.0)
     why = (f"inconclusive: value difference {d:+.4f} [{lo:+.4f}, {hi:+.4f}] neither excludes -{delta:.4f} "
@@ -541,12 +622,12 @@ def run_gate(candidate: str | Path, current: str | Path, logs: str | Path, targe
     logged_pass = logging_pass_probability(sc_c) if logged else None
     pass_c, pass_u = (~run_c.block, ~run_u.block) if not logged else (
         expected_pass(sc_c, run_c, targets.epsilon), expected_pass(sc_u, run_u, targets.epsilon))
-    contrib = {t: task_contributions(sc_c, j, pass_c, pass_u, logged_pass, sc_c.p[:, j])
+    contrib = {t: task_contributions(sc_c, j, pass_c, pass_u, logged_pass, sc_c.p[:, j], cfg.reward_model)
                for j, t in enumerate(tasks)}
     weights = score_weights(cand_manifest)
     if cfg.task is not None:  # --task: the value is that task alone
         weights = {cfg.task: 1.0}
-    value = paired_value(contrib, weights, cfg.boot, cfg.confidence, cfg.seed, widen_thin=cfg.poisson_widening)
+    value = paired_value(contrib, weights, cfg.boot, cfg.confidence, cfg.seed, explore_interval=cfg.explore_interval)
     span_h = max(float(window.ts_ms.max() - window.ts_ms.min()) / 3.6e6, 1e-9)
     verdict = decide(value, cfg, span_h)
     observed_pos = int(np.nansum(window.labels[:, tasks.index(task)]))
