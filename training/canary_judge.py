@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from stream.canary import VALUE_FILE  # <model_dir>/: the watcher's newest judgement (canary status)
+from stream.logger.storage import LOCATION
 
 # training.gate / training.replay are imported where used: `rta model list` (which registers the
 # canary-judge command) stays light
@@ -347,7 +348,7 @@ def _cli() -> Any:
     @click.command("canary-judge")
     @click.argument("version")
     @click.option("--model-dir", required=True, type=click.Path(path_type=Path), help="Model directory.")
-    @click.option("--logs", "logs_path", required=True, type=click.Path(path_type=Path),
+    @click.option("--logs", "logs_path", required=True, type=LOCATION,
                   help="`rta log`'s layout holding the canary's period.")
     @click.option("--attribution", default=None, help="Attribution windows, e.g. 'click=15m,deal=7d'.")
     @click.option("--as-of-ms", type=int, default=None, help="Labels as of [default: the log's as-of].")
@@ -372,7 +373,7 @@ def _cli() -> Any:
 
     @click.command("canary-watch")
     @click.option("--model-dir", required=True, type=click.Path(path_type=Path), help="Model directory.")
-    @click.option("--logs", "logs_path", required=True, type=click.Path(path_type=Path),
+    @click.option("--logs", "logs_path", required=True, type=LOCATION,
                   help="`rta log`'s layout the logger writes (read again each round).")
     @click.option("--interval", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
                   help="Seconds between judgements.")

@@ -33,13 +33,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 
 from model import bundle, registry
 from stream.errors import BundleError, ConfigError, DataError
 from stream.policy import ScorePolicy, Targets
 from training.churn import flips, load_window, replay_pair
-from training.logs import Attribution, is_logged_layout, ts_in_range
+from training.logs import Attribution, newest_logged_ts_ms
 from training.replay import Scored, Step, _finite, _logged, bootstrap_sums
 
 FIDELITY_MODES = ("required", "no-regression")
@@ -114,21 +113,10 @@ def live_targets(settings: Any, ratio: float | None, p_u: float = 0.0, epsilon: 
 
 
 def newest_ts_ms(path: str | Path, now_ms: int | None = None) -> int | None:
-    """Newest in-range ts_ms of a log path (the impressions of a logged layout), reading that
-    column only; a row stamped past the wall clock (year 9999, microseconds) is ignored, or it
-    would empty every window counted back from "newest" (`training.logs.ts_in_range`)."""
-    root = Path(path)
-    if not root.exists():
-        return None
-    if is_logged_layout(root):
-        root = root / "impressions"
-    try:
-        col = ds.dataset(root, format="parquet", exclude_invalid_files=True).to_table(columns=["ts_ms"])["ts_ms"]
-    except Exception:  # noqa: BLE001 - JSONL or an odd file: the caller asks for --holdout-from-ms
-        return None
-    ts = col.to_numpy().astype(np.int64) if col.null_count == 0 else col.drop_null().to_numpy().astype(np.int64)
-    ts = ts[ts_in_range(ts, now_ms)]
-    return None if len(ts) == 0 else int(ts.max())
+    """Newest in-range ts_ms of a log location (a path or s3://): `training.logs.newest_logged_ts_ms`,
+    so the gate's windows count back from the same "newest" as `rta retrain`'s; a row stamped past
+    the wall clock (year 9999, microseconds) is ignored, or it would empty every such window."""
+    return newest_logged_ts_ms(path, now_ms)
 
 
 def _trained_until(bundle_dir: Path, logs: str | None, depth: int = 8) -> int | None:

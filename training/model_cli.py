@@ -19,6 +19,7 @@ import click
 from model import bundle, registry
 from stream.config import Settings, load_settings
 from stream.errors import BundleError, ConfigError
+from stream.logger.storage import LOCATION
 
 EXIT_REFUSED = 3
 EXIT_INCONCLUSIVE = 4  # the gate could not tell: not promoted, and it says how much more traffic would
@@ -221,7 +222,7 @@ def show_cmd(version: str, model_dir: Path) -> None:
 @model.command("promote")
 @click.argument("version")
 @model_dir_option
-@click.option("--logs", "logs_path", type=click.Path(path_type=Path), default=None,
+@click.option("--logs", "logs_path", type=LOCATION, default=None,
               help="Logged traffic for the gate (`rta log` layout, or a world log with labels).")
 @click.option("--force", is_flag=True, help="Promote even if the gate refuses or cannot run (audited as forced).")
 @click.option("--evidence", type=click.Choice(EVIDENCE), default="auto", show_default=True,
