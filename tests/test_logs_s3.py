@@ -6,6 +6,7 @@ s3://...`; checked against the same layout on disk and against an independent re
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -231,3 +232,69 @@ def test_rta_retrain_trains_and_gates_from_logs_on_s3(s3, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert bundle.current_version(models) == "s1"
     assert registry.lineage(models / "s1")["logs"] == f"{s3}/train"
+
+
+SECRET = "wJalrXUtnFEMIK7MDENGbPxRfiCYzz9SeCr3t"
+
+
+def _one_line(r: subprocess.CompletedProcess) -> None:
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_uris_with_credentials_or_empty_components_are_one_line_and_never_echo_the_secret(tmp_path):
+    """Refused before any request (no S3 server needed): pyarrow's own `s3://KEY:SECRET@bucket`
+    form, and paths pyarrow refuses (ArrowInvalid, no OSError) at the logger's first roll."""
+    from stream.errors import ConfigError
+    from stream.logger.storage import s3_endpoint
+
+    creds = f"s3://AKIAEXAMPLE:{SECRET}@rta/p"
+    for args in (("logs", "sql", "--logs", creds, "SELECT 1"),
+                 ("train", "--logs", creds, "--out", str(tmp_path / "m")),
+                 ("log", "--out", creds, "--no-metrics"),
+                 ("replay", "--model", str(tmp_path), "--logs", creds, "--out", str(tmp_path / "r"))):
+        r = _rta(*args)
+        _one_line(r)
+        assert "credentials do not belong in the URI" in r.stderr, r.stderr
+        assert SECRET not in r.stdout + r.stderr and "AKIAEXAMPLE" not in r.stdout + r.stderr, args
+    for bad in ("s3://rta/a//b", "s3://rta/a/../b", "s3://rta/./b"):
+        r = _rta("logs", "sql", "--logs", bad, "SELECT 1")
+        _one_line(r)
+        assert "path component" in r.stderr, r.stderr
+    with pytest.raises(ConfigError, match="credentials"):
+        resolve(f"s3://{SECRET}@rta/p")
+    os.environ["RTA_S3_ENDPOINT_SAVED"] = os.environ.get("RTA_S3_ENDPOINT", "")
+    try:
+        os.environ["RTA_S3_ENDPOINT"] = f"http://user:{SECRET}@127.0.0.1:9"
+        with pytest.raises(ConfigError) as err:
+            s3_endpoint()
+        assert SECRET not in str(err.value)
+    finally:
+        os.environ["RTA_S3_ENDPOINT"] = os.environ.pop("RTA_S3_ENDPOINT_SAVED")
+        if not os.environ["RTA_S3_ENDPOINT"]:
+            del os.environ["RTA_S3_ENDPOINT"]
+
+
+def test_retrain_names_a_storage_error_not_missing_rows(local_layout, s3, s3_server, tmp_path):
+    """`newest_logged_ts_ms` (retrain's first S3 read) lets credentials, endpoint and bucket
+    errors through as one line; only a missing prefix or non-Parquet files mean "no rows"."""
+    from stream.errors import DataError
+    from training.logs import newest_logged_ts_ms
+
+    _upload(local_layout["log"], s3)
+    assert newest_logged_ts_ms(s3) is not None
+    assert newest_logged_ts_ms(f"{s3}-nothing-here") is None
+    with pytest.raises(DataError, match="no such bucket"):
+        newest_logged_ts_ms(s3.replace("s3://", "s3://no-such-"))
+    models = tmp_path / "models"
+    shutil.copytree(local_layout["bundle"], models / "v1")
+    (models / "current").symlink_to("v1")
+    wrong = "wr0ng" + s3_server.secret_key[5:]
+    r = _rta("retrain", "--logs", s3, "--model-dir", str(models), "--since-hours", "24", "--reason", "test",
+             env={"AWS_SECRET_ACCESS_KEY": wrong})
+    _one_line(r)
+    assert "ACCESS_DENIED" in r.stderr and "no logged rows" not in r.stderr, r.stderr
+    assert wrong not in r.stdout + r.stderr
+    r = _rta("retrain", "--logs", s3, "--model-dir", str(models), "--since-hours", "24", "--reason", "test",
+             env={"RTA_S3_ENDPOINT": "http://127.0.0.1:9"})
+    _one_line(r)
+    assert "NETWORK_CONNECTION" in r.stderr and "no logged rows" not in r.stderr, r.stderr
