@@ -59,9 +59,12 @@ def test_ray_scoring_gives_the_local_decisions_and_estimates(tmp_path):
 
 
 def _no_ray_env(env: dict[str, str]) -> dict[str, str]:
-    """Local mode must start its own Ray: no cluster named by the caller's environment."""
-    for var in ("RTA_RAY_ADDRESS", "RAY_ADDRESS"):
-        env.pop(var, None)
+    """Local mode must start its own Ray, whatever the caller's environment names: the caller's
+    RTA_RAY_ADDRESS and RAY_ADDRESS are dropped, and RAY_ADDRESS then names a port where nothing
+    listens (as a KubeRay pod's or a `ray start` on this box would name a cluster), which local
+    mode must ignore."""
+    env.pop("RTA_RAY_ADDRESS", None)
+    env["RAY_ADDRESS"] = "127.0.0.1:9"
     return env
 
 
