@@ -298,3 +298,108 @@ def test_retrain_names_a_storage_error_not_missing_rows(local_layout, s3, s3_ser
              env={"RTA_S3_ENDPOINT": "http://127.0.0.1:9"})
     _one_line(r)
     assert "NETWORK_CONNECTION" in r.stderr and "no logged rows" not in r.stderr, r.stderr
+
+
+def _shut(*socks) -> None:
+    import contextlib
+
+    for s in socks:
+        with contextlib.suppress(OSError):
+            s.shutdown(2)
+
+
+class _FlakyLink:
+    """A TCP link to the S3 server that can be cut: while cut it accepts and at once closes
+    every connection (what a load balancer's blip or a reset looks like to the client)."""
+
+    def __init__(self, upstream: str) -> None:
+        import socket
+        import threading
+
+        host, port = upstream.rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.cut_until = 0.0
+        self.refused = 0
+        self.live: list = []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self._threading = threading
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import time
+
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            if time.monotonic() < self.cut_until:
+                self.refused += 1
+                conn.close()
+                continue
+            up = socket.create_connection(self.upstream)
+            self.live += [conn, up]
+            for a, b in ((conn, up), (up, conn)):
+                self._threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            _shut(src, dst)
+
+    def cut(self, seconds: float) -> None:
+        """Refuse new connections for `seconds` and reset the open ones (the client keeps its
+        connections alive, so a cut must break those too)."""
+        import time
+
+        self.cut_until = time.monotonic() + seconds
+        live, self.live = self.live, []
+        _shut(*live)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_an_s3_blip_is_retried_with_the_rows_held_and_a_long_outage_fails_holding_them(s3, s3_server,
+                                                                                      monkeypatch):
+    """The logger's sink through a link cut for 2 s: the roll waits it out (same key, no
+    duplicate) instead of stopping the logger; cut for good: the roll fails, the rows still
+    hold their offsets and no object exists."""
+    import pyarrow as pa
+
+    from stream.logger import files
+    from stream.logger.files import HOUR_MS, _Sink, open_root
+    from stream.logger.storage import list_files
+
+    link = _FlakyLink(s3_server.endpoint.split("://", 1)[1])
+    try:
+        monkeypatch.setenv("RTA_S3_ENDPOINT", f"http://127.0.0.1:{link.port}")
+        fs, root, _ = open_root(s3)
+        sink = _Sink(root, "impressions", "blip", lambda t: t, fs)
+        hour = 493_000
+        ids = [f"r{i}" for i in range(500)]
+        sink.add(pa.table({"request_id": ids, "ts_ms": np.full(500, hour * HOUR_MS + 5, np.int64)}), {("req", 0): 7})
+        link.cut(2.0)
+        path, rows, _ = sink.roll(hour)
+        assert link.refused > 0 and rows == 500 and sink.holds() == {} and not sink.files
+        found, _ = list_files(s3)
+        assert [str(f) for f in found] == [path]  # one object: the retries reused its key
+        assert _independent(s3_server, s3, "impressions").to_table().column("request_id").to_pylist() == ids
+
+        monkeypatch.setattr(files, "UPLOAD_BACKOFF_S", (0.2, 0.2))
+        sink.add(pa.table({"request_id": ["x"], "ts_ms": np.full(1, hour * HOUR_MS, np.int64)}), {("req", 0): 9})
+        link.cut(3600.0)
+        with pytest.raises(OSError):
+            sink.roll(hour)
+        assert sink.holds() == {("req", 0): 9} and sink.files[hour].rows == 1
+        link.cut(0.0)
+        assert len(list_files(s3)[0]) == 1
+    finally:
+        link.close()
