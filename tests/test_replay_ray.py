@@ -106,3 +106,31 @@ def test_the_actor_scores_from_shipped_bytes_chunk_by_chunk_as_the_local_path(tm
     local, shipped = score_logs(logs, scorer, policy), score_logs(logs, scorer, policy, blocks=blocks)
     for f in ("p", "u_tasks", "e", "u"):
         assert np.array_equal(getattr(local, f), getattr(shipped, f), equal_nan=True), f
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_an_actor_that_cannot_load_the_bundle_is_one_line(tmp_path):
+    """The shipped bytes are checked against the manifest in the actor; a failure there (a
+    RayActorError on the first call, no RtaError) reaches the user as one line."""
+    pytest.importorskip("ray")
+    _, bundle = world_and_bundle(tmp_path, 1_000, seed=2)
+    graph = bundle / "student_codes.onnx"
+    if not graph.exists():
+        graph = bundle / "student.onnx"
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    code = ("import sys, numpy as np\n"
+            "from stream.errors import RtaError\n"
+            "from training.replay_ray import RayScoring\n"
+            "try:\n"
+            f"    with RayScoring({str(bundle)!r}, 1) as pool:\n"
+            "        list(pool.blocks(np.zeros((10, 3), np.float32), np.zeros((10, 2), np.int64), 2048))\n"
+            "except RtaError as e:\n"
+            "    print(e)\n"
+            "    sys.exit(2)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240,
+                       env=_no_ray_env({**os.environ}))
+    assert r.returncode == 2, (r.stdout, r.stderr[-2000:])
+    assert r.stdout.count("\n") == 1 and r.stdout.startswith("--engine ray: scoring failed ("), r.stdout
