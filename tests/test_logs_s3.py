@@ -6,6 +6,7 @@ s3://...`; checked against the same layout on disk and against an independent re
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -231,3 +232,174 @@ def test_rta_retrain_trains_and_gates_from_logs_on_s3(s3, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert bundle.current_version(models) == "s1"
     assert registry.lineage(models / "s1")["logs"] == f"{s3}/train"
+
+
+SECRET = "wJalrXUtnFEMIK7MDENGbPxRfiCYzz9SeCr3t"
+
+
+def _one_line(r: subprocess.CompletedProcess) -> None:
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_uris_with_credentials_or_empty_components_are_one_line_and_never_echo_the_secret(tmp_path):
+    """Refused before any request (no S3 server needed): pyarrow's own `s3://KEY:SECRET@bucket`
+    form, and paths pyarrow refuses (ArrowInvalid, no OSError) at the logger's first roll."""
+    from stream.errors import ConfigError
+    from stream.logger.storage import s3_endpoint
+
+    creds = f"s3://AKIAEXAMPLE:{SECRET}@rta/p"
+    for args in (("logs", "sql", "--logs", creds, "SELECT 1"),
+                 ("train", "--logs", creds, "--out", str(tmp_path / "m")),
+                 ("log", "--out", creds, "--no-metrics"),
+                 ("replay", "--model", str(tmp_path), "--logs", creds, "--out", str(tmp_path / "r"))):
+        r = _rta(*args)
+        _one_line(r)
+        assert "credentials do not belong in the URI" in r.stderr, r.stderr
+        assert SECRET not in r.stdout + r.stderr and "AKIAEXAMPLE" not in r.stdout + r.stderr, args
+    for bad in ("s3://rta/a//b", "s3://rta/a/../b", "s3://rta/./b"):
+        r = _rta("logs", "sql", "--logs", bad, "SELECT 1")
+        _one_line(r)
+        assert "path component" in r.stderr, r.stderr
+    with pytest.raises(ConfigError, match="credentials"):
+        resolve(f"s3://{SECRET}@rta/p")
+    os.environ["RTA_S3_ENDPOINT_SAVED"] = os.environ.get("RTA_S3_ENDPOINT", "")
+    try:
+        os.environ["RTA_S3_ENDPOINT"] = f"http://user:{SECRET}@127.0.0.1:9"
+        with pytest.raises(ConfigError) as err:
+            s3_endpoint()
+        assert SECRET not in str(err.value)
+    finally:
+        os.environ["RTA_S3_ENDPOINT"] = os.environ.pop("RTA_S3_ENDPOINT_SAVED")
+        if not os.environ["RTA_S3_ENDPOINT"]:
+            del os.environ["RTA_S3_ENDPOINT"]
+
+
+def test_retrain_names_a_storage_error_not_missing_rows(local_layout, s3, s3_server, tmp_path):
+    """`newest_logged_ts_ms` (retrain's first S3 read) lets credentials, endpoint and bucket
+    errors through as one line; only a missing prefix or non-Parquet files mean "no rows"."""
+    from stream.errors import DataError
+    from training.logs import newest_logged_ts_ms
+
+    _upload(local_layout["log"], s3)
+    assert newest_logged_ts_ms(s3) is not None
+    assert newest_logged_ts_ms(f"{s3}-nothing-here") is None
+    with pytest.raises(DataError, match="no such bucket"):
+        newest_logged_ts_ms(s3.replace("s3://", "s3://no-such-"))
+    models = tmp_path / "models"
+    shutil.copytree(local_layout["bundle"], models / "v1")
+    (models / "current").symlink_to("v1")
+    wrong = "wr0ng" + s3_server.secret_key[5:]
+    r = _rta("retrain", "--logs", s3, "--model-dir", str(models), "--since-hours", "24", "--reason", "test",
+             env={"AWS_SECRET_ACCESS_KEY": wrong})
+    _one_line(r)
+    assert "ACCESS_DENIED" in r.stderr and "no logged rows" not in r.stderr, r.stderr
+    assert wrong not in r.stdout + r.stderr
+    r = _rta("retrain", "--logs", s3, "--model-dir", str(models), "--since-hours", "24", "--reason", "test",
+             env={"RTA_S3_ENDPOINT": "http://127.0.0.1:9"})
+    _one_line(r)
+    assert "NETWORK_CONNECTION" in r.stderr and "no logged rows" not in r.stderr, r.stderr
+
+
+def _shut(*socks) -> None:
+    import contextlib
+
+    for s in socks:
+        with contextlib.suppress(OSError):
+            s.shutdown(2)
+
+
+class _FlakyLink:
+    """A TCP link to the S3 server that can be cut: while cut it accepts and at once closes
+    every connection (what a load balancer's blip or a reset looks like to the client)."""
+
+    def __init__(self, upstream: str) -> None:
+        import socket
+        import threading
+
+        host, port = upstream.rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.cut_until = 0.0
+        self.refused = 0
+        self.live: list = []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self._threading = threading
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import time
+
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            if time.monotonic() < self.cut_until:
+                self.refused += 1
+                conn.close()
+                continue
+            up = socket.create_connection(self.upstream)
+            self.live += [conn, up]
+            for a, b in ((conn, up), (up, conn)):
+                self._threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            _shut(src, dst)
+
+    def cut(self, seconds: float) -> None:
+        """Refuse new connections for `seconds` and reset the open ones (the client keeps its
+        connections alive, so a cut must break those too)."""
+        import time
+
+        self.cut_until = time.monotonic() + seconds
+        live, self.live = self.live, []
+        _shut(*live)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_an_s3_blip_is_retried_with_the_rows_held_and_a_long_outage_fails_holding_them(s3, s3_server,
+                                                                                      monkeypatch):
+    """The logger's sink through a link cut for 2 s: the roll waits it out (same key, no
+    duplicate) instead of stopping the logger; cut for good: the roll fails, the rows still
+    hold their offsets and no object exists."""
+    import pyarrow as pa
+
+    from stream.logger import files
+    from stream.logger.files import HOUR_MS, _Sink, open_root
+    from stream.logger.storage import list_files
+
+    link = _FlakyLink(s3_server.endpoint.split("://", 1)[1])
+    try:
+        monkeypatch.setenv("RTA_S3_ENDPOINT", f"http://127.0.0.1:{link.port}")
+        fs, root, _ = open_root(s3)
+        sink = _Sink(root, "impressions", "blip", lambda t: t, fs)
+        hour = 493_000
+        ids = [f"r{i}" for i in range(500)]
+        sink.add(pa.table({"request_id": ids, "ts_ms": np.full(500, hour * HOUR_MS + 5, np.int64)}), {("req", 0): 7})
+        link.cut(2.0)
+        path, rows, _ = sink.roll(hour)
+        assert link.refused > 0 and rows == 500 and sink.holds() == {} and not sink.files
+        found, _ = list_files(s3)
+        assert [str(f) for f in found] == [path]  # one object: the retries reused its key
+        assert _independent(s3_server, s3, "impressions").to_table().column("request_id").to_pylist() == ids
+
+        monkeypatch.setattr(files, "UPLOAD_BACKOFF_S", (0.2, 0.2))
+        sink.add(pa.table({"request_id": ["x"], "ts_ms": np.full(1, hour * HOUR_MS, np.int64)}), {("req", 0): 9})
+        link.cut(3600.0)
+        with pytest.raises(OSError):
+            sink.roll(hour)
+        assert sink.holds() == {("req", 0): 9} and sink.files[hour].rows == 1
+        link.cut(0.0)
+        assert len(list_files(s3)[0]) == 1
+    finally:
+        link.close()

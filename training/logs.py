@@ -37,7 +37,7 @@ import pyarrow.fs as pafs
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from stream.errors import DataError, RtaError
+from stream.errors import DataError
 from stream.features import CATEGORICAL, DEFAULT_TASKS, NUMERIC, RESERVED_COLUMNS, FeatureSpec
 from stream.logger.schema import (
     DECISION_COLUMNS,
@@ -198,12 +198,23 @@ def split(logs: LogSet, test_fraction: float = 0.2, seed: int = 0) -> tuple[LogS
 
 # ---- reading ------------------------------------------------------------------------------
 def _s3(location: str, call: Any) -> Any:
-    """`call(location)` on an object store, its errors (endpoint, credentials) as one line."""
+    """`call(location)` on an object store, its errors (endpoint, credentials, a path pyarrow
+    refuses: ArrowInvalid is no OSError) as one line."""
     try:
         return call(location)
-    except OSError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{location}: cannot list ({first})") from None
+    except (OSError, pa.ArrowException) as exc:
+        raise _storage_error(location, exc) from None
+
+
+def _storage_error(location: str, exc: Exception) -> DataError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return DataError(f"{location}: cannot list ({first})")
+
+
+def _check_bucket(fs: Any, path: str) -> None:
+    bucket = path.split("/", 1)[0]
+    if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+        raise OSError(f"no such bucket s3://{bucket}")
 
 
 def _remote_files(location: str) -> list[RemoteFile]:
@@ -536,13 +547,19 @@ def newest_logged_ts_ms(location: str | Path, now_ms: int | None = None) -> int 
     else the Parquet files there), reading that column only; None when nothing is readable."""
     import pyarrow.dataset as ds
 
+    # a storage error (credentials, endpoint, bucket) is its own one-line DataError, never "no
+    # rows": only a missing location and files that are no Parquet with ts_ms mean "none here"
+    root: Any = join(location, IMPRESSIONS_DIR) if is_logged_layout(location) else location
+    fs, path = resolve(root)
     try:
-        root: Any = join(location, IMPRESSIONS_DIR) if is_logged_layout(location) else location
-        fs, path = resolve(root)
         col = ds.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=True).to_table(
             columns=["ts_ms"])["ts_ms"]
-    except (RtaError, OSError, pa.ArrowException):  # JSONL, odd files: callers ask for a window
+    except (FileNotFoundError, pa.ArrowInvalid):  # nothing there, JSONL, odd files: callers ask for a window
+        if is_uri(root):  # "not found" for a whole bucket is a setting, not an empty log
+            _s3(str(root), lambda _: _check_bucket(fs, path))
         return None
+    except (OSError, pa.ArrowException) as exc:
+        raise _storage_error(str(root), exc) from None
     ts = col.drop_null().to_numpy().astype(np.int64)
     ts = ts[ts_in_range(ts, now_ms)]
     return None if len(ts) == 0 else int(ts.max())

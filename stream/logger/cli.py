@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import click
+import pyarrow as pa
 from confluent_kafka import KafkaException
 
 from stream.config import Settings, load_settings
@@ -17,9 +18,9 @@ from stream.logger.storage import LOCATION
 log = logging.getLogger("rta.logger")
 
 
-def _first_line(exc: OSError) -> str:
-    """An OSError's reason on one line (an S3 error's text can span several)."""
-    text = exc.strerror or str(exc) or type(exc).__name__
+def _first_line(exc: Exception) -> str:
+    """An OSError's (or pyarrow error's) reason on one line (an S3 error's text can span several)."""
+    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
     return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
 
 
@@ -101,14 +102,14 @@ def log_cmd(out_dir: Path | str, config_file: str | None, bootstrap: str | None,
                        metrics_port=None if no_metrics else metrics_port)
     try:
         logger = Logger(settings, cfg)
-    except OSError as exc:  # the metrics port is taken, the output directory is not writable
+    except (OSError, pa.ArrowException) as exc:  # the metrics port is taken, --out is not writable
         raise RtaError(f"log: cannot start: {_first_line(exc)}") from None
     if logger.server is not None:
         log.info("metrics on http://%s:%d/metrics", cfg.metrics_host, logger.server.port,
                  extra={"event": "metrics", "port": logger.server.port})
     try:
         logger.run(install_signals=True)
-    except OSError as exc:  # disk full, permissions: offsets past the failed file stay uncommitted
+    except (OSError, pa.ArrowException) as exc:  # disk full, permissions: offsets past it stay uncommitted
         raise RtaError(f"log: cannot write under {out_dir}: {_first_line(exc)}") from None
     except RtaError:
         raise

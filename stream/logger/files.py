@@ -11,6 +11,7 @@ the rows' offsets stay held until the upload returned."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,14 @@ from stream.logger.codec import concat
 from stream.logger.schema import IMPRESSIONS_DIR, OUTCOMES_DIR, partition_dir
 from stream.logger.storage import is_uri, resolve
 
+log = logging.getLogger("rta.logger")
+
 HOUR_MS = 3_600_000
+# an upload that fails (S3 503 SlowDown, a network blip, pyarrow's own 3 attempts spent) is tried
+# again under the same key after these pauses, while its rows keep holding their offsets; only
+# when all fail does the roll fail (and the logger stop, nothing committed past it). ~15 s in
+# all: well inside the consumer's max.poll.interval.
+UPLOAD_BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 _TEMP_MAX_AGE_S = 60.0  # a temp file lives for one write; older ones are a crash's leftovers
 
 Holds = dict[tuple[str, int], int]
@@ -114,6 +122,24 @@ class _Sink:
         data = sink.getvalue()
         self.seq += 1
         final = f"{self.root}/{partition_dir(hour * HOUR_MS)}/part-{self.prefix}-{self.seq:06d}.parquet"
+        for attempt, pause in enumerate((*UPLOAD_BACKOFF_S, None)):
+            try:
+                size = self._put(final, data)
+                break
+            except (OSError, pa.ArrowException) as exc:
+                if pause is None:
+                    raise
+                # the same key again: a PUT that landed before its reply was lost is overwritten
+                # with the same bytes, not duplicated under a new key
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                log.warning("upload of s3://%s failed (attempt %d, again in %.1f s): %s", final, attempt + 1,
+                            pause, first, extra={"event": "upload_retry", "attempt": attempt + 1})
+                time.sleep(pause)
+        del self.files[hour]
+        return f"s3://{final}", f.rows, size
+
+    def _put(self, final: str, data: pa.Buffer) -> int:
+        """One upload under `final` and its size read back (a HEAD: needs s3:GetObject)."""
         with self.fs.open_output_stream(final) as out:
             out.write(data)
         size = self.fs.get_file_info(final).size
@@ -121,8 +147,7 @@ class _Sink:
             with contextlib.suppress(OSError):
                 self.fs.delete_file(final)
             raise OSError(f"s3://{final}: the store holds {size} bytes of {data.size} after the upload")
-        del self.files[hour]
-        return f"s3://{final}", f.rows, size
+        return size
 
     def holds(self) -> Holds:
         out: Holds = {}

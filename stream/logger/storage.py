@@ -51,8 +51,10 @@ def s3_endpoint() -> tuple[str, str] | None:
         if value:
             scheme, _, host = value.rpartition("://")
             scheme = scheme or "https"
-            if scheme not in ("http", "https") or not host.strip("/"):
-                raise ConfigError(f"{var}={value!r}: expected http(s)://host:port")
+            if scheme not in ("http", "https") or not host.strip("/") or "@" in host:
+                # never echo the value: it may carry user:password
+                raise ConfigError(f"{var}: expected http(s)://host:port (credentials come from the AWS "
+                                  "environment, never from the endpoint)")
             return host.strip("/"), scheme
     return None
 
@@ -69,18 +71,36 @@ def s3_filesystem() -> Any:
     return pafs.S3FileSystem(**kwargs)
 
 
+def check_uri(text: str) -> str:
+    """`bucket/prefix` of an s3:// URI, or a one-line ConfigError. Checked before any request,
+    so a malformed URI fails at once (not at the logger's first roll, minutes later), and a URI
+    carrying credentials (`s3://KEY:SECRET@bucket`, pyarrow's own form) is refused without
+    echoing it: no message, log line or state file may print a secret."""
+    if not text.startswith(S3):
+        scheme = text.split("://", 1)[0][:16]
+        raise ConfigError(f"{scheme}://...: unsupported location (a local path or s3://bucket/prefix)")
+    path = text[len(S3):].strip("/")
+    bucket = path.split("/", 1)[0]
+    if "@" in bucket or ":" in bucket:
+        raise ConfigError("s3://...: credentials do not belong in the URI (use the AWS environment: "
+                          "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws or a role)")
+    if not path:
+        raise ConfigError(f"{text}: no bucket (s3://bucket/prefix)")
+    if any(part in ("", ".", "..") for part in path.split("/")):
+        raise ConfigError(f"{text}: empty, '.' or '..' path component (s3://bucket/prefix)")
+    if "?" in path or "#" in path:
+        raise ConfigError(f"{text.split('?', 1)[0].split('#', 1)[0]}: no query or fragment (s3://bucket/prefix)")
+    return path
+
+
 def resolve(location: str | Path) -> tuple[Any, str]:
-    """(pyarrow FileSystem, path inside it) for a path or an s3:// URI."""
+    """(pyarrow FileSystem, path inside it) for a path or an s3:// URI (validated: check_uri)."""
     from pyarrow import fs as pafs
 
     text = str(location)
     if not is_uri(text):
         return pafs.LocalFileSystem(), os.path.abspath(text)
-    if not text.startswith(S3):
-        raise ConfigError(f"{text}: unsupported location (a local path or s3://bucket/prefix)")
-    path = text[len(S3):].strip("/")
-    if not path:
-        raise ConfigError(f"{text}: no bucket (s3://bucket/prefix)")
+    path = check_uri(text)
     return s3_filesystem(), path
 
 
@@ -147,8 +167,10 @@ class Location(click.ParamType):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str | Path:
         if isinstance(value, Path) or not is_uri(value):
             return Path(value)
-        if not str(value).startswith(S3) or not str(value)[len(S3):].strip("/"):
-            self.fail(f"{value}: expected a local path or s3://bucket/prefix", param, ctx)
+        try:
+            check_uri(str(value))
+        except ConfigError as exc:
+            self.fail(str(exc), param, ctx)
         return str(value).rstrip("/")
 
 
