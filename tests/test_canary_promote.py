@@ -201,3 +201,86 @@ def test_the_control_plane_shows_the_canary_and_its_value_to_viewers(settings, b
         assert doc["canary"]["version"] == "v2" and doc["canary"]["share"] == 0.25 and doc["current"] == "v1"
         assert doc["value"]["arms"]["canary"]["ci"] == [1.0, 1.2] and doc["last"]["action"] == "canary-start"
         assert cp.client(None).get("/api/v1/canary").status_code == 401
+
+
+def canary_of_two_layouts(world: Path, current: Path, candidate: Path, share: float, tmp: Path) -> Path:
+    """A canary's logged layout: both bundles filter the same world (make_logged_layout), each row
+    taken from the layout of its hashed arm (`canary_arm`), with that layout's outcomes."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from training.logs import load_logs
+    from training.offline_log import _write_hours, make_logged_layout
+    from training.replay import Step
+
+    world_logs = load_logs(world)
+    imp, out = [], []
+    for d in (current, candidate):
+        make_logged_layout(d, world_logs, tmp / d.name, Step(0.5, 0.02, 0.2), seed=1)
+        imp.append(pa.concat_tables(pq.read_table(f) for f in sorted((tmp / d.name / IMPRESSIONS_DIR).rglob("*.parquet"))))
+        out.append(pa.concat_tables(pq.read_table(f) for f in sorted((tmp / d.name / OUTCOMES_DIR).rglob("*.parquet"))))
+    cur, cand = imp[0], imp[1].take(pc.index_in(imp[0]["request_id"], imp[1]["request_id"]))
+    rids = np.asarray(cur["request_id"].to_pylist(), dtype=object)
+    arm = canary_arm(rids, share)
+    table = pa.concat_tables([cur.filter(pa.array(~arm)), cand.filter(pa.array(arm))])
+    root = tmp / "canary"
+    _write_hours(table, table["ts_ms"].to_numpy(), root / IMPRESSIONS_DIR)
+    kept = [o.filter(pc.is_in(o["request_id"], value_set=pa.array(rids[a].tolist(), pa.string())))
+            for o, a in ((out[0], ~arm), (out[1], arm))]
+    outcomes_t = pa.concat_tables(kept)
+    _write_hours(outcomes_t, outcomes_t["ts_ms"].to_numpy(), root / OUTCOMES_DIR)
+    return root
+
+
+@pytest.mark.slow
+def test_canary_fidelity_is_judged_on_the_canary_window_not_the_recorded_acceptance(tmp_path):
+    """Two trained bundles (teachers included); the candidate's manifest records a failed
+    distillation-time acceptance on a check the current's holds. The canary's evidence judges
+    fidelity as the off-policy gate does (teacher vs student on the canary period's rows, with
+    intervals), so the recorded failure alone does not refuse it; the watch judges value only."""
+    from gate_support import WINDOWS as GATE_WINDOWS
+    from gate_support import split_world, train_tiny
+    from replay_support import world_log
+
+    from model import bundle
+    from training.canary_judge import canary_gate, watch_once
+    from training.gate import GateConfig
+    from training.logs import Attribution
+
+    world = world_log(tmp_path / "world", 30_000, seed=7)
+    train, holdout = split_world(world / "part-00000.parquet", tmp_path / "split")
+    models = tmp_path / "models"
+    v1, v2 = train_tiny(train, models, "v1", seed=0), train_tiny(train, models, "v2", seed=1)
+    bundle.publish(v1)
+    # the recorded acceptance: a check the current passed, failed by the candidate (manifest not hashed)
+    check = next(k for k in bundle.read_manifest(v2)["metrics"]["fidelity"]["acceptance"] if k != "passed")
+    for d, ok in ((v1, True), (v2, False)):
+        m = json.loads((d / bundle.MANIFEST).read_text())
+        m["metrics"]["fidelity"]["acceptance"].update({check: ok, "passed": ok})
+        (d / bundle.MANIFEST).write_text(json.dumps(m, indent=2))
+    registry.verify(v2)  # still a verifiable bundle
+    canary.start(models, "v2", 0.5, "test", "canary of v2")
+    logs = canary_of_two_layouts(holdout, v1, v2, 0.5, tmp_path / "layouts")
+    as_of = int(pq_newest(logs)) + 86_400_000  # every attribution window closed
+    att = Attribution.parse(",".join(f"{k}={v:g}" for k, v in GATE_WINDOWS.items()), as_of)
+    cfg = GateConfig(fidelity="no-regression", boot=400)
+
+    res = canary_gate(models, "v2", logs, cfg, att, write=False)
+    fid = res["fidelity"]
+    assert fid["source"] == "gate window", fid
+    assert fid["passed"], fid.get("why")
+    assert fid["candidate"]["rows"] > 4000 and fid["current"] is not None  # the canary period's rows, re-scored
+    assert not any(r.startswith("fidelity") for r in res["reasons"]), res["reasons"]
+    assert res["decision"] == res["verdict"]["decision"]  # fidelity did not override the value's verdict
+    assert res["value"]["rows"]["canary"] > 2000 and res["value"]["rows"]["current"] > 2000
+    # the watch judges value only: a round neither refuses nor stops the canary on fidelity
+    rec = watch_once(models, logs, cfg, att, stop=True)
+    assert rec["state"] == "judged" and not rec.get("stopped"), rec
+    assert rec["decision"] == rec["value_decision"] and read_canary(models).version == "v2"
+
+
+def pq_newest(root: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return max(int(pq.read_table(f, columns=["ts_ms"])["ts_ms"].to_numpy().max())
+               for f in (root / IMPRESSIONS_DIR).rglob("*.parquet"))
