@@ -45,6 +45,25 @@ def spawn_logger(settings: Settings, out: Path, cwd: Path, *args: str,
         stderr=subprocess.STDOUT)
 
 
+def scrape(port: int, series: str) -> float:
+    """One series of a spawned logger's /metrics (-1: not up yet, or not exported yet)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+            text = r.read().decode()
+    except (urllib.error.URLError, ConnectionError):
+        return -1.0
+    line = [x for x in text.splitlines() if x.startswith(series + " ")]
+    return float(line[0].split()[-1]) if line else -1.0
+
+
+def open_files_buffered(port: int) -> float:
+    """Rows a spawned logger holds in open (not yet rolled) files: their offsets cannot commit."""
+    return scrape(port, 'rta_log_buffered{side="open_files"}')
+
+
 def read_log(out: Path, kind: str = "impressions") -> pa.Table:
     """Every row of one kind, with the hive partition columns (pyarrow.dataset)."""
     root = out / kind

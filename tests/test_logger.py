@@ -16,7 +16,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from live_log_support import duckdb_count, group_of, logging_to, read_log, spawn_logger
+from live_log_support import (
+    duckdb_count,
+    group_of,
+    logging_to,
+    open_files_buffered,
+    read_log,
+    scrape,
+    spawn_logger,
+)
 from student_data import random_batch
 from worker_support import committed, wait_for
 
@@ -59,19 +67,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _scrape(port: int, series: str) -> float:
-    """One series of a logger process's /metrics (-1: not up yet)."""
-    import urllib.error
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
-            text = r.read().decode()
-    except (urllib.error.URLError, ConnectionError):
-        return -1.0
-    line = [x for x in text.splitlines() if x.startswith(series + " ")]
-    return float(line[0].split()[-1]) if line else -1.0
 
 
 def _metrics(lg) -> str:
@@ -202,9 +197,9 @@ def test_files_roll_by_size_and_sigterm_drains(settings, tmp_path: Path):
     try:
         wait_for(lambda: len(list((out / "impressions").rglob("*.parquet"))) >= 3, 20, "size rolls")
         # every pair read and joined; the last rows sit in an open file (no time roll) when SIGTERM comes
-        wait_for(lambda: _scrape(port, 'rta_log_messages_total{topic="decisions"}') == 3000, 60, "all read",
+        wait_for(lambda: scrape(port, 'rta_log_messages_total{topic="decisions"}') == 3000, 60, "all read",
                  step=0.2)
-        wait_for(lambda: _scrape(port, 'rta_log_buffered{side="open_files"}') >= 10, 10, "rows in open files")
+        wait_for(lambda: scrape(port, 'rta_log_buffered{side="open_files"}') >= 10, 10, "rows in open files")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
     finally:
@@ -247,7 +242,6 @@ def test_two_members_split_the_partitions_and_a_rebalance_loses_nothing(settings
 
 def test_nothing_is_committed_before_its_file_is_renamed_and_kill_9_loses_nothing(settings, tmp_path: Path):
     import socket
-    import urllib.error
 
     ids, ts, reqs = _requests(2000, "k")
     bodies, _ = _decisions(ids, ts)
@@ -262,13 +256,7 @@ def test_nothing_is_committed_before_its_file_is_renamed_and_kill_9_loses_nothin
                         "--batch-wait-ms", "20", metrics_port=port)
 
     def buffered() -> float:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
-                text = r.read().decode()
-        except (urllib.error.URLError, ConnectionError):
-            return -1.0
-        line = [x for x in text.splitlines() if x.startswith('rta_log_buffered{side="open_files"}')]
-        return float(line[0].split()[-1]) if line else -1.0
+        return open_files_buffered(port)
 
     try:
         wait_for(lambda: buffered() == 2000, 60, "every row joined and buffered", step=0.3)

@@ -143,7 +143,13 @@ def test_rta_log_to_s3_commits_only_whole_objects_and_kill_9_loses_nothing(setti
     """`rta log --out s3://...` on the real broker: nothing is committed while the rows sit in
     open files, and a kill -9 then leaves no object; a restart writes every row once more under
     final keys that the production reader and an independent reader both take whole."""
-    from live_log_support import committed_offsets, group_of, logging_to, spawn_logger
+    from live_log_support import (
+        committed_offsets,
+        group_of,
+        logging_to,
+        open_files_buffered,
+        spawn_logger,
+    )
     from test_logger import _decisions, _produce, _requests
     from worker_support import committed, wait_for
 
@@ -164,16 +170,7 @@ def test_rta_log_to_s3_commits_only_whole_objects_and_kill_9_loses_nothing(setti
                         "--batch-wait-ms", "20", metrics_port=port)
 
     def buffered() -> float:
-        import urllib.error
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
-                text = r.read().decode()
-        except (urllib.error.URLError, ConnectionError):
-            return -1.0
-        line = [x for x in text.splitlines() if x.startswith('rta_log_buffered{side="open_files"}')]
-        return float(line[0].split()[-1]) if line else -1.0
+        return open_files_buffered(port)
 
     try:
         wait_for(lambda: buffered() == n + len(clicked), 120, "every row joined and buffered", step=0.3)
