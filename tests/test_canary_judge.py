@@ -93,3 +93,51 @@ def test_evidence_from_the_logged_layout_keeps_only_rows_on_their_hashed_arm():
     assert np.isnan(kept[:, 0][open_[on_arm]]).all() and (kept[:, 0][(blocked & ~open_)[on_arm]] == 0).all()
     with pytest.raises(ValueError, match="no logged decision of v3"):
         canary_evidence(logs, "v1", "v3", 0.25)
+
+
+def test_a_refusal_on_a_handful_of_positives_is_inconclusive():
+    """The watch stops a canary on the judge's refusal: 6 deal positives on current's arm and
+    none on the canary's (exact conditional p = 0.031) came out "refuse" while only promotions
+    needed `min_positives` (review of session 2)."""
+    rng = np.random.default_rng(1)
+    n = 1000
+    kept = np.zeros((2 * n, 2))
+    kept[:, 0] = rng.random(2 * n) < 0.05
+    kept[:6, 1] = 1.0  # current's arm: 6 deal positives; the canary's: 0
+    arm = np.r_[np.zeros(n, bool), np.ones(n, bool)]
+    out = judge_canary(kept, arm, TASKS, WEIGHTS, GateConfig(confidence=0.99, boot=400, min_positives=10),
+                       gate_task="deal")
+    assert out["decision"] == "inconclusive" and "fewer than 10" in out["why"], out["why"]
+
+
+def test_evidence_is_the_runs_own_span_not_an_older_canary_of_the_same_version():
+    """An older canary of v2 beside v0, then v1 alone, then the canary being judged: only the
+    judged run's rows form the arms (its canary-start and the entry that ended it)."""
+    import pyarrow as pa
+
+    from stream.features import FeatureSpec
+    from training.canary_judge import canary_evidence
+    from training.logs import LogSet
+
+    n = 4000
+    ids = np.asarray([f"o{i}" for i in range(n)], dtype=object)
+    hashed = canary_arm(ids, 0.5)
+    ts = np.arange(n, dtype=np.int64) * 1000
+    model = np.empty(n, dtype=object)
+    model[:1000] = np.where(hashed[:1000], "v2", "v0")  # the old canary, beside v0
+    model[1000:3000] = "v1"  # v1 alone
+    model[3000:] = np.where(hashed[3000:], "v2", "v1")  # the judged run: started at ts 3,000,000
+    logs = LogSet(spec=FeatureSpec((), ()), num=np.zeros((n, 0), np.float32), cat=np.zeros((n, 0), object),
+                  labels=np.zeros((n, 1), np.float32), truth=None, request_id=ids, ts_ms=ts, tasks=("deal",),
+                  decisions=pa.table({"model": model.tolist(), "decision": ["pass"] * n}),
+                  info={"as_of_ms": int(ts[-1]) + 10**7, "attribution_windows_s": {"deal": 1.0}})
+    _, to_canary, info = canary_evidence(logs, "v1", "v2", 0.5, since_ms=3_000_000)
+    run_v2 = np.flatnonzero(model[3000:] == "v2") + 3000
+    assert len(to_canary) == run_v2[-1] - run_v2[0] + 1 and info["period_ms"][0] >= 3_000_000, info
+    assert info["period_source"] == "the run's start and stop"
+    # without the span the old canary's v2 rows and v1's solo rows join the arms
+    _, whole, _ = canary_evidence(logs, "v1", "v2", 0.5)
+    assert len(whole) > 2000
+    # a log on another clock (nothing of the candidate inside the span) keeps the candidate's rows
+    _, other, info = canary_evidence(logs, "v1", "v2", 0.5, since_ms=10**12)
+    assert len(other) == len(whole) and info["period_source"].startswith("the candidate's logged rows")

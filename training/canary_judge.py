@@ -120,20 +120,29 @@ def judge_canary(kept: np.ndarray, to_canary: np.ndarray, tasks: tuple[str, ...]
     task = gate_task or max(weights, key=lambda t: weights[t])
     verdict = decide(value, cfg, window_hours)
     seen = sum(value["tasks"][task]["kept_positives"].values()) if task in value["tasks"] else 0.0
-    if verdict["decision"] == "promote" and seen < cfg.min_positives:
+    # neither a promotion nor a refusal (which the watch turns into an automatic stop) rests on a
+    # handful of positives: a 6-vs-0 deal split came out "refuse", and identical arms were
+    # stopped in 10 % of 15-round watches when a refusal needed no minimum
+    if verdict["decision"] in ("promote", "refuse") and seen < cfg.min_positives:
         verdict = {**verdict, "decision": "inconclusive",
                    "why": f"inconclusive: {seen:.0f} kept {task} positives over both arms, fewer than "
                           f"{cfg.min_positives}"}
     return {**verdict, "value": value, "evidence": "canary", "gate_task": task}
 
 
-def canary_evidence(logs: Any, current: str, candidate: str, share: float) -> tuple[np.ndarray, np.ndarray, dict]:
+def canary_evidence(logs: Any, current: str, candidate: str, share: float, since_ms: int | None = None,
+                    until_ms: int | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """`kept` and `to_canary` for `judge_canary` from `rta log`'s layout (training.logs.load_logged):
     the rows of the canary's period (first to last row the candidate decided) whose decision came
     from the arm their request_id hashes to (stream.canary.canary_arm at `share`): a request current
     decided inside the canary's share (a worker that could not load the canary) is left out, so
     the arms stay the random split. A blocked row whose window has closed kept no positive (0); a
-    row whose window is open is left out (NaN)."""
+    row whose window is open is left out (NaN).
+
+    `since_ms`/`until_ms`: the run's own span (its canary-start entry, and the stop that ended
+    it), so an older canary of the same version, or current alone between two canaries, never
+    joins the arms. Applied when the log has rows of the candidate inside that span; a log on
+    another clock (a simulated or replayed one) keeps the candidate's span, and `info` says which."""
     from stream.canary import canary_arm
 
     if logs.decisions is None or "model" not in logs.decisions.column_names:
@@ -144,7 +153,16 @@ def canary_evidence(logs: Any, current: str, candidate: str, share: float) -> tu
     if not by_cand.any():
         raise ValueError(f"no logged decision of {candidate}: has its canary run (and the logger logged it)?")
     ts = np.asarray(logs.ts_ms)
-    period = (ts >= ts[by_cand].min()) & (ts <= ts[by_cand].max())
+    span = np.ones(len(ts), dtype=bool)
+    if since_ms is not None:
+        span &= ts >= since_ms
+    if until_ms is not None:
+        span &= ts <= until_ms
+    period_source = "the run's start and stop"
+    if not (by_cand & span).any():
+        span, period_source = np.ones(len(ts), dtype=bool), "the candidate's logged rows (none inside the run's span)"
+    in_run = by_cand & span
+    period = span & (ts >= ts[in_run].min()) & (ts <= ts[in_run].max())
     hashed = canary_arm(logs.request_id, share)
     rows = period & ((by_cand & hashed) | ((model == current) & ~hashed))
     as_of = logs.info["as_of_ms"]
@@ -152,7 +170,8 @@ def canary_evidence(logs: Any, current: str, candidate: str, share: float) -> tu
     closed = np.stack([(as_of - ts) >= 1000.0 * windows[t] for t in logs.tasks], axis=1)
     kept = np.asarray(logs.labels, dtype=np.float64).copy()
     kept[blocked[:, None] & closed & np.isnan(kept)] = 0.0
-    info = {"rows": int(rows.sum()), "period_ms": [int(ts[by_cand].min()), int(ts[by_cand].max())],
+    info = {"rows": int(rows.sum()), "period_ms": [int(ts[in_run].min()), int(ts[in_run].max())],
+            "period_source": period_source,
             "left_out_off_arm": int((period & ((by_cand & ~hashed) | ((model == current) & hashed))).sum())}
     return kept[rows], by_cand[rows], info
 
@@ -167,6 +186,19 @@ def canary_run(model_dir: Any, version: str) -> dict[str, Any]:
         raise BundleError(f"{model_dir}: no canary of {version} in registry.jsonl (start one: rta model canary "
                           f"{version} --share S --reason ...)")
     return starts[-1]
+
+
+def run_span(model_dir: Any, run: dict[str, Any]) -> tuple[int | None, int | None]:
+    """(start, end) of one canary run in ms: its canary-start entry, and the first entry after it
+    that ended it (a canary-stop, a promote, or another canary-start); None where unknown."""
+    from model import registry
+
+    since = run.get("ts_ms")
+    if since is None:
+        return None, None
+    later = [e for e in registry.read_log(model_dir) if (e.get("ts_ms") or 0) > since
+             and e.get("action") in ("canary-stop", "canary-start", "promote")]
+    return int(since), (int(min(e["ts_ms"] for e in later)) if later else None)
 
 
 def canary_applies(model_dir: Any, version: str, current: str | None) -> tuple[dict[str, Any] | None, str | None]:
@@ -213,7 +245,8 @@ def canary_gate(model_dir: Any, version: str, logs_path: Any, cfg: Any = None, a
     cur_manifest = bundle.read_manifest(bundle.resolve_bundle(root))
     tasks = tuple(cand_manifest["tasks"])
     logs = load_logged(logs_path, tasks, attribution)
-    kept, to_canary, info = canary_evidence(logs, str(run.get("old")), version, float(run["share"]))
+    since, until = run_span(root, run)
+    kept, to_canary, info = canary_evidence(logs, str(run.get("old")), version, float(run["share"]), since, until)
     hours = max((info["period_ms"][1] - info["period_ms"][0]) / 3.6e6, 1e-6)
     task = gate_task(cand_manifest, cfg.task)
     weights = {cfg.task: 1.0} if cfg.task is not None else score_weights(cand_manifest)
@@ -377,7 +410,13 @@ def _cli() -> Any:
 
         cfg = GateConfig(min_positives=min_positives, non_inferiority=non_inferiority, guard_margin=guard_margin,
                          seed=seed)
-        out = canary_gate(model_dir, version, logs_path, cfg, Attribution.parse(attribution, as_of_ms), write=False)
+        from stream.errors import DataError
+
+        try:
+            out = canary_gate(model_dir, version, logs_path, cfg, Attribution.parse(attribution, as_of_ms),
+                              write=False)
+        except ValueError as exc:  # the logs hold none of the canary's decisions: one line, not a traceback
+            raise DataError(f"{logs_path}: {exc}") from exc
         click.echo(f"[rta model] canary evidence: {outcome_line(out)}", err=True)
         click.echo(json.dumps(out, default=str))
         raise SystemExit(exit_code(out))
