@@ -156,7 +156,8 @@ def test_a_current_that_moves_while_promote_gates_is_not_overwritten(capsys, loo
 
 def test_without_a_lineage_window_the_holdout_starts_after_the_training_logs(loop, tmp_path):
     from stream.errors import DataError
-    from training.gate import holdout_start, newest_ts_ms
+    from training.gate import holdout_start
+    from training.logs import newest_logged_ts_ms as newest_ts_ms
 
     def without_window(name: str, logs: str | None) -> object:
         d = tmp_path / name

@@ -300,7 +300,7 @@ def test_rows_stamped_past_the_clock_are_ignored_and_counted(tmp_path: Path):
     # one impression and one outcome stamped in year 9999, one 2 h ahead of the clock: none of
     # them may become the log's "newest" time (which would close every window, or leave the
     # retrain / gate windows empty); each is counted
-    from training.gate import newest_ts_ms
+    from training.logs import newest_logged_ts_ms as newest_ts_ms
 
     y9999 = 253_402_300_000_000
     now = T0 + 10 * HOUR

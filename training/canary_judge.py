@@ -162,7 +162,7 @@ def canary_evidence(logs: Any, current: str, candidate: str, share: float, since
     if not (by_cand & span).any():
         span, period_source = np.ones(len(ts), dtype=bool), "the candidate's logged rows (none inside the run's span)"
     in_run = by_cand & span
-    period = span & (ts >= ts[in_run].min()) & (ts <= ts[in_run].max())
+    period = (ts >= ts[in_run].min()) & (ts <= ts[in_run].max())  # inside the span by construction
     hashed = canary_arm(logs.request_id, share)
     rows = period & ((by_cand & hashed) | ((model == current) & ~hashed))
     as_of = logs.info["as_of_ms"]

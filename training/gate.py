@@ -112,13 +112,6 @@ def live_targets(settings: Any, ratio: float | None, p_u: float = 0.0, epsilon: 
     return Targets(ratio, p_u, epsilon), "--ratio"
 
 
-def newest_ts_ms(path: str | Path, now_ms: int | None = None) -> int | None:
-    """Newest in-range ts_ms of a log location (a path or s3://): `training.logs.newest_logged_ts_ms`,
-    so the gate's windows count back from the same "newest" as `rta retrain`'s; a row stamped past
-    the wall clock (year 9999, microseconds) is ignored, or it would empty every such window."""
-    return newest_logged_ts_ms(path, now_ms)
-
-
 def _trained_until(bundle_dir: Path, logs: str | None, depth: int = 8) -> int | None:
     """Newest row of `logs` that a bundle or the ancestors it learnt from (parent warm start,
     anchor) trained on, from their lineage: a warm-started candidate knows what its parent saw.
@@ -149,7 +142,7 @@ def holdout_start(candidate: Path, given_ms: int | None, current: Path | None = 
         newest = max([int(lin["data_to_ms"]), *(t for t in found if t is not None)])
         return newest + 1, ("lineage data_to_ms" if newest == int(lin["data_to_ms"])
                             else "lineage data_to_ms of an ancestor or the current model")
-    newest = newest_ts_ms(lin["logs"]) if lin.get("logs") else None
+    newest = newest_logged_ts_ms(lin["logs"]) if lin.get("logs") else None
     if newest is not None:
         return newest + 1, f"newest row of the training logs {lin['logs']} (no lineage window recorded)"
     raise DataError(f"{candidate}: no lineage data_to_ms and its training logs are not readable; "
